@@ -1,0 +1,309 @@
+"""Configuration of SelfPatch pretraining (DINO + the patch-level objective of Yun et al., CVPR 2022)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig, ViTConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# ViT backbones of the paper (SELFPATCH_SPEC.md section 2). DINO/timm conventions: exact GELU, LayerNorm eps 1e-6,
+# biased qkv. `image_size` is the resolution of the learned position grid (global crops); other crop sizes are
+# handled by interpolating the position embeddings.
+_VIT_COMMON: dict[str, Any] = {
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-6,
+    "qkv_bias": True,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "image_size": 224,
+}
+BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
+    "vit-tiny-patch16": {
+        "hidden_size": 192,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 3,
+        "intermediate_size": 768,
+        "patch_size": 16,
+    },
+    "vit-small-patch16": {
+        "hidden_size": 384,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536,
+        "patch_size": 16,
+    },
+    "vit-small-patch8": {
+        "hidden_size": 384,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536,
+        "patch_size": 8,
+    },
+    "vit-base-patch16": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "patch_size": 16,
+    },
+    "vit-tiny-patch8": {
+        "hidden_size": 192,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 3,
+        "intermediate_size": 768,
+        "patch_size": 8,
+    },
+}
+BACKBONE_PRESETS = {name: {**_VIT_COMMON, **values} for name, values in BACKBONE_PRESETS.items()}
+# `vit-small-patch16` is the paper's main model; it is also what `SelfPatchConfig()` builds.
+DEFAULT_PRESET = "vit-small-patch16"
+
+
+def _as_pair(size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    if len(size) != 2:
+        raise ValueError(f"A crop size is an int or a (height, width) pair, got {size!r}.")
+    return int(size[0]), int(size[1])
+
+
+@strict
+class SelfPatchConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`SelfPatchViTForPretraining`]: a `transformers.ViTModel` backbone (held as a real `ViTConfig`
+    in `backbone_config`, so that exported backbones save `model_type: "vit"`) plus every knob of the SelfPatch
+    method. Defaults follow the reference ViT-S/16 ImageNet run (SELFPATCH_SPEC.md).
+
+    backbone_config (`ViTConfig` or `dict`, *optional*):
+        The ViT backbone. Defaults to ViT-S/16 with DINO conventions (exact GELU, LayerNorm eps 1e-6).
+    image_out_dim (`int`, *optional*, defaults to 65536):
+        Output dimension K of the image-level projection head g.
+    patch_out_dim (`int`, *optional*, defaults to 4096):
+        Output dimension of the patch-level projection head g'.
+    head_hidden_dim (`int`, *optional*, defaults to 2048):
+        Width of the hidden layers of both projection heads.
+    head_bottleneck_dim (`int`, *optional*, defaults to 256):
+        Dimension of the L2-normalised bottleneck in front of the weight-normalised last layer.
+    head_num_layers (`int`, *optional*, defaults to 3):
+        Number of Linear layers of each head's MLP (GELU between them).
+    norm_last_layer (`bool`, *optional*, defaults to `True`):
+        Fix the weight-norm magnitude of the heads' last layers to 1 and freeze it (DINO's `norm_last_layer`).
+    num_aggregation_blocks (`int`, *optional*, defaults to 2):
+        Number of class-attention blocks of the aggregation module h.
+    aggregation_mlp_ratio (`float`, *optional*, defaults to 4.0):
+        Hidden width of the aggregation blocks' MLP, as a multiple of the hidden size.
+    num_positives (`int`, *optional*, defaults to 4):
+        k: the number of most similar neighbours each patch keeps as positives.
+    neighborhood_size (`int` or `"all"`, *optional*, defaults to 3):
+        Side of the odd square window (with wrap-around) in which positives are searched, or `"all"` for every
+        other patch of the view (the paper's ablation).
+    neighbor_aggregation (`"attention"` or `"mean"`, *optional*, defaults to `"attention"`):
+        How the teacher summarises the positives: the aggregation module h, or average pooling (ablation).
+    image_representation (`"aggregation"` or `"cls"`, *optional*, defaults to `"aggregation"`):
+        The image-level representation fed to the image head: the aggregation module over all patch tokens
+        (SelfPatch), or the backbone's CLS token after the final norm (plain DINO).
+    patch_loss_weight (`float`, *optional*, defaults to 0.1):
+        lambda in `loss = image_loss + lambda * patch_loss`. With 0 the whole patch path is skipped.
+    student_temperature (`float`, *optional*, defaults to 0.1):
+        Temperature of the student's softmax (both losses).
+    center_momentum (`float`, *optional*, defaults to 0.9):
+        EMA momentum of the image and patch centres.
+    drop_path_rate (`float`, *optional*, defaults to 0.1):
+        Stochastic depth of the student backbone, linearly increasing with depth up to this rate. The teacher has
+        none.
+    global_crop_size (`int` or `(height, width)`, *optional*, defaults to 224):
+        Size of the global crops of the training recipe (also the image processor size of exported backbones).
+    local_crop_size (`int` or `(height, width)`, *optional*, defaults to 96):
+        Size of the local crops of the training recipe.
+    num_global_crops (`int`, *optional*, defaults to 2):
+        Number of global crops per image (the teacher's image-level views).
+    num_local_crops (`int`, *optional*, defaults to 8):
+        Number of local crops per image.
+    initializer_range (`float`, *optional*, defaults to 0.02):
+        Standard deviation of the truncated-normal initialisation of the heads and the aggregation module.
+
+    Example:
+
+    ```python
+    >>> from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
+
+    >>> config = SelfPatchConfig.from_preset("vit-small-patch16")
+    >>> dino = SelfPatchConfig.from_preset("vit-small-patch16", image_representation="cls", patch_loss_weight=0.0)
+    >>> model = SelfPatchViTForPretraining(config)
+    ```
+    """
+
+    model_type = "selfpatch_vit"
+    sub_configs_defaults: ClassVar[dict] = {
+        "backbone_config": SubConfigSpec(config_class=ViTConfig, init_kwargs=BACKBONE_PRESETS[DEFAULT_PRESET])
+    }
+
+    backbone_config: dict | ViTConfig | None = None
+    image_out_dim: int = 65536
+    patch_out_dim: int = 4096
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_num_layers: int = 3
+    norm_last_layer: bool = True
+    num_aggregation_blocks: int = 2
+    aggregation_mlp_ratio: float | int = 4.0
+    num_positives: int = 4
+    neighborhood_size: int | str = 3
+    neighbor_aggregation: Literal["attention", "mean"] = "attention"
+    image_representation: Literal["aggregation", "cls"] = "aggregation"
+    patch_loss_weight: float | int = 0.1
+    student_temperature: float = 0.1
+    center_momentum: float = 0.9
+    drop_path_rate: float | int = 0.1
+    global_crop_size: int | list[int] | tuple[int, int] = 224
+    local_crop_size: int | list[int] | tuple[int, int] = 96
+    num_global_crops: int = 2
+    num_local_crops: int = 8
+    initializer_range: float = 0.02
+
+    # ------------------------------------------------------------------ derived properties
+    @property
+    def patch_size(self) -> int:
+        patch = self.backbone_config.patch_size
+        return patch if isinstance(patch, int) else int(patch[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone_config.hidden_size
+
+    @property
+    def use_patch_objective(self) -> bool:
+        """Whether the patch-level loss (and so the teacher on local crops and the patch head) is computed."""
+        return self.patch_loss_weight > 0
+
+    @property
+    def use_aggregation_module(self) -> bool:
+        """Whether the model has an aggregation module h (image-level use or neighbour summaries)."""
+        return self.image_representation == "aggregation" or (
+            self.use_patch_objective and self.neighbor_aggregation == "attention"
+        )
+
+    # ------------------------------------------------------------------ validation (run by @strict)
+    def validate_backbone(self) -> None:
+        backbone = self.backbone_config
+        if backbone.hidden_size % backbone.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({backbone.hidden_size}) must be divisible by num_attention_heads "
+                f"({backbone.num_attention_heads}); pick a head count that divides it."
+            )
+        patch = backbone.patch_size
+        if not isinstance(patch, int) and patch[0] != patch[1]:
+            raise ValueError(f"Only square patches are supported, got patch_size={patch!r}.")
+        image_size = backbone.image_size
+        if not isinstance(image_size, int) and image_size[0] != image_size[1]:
+            raise ValueError(
+                f"backbone_config.image_size must be square (it sizes the learned position grid, which ViTModel "
+                f"interpolates for other crop shapes), got {image_size!r}. Non-square crops need no special grid."
+            )
+        side = image_size if isinstance(image_size, int) else image_size[0]
+        if side % self.patch_size != 0:
+            raise ValueError(
+                f"backbone_config.image_size {side} is not divisible by the patch size {self.patch_size}."
+            )
+        if self.drop_path_rate > 0 and backbone.hidden_dropout_prob > 0:
+            raise ValueError(
+                "drop_path_rate > 0 replaces the backbone's hidden dropout by stochastic depth; set "
+                "backbone_config.hidden_dropout_prob=0 (as DINO does) or drop_path_rate=0."
+            )
+
+    def validate_crops(self) -> None:
+        for name in ("global_crop_size", "local_crop_size"):
+            height, width = _as_pair(getattr(self, name))
+            if height <= 0 or width <= 0 or height % self.patch_size or width % self.patch_size:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not a positive multiple of the patch size {self.patch_size}: "
+                    f"the patch grid would drop pixels. Use e.g. "
+                    f"{max(1, round(height / self.patch_size)) * self.patch_size}."
+                )
+        if self.num_global_crops < 1:
+            raise ValueError(f"num_global_crops must be >= 1, got {self.num_global_crops}.")
+        if self.num_local_crops < 0:
+            raise ValueError(f"num_local_crops must be >= 0, got {self.num_local_crops}.")
+
+    def validate_method(self) -> None:
+        size = self.neighborhood_size
+        if isinstance(size, str):
+            if size != "all":
+                raise ValueError(f'neighborhood_size is an odd int >= 3 or "all", got {size!r}.')
+        else:
+            if size < 3 or size % 2 == 0:
+                raise ValueError(
+                    f"neighborhood_size must be odd and >= 3 (a window centred on the patch), got {size}."
+                )
+            if not 1 <= self.num_positives <= size * size - 1:
+                raise ValueError(
+                    f"num_positives (k={self.num_positives}) must be between 1 and the {size * size - 1} neighbours "
+                    f"of a {size}x{size} window."
+                )
+        if self.num_positives < 1:
+            raise ValueError(f"num_positives must be >= 1, got {self.num_positives}.")
+        if self.patch_loss_weight < 0:
+            raise ValueError(f"patch_loss_weight (lambda) must be >= 0, got {self.patch_loss_weight}.")
+        if self.student_temperature <= 0:
+            raise ValueError(f"student_temperature must be > 0, got {self.student_temperature}.")
+        if not 0 <= self.center_momentum < 1:
+            raise ValueError(f"center_momentum must be in [0, 1), got {self.center_momentum}.")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+        if self.head_num_layers < 1 or self.num_aggregation_blocks < 1:
+            raise ValueError("head_num_layers and num_aggregation_blocks must be >= 1.")
+        for name in ("image_out_dim", "patch_out_dim", "head_hidden_dim", "head_bottleneck_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if (
+            self.image_representation == "cls"
+            and self.use_patch_objective
+            and self.neighbor_aggregation == "attention"
+        ):
+            # The student never runs the neighbour path (spec section 4): h only learns through the image-level
+            # path. With a CLS image representation it would stay at its random initialisation forever.
+            raise ValueError(
+                'image_representation="cls" with patch_loss_weight > 0 and neighbor_aggregation="attention" leaves '
+                "the aggregation module untrained (it only learns through the image-level path). Use "
+                'image_representation="aggregation" (SelfPatch) or neighbor_aggregation="mean".'
+            )
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> SelfPatchConfig:
+        """Builds the config of a named backbone preset; keyword overrides go to whichever config owns the field.
+
+        Presets: `vit-tiny-patch16`, `vit-tiny-patch8`, `vit-small-patch16`, `vit-small-patch8`, `vit-base-patch16`.
+        `SelfPatchConfig` fields (e.g. `patch_loss_weight=0`) and `ViTConfig` fields (e.g. `num_hidden_layers=4`)
+        may be mixed; `initializer_range` goes to both.
+        """
+        if name not in BACKBONE_PRESETS:
+            raise ValueError(
+                f"Unknown preset {name!r}. Available presets: {', '.join(sorted(BACKBONE_PRESETS))}."
+            )
+        own_fields = set(cls.__dataclass_fields__)
+        backbone_fields = set(ViTConfig.__dataclass_fields__)
+        backbone_kwargs = dict(BACKBONE_PRESETS[name])
+        config_kwargs: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key == "initializer_range":
+                backbone_kwargs[key] = value
+                config_kwargs[key] = value
+            elif key in backbone_fields and key not in own_fields:
+                backbone_kwargs[key] = value
+            elif key in own_fields:
+                config_kwargs[key] = value
+            else:
+                raise ValueError(
+                    f"Unknown config field {key!r}: it is neither a SelfPatchConfig nor a ViTConfig field."
+                )
+        if "global_crop_size" in config_kwargs and "image_size" not in overrides:
+            height, width = _as_pair(config_kwargs["global_crop_size"])
+            if height == width:
+                backbone_kwargs["image_size"] = height
+        return cls(backbone_config=ViTConfig(**backbone_kwargs), **config_kwargs)
+
+
+__all__ = ["BACKBONE_PRESETS", "SelfPatchConfig"]

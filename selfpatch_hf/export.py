@@ -1,0 +1,102 @@
+"""Export of a pretrained SelfPatch backbone as a plain `ViTModel` folder (weights, config, image processor, card).
+
+The exported folder needs neither this package nor remote code: `AutoModel.from_pretrained(folder)` builds a
+`ViTModel` whose `last_hidden_state[:, 1:]` is exactly the per-patch representation the patch loss trained
+(the output norm is the ViT's final `layernorm`, SELFPATCH_SPEC.md section 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from transformers import ViTModel
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+from .configuration_selfpatch import SelfPatchConfig, _as_pair
+
+if TYPE_CHECKING:
+    from .model_card import BackboneCardInfo
+    from .modeling_selfpatch import SelfPatchViTForPretraining
+
+
+def build_image_processor(config: SelfPatchConfig) -> ViTImageProcessorPil:
+    """The preprocessing the backbone was trained with: bicubic resize to the global crop size, ImageNet stats.
+
+    Saved as `ViTImageProcessor`, so `AutoImageProcessor` picks the torchvision backend where it is installed and
+    the PIL one elsewhere (the same arithmetic).
+    """
+    height, width = _as_pair(config.global_crop_size)
+    return ViTImageProcessorPil(
+        do_resize=True,
+        size={"height": height, "width": width},
+        resample=PILImageResampling.BICUBIC,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(IMAGENET_DEFAULT_MEAN),
+        image_std=list(IMAGENET_DEFAULT_STD),
+    )
+
+
+def extract_backbone(
+    model: SelfPatchViTForPretraining, source: Literal["teacher", "student"] = "teacher"
+) -> ViTModel:
+    """A standalone `ViTModel` (no pooler, no drop-path) with the weights of the teacher's or student's backbone."""
+    if source not in ("teacher", "student"):
+        raise ValueError(f'source must be "teacher" or "student", got {source!r}.')
+    network = model.teacher if source == "teacher" else model.student
+    backbone_config = copy.deepcopy(model.config.backbone_config)
+    backbone_config.architectures = ["ViTModel"]
+    backbone = ViTModel(backbone_config, add_pooling_layer=False)
+    # live module names on both sides: a plain strict copy (no file-format renaming involved)
+    backbone.load_state_dict(network.backbone.state_dict(), strict=True)
+    return backbone.float().eval()
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Moves `staging` to `target` so that `target` is always either the old or the new complete folder."""
+    if target.exists():
+        retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, retired)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+def export_backbone(
+    model: SelfPatchViTForPretraining,
+    output_dir: str | os.PathLike,
+    source: Literal["teacher", "student"] = "teacher",
+    card_info: BackboneCardInfo | None = None,
+) -> Path:
+    """Writes the teacher's (default; what the paper evaluates) or student's backbone as a plain `ViTModel` folder.
+
+    The folder holds `config.json` (`model_type: "vit"`), `model.safetensors`, `preprocessor_config.json` and, when
+    `card_info` is given, a model card `README.md`. It is written next to `output_dir` and swapped in atomically:
+    a crash mid-export leaves the previous export intact.
+    """
+    target = Path(output_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    backbone = extract_backbone(model, source)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        backbone.save_pretrained(staging)
+        build_image_processor(model.config).save_pretrained(staging)
+        if card_info is not None:
+            from .model_card import write_backbone_card
+
+            write_backbone_card(staging, card_info)
+        _replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+__all__ = ["build_image_processor", "export_backbone", "extract_backbone"]

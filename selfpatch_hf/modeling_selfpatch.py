@@ -1,0 +1,754 @@
+"""SelfPatch pretraining model: DINO plus the patch-level objective of Yun et al. (CVPR 2022).
+
+The module follows SELFPATCH_SPEC.md sections 3-8 in order: neighbourhood table, positive matching, aggregation
+module, projection heads, losses and centres, teacher. Notation: B images, V views (G global + L local crops),
+N patches of a view on an h x w grid, D hidden size, k positives, M neighbours per patch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from transformers import PreTrainedModel, ViTModel
+from transformers import initialization as init
+from transformers.models.vit.modeling_vit import ViTEmbeddings
+from transformers.utils import ModelOutput
+
+from .configuration_selfpatch import SelfPatchConfig
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Neighbourhood table
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def neighborhood_offsets(window: int) -> list[tuple[int, int]]:
+    """(row, col) offsets of a `window` x `window` square around a patch, the patch itself excluded, row-major."""
+    radius = window // 2
+    return [
+        (dr, dc)
+        for dr in range(-radius, radius + 1)
+        for dc in range(-radius, radius + 1)
+        if (dr, dc) != (0, 0)
+    ]
+
+
+@lru_cache(maxsize=64)
+def _neighbor_table_cpu(height: int, width: int, window: int | str) -> torch.Tensor:
+    num_patches = height * width
+    index = torch.arange(num_patches)
+    if window == "all":
+        # every other patch: row p lists 0..N-1 without p
+        table = index.repeat(num_patches, 1)
+        keep = ~torch.eye(num_patches, dtype=torch.bool)
+        return table[keep].view(num_patches, num_patches - 1)
+    rows, cols = index // width, index % width
+    columns = [
+        ((rows + dr) % height) * width + (cols + dc) % width for dr, dc in neighborhood_offsets(window)
+    ]
+    return torch.stack(columns, dim=1)
+
+
+def build_neighbor_table(
+    height: int, width: int, window: int | str = 3, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Neighbour indices of every patch of an `height` x `width` grid, as a `(N, M)` LongTensor.
+
+    Patches are indexed row-major (`p = row * width + col`, the order in which ViT flattens them). For an odd
+    `window`, the M = window**2 - 1 neighbours are the cells of the window around p except p, with wrap-around at
+    the borders (rows modulo `height`, columns modulo `width`: a torus). `window="all"` lists every other patch
+    (M = N - 1). On small grids the wrapped window can visit a cell twice; the table keeps such duplicates, as a
+    torus does.
+    """
+    if window != "all" and (not isinstance(window, int) or window < 3 or window % 2 == 0):
+        raise ValueError(f'window must be an odd int >= 3 or "all", got {window!r}.')
+    if height < 1 or width < 1:
+        raise ValueError(f"Empty patch grid {height}x{width}.")
+    return _neighbor_table_cpu(height, width, window).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Positive matching
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def select_positive_neighbors(
+    patch_features: torch.Tensor, grid: tuple[int, int], num_positives: int, window: int | str = 3
+) -> torch.Tensor:
+    """The `num_positives` neighbours most cosine-similar to each patch (SELFPATCH_SPEC.md section 4).
+
+    Args:
+        patch_features: `(B, N, D)` raw patch features (teacher, before the output norm), N = h * w row-major.
+        grid: `(h, w)` patch grid of the view.
+        num_positives: k.
+        window: odd window side (wrap-around neighbourhood) or `"all"`.
+
+    Returns:
+        `(B, N, k)` LongTensor of patch indices into the same view. The order among the k is not meaningful.
+    """
+    height, width = grid
+    batch, num_patches, dim = patch_features.shape
+    if num_patches != height * width:
+        raise ValueError(f"{num_patches} patch tokens do not form a {height}x{width} grid.")
+    table = build_neighbor_table(height, width, window, device=patch_features.device)  # (N, M)
+    if num_positives > table.shape[1]:
+        raise ValueError(
+            f"num_positives (k={num_positives}) exceeds the {table.shape[1]} neighbours available on a "
+            f"{height}x{width} grid."
+        )
+    normed = F.normalize(patch_features.float(), dim=-1)
+    if window == "all":
+        similarity = torch.bmm(normed, normed.transpose(1, 2))  # (B, N, N)
+        neighbor_similarity = similarity.gather(2, table.unsqueeze(0).expand(batch, -1, -1))
+    else:
+        # One shifted copy of the grid per offset: O(M * B * N * D) time and O(B * N * D) extra memory, instead of
+        # materialising a (B, N, M, D) gather. roll(-offset)[r, c] == x[(r + dr) % h, (c + dc) % w].
+        grid_features = normed.view(batch, height, width, dim)
+        neighbor_similarity = torch.stack(
+            [
+                (grid_features * torch.roll(grid_features, shifts=(-dr, -dc), dims=(1, 2)))
+                .sum(-1)
+                .view(batch, -1)
+                for dr, dc in neighborhood_offsets(window)
+            ],
+            dim=-1,
+        )  # (B, N, M), same column order as the table
+    top = neighbor_similarity.topk(num_positives, dim=-1).indices  # (B, N, k) columns of the table
+    return table.unsqueeze(0).expand(batch, -1, -1).gather(2, top)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Aggregation module h (class attention, CaiT-style)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ClassAttention(nn.Module):
+    """Attention in which only the class token queries; keys and values are the class token and the tokens.
+
+    Token keys/values depend only on each token (the class token never updates them), so they are projected once
+    per token (`project_tokens`) and may then be gathered into many sequences, e.g. one per patch neighbourhood.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scale = self.head_dim**-0.5
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.k = nn.Linear(hidden_size, hidden_size)
+        self.v = nn.Linear(hidden_size, hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(
+        self, cls: torch.Tensor, token_keys: torch.Tensor, token_values: torch.Tensor
+    ) -> torch.Tensor:
+        """cls: `(..., D)` normalised class tokens; token_keys/values: `(..., T, D)`. Returns `(..., D)`."""
+        heads, head_dim = self.num_heads, self.head_dim
+        query = self.q(cls).unflatten(-1, (heads, head_dim))  # (..., H, hd)
+        cls_key = self.k(cls).unflatten(-1, (heads, head_dim))
+        cls_value = self.v(cls).unflatten(-1, (heads, head_dim))
+        keys = token_keys.unflatten(-1, (heads, head_dim))  # (..., T, H, hd)
+        values = token_values.unflatten(-1, (heads, head_dim))
+        scores = torch.cat(
+            [(query * cls_key).sum(-1, keepdim=True), torch.einsum("...hd,...thd->...ht", query, keys)],
+            dim=-1,
+        )  # (..., H, 1 + T): the class position first, as in concat(cls, tokens)
+        weights = (scores * self.scale).softmax(dim=-1)
+        mixed = weights[..., :1] * cls_value + torch.einsum("...ht,...thd->...hd", weights[..., 1:], values)
+        return self.proj(mixed.flatten(-2))
+
+
+class AggregationMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class ClassAttentionBlock(nn.Module):
+    """`cls = cls + Attn(LN1(concat(cls, tokens)))[cls]; cls = cls + MLP(LN2(cls))`; no LayerScale, no dropout."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=eps)
+        self.attn = ClassAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=eps)
+        self.mlp = AggregationMLP(hidden_size, int(hidden_size * mlp_ratio))
+
+    def project_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the (non-class) tokens: `(..., D)` -> two `(..., D)` tensors."""
+        normed = self.norm1(tokens)
+        return self.attn.k(normed), self.attn.v(normed)
+
+    def forward(
+        self, cls: torch.Tensor, token_keys: torch.Tensor, token_values: torch.Tensor
+    ) -> torch.Tensor:
+        cls = cls + self.attn(self.norm1(cls), token_keys, token_values)
+        return cls + self.mlp(self.norm2(cls))
+
+
+class SelfPatchAggregation(nn.Module):
+    """The aggregation module h: a learnable class token refined by class-attention blocks over a set of tokens.
+
+    Its final norm is the backbone's output norm (`ViTModel.layernorm`), applied by the caller, so that it is shared
+    with everything else that reads the backbone (SELFPATCH_SPEC.md section 2).
+    """
+
+    def __init__(self, config: SelfPatchConfig):
+        super().__init__()
+        backbone = config.backbone_config
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, backbone.hidden_size))
+        self.blocks = nn.ModuleList(
+            ClassAttentionBlock(
+                backbone.hidden_size,
+                backbone.num_attention_heads,
+                config.aggregation_mlp_ratio,
+                backbone.layer_norm_eps,
+            )
+            for _ in range(config.num_aggregation_blocks)
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Summarises each sequence of tokens: `(B, T, D)` -> `(B, D)` (before the output norm)."""
+        cls = self.cls_token[0].expand(tokens.shape[0], -1)
+        for block in self.blocks:
+            cls = block(cls, *block.project_tokens(tokens))
+        return cls
+
+    def aggregate_neighbors(self, tokens: torch.Tensor, neighbor_index: torch.Tensor) -> torch.Tensor:
+        """Summarises, for every patch at once, its selected neighbours.
+
+        Equivalent to `forward(tokens[b, neighbor_index[b, i]])` for each (b, i) (B * N independent sequences of k
+        tokens plus the class token), but each block normalises and projects every token once and gathers the
+        keys/values, instead of once per (patch, neighbour) pair.
+
+        Args:
+            tokens: `(B, N, D)` raw patch features.
+            neighbor_index: `(B, N, k)` indices into the N tokens.
+        Returns:
+            `(B, N, D)` summaries (before the output norm).
+        """
+        batch, num_patches, dim = tokens.shape
+        flat_index = neighbor_index.flatten(1)  # (B, N * k)
+        gather_index = flat_index.unsqueeze(-1).expand(-1, -1, dim)
+        cls = self.cls_token[0].expand(batch * num_patches, -1).view(batch, num_patches, dim)
+        for block in self.blocks:
+            keys, values = block.project_tokens(tokens)  # (B, N, D) each
+            keys = keys.gather(1, gather_index).view(*neighbor_index.shape, dim)  # (B, N, k, D)
+            values = values.gather(1, gather_index).view(*neighbor_index.shape, dim)
+            cls = block(cls, keys, values)
+        return cls
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Projection heads
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DINOHead(nn.Module):
+    """MLP -> L2 normalisation -> weight-normalised Linear without bias (DINO's projection head).
+
+    `mlp` is an `nn.Sequential` of Linear/GELU whose Linear indices (0, 2, 4) match the reference checkpoints.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        num_layers: int,
+        norm_last_layer: bool,
+    ):
+        super().__init__()
+        if num_layers == 1:
+            layers: list[nn.Module] = [nn.Linear(in_dim, bottleneck_dim)]
+        else:
+            layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            for _ in range(num_layers - 2):
+                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.last_layer = nn.utils.parametrizations.weight_norm(
+            nn.Linear(bottleneck_dim, out_dim, bias=False)
+        )
+        self.norm_last_layer = norm_last_layer
+        if norm_last_layer:
+            # the magnitude g stays 1: only the direction of each output row is learned
+            self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = F.normalize(self.mlp(hidden_states), dim=-1, p=2)
+        return self.last_layer(hidden_states)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Student / teacher network
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample. Stands in for the `dropout` of a `ViTLayer`, which wraps exactly the two
+    residual branches, so the backbone stays a plain `ViTModel` (this module has no weights)."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep_prob = 1 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        mask = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+        return hidden_states * mask / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+@dataclass
+class ViewGroupOutput:
+    """Everything one network computes for a group of same-resolution views, stacked view-major: `(n_views * B, ...)`."""
+
+    grid: tuple[int, int]
+    num_views: int
+    patch_features: torch.Tensor  # (n*B, N, D) raw f, before the output norm
+    normed_tokens: torch.Tensor  # (n*B, 1 + N, D) output norm applied (CLS first)
+    image_representation: torch.Tensor | None = None  # (n*B, D) input of the image head
+    image_logits: torch.Tensor | None = None  # (n*B, K)
+    patch_logits: torch.Tensor | None = None  # (n*B, N, K')
+    positive_indices: torch.Tensor | None = None  # (n*B, N, k), teacher only
+
+
+class SelfPatchNetwork(nn.Module):
+    """Backbone + aggregation module + image head + patch head: one side (student or teacher) of SelfPatch."""
+
+    def __init__(self, config: SelfPatchConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.config = config
+        backbone_config = config.backbone_config
+        self.backbone = ViTModel(backbone_config, add_pooling_layer=False)
+        if drop_path_rate > 0:
+            rates = torch.linspace(0, drop_path_rate, backbone_config.num_hidden_layers).tolist()
+            for layer, rate in zip(self.backbone.layers, rates):
+                layer.dropout = DropPath(rate)
+        self.aggregation = SelfPatchAggregation(config) if config.use_aggregation_module else None
+        head_kwargs = {
+            "hidden_dim": config.head_hidden_dim,
+            "bottleneck_dim": config.head_bottleneck_dim,
+            "num_layers": config.head_num_layers,
+            "norm_last_layer": config.norm_last_layer,
+        }
+        self.image_head = DINOHead(backbone_config.hidden_size, config.image_out_dim, **head_kwargs)
+        self.patch_head = (
+            DINOHead(backbone_config.hidden_size, config.patch_out_dim, **head_kwargs)
+            if config.use_patch_objective
+            else None
+        )
+
+    @property
+    def output_norm(self) -> nn.LayerNorm:
+        return self.backbone.layernorm
+
+    def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, 3, H, W)` -> raw patch features f `(B, N, D)` and normalised tokens `(B, 1 + N, D)`."""
+        outputs = self.backbone(pixel_values, interpolate_pos_encoding=True, output_hidden_states=[-1])
+        # hidden_states are taken before the final layernorm (tie_last_hidden_states=False in ViTModel)
+        return outputs.hidden_states[-1][:, 1:], outputs.last_hidden_state
+
+    def image_representation(self, patch_features: torch.Tensor, normed_tokens: torch.Tensor) -> torch.Tensor:
+        if self.config.image_representation == "cls":
+            return normed_tokens[:, 0]
+        return self.output_norm(self.aggregation(patch_features))
+
+    def forward_views(
+        self,
+        pixel_values: torch.Tensor,
+        num_views: int,
+        *,
+        image_logits: bool = True,
+        patch_logits: bool = False,
+        patch_targets: bool = False,
+    ) -> ViewGroupOutput:
+        """Runs a group of same-resolution views, stacked view-major as `(num_views * B, 3, H, W)`."""
+        patch = self.config.patch_size
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        features, normed = self.encode(pixel_values)
+        out = ViewGroupOutput(grid=grid, num_views=num_views, patch_features=features, normed_tokens=normed)
+        if image_logits:
+            out.image_representation = self.image_representation(features, normed)
+            out.image_logits = self.image_head(out.image_representation)
+        if patch_logits:  # student: s_i = g'(out_norm(f_i))
+            out.patch_logits = self.patch_head(normed[:, 1:])
+        if patch_targets:  # teacher: t_i = g'(out_norm(h({f_j : j in top-k of N(i)})))
+            out.positive_indices = select_positive_neighbors(
+                features, grid, self.config.num_positives, self.config.neighborhood_size
+            )
+            if self.config.neighbor_aggregation == "mean":
+                gather_index = (
+                    out.positive_indices.flatten(1).unsqueeze(-1).expand(-1, -1, features.shape[-1])
+                )
+                positives = features.gather(1, gather_index).view(*out.positive_indices.shape, -1)
+                summaries = positives.mean(dim=2)
+            else:
+                summaries = self.aggregation.aggregate_neighbors(features, out.positive_indices)
+            out.patch_logits = self.patch_head(self.output_norm(summaries))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Losses and centres
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dino_image_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    student_temperature: float,
+    teacher_temperature: float,
+) -> torch.Tensor:
+    """DINO's cross-view loss.
+
+    Args:
+        student_logits: `(V, B, K)` for all views.
+        teacher_logits: `(G, B, K)` for the first G views (the globals); teacher view q is paired with every student
+            view v != q.
+        center: `(1, K)`.
+    Returns:
+        The mean over the G * (V - 1) pairs of the batch-mean cross-entropy.
+    """
+    num_views, num_teacher = student_logits.shape[0], teacher_logits.shape[0]
+    num_pairs = num_teacher * (num_views - 1)
+    if num_pairs == 0:
+        raise ValueError(
+            "The image loss needs at least two views (e.g. 2 global crops, or 1 global + local crops)."
+        )
+    teacher_probs = F.softmax((teacher_logits - center) / teacher_temperature, dim=-1)  # (G, B, K)
+    student_log_probs = F.log_softmax(student_logits / student_temperature, dim=-1)  # (V, B, K)
+    # sum_q sum_{v != q} CE(q, v) = sum_v CE(sum_q p_q, v) - sum_q CE(p_q, q): one pass over the V student views
+    all_pairs = -(teacher_probs.sum(0, keepdim=True) * student_log_probs).sum(-1).sum(0)  # (B,)
+    same_view = -(teacher_probs * student_log_probs[:num_teacher]).sum(-1).sum(0)  # (B,)
+    return (all_pairs - same_view).mean() / num_pairs
+
+
+def patch_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    student_temperature: float,
+    teacher_temperature: float,
+) -> torch.Tensor:
+    """Same-view, same-patch cross-entropy: `(n, B, N, K')` logits -> per-view means over batch and patches, `(n,)`."""
+    teacher_probs = F.softmax((teacher_logits - center) / teacher_temperature, dim=-1)
+    student_log_probs = F.log_softmax(student_logits / student_temperature, dim=-1)
+    return -(teacher_probs * student_log_probs).sum(-1).mean(dim=(1, 2))
+
+
+@torch.no_grad()
+def ema_center_update(center: torch.Tensor, logits: Sequence[torch.Tensor], momentum: float) -> None:
+    """`center <- m * center + (1 - m) * mean(logits)`, the mean over every row of every tensor and every process."""
+    total = torch.stack([x.reshape(-1, x.shape[-1]).float().sum(0) for x in logits]).sum(0, keepdim=True)
+    count = torch.tensor(
+        float(sum(x.reshape(-1, x.shape[-1]).shape[0] for x in logits)), device=center.device
+    )
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    center.mul_(momentum).add_(total / count, alpha=1 - momentum)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. The pretraining model (student, EMA teacher, losses)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SelfPatchPretrainingOutput(ModelOutput):
+    """
+    Output of [`SelfPatchViTForPretraining`].
+
+    loss (`torch.FloatTensor` of shape `()`):
+        `image_loss + patch_loss_weight * patch_loss`.
+    image_loss (`torch.FloatTensor` of shape `()`):
+        DINO cross-view loss of the image-level outputs.
+    patch_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        SelfPatch patch-level loss; `None` when `patch_loss_weight == 0` (the patch path is skipped).
+    student_patch_representations (`tuple[torch.FloatTensor]`):
+        Per view (globals first, then locals), `(B, N_v, D)`: the student's patch tokens after the output norm (what
+        the patch head reads and what an exported backbone's `last_hidden_state[:, 1:]` returns).
+    student_image_representations (`tuple[torch.FloatTensor]`):
+        Per view, `(B, D)`: the image-level representation fed to the image head.
+    teacher_positive_indices (`tuple[torch.LongTensor]`, *optional*):
+        Per view, `(B, N_v, k)`: the neighbours the teacher selected as positives for each patch (row-major indices
+        into the view's patch grid). `None` without the patch objective.
+    patch_grids (`tuple[tuple[int, int]]`):
+        Per view, the `(h, w)` patch grid.
+    """
+
+    loss: torch.FloatTensor | None = None
+    image_loss: torch.FloatTensor | None = None
+    patch_loss: torch.FloatTensor | None = None
+    student_patch_representations: tuple[torch.FloatTensor, ...] | None = None
+    student_image_representations: tuple[torch.FloatTensor, ...] | None = None
+    teacher_positive_indices: tuple[torch.LongTensor, ...] | None = None
+    patch_grids: tuple[tuple[int, int], ...] | None = None
+
+
+def _group_views(crops: torch.Tensor | Sequence[torch.Tensor] | None, name: str) -> list[torch.Tensor]:
+    """Normalises crops to a list of `(n_views, B, 3, H, W)` tensors, one per run of same-resolution views."""
+    if crops is None:
+        return []
+    if isinstance(crops, torch.Tensor):
+        if crops.ndim == 4:  # a single view (B, 3, H, W)
+            crops = crops.unsqueeze(1)
+        if crops.ndim != 5:
+            raise ValueError(
+                f"{name} must be (B, n_views, 3, H, W) or a list of (B, 3, H, W), got {tuple(crops.shape)}."
+            )
+        return [crops.transpose(0, 1)] if crops.shape[1] > 0 else []
+    groups: list[list[torch.Tensor]] = []
+    for view in crops:
+        if view.ndim != 4:
+            raise ValueError(f"Each view in {name} must be (B, 3, H, W), got {tuple(view.shape)}.")
+        if groups and groups[-1][-1].shape == view.shape:
+            groups[-1].append(view)
+        else:
+            groups.append([view])
+    return [torch.stack(group) for group in groups]
+
+
+class SelfPatchPreTrainedModel(PreTrainedModel):
+    config_class = (
+        SelfPatchConfig  # explicit: annotations are strings under `from __future__ import annotations`
+    )
+    base_model_prefix = "selfpatch"
+    main_input_name = "global_crops"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ViTEmbeddings", "ViTLayer", "ClassAttentionBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Truncated-normal(0.02) Linear weights with zero biases, unit LayerNorms (DINO/SelfPatch init)."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear) and not parametrize.is_parametrized(module):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, DINOHead):
+            weight = module.last_layer.parametrizations.weight
+            init.trunc_normal_(weight.original1, std=std)  # direction v
+            init.ones_(weight.original0)  # magnitude g = 1
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, ViTEmbeddings):
+            init.trunc_normal_(module.position_embeddings, std=std)
+            init.trunc_normal_(module.cls_token, std=std)
+        elif isinstance(module, SelfPatchAggregation):
+            init.trunc_normal_(module.cls_token, std=std)
+        elif isinstance(module, SelfPatchViTForPretraining):
+            init.zeros_(module.image_center)
+            init.zeros_(module.patch_center)
+
+
+class SelfPatchViTForPretraining(SelfPatchPreTrainedModel):
+    """SelfPatch (or, with `image_representation="cls"` and `patch_loss_weight=0`, plain DINO) pretraining of a ViT.
+
+    Holds the student (`self.student`) and its EMA teacher (`self.teacher`), two [`SelfPatchNetwork`]s of the same
+    architecture, and the image/patch centres as buffers. One call computes the losses for a batch of multi-crop
+    views and (in training mode) updates the centres; the optimiser step and `update_teacher` belong to the loop.
+    """
+
+    def __init__(self, config: SelfPatchConfig):
+        super().__init__(config)
+        self.student = SelfPatchNetwork(config, drop_path_rate=config.drop_path_rate)
+        self.teacher = SelfPatchNetwork(config)
+        self.teacher.requires_grad_(False)
+        self.register_buffer("image_center", torch.zeros(1, config.image_out_dim))
+        self.register_buffer(
+            "patch_center", torch.zeros(1, config.patch_out_dim if config.use_patch_objective else 0)
+        )
+        self.post_init()
+        self._copy_student_to_teacher()
+
+    @torch.no_grad()
+    def _copy_student_to_teacher(self) -> None:
+        for teacher_param, student_param in zip(
+            self.teacher.parameters(), self.student.parameters(), strict=True
+        ):
+            teacher_param.copy_(student_param)
+
+    def train(self, mode: bool = True) -> SelfPatchViTForPretraining:
+        super().train(mode)
+        # the teacher has neither dropout nor drop-path, but keep it in eval mode as a rule: it only serves targets
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA step `teacher = m * teacher + (1 - m) * student`, for every parameter (call after each optimiser step)."""
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"Teacher momentum must be in [0, 1], got {momentum}.")
+        teacher_params = list(self.teacher.parameters())
+        student_params = [p.detach() for p in self.student.parameters()]
+        torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+
+    def get_last_layer_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the heads' last layers (frozen during the first epoch by the training loop)."""
+        heads = [self.student.image_head, self.student.patch_head]
+        return [
+            p for head in heads if head is not None for p in head.last_layer.parameters() if p.requires_grad
+        ]
+
+    def forward(
+        self,
+        global_crops: torch.Tensor | Sequence[torch.Tensor],
+        local_crops: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        teacher_temperature: float = 0.04,
+        update_centers: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SelfPatchPretrainingOutput | tuple:
+        r"""
+        global_crops (`torch.FloatTensor` of shape `(B, G, 3, H, W)`, or a list of G `(B, 3, H, W)` tensors):
+            Global crops: the teacher's image-level views. Sizes must be multiples of the patch size.
+        local_crops (`torch.FloatTensor` of shape `(B, L, 3, h, w)`, or a list of `(B, 3, h_l, w_l)`, *optional*):
+            Local crops, any resolution (position embeddings are interpolated), square or not.
+        teacher_temperature (`float`, *optional*, defaults to 0.04):
+            Teacher softmax temperature of this step (the warm-up schedule belongs to the training loop).
+        update_centers (`bool`, *optional*):
+            Update the EMA centres after computing the loss. Defaults to `self.training`.
+        """
+        if kwargs:
+            raise TypeError(f"Unexpected arguments: {', '.join(kwargs)}.")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        update_centers = self.training if update_centers is None else update_centers
+        config = self.config
+        global_groups = _group_views(global_crops, "global_crops")
+        local_groups = _group_views(local_crops, "local_crops")
+        groups = global_groups + local_groups
+        if not global_groups:
+            raise ValueError(
+                "At least one global crop is required: the teacher's image-level targets come from them."
+            )
+        patch = config.patch_size
+        batch_size = groups[0].shape[1]
+        for group in groups:
+            height, width = group.shape[-2:]
+            if height % patch or width % patch:
+                raise ValueError(
+                    f"Crop size {height}x{width} is not divisible by the patch size {patch}: the patch grid would "
+                    f"drop pixels. Resize or crop to a multiple of {patch} (e.g. "
+                    f"{max(1, round(height / patch)) * patch}x{max(1, round(width / patch)) * patch})."
+                )
+            if group.shape[1] != batch_size:
+                raise ValueError(
+                    f"All crops must share the batch size; got {batch_size} and {group.shape[1]}."
+                )
+        num_global = sum(group.shape[0] for group in global_groups)
+        use_patch = config.use_patch_objective
+
+        # Student: every view. Views of one resolution run as one batch (view-major).
+        student_out = [
+            self.student.forward_views(group.flatten(0, 1), group.shape[0], patch_logits=use_patch)
+            for group in groups
+        ]
+        # Teacher: the globals for the image targets; with the patch objective every view (SELFPATCH_SPEC.md 7).
+        with torch.no_grad():
+            teacher_groups = groups if use_patch else global_groups
+            teacher_out = [
+                self.teacher.forward_views(
+                    group.flatten(0, 1), group.shape[0], image_logits=True, patch_targets=use_patch
+                )
+                for group in teacher_groups
+            ]
+
+        def per_view(tensors: list[torch.Tensor]) -> torch.Tensor:  # [(n*B, ...)] -> (V, B, ...)
+            return torch.cat([t.unflatten(0, (-1, batch_size)) for t in tensors])
+
+        student_image = per_view([out.image_logits for out in student_out])  # (V, B, K)
+        teacher_image = per_view([out.image_logits for out in teacher_out])  # (V_t, B, K)
+        image_loss = dino_image_loss(
+            student_image.float(),
+            teacher_image[:num_global].float(),
+            self.image_center,
+            config.student_temperature,
+            teacher_temperature,
+        )
+        loss = image_loss
+        total_patch_loss = None
+        if use_patch:
+            view_losses = [
+                patch_loss(
+                    s.patch_logits.unflatten(0, (-1, batch_size)).float(),
+                    t.patch_logits.unflatten(0, (-1, batch_size)).float(),
+                    self.patch_center,
+                    config.student_temperature,
+                    teacher_temperature,
+                )
+                for s, t in zip(student_out, teacher_out)
+            ]
+            total_patch_loss = torch.cat(view_losses).mean()
+            loss = image_loss + config.patch_loss_weight * total_patch_loss
+
+        if update_centers:
+            # centres move after the loss used them; reference SelfPatch averages the image centre over every view
+            # the teacher saw (all V), DINO over the globals (the only views its teacher sees)
+            ema_center_update(self.image_center, [teacher_image], config.center_momentum)
+            if use_patch:
+                ema_center_update(
+                    self.patch_center, [t.patch_logits for t in teacher_out], config.center_momentum
+                )
+
+        def split_views(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            return tuple(view for t in tensors for view in t.unflatten(0, (-1, batch_size)).unbind(0))
+
+        output = SelfPatchPretrainingOutput(
+            loss=loss,
+            image_loss=image_loss,
+            patch_loss=total_patch_loss,
+            student_patch_representations=split_views([out.normed_tokens[:, 1:] for out in student_out]),
+            student_image_representations=split_views([out.image_representation for out in student_out]),
+            teacher_positive_indices=split_views([out.positive_indices for out in teacher_out])
+            if use_patch
+            else None,
+            patch_grids=tuple(out.grid for out in student_out for _ in range(out.num_views)),
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "ClassAttentionBlock",
+    "DINOHead",
+    "SelfPatchAggregation",
+    "SelfPatchNetwork",
+    "SelfPatchPreTrainedModel",
+    "SelfPatchPretrainingOutput",
+    "SelfPatchViTForPretraining",
+    "build_neighbor_table",
+    "dino_image_loss",
+    "patch_loss",
+    "select_positive_neighbors",
+]
