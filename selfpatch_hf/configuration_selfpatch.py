@@ -228,6 +228,12 @@ class SelfPatchConfig(PreTrainedConfig):
             raise ValueError(f"num_local_crops must be >= 0, got {self.num_local_crops}.")
 
     def validate_method(self) -> None:
+        for name, allowed in (
+            ("image_representation", ("aggregation", "cls")),
+            ("neighbor_aggregation", ("attention", "mean")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         size = self.neighborhood_size
         if isinstance(size, str):
             if size != "all":

@@ -1,0 +1,134 @@
+"""Backbone export: a plain ViTModel folder that a process without selfpatch_hf loads and that reproduces the
+per-patch representations the patch loss trained."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from tiny_models import tiny_config
+
+from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
+
+CHILD = textwrap.dedent(
+    """
+    import sys, json
+    import numpy as np, torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel, ViTModel, pipeline
+
+    folder, inputs_path, outputs_path, image_path = sys.argv[1:5]
+    model = AutoModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    assert type(model) is ViTModel, type(model)
+    pixel_values = torch.load(inputs_path, weights_only=True)
+    with torch.no_grad():
+        features = model(pixel_values, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
+
+    processor = AutoImageProcessor.from_pretrained(folder)
+    image = Image.open(image_path)
+    processed = processor(images=image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        direct = model(processed).last_hidden_state
+    extractor = pipeline("image-feature-extraction", model=folder, image_processor=processor)
+    piped = torch.tensor(extractor(image))
+    torch.save(
+        {"features": features, "processed": processed, "direct": direct, "piped": piped}, outputs_path
+    )
+    assert "selfpatch_hf" not in sys.modules, "the child must not import selfpatch_hf"
+    print(json.dumps({"ok": True}))
+    """
+)
+
+
+def trained_tiny_model() -> SelfPatchViTForPretraining:
+    torch.manual_seed(0)
+    model = SelfPatchViTForPretraining(tiny_config())
+    with torch.no_grad():  # make student and teacher differ, as after training
+        for p in model.student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def model_patch_tokens(model, source: str, pixel_values: torch.Tensor) -> torch.Tensor:
+    network = model.teacher if source == "teacher" else model.student
+    with torch.no_grad():
+        return network.encode(pixel_values)[1][:, 1:]
+
+
+@pytest.mark.parametrize("source", ["teacher", "student"])
+def test_exported_backbone_reproduces_patch_representations(tmp_path, source):
+    model = trained_tiny_model()
+    folder = export_backbone(model, tmp_path / "backbone", source=source)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "vit" and config["architectures"] == ["ViTModel"]
+    assert "auto_map" not in config  # no remote code
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        assert not any("pooler" in key for key in weights.keys())
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert processor["image_std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert processor["resample"] == 3  # bicubic
+    assert processor["size"] == {"height": 32, "width": 32}
+
+    from transformers import AutoModel
+
+    loaded = AutoModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    pixel_values = torch.randn(2, 3, 48, 32)  # not the training size: interpolated position embeddings
+    with torch.no_grad():
+        exported = loaded(pixel_values, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
+    torch.testing.assert_close(exported, model_patch_tokens(model, source, pixel_values), atol=0, rtol=0)
+    other = "student" if source == "teacher" else "teacher"
+    assert not torch.allclose(exported, model_patch_tokens(model, other, pixel_values))
+
+
+def test_export_is_loaded_by_a_process_that_never_imports_selfpatch(tmp_path):
+    model = trained_tiny_model()
+    folder = export_backbone(model, tmp_path / "backbone")
+    pixel_values = torch.randn(2, 3, 32, 40)
+    torch.save(pixel_values, tmp_path / "inputs.pt")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"),
+         str(tmp_path / "image.png")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    torch.testing.assert_close(
+        out["features"], model_patch_tokens(model, "teacher", pixel_values), atol=1e-6, rtol=0
+    )
+
+    # the processor does what the training recipe did: bicubic resize to the crop size, ImageNet normalisation
+    image = Image.open(tmp_path / "image.png").convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
+    expected = (np.asarray(image, dtype=np.float32) / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    expected = torch.from_numpy(expected.transpose(2, 0, 1)).float()[None]
+    torch.testing.assert_close(out["processed"], expected, atol=1e-4, rtol=0)
+    # the pipeline returns CLS + patch tokens, the same as calling the model on the processed image
+    torch.testing.assert_close(out["piped"], out["direct"], atol=1e-5, rtol=0)
+    assert out["piped"].shape == (1, 1 + 16, 32)
+
+
+def test_export_replaces_a_previous_export_atomically(tmp_path):
+    model = trained_tiny_model()
+    target = tmp_path / "backbone"
+    export_backbone(model, target)
+    first = (target / "model.safetensors").read_bytes()
+    model.update_teacher(0.0)  # teacher <- student
+    export_backbone(model, target)
+    assert (target / "model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone"]  # no staging or retired folders left
+
+
+def test_export_rejects_unknown_source(tmp_path):
+    with pytest.raises(ValueError, match="teacher"):
+        export_backbone(trained_tiny_model(), tmp_path / "x", source="ema")
