@@ -319,17 +319,20 @@ class DropPath(nn.Module):
 
 
 @dataclass
-class ViewGroupOutput:
-    """Everything one network computes for a group of same-resolution views, stacked view-major: `(n_views * B, ...)`."""
+class NetworkOutput:
+    """What one network (student or teacher) computes for all views of a batch.
 
-    grid: tuple[int, int]
-    num_views: int
-    patch_features: torch.Tensor  # (n*B, N, D) raw f, before the output norm
-    normed_tokens: torch.Tensor  # (n*B, 1 + N, D) output norm applied (CLS first)
-    image_representation: torch.Tensor | None = None  # (n*B, D) input of the image head
-    image_logits: torch.Tensor | None = None  # (n*B, K)
-    patch_logits: torch.Tensor | None = None  # (n*B, N, K')
-    positive_indices: torch.Tensor | None = None  # (n*B, N, k), teacher only
+    Views come in groups of the same resolution; within a group they are stacked view-major, `(n_views * B, ...)`.
+    """
+
+    grids: list[tuple[int, int]]  # per group, the (h, w) patch grid
+    num_views: list[int]  # per group
+    patch_features: list[torch.Tensor]  # per group, (n*B, N, D) raw f, before the output norm
+    normed_tokens: list[torch.Tensor]  # per group, (n*B, 1 + N, D), output norm applied (CLS first)
+    image_representations: torch.Tensor  # (V*B, D), input of the image head
+    image_logits: torch.Tensor  # (V, B, K)
+    patch_logits: list[torch.Tensor] | None = None  # per group, (n, B, N, K')
+    positive_indices: list[torch.Tensor] | None = None  # per group, (n*B, N, k); teacher only
 
 
 class SelfPatchNetwork(nn.Module):
@@ -373,38 +376,55 @@ class SelfPatchNetwork(nn.Module):
             return normed_tokens[:, 0]
         return self.output_norm(self.aggregation(patch_features))
 
-    def forward_views(
-        self,
-        pixel_values: torch.Tensor,
-        num_views: int,
-        *,
-        image_logits: bool = True,
-        patch_logits: bool = False,
-        patch_targets: bool = False,
-    ) -> ViewGroupOutput:
-        """Runs a group of same-resolution views, stacked view-major as `(num_views * B, 3, H, W)`."""
+    def summarize_positives(
+        self, patch_features: torch.Tensor, positive_indices: torch.Tensor
+    ) -> torch.Tensor:
+        """y_i before the output norm: h (or the mean, in the ablation) over the selected neighbours, `(B, N, D)`."""
+        if self.config.neighbor_aggregation == "mean":
+            gather_index = positive_indices.flatten(1).unsqueeze(-1).expand(-1, -1, patch_features.shape[-1])
+            return patch_features.gather(1, gather_index).view(*positive_indices.shape, -1).mean(dim=2)
+        return self.aggregation.aggregate_neighbors(patch_features, positive_indices)
+
+    def forward(
+        self, view_groups: Sequence[torch.Tensor], *, patch_logits: bool = False, patch_targets: bool = False
+    ) -> NetworkOutput:
+        """Runs groups of same-resolution views, each `(n_views, B, 3, H, W)`.
+
+        `patch_logits` gives the student's patch outputs g'(out_norm(f_i)); `patch_targets` the teacher's
+        g'(out_norm(h({f_j : j in top-k of N(i)}))). Each head runs once on the tokens of every group concatenated:
+        one large matrix product per layer, and the weight-normalised last layer is normalised once per step.
+        """
         patch = self.config.patch_size
-        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-        features, normed = self.encode(pixel_values)
-        out = ViewGroupOutput(grid=grid, num_views=num_views, patch_features=features, normed_tokens=normed)
-        if image_logits:
-            out.image_representation = self.image_representation(features, normed)
-            out.image_logits = self.image_head(out.image_representation)
-        if patch_logits:  # student: s_i = g'(out_norm(f_i))
-            out.patch_logits = self.patch_head(normed[:, 1:])
-        if patch_targets:  # teacher: t_i = g'(out_norm(h({f_j : j in top-k of N(i)})))
-            out.positive_indices = select_positive_neighbors(
-                features, grid, self.config.num_positives, self.config.neighborhood_size
-            )
-            if self.config.neighbor_aggregation == "mean":
-                gather_index = (
-                    out.positive_indices.flatten(1).unsqueeze(-1).expand(-1, -1, features.shape[-1])
+        batch = view_groups[0].shape[1]
+        out = NetworkOutput([], [], [], [], image_representations=None, image_logits=None)
+        representations, patch_inputs = [], []
+        if patch_targets:
+            out.positive_indices = []
+        for group in view_groups:
+            grid = (group.shape[-2] // patch, group.shape[-1] // patch)
+            features, normed = self.encode(group.flatten(0, 1))
+            out.grids.append(grid)
+            out.num_views.append(group.shape[0])
+            out.patch_features.append(features)
+            out.normed_tokens.append(normed)
+            representations.append(self.image_representation(features, normed))
+            if patch_logits:
+                patch_inputs.append(normed[:, 1:])
+            if patch_targets:
+                positives = select_positive_neighbors(
+                    features, grid, self.config.num_positives, self.config.neighborhood_size
                 )
-                positives = features.gather(1, gather_index).view(*out.positive_indices.shape, -1)
-                summaries = positives.mean(dim=2)
-            else:
-                summaries = self.aggregation.aggregate_neighbors(features, out.positive_indices)
-            out.patch_logits = self.patch_head(self.output_norm(summaries))
+                out.positive_indices.append(positives)
+                patch_inputs.append(self.output_norm(self.summarize_positives(features, positives)))
+        out.image_representations = torch.cat(representations)
+        out.image_logits = self.image_head(out.image_representations).unflatten(0, (-1, batch))
+        if patch_inputs:
+            logits = self.patch_head(torch.cat([x.flatten(0, 1) for x in patch_inputs]))
+            sizes = [x.shape[0] * x.shape[1] for x in patch_inputs]
+            out.patch_logits = [
+                chunk.view(n, batch, x.shape[1], -1)
+                for chunk, n, x in zip(logits.split(sizes), out.num_views, patch_inputs)
+            ]
         return out
 
 
@@ -671,28 +691,14 @@ class SelfPatchViTForPretraining(SelfPatchPreTrainedModel):
         use_patch = config.use_patch_objective
 
         # Student: every view. Views of one resolution run as one batch (view-major).
-        student_out = [
-            self.student.forward_views(group.flatten(0, 1), group.shape[0], patch_logits=use_patch)
-            for group in groups
-        ]
+        student = self.student(groups, patch_logits=use_patch)
         # Teacher: the globals for the image targets; with the patch objective every view (SELFPATCH_SPEC.md 7).
         with torch.no_grad():
-            teacher_groups = groups if use_patch else global_groups
-            teacher_out = [
-                self.teacher.forward_views(
-                    group.flatten(0, 1), group.shape[0], image_logits=True, patch_targets=use_patch
-                )
-                for group in teacher_groups
-            ]
+            teacher = self.teacher(groups if use_patch else global_groups, patch_targets=use_patch)
 
-        def per_view(tensors: list[torch.Tensor]) -> torch.Tensor:  # [(n*B, ...)] -> (V, B, ...)
-            return torch.cat([t.unflatten(0, (-1, batch_size)) for t in tensors])
-
-        student_image = per_view([out.image_logits for out in student_out])  # (V, B, K)
-        teacher_image = per_view([out.image_logits for out in teacher_out])  # (V_t, B, K)
         image_loss = dino_image_loss(
-            student_image.float(),
-            teacher_image[:num_global].float(),
+            student.image_logits.float(),  # (V, B, K)
+            teacher.image_logits[:num_global].float(),  # (G, B, K)
             self.image_center,
             config.student_temperature,
             teacher_temperature,
@@ -702,13 +708,9 @@ class SelfPatchViTForPretraining(SelfPatchPreTrainedModel):
         if use_patch:
             view_losses = [
                 patch_loss(
-                    s.patch_logits.unflatten(0, (-1, batch_size)).float(),
-                    t.patch_logits.unflatten(0, (-1, batch_size)).float(),
-                    self.patch_center,
-                    config.student_temperature,
-                    teacher_temperature,
+                    s.float(), t.float(), self.patch_center, config.student_temperature, teacher_temperature
                 )
-                for s, t in zip(student_out, teacher_out)
+                for s, t in zip(student.patch_logits, teacher.patch_logits)
             ]
             total_patch_loss = torch.cat(view_losses).mean()
             loss = image_loss + config.patch_loss_weight * total_patch_loss
@@ -716,11 +718,9 @@ class SelfPatchViTForPretraining(SelfPatchPreTrainedModel):
         if update_centers:
             # centres move after the loss used them; reference SelfPatch averages the image centre over every view
             # the teacher saw (all V), DINO over the globals (the only views its teacher sees)
-            ema_center_update(self.image_center, [teacher_image], config.center_momentum)
+            ema_center_update(self.image_center, [teacher.image_logits], config.center_momentum)
             if use_patch:
-                ema_center_update(
-                    self.patch_center, [t.patch_logits for t in teacher_out], config.center_momentum
-                )
+                ema_center_update(self.patch_center, teacher.patch_logits, config.center_momentum)
 
         def split_views(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
             return tuple(view for t in tensors for view in t.unflatten(0, (-1, batch_size)).unbind(0))
@@ -729,12 +729,10 @@ class SelfPatchViTForPretraining(SelfPatchPreTrainedModel):
             loss=loss,
             image_loss=image_loss,
             patch_loss=total_patch_loss,
-            student_patch_representations=split_views([out.normed_tokens[:, 1:] for out in student_out]),
-            student_image_representations=split_views([out.image_representation for out in student_out]),
-            teacher_positive_indices=split_views([out.positive_indices for out in teacher_out])
-            if use_patch
-            else None,
-            patch_grids=tuple(out.grid for out in student_out for _ in range(out.num_views)),
+            student_patch_representations=split_views([tokens[:, 1:] for tokens in student.normed_tokens]),
+            student_image_representations=split_views([student.image_representations]),
+            teacher_positive_indices=split_views(teacher.positive_indices) if use_patch else None,
+            patch_grids=tuple(grid for grid, n in zip(student.grids, student.num_views) for _ in range(n)),
         )
         return output if return_dict else output.to_tuple()
 

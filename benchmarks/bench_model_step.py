@@ -1,0 +1,190 @@
+"""Training-step cost of SelfPatch vs plain DINO, and where the time goes.
+
+Measures, in one run and interleaved so that machine noise hits every variant alike:
+- a full optimiser step (forward, backward, AdamW, teacher EMA) of SelfPatch and of plain DINO
+  (CLS representation, lambda 0: no teacher on local crops, no aggregation, no patch head), SDPA and eager;
+- the backbone passes a DINO step contains (student forward+backward on every view, teacher forward on the
+  globals), to show how much the DINO step adds on top of them;
+- the pieces SelfPatch adds: teacher on the local crops, aggregation (image-level and neighbour path), patch heads;
+- peak resident memory of each step variant (each in its own process).
+
+    python benchmarks/bench_model_step.py                       # ViT-S/16, batch 8, 2x224 + 8x96, fp32 CPU
+    python benchmarks/bench_model_step.py --preset vit-tiny-patch16 --batch 4 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
+
+
+def build(args, variant: str, attn: str) -> SelfPatchViTForPretraining:
+    overrides = {"image_representation": "cls", "patch_loss_weight": 0.0} if variant == "dino" else {}
+    config = SelfPatchConfig.from_preset(args.preset, **overrides)
+    config._attn_implementation = attn
+    config.backbone_config._attn_implementation = attn
+    torch.manual_seed(0)
+    return SelfPatchViTForPretraining(config).train()
+
+
+def inputs(args):
+    torch.manual_seed(1)
+    return (
+        torch.randn(args.batch, 2, 3, args.global_size, args.global_size),
+        torch.randn(args.batch, args.num_local, 3, args.local_size, args.local_size),
+    )
+
+
+def step_fn(model):
+    optimizer = torch.optim.AdamW([p for p in model.student.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(global_crops, local_crops):
+        loss = model(global_crops, local_crops, teacher_temperature=0.04).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.update_teacher(0.996)
+
+    return step
+
+
+def timed(fn, *fn_args) -> float:
+    start = time.perf_counter()
+    fn(*fn_args)
+    return time.perf_counter() - start
+
+
+def component_fns(args, model: SelfPatchViTForPretraining):
+    """Closures that run one piece of a SelfPatch step with the shapes of a real step."""
+    global_crops, local_crops = inputs(args)
+    globals_flat = global_crops.transpose(0, 1).flatten(0, 1)
+    locals_flat = local_crops.transpose(0, 1).flatten(0, 1)
+    student, teacher = model.student, model.teacher
+    with torch.no_grad():
+        f_global, n_global = teacher.encode(globals_flat)
+        f_local, n_local = teacher.encode(locals_flat)
+    grid_g = (args.global_size // 16, args.global_size // 16)
+    grid_l = (args.local_size // 16, args.local_size // 16)
+
+    def dino_backbones():  # what a plain DINO step must do in the backbone
+        f1, _ = student.encode(globals_flat)
+        f2, _ = student.encode(locals_flat)
+        (f1.sum() + f2.sum()).backward()
+        with torch.no_grad():
+            teacher.encode(globals_flat)
+
+    def teacher_locals():
+        with torch.no_grad():
+            teacher.encode(locals_flat)
+
+    def aggregation():
+        from selfpatch_hf import select_positive_neighbors
+
+        a = student.aggregation(f_global.detach().requires_grad_())
+        b = student.aggregation(f_local.detach().requires_grad_())
+        (a.sum() + b.sum()).backward()
+        with torch.no_grad():
+            teacher.aggregation(f_global)
+            teacher.aggregation(f_local)
+            for feats, grid in ((f_global, grid_g), (f_local, grid_l)):
+                idx = select_positive_neighbors(feats, grid, model.config.num_positives, 3)
+                teacher.aggregation.aggregate_neighbors(feats, idx)
+
+    def patch_heads():
+        s1 = student.patch_head(n_global[:, 1:].detach().requires_grad_())
+        s2 = student.patch_head(n_local[:, 1:].detach().requires_grad_())
+        (s1.sum() + s2.sum()).backward()
+        with torch.no_grad():
+            teacher.patch_head(n_global[:, 1:])
+            teacher.patch_head(n_local[:, 1:])
+
+    return {
+        "backbone passes of a DINO step": dino_backbones,
+        "teacher on local crops": teacher_locals,
+        "aggregation module (all uses)": aggregation,
+        "patch heads (student fwd+bwd, teacher fwd)": patch_heads,
+    }
+
+
+def peak_memory(args, variant: str) -> float:
+    """Peak RSS (GiB) of a process that builds the model and runs `--steps` steps."""
+    cmd = [sys.executable, __file__, "--_memory_child", variant, "--preset", args.preset, "--batch", str(args.batch)]
+    cmd += ["--global_size", str(args.global_size), "--local_size", str(args.local_size)]
+    cmd += ["--num_local", str(args.num_local), "--steps", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_gib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="vit-small-patch16")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--global_size", type=int, default=224)
+    parser.add_argument("--local_size", type=int, default=96)
+    parser.add_argument("--num_local", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed repetitions of each variant")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--_memory_child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args._memory_child:
+        model = build(args, args._memory_child, "sdpa")
+        step = step_fn(model)
+        for _ in range(args.steps):
+            step(*inputs(args))
+        print(json.dumps({"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+        return
+
+    print(f"# {args.preset}, batch {args.batch}, 2x{args.global_size} + {args.num_local}x{args.local_size} crops, "
+          f"fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
+    variants = {(v, a): build(args, v, a) for v in ("selfpatch", "dino") for a in ("sdpa", "eager")}
+    steps = {key: step_fn(model) for key, model in variants.items()}
+    components = component_fns(args, variants[("selfpatch", "sdpa")])
+    batch = inputs(args)
+    for step in steps.values():  # warm-up (allocator, kernels)
+        step(*batch)
+    for fn in components.values():
+        fn()
+    times: dict[str, list[float]] = {}
+    for _ in range(args.steps):  # interleaved repetitions
+        for (variant, attn), step in steps.items():
+            times.setdefault(f"step {variant} {attn}", []).append(timed(step, *batch))
+        for name, fn in components.items():
+            times.setdefault(name, []).append(timed(fn))
+    med = {name: statistics.median(values) for name, values in times.items()}
+
+    print("\n| measurement | median s | min s |\n|---|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {med[name]:.3f} | {min(values):.3f} |")
+    selfpatch, dino = med["step selfpatch sdpa"], med["step dino sdpa"]
+    backbone = med["backbone passes of a DINO step"]
+    print("\n| ratio | value |\n|---|---|")
+    print(f"| SelfPatch step / DINO step (sdpa) | {selfpatch / dino:.3f} |")
+    print(f"| SelfPatch step / DINO step (eager) | {med['step selfpatch eager'] / med['step dino eager']:.3f} |")
+    print(f"| DINO step / its backbone passes | {dino / backbone:.3f} |")
+    print(f"| eager / sdpa (SelfPatch step) | {med['step selfpatch eager'] / selfpatch:.3f} |")
+    print(f"| eager / sdpa (DINO step) | {med['step dino eager'] / dino:.3f} |")
+    extra = selfpatch - dino
+    print("\nWhere SelfPatch's extra time goes (share of the SelfPatch - DINO difference):")
+    for name in ("teacher on local crops", "aggregation module (all uses)", "patch heads (student fwd+bwd, teacher fwd)"):
+        print(f"- {name}: {med[name]:.3f} s ({100 * med[name] / extra:.0f}%)")
+    if os.environ.get("BENCH_SKIP_MEMORY") != "1":
+        print("\n| peak RSS, GiB (own process, sdpa) | value |\n|---|---|")
+        for variant in ("selfpatch", "dino"):
+            print(f"| {variant} step | {peak_memory(args, variant):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
