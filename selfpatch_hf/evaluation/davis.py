@@ -1,0 +1,237 @@
+"""DAVIS 2017 semi-supervised evaluation: folder layout, label propagation over a split, J&F scoring.
+
+Folder layout (as distributed by the DAVIS challenge):
+
+    ROOT/JPEGImages/480p/<sequence>/00000.jpg ...
+    ROOT/Annotations/480p/<sequence>/00000.png ...   indexed PNGs: 0 background, 1..K objects, 255 void
+    ROOT/ImageSets/2017/val.txt                       one sequence name per line
+
+Predictions are written as indexed PNGs with the DAVIS palette to OUTPUT/<sequence>/<frame>.png, the layout
+the official toolkit reads. Scoring follows the toolkit's semi-supervised mode: objects are those of the
+first annotated frame; the first and last frames are not scored; J and F are averaged per object over
+frames, then over all objects of all sequences; J&F is their mean.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .features import PatchFeatureExtractor
+from .propagation import PropagationConfig, iter_propagation
+from .vos_metrics import db_statistics, sequence_scores
+
+logger = logging.getLogger(__name__)
+
+
+def davis_palette() -> list[int]:
+    """The 256-colour palette of DAVIS (and PASCAL VOC) annotations, flattened RGB."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        value = index
+        for bit in range(8):
+            r |= ((value >> 0) & 1) << (7 - bit)
+            g |= ((value >> 1) & 1) << (7 - bit)
+            b |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette.extend((r, g, b))
+    return palette
+
+
+DAVIS_PALETTE = davis_palette()
+
+
+@dataclass
+class DavisSequence:
+    name: str
+    frames: list[Path]
+    annotations: list[Path]
+
+
+def read_indexed_mask(path: str | Path) -> np.ndarray:
+    """Read an annotation PNG as an (H, W) uint8 array of object ids."""
+    with Image.open(path) as image:
+        if image.mode in ("P", "L", "I", "I;16", "1"):
+            return np.asarray(image).astype(np.uint8)
+    raise ValueError(
+        f"{path} is a {image.mode} image; DAVIS annotations must be indexed (palette) or grayscale PNGs whose "
+        "pixel values are object ids."
+    )
+
+
+def write_indexed_mask(path: str | Path, mask: np.ndarray, palette: Sequence[int] = DAVIS_PALETTE) -> None:
+    """Write an (H, W) integer mask as a palette PNG (the format of DAVIS annotations and results)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.min(initial=0) < 0 or mask.max(initial=0) > 255:
+        raise ValueError(f"Expected an (H, W) mask with values in [0, 255], got shape {mask.shape}.")
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    image.putpalette(list(palette))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def list_sequences(root: str | Path, split: str = "val", year: str = "2017") -> list[str]:
+    """Sequence names of `ImageSets/<year>/<split>.txt`."""
+    listing = Path(root) / "ImageSets" / year / f"{split}.txt"
+    if not listing.is_file():
+        raise FileNotFoundError(
+            f"{listing} not found: `{root}` does not look like a DAVIS folder (expected JPEGImages/, "
+            f"Annotations/ and ImageSets/{year}/{split}.txt)."
+        )
+    return [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+
+
+def load_sequence(root: str | Path, name: str, resolution: str = "480p") -> DavisSequence:
+    """Frame and annotation paths of one sequence, sorted by frame name."""
+    root = Path(root)
+    frame_dir = root / "JPEGImages" / resolution / name
+    annotation_dir = root / "Annotations" / resolution / name
+    frames = sorted(frame_dir.glob("*.jpg")) + sorted(frame_dir.glob("*.png"))
+    annotations = sorted(annotation_dir.glob("*.png"))
+    if not frames:
+        raise FileNotFoundError(f"No frames (*.jpg) in {frame_dir}.")
+    if not annotations or annotations[0].stem != frames[0].stem:
+        raise FileNotFoundError(
+            f"The first frame's annotation {annotation_dir / (frames[0].stem + '.png')} is missing."
+        )
+    return DavisSequence(name, frames, annotations)
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def predict_davis(
+    root: str | Path,
+    extractor: PatchFeatureExtractor,
+    output_dir: str | Path,
+    config: PropagationConfig | None = None,
+    *,
+    split: str = "val",
+    year: str = "2017",
+    resolution: str = "480p",
+    sequences: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Propagate every sequence's first-frame mask and write OUTPUT/<sequence>/<frame>.png."""
+    config = config or PropagationConfig()
+    names = list(sequences) if sequences else list_sequences(root, split, year)
+    output_dir = Path(output_dir)
+    for name in names:
+        sequence = load_sequence(root, name, resolution)
+        first_mask = read_indexed_mask(sequence.annotations[0])
+        frames = (_read_rgb(path) for path in sequence.frames)
+        for path, mask in zip(
+            sequence.frames, iter_propagation(frames, first_mask, extractor, config), strict=True
+        ):
+            write_indexed_mask(output_dir / name / f"{path.stem}.png", mask)
+        if progress is not None:
+            progress(name)
+    return names
+
+
+@dataclass
+class DavisResult:
+    """J&F over a set of sequences (DAVIS semi-supervised protocol)."""
+
+    j_mean: float
+    j_recall: float
+    j_decay: float
+    f_mean: float
+    f_recall: float
+    f_decay: float
+    per_object: dict[str, dict[str, float]] = field(default_factory=dict)  # "<sequence>_<id>" -> {"J", "F"}
+
+    @property
+    def jf_mean(self) -> float:
+        return (self.j_mean + self.f_mean) / 2
+
+    def to_dict(self) -> dict:
+        return {"J&F-Mean": self.jf_mean, **asdict(self)}
+
+    def to_markdown(self) -> str:
+        lines = [
+            "| J&F-Mean | J-Mean | J-Recall | J-Decay | F-Mean | F-Recall | F-Decay |",
+            "|---|---|---|---|---|---|---|",
+            f"| {self.jf_mean:.3f} | {self.j_mean:.3f} | {self.j_recall:.3f} | {self.j_decay:.3f} | "
+            f"{self.f_mean:.3f} | {self.f_recall:.3f} | {self.f_decay:.3f} |",
+            "",
+            "| Object | J-Mean | F-Mean |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {name} | {s['J']:.3f} | {s['F']:.3f} |" for name, s in self.per_object.items()]
+        return "\n".join(lines)
+
+
+def evaluate_davis(
+    root: str | Path,
+    results_dir: str | Path,
+    *,
+    split: str = "val",
+    year: str = "2017",
+    resolution: str = "480p",
+    sequences: Sequence[str] | None = None,
+    bound_th: float = 0.008,
+) -> DavisResult:
+    """Score the masks in RESULTS/<sequence>/<frame>.png against the DAVIS annotations."""
+    names = list(sequences) if sequences else list_sequences(root, split, year)
+    results_dir = Path(results_dir)
+    j_stats, f_stats, per_object = [], [], {}
+    for name in names:
+        sequence = load_sequence(root, name, resolution)
+        references = np.stack([read_indexed_mask(path) for path in sequence.annotations])
+        num_objects = int(np.where(references[0] == 255, 0, references[0]).max())
+        # Semi-supervised mode: the first frame is given and the last one is not scored either.
+        scored = sequence.annotations[1:-1]
+        predictions = []
+        for path in scored:
+            result = results_dir / name / path.name
+            if not result.is_file():
+                raise FileNotFoundError(
+                    f"Missing prediction {result}; run the propagation for {name!r} first."
+                )
+            predictions.append(read_indexed_mask(result))
+        if not scored:
+            logger.warning("Sequence %s has fewer than three annotated frames; nothing to score.", name)
+            continue
+        j, f = sequence_scores(references[1:-1], np.stack(predictions), num_objects, bound_th)
+        for k in range(num_objects):
+            j_stats.append(db_statistics(j[k]))
+            f_stats.append(db_statistics(f[k]))
+            per_object[f"{name}_{k + 1}"] = {"J": j_stats[-1][0], "F": f_stats[-1][0]}
+    if not j_stats:
+        raise ValueError("No object could be scored: check the sequences and their annotations.")
+    j_mean, j_recall, j_decay = np.mean(j_stats, axis=0)
+    f_mean, f_recall, f_decay = np.mean(f_stats, axis=0)
+    return DavisResult(
+        float(j_mean),
+        float(j_recall),
+        float(j_decay),
+        float(f_mean),
+        float(f_recall),
+        float(f_decay),
+        per_object,
+    )
+
+
+def run_davis(
+    root: str | Path,
+    extractor: PatchFeatureExtractor,
+    output_dir: str | Path,
+    config: PropagationConfig | None = None,
+    **kwargs,
+) -> DavisResult:
+    """Propagate and score in one call; also writes OUTPUT/scores.json."""
+    score_kwargs = {k: kwargs[k] for k in ("split", "year", "resolution", "sequences") if k in kwargs}
+    names = predict_davis(root, extractor, output_dir, config, **kwargs)
+    result = evaluate_davis(root, output_dir, **{**score_kwargs, "sequences": names})
+    (Path(output_dir) / "scores.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result
