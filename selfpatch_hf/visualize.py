@@ -246,3 +246,31 @@ def positives_figure(
         cells.append(_outline(cell, index, grid, _QUERY_COLOUR))
         titles.append(f"patch {index}")
     return _grid_figure([cells], titles)
+
+
+@torch.no_grad()
+def teacher_positives(
+    model, image: Image.Image | np.ndarray, image_size: int | Sequence[int] | None = None
+) -> tuple[Image.Image, tuple[int, int], torch.Tensor]:
+    """Runs the SelfPatch teacher of a `SelfPatchViTForPretraining` on one image, as during pretraining.
+
+    The image is resized (bicubic) to `image_size` (default: the config's global crop size) and normalised with
+    ImageNet statistics, like a training crop. Returns the resized picture, its `(h, w)` patch grid and the
+    teacher's `(N, k)` positive indices, ready for `positives_figure`.
+    """
+    from .modeling_selfpatch import select_positive_neighbors
+
+    config = model.config
+    height, width = _size_pair(image_size if image_size is not None else config.global_crop_size)
+    patch = config.patch_size
+    if height % patch or width % patch:
+        raise ValueError(f"image_size {height}x{width} is not divisible by the patch size {patch}.")
+    picture = _as_pil(image).resize((width, height), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    pixels = ((pixels - mean) / std).permute(2, 0, 1)[None]
+    parameter = next(model.teacher.parameters())
+    features, _ = model.teacher.encode(pixels.to(parameter.device, parameter.dtype))
+    grid = (height // patch, width // patch)
+    positives = select_positive_neighbors(features, grid, config.num_positives, config.neighborhood_size)
+    return picture, grid, positives[0].cpu()

@@ -201,6 +201,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="(N, k) teacher positive indices saved as .npy or .pt, drawn instead of attention",
     )
     vis.add_argument("--grid", type=_int_pair, default=None, help="patch grid H,W of --positives")
+    vis.add_argument(
+        "--pretraining",
+        default=None,
+        help="a SelfPatchViTForPretraining folder (e.g. a training checkpoint's model): run its teacher on the "
+        "image and draw the positives it selects (--image-size defaults to the global crop size)",
+    )
     vis.add_argument("--output", required=True, help="PNG file to write")
 
     data = commands.add_parser(
@@ -358,7 +364,14 @@ def _run_visualize(args) -> int:
     from ..visualize import attention_figure, positives_figure
 
     image = _read_image(args.image)
-    if args.positives:
+    if args.pretraining:
+        from ..modeling_selfpatch import SelfPatchViTForPretraining
+        from ..visualize import teacher_positives
+
+        model = SelfPatchViTForPretraining.from_pretrained(args.pretraining).eval()
+        picture, grid, positives = teacher_positives(model, image, args.image_size)
+        figure = positives_figure(picture, grid, args.query, positives)
+    elif args.positives:
         if args.grid is None:
             raise SystemExit("visualize: --positives needs --grid H,W.")
         if args.positives.endswith(".npy"):
