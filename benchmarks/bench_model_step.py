@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -118,7 +117,16 @@ def component_fns(args, model: SelfPatchViTForPretraining):
 
 def peak_memory(args, variant: str) -> float:
     """Peak RSS (GiB) of a process that builds the model and runs `--steps` steps."""
-    cmd = [sys.executable, __file__, "--_memory_child", variant, "--preset", args.preset, "--batch", str(args.batch)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_memory_child",
+        variant,
+        "--preset",
+        args.preset,
+        "--batch",
+        str(args.batch),
+    ]
     cmd += ["--global_size", str(args.global_size), "--local_size", str(args.local_size)]
     cmd += ["--num_local", str(args.num_local), "--steps", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -126,7 +134,9 @@ def peak_memory(args, variant: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="vit-small-patch16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--global_size", type=int, default=224)
@@ -144,7 +154,11 @@ def main() -> None:
         step = step_fn(model)
         for _ in range(args.steps):
             step(*inputs(args))
-        print(json.dumps({"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
+        status = dict(
+            line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line
+        )
+        print(json.dumps({"peak_gib": int(status["VmHWM"].split()[0]) / 2**20}))
         return
 
     print(f"# {args.preset}, batch {args.batch}, 2x{args.global_size} + {args.num_local}x{args.local_size} crops, "
@@ -172,13 +186,19 @@ def main() -> None:
     backbone = med["backbone passes of a DINO step"]
     print("\n| ratio | value |\n|---|---|")
     print(f"| SelfPatch step / DINO step (sdpa) | {selfpatch / dino:.3f} |")
-    print(f"| SelfPatch step / DINO step (eager) | {med['step selfpatch eager'] / med['step dino eager']:.3f} |")
+    print(
+        f"| SelfPatch step / DINO step (eager) | {med['step selfpatch eager'] / med['step dino eager']:.3f} |"
+    )
     print(f"| DINO step / its backbone passes | {dino / backbone:.3f} |")
     print(f"| eager / sdpa (SelfPatch step) | {med['step selfpatch eager'] / selfpatch:.3f} |")
     print(f"| eager / sdpa (DINO step) | {med['step dino eager'] / dino:.3f} |")
     extra = selfpatch - dino
     print("\nWhere SelfPatch's extra time goes (share of the SelfPatch - DINO difference):")
-    for name in ("teacher on local crops", "aggregation module (all uses)", "patch heads (student fwd+bwd, teacher fwd)"):
+    for name in (
+        "teacher on local crops",
+        "aggregation module (all uses)",
+        "patch heads (student fwd+bwd, teacher fwd)",
+    ):
         print(f"- {name}: {med[name]:.3f} s ({100 * med[name] / extra:.0f}%)")
     if os.environ.get("BENCH_SKIP_MEMORY") != "1":
         print("\n| peak RSS, GiB (own process, sdpa) | value |\n|---|---|")
