@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import torch
 from transformers import ViTModel
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
@@ -46,15 +47,29 @@ def build_image_processor(config: SelfPatchConfig) -> ViTImageProcessorPil:
 def extract_backbone(
     model: SelfPatchViTForPretraining, source: Literal["teacher", "student"] = "teacher"
 ) -> ViTModel:
-    """A standalone `ViTModel` (no pooler, no drop-path) with the weights of the teacher's or student's backbone."""
+    """A standalone `ViTModel` with the weights of the teacher's or student's backbone (no drop-path).
+
+    Its pooler is the identity (`pooler_act="linear"`, identity weights, zero bias): SelfPatch trains no pooler,
+    and plain `AutoModel.from_pretrained` would otherwise add a randomly initialised one. `pooler_output` is thus
+    the normalised CLS token, which also makes `pipeline(..., pool=True)` meaningful.
+    """
     if source not in ("teacher", "student"):
         raise ValueError(f'source must be "teacher" or "student", got {source!r}.')
     network = model.teacher if source == "teacher" else model.student
     backbone_config = copy.deepcopy(model.config.backbone_config)
     backbone_config.architectures = ["ViTModel"]
-    backbone = ViTModel(backbone_config, add_pooling_layer=False)
+    backbone_config.pooler_act = "linear"
+    backbone_config.pooler_output_size = backbone_config.hidden_size
+    backbone = ViTModel(backbone_config, add_pooling_layer=True)
+    with torch.no_grad():
+        backbone.pooler.dense.weight.copy_(torch.eye(backbone_config.hidden_size))
+        backbone.pooler.dense.bias.zero_()
     # live module names on both sides: a plain strict copy (no file-format renaming involved)
-    backbone.load_state_dict(network.backbone.state_dict(), strict=True)
+    missing, unexpected = backbone.load_state_dict(network.backbone.state_dict(), strict=False)
+    if unexpected or set(missing) != {"pooler.dense.weight", "pooler.dense.bias"}:
+        raise RuntimeError(
+            f"Backbone weights do not match a ViTModel: missing {missing}, unexpected {unexpected}."
+        )
     return backbone.float().eval()
 
 

@@ -269,7 +269,6 @@ class DINOHead(nn.Module):
         hidden_dim: int,
         bottleneck_dim: int,
         num_layers: int,
-        norm_last_layer: bool,
     ):
         super().__init__()
         if num_layers == 1:
@@ -283,10 +282,8 @@ class DINOHead(nn.Module):
         self.last_layer = nn.utils.parametrizations.weight_norm(
             nn.Linear(bottleneck_dim, out_dim, bias=False)
         )
-        self.norm_last_layer = norm_last_layer
-        if norm_last_layer:
-            # the magnitude g stays 1: only the direction of each output row is learned
-            self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+        # with norm_last_layer the magnitude g stays 1 and frozen (set by the model, also after loading): only the
+        # direction of each output row is learned
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = F.normalize(self.mlp(hidden_states), dim=-1, p=2)
@@ -352,7 +349,6 @@ class SelfPatchNetwork(nn.Module):
             "hidden_dim": config.head_hidden_dim,
             "bottleneck_dim": config.head_bottleneck_dim,
             "num_layers": config.head_num_layers,
-            "norm_last_layer": config.norm_last_layer,
         }
         self.image_head = DINOHead(backbone_config.hidden_size, config.image_out_dim, **head_kwargs)
         self.patch_head = (
@@ -608,13 +604,29 @@ class SelfPatchViTForPretraining(SelfPatchPreTrainedModel):
         super().__init__(config)
         self.student = SelfPatchNetwork(config, drop_path_rate=config.drop_path_rate)
         self.teacher = SelfPatchNetwork(config)
-        self.teacher.requires_grad_(False)
         self.register_buffer("image_center", torch.zeros(1, config.image_out_dim))
         self.register_buffer(
             "patch_center", torch.zeros(1, config.patch_out_dim if config.use_patch_objective else 0)
         )
         self.post_init()
         self._copy_student_to_teacher()
+        self._freeze_untrained_parameters()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        # loading re-creates every floating-point parameter with requires_grad=True
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._freeze_untrained_parameters()
+        return loaded
+
+    def _freeze_untrained_parameters(self) -> None:
+        """The teacher only moves by EMA; with `norm_last_layer` the heads' weight-norm magnitudes stay 1."""
+        self.teacher.requires_grad_(False)
+        if self.config.norm_last_layer:
+            for head in (self.student.image_head, self.student.patch_head):
+                if head is not None:
+                    head.last_layer.parametrizations.weight.original0.requires_grad_(False)
 
     @torch.no_grad()
     def _copy_student_to_teacher(self) -> None:

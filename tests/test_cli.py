@@ -19,7 +19,7 @@ def test_export_subcommand_writes_a_loadable_backbone(tmp_path, capsys):
         == 0
     )
     assert "student backbone" in capsys.readouterr().out
-    backbone = AutoModel.from_pretrained(tmp_path / "backbone", add_pooling_layer=False).eval()
+    backbone = AutoModel.from_pretrained(tmp_path / "backbone").eval()
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = model.student.encode(pixels)[1]

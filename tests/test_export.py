@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 from tiny_models import tiny_config
 
 from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
@@ -26,8 +25,10 @@ CHILD = textwrap.dedent(
     from transformers import AutoImageProcessor, AutoModel, ViTModel, pipeline
 
     folder, inputs_path, outputs_path, image_path = sys.argv[1:5]
-    model = AutoModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    model.eval()
     assert type(model) is ViTModel, type(model)
+    assert not any(info.values()), info  # nothing missing (no random pooler), unexpected or mismatched
     pixel_values = torch.load(inputs_path, weights_only=True)
     with torch.no_grad():
         features = model(pixel_values, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
@@ -70,8 +71,7 @@ def test_exported_backbone_reproduces_patch_representations(tmp_path, source):
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "vit" and config["architectures"] == ["ViTModel"]
     assert "auto_map" not in config  # no remote code
-    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
-        assert not any("pooler" in key for key in weights.keys())
+    assert config["pooler_act"] == "linear"  # identity pooler: nothing random is added at load time
     processor = json.loads((folder / "preprocessor_config.json").read_text())
     assert processor["image_mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert processor["image_std"] == pytest.approx([0.229, 0.224, 0.225])
@@ -80,10 +80,12 @@ def test_exported_backbone_reproduces_patch_representations(tmp_path, source):
 
     from transformers import AutoModel
 
-    loaded = AutoModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    loaded = AutoModel.from_pretrained(folder).eval()
     pixel_values = torch.randn(2, 3, 48, 32)  # not the training size: interpolated position embeddings
     with torch.no_grad():
-        exported = loaded(pixel_values, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
+        outputs = loaded(pixel_values, interpolate_pos_encoding=True)
+    exported = outputs.last_hidden_state[:, 1:]
+    torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state[:, 0], atol=0, rtol=0)
     torch.testing.assert_close(exported, model_patch_tokens(model, source, pixel_values), atol=0, rtol=0)
     other = "student" if source == "teacher" else "teacher"
     assert not torch.allclose(exported, model_patch_tokens(model, other, pixel_values))

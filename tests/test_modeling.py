@@ -580,6 +580,10 @@ def test_save_load_round_trip_reproduces_the_loss_bit_for_bit(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
     loaded = AutoModelForPreTraining.from_pretrained(tmp_path).eval()
     assert type(loaded) is SelfPatchViTForPretraining
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    assert {name: p.requires_grad for name, p in loaded.named_parameters()} == trainable
+    assert not any(p.requires_grad for p in loaded.teacher.parameters())
+    assert not loaded.student.image_head.last_layer.parametrizations.weight.original0.requires_grad
     assert isinstance(AutoConfig.from_pretrained(tmp_path), SelfPatchConfig)
     assert torch.equal(loaded.image_center, model.image_center)
     assert torch.equal(loaded.patch_center, model.patch_center)
