@@ -155,6 +155,8 @@ class FrozenBackbone(torch.nn.Module):
         if (
             model_class is not None
             and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+            # our exports and conversions store an identity pooler (pooler_act "linear"): load it as saved
+            and getattr(config, "pooler_act", None) != "linear"
         ):
             # A randomly initialised pooler is never read here; skip it (and its load warning).
             model_kwargs.setdefault("add_pooling_layer", False)
