@@ -1,0 +1,195 @@
+"""Multi-process checks of training/pretrain.py, run by tests/test_training_distributed.py.
+
+    accelerate launch --multi_gpu --num_processes 2 ... tests/distributed_training_checks.py OUT DATA   (2 processes)
+    python tests/distributed_training_checks.py OUT                                                  (reference)
+
+With 2 processes (gloo on the CPU) it writes into OUT:
+- `fixed_step.pt`: the state (student, teacher, centres) after two optimiser steps of `train_step` on fixed
+  batches, A on rank 0 and B on rank 1, plus the largest difference between the ranks' states;
+- `data_split.json`: the raw examples each rank's data loader reads;
+- `train.json`: after a real `train()` run of the script (gradient accumulation and activation checkpointing on),
+  the largest differences between the ranks' student, teacher and centres, and the world size / DDP facts.
+With 1 process it writes `fixed_step.pt` for ONE step pair over the concatenation A+B (the reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_models import tiny_config  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("pretrain", REPO_ROOT / "training" / "pretrain.py")
+pretrain = importlib.util.module_from_spec(spec)
+sys.modules["pretrain"] = pretrain
+spec.loader.exec_module(pretrain)
+
+from accelerate import Accelerator  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from selfpatch_hf import SelfPatchViTForPretraining  # noqa: E402
+from selfpatch_hf.optimization import apply_schedule, build_optimizer  # noqa: E402
+from selfpatch_hf.schedules import PretrainingSchedule  # noqa: E402
+
+PER_RANK_BATCH = 3
+TINY_OVERRIDES = [
+    "hidden_size=32", "num_attention_heads=2", "intermediate_size=64", "num_hidden_layers=2", "patch_size=8",
+    "image_size=32", "global_crop_size=32", "local_crop_size=16", "num_local_crops=4", "image_out_dim=64",
+    "patch_out_dim=32", "head_hidden_dim=48", "head_bottleneck_dim=16",
+]  # fmt: skip
+
+
+def fixed_batches() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1234)
+    make = lambda: (  # noqa: E731
+        torch.randn(PER_RANK_BATCH, 2, 3, 32, 32, generator=generator),
+        torch.randn(PER_RANK_BATCH, 4, 3, 16, 16, generator=generator),
+    )
+    return make(), make()
+
+
+def max_difference_between_ranks(state: dict[str, torch.Tensor]) -> float:
+    worst = 0.0
+    for tensor in state.values():
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        worst = max(worst, max((g.float() - gathered[0].float()).abs().max().item() for g in gathered))
+    return worst
+
+
+def fixed_step_check(accelerator: Accelerator, out: Path) -> None:
+    """Two optimiser steps (the first with the last layer frozen) on fixed batches, drop-path off."""
+    torch.manual_seed(0)
+    model = SelfPatchViTForPretraining(tiny_config(drop_path_rate=0.0))
+    optimizer = build_optimizer(model.student)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    world = accelerator.num_processes
+    if world == 2:
+        assert isinstance(model, DistributedDataParallel), type(model)
+    batch_a, batch_b = fixed_batches()
+    if world == 1:
+        batch = tuple(torch.cat([a, b]) for a, b in zip(batch_a, batch_b))
+    else:
+        batch = batch_a if accelerator.process_index == 0 else batch_b
+    schedule = PretrainingSchedule.from_epochs(
+        steps_per_epoch=1,
+        total_steps=4,
+        base_learning_rate=0.05,
+        global_batch_size=2 * PER_RANK_BATCH,
+        warmup_epochs=0,
+        warmup_teacher_temperature=0.04,
+        teacher_temperature=0.06,
+        warmup_teacher_temperature_epochs=2,
+        teacher_momentum=0.9,
+    )
+    losses = []
+    for step in (0, 1):
+        values = schedule.at(step)
+        assert values.freeze_last_layer == (step == 0)
+        apply_schedule(optimizer, values)
+        result = pretrain.train_step(accelerator, model, optimizer, [batch], values, clip_grad=0.5)
+        losses.append([result.loss, result.image_loss, result.patch_loss])
+    state = {k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    difference = max_difference_between_ranks(state) if world > 1 else 0.0
+    if accelerator.is_main_process:
+        torch.save(
+            {"state": state, "losses": losses, "rank_difference": difference, "world": world},
+            out / "fixed_step.pt",
+        )
+
+
+def data_split_check(accelerator: Accelerator, data_dir: Path, out: Path) -> None:
+    """One pass of each rank's real data loader (built by the script), recording every image it decodes."""
+    import selfpatch_hf.data
+
+    model_args, data_args, training_args, overrides = pretrain.parse_arguments(
+        ["--dataset_name", str(data_dir), "--output_dir", str(out / "unused"), "--per_device_train_batch_size", "2",
+         "--num_workers", "0", "--config_overrides", *TINY_OVERRIDES]
+    )  # fmt: skip
+    config = pretrain.build_config(model_args, overrides)
+    dataset, column = pretrain.open_image_stream(data_args, training_args)
+    loader = pretrain.build_dataloader(dataset, column, data_args, training_args, config, accelerator)
+    decoded = []
+    original_decode = selfpatch_hf.data.decode_image
+
+    def recording_decode(value, *args, **kwargs):
+        decoded.append(hashlib.sha1(value["bytes"]).hexdigest())
+        return original_decode(value, *args, **kwargs)
+
+    selfpatch_hf.data.decode_image = recording_decode
+    try:
+        shapes = [[list(batch.global_crops.shape), list(batch.local_crops.shape)] for batch in loader]
+    finally:
+        selfpatch_hf.data.decode_image = original_decode
+    everyone = [None] * accelerator.num_processes
+    dist.all_gather_object(everyone, {"decoded": decoded, "shapes": shapes})
+    if accelerator.is_main_process:
+        (out / "data_split.json").write_text(json.dumps(everyone))
+
+
+def train_check(data_dir: Path, out: Path) -> None:
+    argv = [
+        "--dataset_name", str(data_dir), "--output_dir", str(out / "run"), "--config_overrides", *TINY_OVERRIDES,
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--gradient_checkpointing",
+        "--samples_per_epoch", "16", "--max_steps", "5",
+        "--checkpointing_steps", "2", "--num_workers", "1", "--shuffle_buffer_size", "4", "--logging_steps", "1",
+        "--learning_rate", "0.05", "--warmup_epochs", "1",
+    ]  # fmt: skip
+    result = pretrain.train(*pretrain.parse_arguments(argv))
+    accelerator = result.accelerator
+    model = result.model
+    groups = {
+        "student": {k: v for k, v in model.student.state_dict().items()},
+        "teacher": {k: v for k, v in model.teacher.state_dict().items()},
+        "centers": {"image": model.image_center, "patch": model.patch_center},
+    }
+    differences = {name: max_difference_between_ranks(state) for name, state in groups.items()}
+    # the run really trained: the student moved away from the teacher, the centres away from 0
+    moved = {
+        "student_vs_teacher": max(
+            (model.student.state_dict()[k] - v).abs().max().item()
+            for k, v in model.teacher.state_dict().items()
+        ),
+        "image_center": model.image_center.abs().max().item(),
+        "patch_center": model.patch_center.abs().max().item(),
+    }
+    if accelerator.is_main_process:
+        (out / "train.json").write_text(
+            json.dumps(
+                {
+                    "differences": differences,
+                    "moved": moved,
+                    "global_step": result.global_step,
+                    "num_processes": accelerator.num_processes,
+                    "distributed_type": str(accelerator.distributed_type),
+                }
+            )
+        )
+    accelerator.end_training()
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    accelerator = Accelerator()
+    if accelerator.num_processes == 1:
+        fixed_step_check(accelerator, out)
+        return
+    assert accelerator.num_processes == 2 and dist.is_initialized() and dist.get_world_size() == 2
+    data_dir = Path(sys.argv[2])
+    fixed_step_check(accelerator, out)
+    data_split_check(accelerator, data_dir, out)
+    train_check(data_dir, out)
+
+
+if __name__ == "__main__":
+    main()

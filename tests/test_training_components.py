@@ -1,0 +1,416 @@
+"""Building blocks of the pretraining script, in-process: optimiser groups and clipping, checkpoint files, stop
+signals, background Hub uploads, argument parsing and early argument errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_config, tiny_dino_config
+
+from selfpatch_hf import SelfPatchViTForPretraining
+from selfpatch_hf.checkpointing import (
+    COMPLETE_MARKER,
+    CheckpointManager,
+    checkpoint_step,
+    list_checkpoints,
+    resolve_checkpoint,
+)
+from selfpatch_hf.hub_uploads import AsyncHubUploader
+from selfpatch_hf.optimization import (
+    apply_schedule,
+    build_optimizer,
+    build_param_groups,
+    cancel_gradients,
+    clip_gradients_per_parameter,
+)
+from selfpatch_hf.preemption import StopRequest
+from selfpatch_hf.schedules import PretrainingSchedule
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_pretrain_script():
+    spec = importlib.util.spec_from_file_location("pretrain", REPO_ROOT / "training" / "pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pretrain"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------------ optimiser
+def test_param_groups_follow_dino():
+    model = SelfPatchViTForPretraining(tiny_config())
+    decayed, not_decayed = build_param_groups(model.student)
+    names = {id(p): n for n, p in model.student.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    not_decayed_names = {names[id(p)] for p in not_decayed["params"]}
+    expected_not_decayed = {
+        n
+        for n, p in model.student.named_parameters()
+        if p.requires_grad and (n.endswith(".bias") or p.ndim == 1)
+    }
+    assert not_decayed_names == expected_not_decayed
+    assert decayed_names | not_decayed_names == {
+        n for n, p in model.student.named_parameters() if p.requires_grad
+    }
+    assert not decayed_names & not_decayed_names
+    # DINO: tokens and position embeddings (not 1-D) and the heads' directions are decayed; norms and biases not
+    assert "backbone.embeddings.cls_token" in decayed_names
+    assert "backbone.embeddings.position_embeddings" in decayed_names
+    assert "aggregation.cls_token" in decayed_names
+    assert "image_head.last_layer.parametrizations.weight.original1" in decayed_names
+    assert "backbone.layernorm.weight" in not_decayed_names
+    # the frozen weight-norm magnitude and the teacher are not optimised
+    all_params = {id(p) for group in (decayed, not_decayed) for p in group["params"]}
+    assert id(model.student.image_head.last_layer.parametrizations.weight.original0) not in all_params
+    assert not all_params & {id(p) for p in model.teacher.parameters()}
+
+
+def test_apply_schedule_sets_lr_everywhere_and_weight_decay_on_the_decayed_group_only():
+    model = SelfPatchViTForPretraining(tiny_dino_config())
+    optimizer = build_optimizer(model.student)
+    schedule = PretrainingSchedule.from_epochs(
+        steps_per_epoch=10, total_steps=100, base_learning_rate=5e-4, global_batch_size=256, warmup_epochs=2
+    )
+    values = schedule.at(37)
+    apply_schedule(optimizer, values)
+    assert [g["lr"] for g in optimizer.param_groups] == [values.learning_rate] * 2
+    assert optimizer.param_groups[0]["weight_decay"] == values.weight_decay
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_per_parameter_clipping_matches_dino_clip_gradients():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(7, 5), (11,), (3, 3, 2), (4,)]]
+    scales = [10.0, 0.01, 3.0, 1e-4]
+    for p, scale in zip(params, scales):
+        p.grad = torch.randn_like(p) * scale
+    p_none = torch.nn.Parameter(torch.randn(3))  # no gradient: ignored
+    expected = []
+    for p in params:  # DINO's utils.clip_gradients
+        grad = p.grad.clone()
+        norm = grad.norm(2)
+        coef = 3.0 / (norm + 1e-6)
+        if coef < 1:
+            grad.mul_(coef)
+        expected.append(grad)
+    untouched = [p.grad.clone() for p in params]
+    norms = clip_gradients_per_parameter([*params, p_none], 3.0)
+    for p, reference, before in zip(params, expected, untouched):
+        torch.testing.assert_close(p.grad, reference, rtol=1e-6, atol=0)
+        if before.norm() <= 3.0:
+            assert torch.equal(p.grad, before)  # untouched tensors stay bit-identical
+        else:
+            assert p.grad.norm().item() == pytest.approx(3.0, rel=1e-5)
+    torch.testing.assert_close(norms, torch.stack([b.norm() for b in untouched]))
+    assert p_none.grad is None
+
+
+def test_cancelled_last_layer_gets_no_update():
+    model = SelfPatchViTForPretraining(tiny_config())
+    optimizer = build_optimizer(model.student, weight_decay=0.1)
+    apply_schedule(
+        optimizer,
+        PretrainingSchedule.from_epochs(
+            steps_per_epoch=5, total_steps=10, base_learning_rate=0.05, global_batch_size=256, warmup_epochs=0
+        ).at(0),
+    )
+    last = model.get_last_layer_parameters()
+    assert len(last) == 2  # image and patch heads' directions (the magnitudes are frozen)
+    before = {id(p): p.detach().clone() for p in model.student.parameters()}
+    out = model(torch.randn(2, 2, 3, 32, 32), torch.randn(2, 4, 3, 16, 16))
+    out.loss.backward()
+    cancel_gradients(last)
+    optimizer.step()
+    for p in model.student.parameters():
+        if not p.requires_grad:
+            continue
+        changed = not torch.equal(p.detach(), before[id(p)])
+        assert changed == all(p is not q for q in last), "only the last layers stay frozen"
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _prepared_model(accelerator):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return accelerator.prepare(model, optimizer)
+
+
+def _train_a_bit(model, optimizer):
+    loss = model(torch.randn(5, 4)).square().mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_checkpoints_rotate_and_round_trip(tmp_path, accelerator):
+    model, optimizer = _prepared_model(accelerator)
+    manager = CheckpointManager(accelerator, tmp_path, total_limit=2)
+    for step in (1, 2, 3):
+        _train_a_bit(model, optimizer)
+        manager.save(step, {"global_batch_size": 5, "num_processes": 1}, {"data": {"position": step}})
+    assert [checkpoint_step(p) for p in list_checkpoints(manager.directory)] == [2, 3]
+    assert sorted(p.name for p in manager.directory.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    latest = manager.latest()
+    assert latest.name == "checkpoint-3"
+    saved = model.weight.detach().clone()
+    rng_after_save = torch.rand(3)
+
+    _train_a_bit(model, optimizer)  # move away, then come back
+    trainer_state, rank_state = manager.load(latest)
+    assert torch.equal(model.weight, saved)
+    assert trainer_state["step"] == 3 and rank_state == {"data": {"position": 3}}
+    assert torch.equal(torch.rand(3), rng_after_save)  # RNG restored too
+
+
+def test_a_half_written_checkpoint_is_never_picked(tmp_path, accelerator):
+    model, optimizer = _prepared_model(accelerator)
+    manager = CheckpointManager(accelerator, tmp_path, total_limit=3)
+    manager.save(10, {}, {})
+
+    def crash(staging):
+        raise KeyboardInterrupt("killed while writing")
+
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(20, {}, {}, before_rename=crash)
+    assert (manager.directory / ".tmp-checkpoint-20").is_dir()  # what a killed run leaves behind
+    assert manager.latest().name == "checkpoint-10"
+    # a folder with a checkpoint's name but no COMPLETE marker (e.g. copied by hand, interrupted)
+    fake = manager.directory / "checkpoint-30"
+    fake.mkdir()
+    (fake / "model.safetensors").write_bytes(b"partial")
+    assert manager.latest().name == "checkpoint-10"
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        resolve_checkpoint(manager.directory, str(fake))
+    with pytest.raises(FileNotFoundError, match="No checkpoint folder"):
+        resolve_checkpoint(manager.directory, str(tmp_path / "nope"))
+    # the next save cleans the leftovers of the crashed one
+    manager.save(40, {}, {})
+    assert not (manager.directory / ".tmp-checkpoint-20").exists()
+    assert manager.latest().name == "checkpoint-40" and (manager.latest() / COMPLETE_MARKER).is_file()
+    assert resolve_checkpoint(tmp_path / "empty", "latest") is None
+
+
+# ---------------------------------------------------------------------------------------------------- signals
+def test_sigterm_and_sigint_become_a_stop_request():
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested and stop.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second SIGINT aborts at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+# ------------------------------------------------------------------------------------------------- hub uploads
+def _export_folder(path: Path, content: bytes) -> Path:
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(content)
+    (path / "config.json").write_text('{"model_type": "vit"}')
+    return path
+
+
+def test_upload_to_a_loopback_hub_is_asynchronous_and_succeeds(tmp_path, hub_server):
+    uploader = AsyncHubUploader(
+        "loopback-user/tiny", tmp_path / "staging", endpoint=hub_server.endpoint, token=hub_server.token
+    )
+    export = _export_folder(tmp_path / "backbone", b"weights-1")
+    outcome = uploader.submit(export, step=5)
+    assert outcome.status == "pending"
+    export_2 = tmp_path / "backbone-2"
+    _export_folder(export_2, b"weights-2")
+    uploader.submit(export_2, step=10)
+    outcomes = uploader.wait(timeout=60)
+    assert [o.status for o in outcomes] == ["uploaded", "uploaded"]
+    assert all(o.attempts == 1 and o.commit_url for o in outcomes)
+    files = hub_server.files("loopback-user/tiny")
+    assert files["model.safetensors"] == b"weights-2" and files["config.json"] == b'{"model_type": "vit"}'
+    assert not any((tmp_path / "staging").iterdir())  # snapshots removed once uploaded
+    assert (export / "model.safetensors").read_bytes() == b"weights-1"  # the local exports are untouched
+    assert "uploaded to loopback-user/tiny" in uploader.report()[1]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_upload_to_a_dead_endpoint_is_retried_reported_and_keeps_the_local_copy(tmp_path):
+    uploader = AsyncHubUploader(
+        "me/tiny",
+        tmp_path / "staging",
+        endpoint=f"http://127.0.0.1:{_closed_port()}",
+        token="hf_x",
+        max_attempts=2,
+        retry_delay=0.05,
+    )
+    export = _export_folder(tmp_path / "backbone", b"weights")
+    uploader.submit(export, step=3)
+    started = time.monotonic()
+    uploader.poll()  # never raises, never blocks
+    assert time.monotonic() - started < 1.0
+    (outcome,) = uploader.wait(timeout=60)
+    assert outcome.status == "failed" and outcome.attempts == 2 and len(outcome.errors) == 2
+    assert (outcome.folder / "model.safetensors").read_bytes() == b"weights"  # kept for a later push
+    assert (export / "model.safetensors").read_bytes() == b"weights"
+    (line,) = uploader.report()
+    assert "FAILED after 2 attempt(s)" in line and str(outcome.folder) in line
+
+
+def test_a_stalled_endpoint_never_blocks_the_caller(tmp_path):
+    """A server that accepts connections and never answers: submit and poll return at once."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    try:
+        uploader = AsyncHubUploader(
+            "me/tiny", tmp_path / "staging", endpoint=f"http://127.0.0.1:{port}", token="hf_x", max_attempts=1
+        )
+        started = time.monotonic()
+        uploader.submit(_export_folder(tmp_path / "backbone", b"w"), step=1)
+        for _ in range(5):
+            assert uploader.poll() == []
+        assert time.monotonic() - started < 1.0
+        assert uploader.pending and "still uploading" in uploader.report()[0]
+    finally:
+        server.close()  # the pending request fails; the upload thread ends
+    (outcome,) = uploader.wait(timeout=60)
+    assert outcome.status == "failed"
+
+
+# ------------------------------------------------------------------------------------------- arguments and errors
+def test_recipe_file_and_command_line_merge(tmp_path):
+    pretrain = load_pretrain_script()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "preset: vit-tiny-patch16\nlearning_rate: 1e-3\nglobal_crops_scale: [0.4, 1.0]\npush_to_hub: true\n"
+        "config_overrides:\n  num_hidden_layers: 4\n  patch_loss_weight: 0.5\n"
+    )
+    model_args, data_args, training_args, overrides = pretrain.parse_arguments(
+        [
+            str(recipe),
+            "--learning_rate",
+            "2e-3",
+            "--config_overrides",
+            "patch_loss_weight=0",
+            "neighborhood_size=all",
+        ]
+    )
+    assert model_args.preset == "vit-tiny-patch16"
+    assert (
+        training_args.learning_rate == 2e-3
+    )  # the command line wins (and "1e-3" in YAML is read as a float)
+    assert data_args.global_crops_scale == [0.4, 1.0] and training_args.push_to_hub is True
+    assert overrides == {"num_hidden_layers": 4, "patch_loss_weight": 0, "neighborhood_size": "all"}
+    config = pretrain.build_config(model_args, overrides)
+    assert config.backbone_config.num_hidden_layers == 4 and config.neighborhood_size == "all"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 1\n")
+    with pytest.raises(pretrain.SetupError, match="unknown option"):
+        pretrain.parse_arguments([str(bad)])
+
+
+def test_help_documents_every_option(capsys):
+    pretrain = load_pretrain_script()
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    import dataclasses
+
+    for group in (pretrain.ModelArguments, pretrain.DataArguments, pretrain.PretrainingArguments):
+        for item in dataclasses.fields(group):
+            assert f"--{item.name}" in text
+            assert item.metadata.get("help"), f"{item.name} has no help text"
+
+
+def _parquet(path: Path, with_images: bool = True) -> Path:
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    path.mkdir(parents=True)
+    if with_images:
+        images = [Image.fromarray(np.full((40, 40, 3), 10 * i, dtype=np.uint8)) for i in range(4)]
+        ds = datasets.Dataset.from_dict(
+            {"image": images}, features=datasets.Features({"image": datasets.Image()})
+        )
+    else:
+        ds = datasets.Dataset.from_dict({"text": ["a", "b"]})
+    ds.to_parquet(str(path / "train-00000-of-00001.parquet"))
+    return path
+
+
+TINY_ARGS = [
+    "--preset", "vit-tiny-patch16",
+    "--config_overrides", "hidden_size=32", "num_attention_heads=2", "intermediate_size=64", "num_hidden_layers=2",
+    "patch_size=8", "global_crop_size=32", "local_crop_size=16", "image_out_dim=64", "patch_out_dim=32",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--config_overrides", "global_crop_size=36"], "not divisible by the patch size 16"),
+        ([*TINY_ARGS, "local_crop_size=12"], "not a positive multiple of the patch size 8"),
+        (["--preset", "vit-huge-patch3"], "Unknown preset 'vit-huge-patch3'"),
+        (["--dataset_name", "/nonexistent/images"], "does not exist"),
+        (["--dataset_name", "NOIMAGES"], "no Image column"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--max_steps", "0", "--epochs", "0"], "Give a training length"),
+        (["--samples_per_epoch", "0"], "--samples_per_epoch must be >= 1"),
+    ],
+)
+def test_wrong_arguments_fail_before_any_work(tmp_path, capsys, extra, message):
+    pretrain = load_pretrain_script()
+    images = _parquet(tmp_path / "images")
+    no_images = _parquet(tmp_path / "text", with_images=False)
+    extra = [str(no_images) if item == "NOIMAGES" else item for item in extra]
+    argv = [*TINY_ARGS, "--dataset_name", str(images), "--output_dir", str(tmp_path / "out"), *extra]
+    started = time.monotonic()
+    assert pretrain.main(argv) == 2
+    error = capsys.readouterr().err
+    assert message in error, error
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "out").exists()  # nothing was written: no work done
+
+
+def test_an_output_dir_with_checkpoints_needs_resume_or_overwrite(tmp_path, capsys):
+    pretrain = load_pretrain_script()
+    checkpoint = tmp_path / "out" / "checkpoints" / "checkpoint-7"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": 7}))
+    argv = [
+        *TINY_ARGS,
+        "--dataset_name",
+        str(_parquet(tmp_path / "images")),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    assert pretrain.main(argv) == 2
+    assert "--resume_from_checkpoint latest" in capsys.readouterr().err

@@ -1,0 +1,121 @@
+"""Two real processes (DDP over gloo on the CPU) against one: training/pretrain.py's step, data split and run.
+
+One `accelerate launch` runs every 2-process check (tests/distributed_training_checks.py); the 1-process reference
+is a plain `python` run of the same script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_images import write_parquet_images
+
+TESTS = Path(__file__).resolve().parent
+SCRIPT = TESTS / "distributed_training_checks.py"
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def _run(command: list[str], cwd: Path) -> None:
+    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (
+        f"{command}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-8000:]}"
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    data = write_parquet_images(root / "data", num_images=16, num_shards=2)
+    two, one = root / "two_processes", root / "one_process"
+    two.mkdir()
+    one.mkdir()
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port())]  # fmt: skip
+    _run([*launcher, str(SCRIPT), str(two), str(data)], cwd=root)
+    _run([sys.executable, str(SCRIPT), str(one)], cwd=root)
+    return two, one, data
+
+
+def test_ranks_read_disjoint_parts_of_the_stream(runs):
+    two, _, _ = runs
+    ranks = json.loads((two / "data_split.json").read_text())
+    rank0, rank1 = (rank["decoded"] for rank in ranks)
+    assert len(set(rank0)) == len(rank0) and len(set(rank1)) == len(rank1)  # no image twice within a pass
+    assert rank0 and rank1 and not set(rank0) & set(rank1)
+    assert len(rank0) + len(rank1) == 16  # together: every example exactly once
+    for rank in ranks:
+        assert rank["shapes"] == [[[2, 2, 3, 32, 32], [2, 4, 3, 16, 16]]] * (len(rank["decoded"]) // 2)
+
+
+def test_one_two_process_step_equals_one_process_step_over_both_batches(runs):
+    two, one, _ = runs
+    distributed = torch.load(two / "fixed_step.pt", weights_only=True)
+    reference = torch.load(one / "fixed_step.pt", weights_only=True)
+    assert distributed["world"] == 2 and reference["world"] == 1
+    assert distributed["rank_difference"] == 0.0  # both ranks hold the same student, teacher and centres
+    # the reported losses are the mean over ranks = the loss over A+B
+    torch.testing.assert_close(
+        torch.tensor(distributed["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6
+    )
+    state, expected = distributed["state"], reference["state"]
+    assert state.keys() == expected.keys()
+    learning_rate = 0.05 * 6 / 256
+    for name in state:
+        # A key bias cannot change a softmax over keys: its true gradient is 0, and Adam scales the float noise
+        # (different in a 2 x 3 and a 1 x 6 reduction) up to about one learning rate per step.
+        atol = 2 * learning_rate if name.endswith("attn.k.bias") else 1e-6
+        torch.testing.assert_close(
+            state[name], expected[name], rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    # and the steps did something: the student moved, the teacher followed, the centres left zero
+    assert expected["image_center"].abs().max() > 0 and expected["patch_center"].abs().max() > 0
+    key = "student.image_head.mlp.0.weight"
+    assert not torch.equal(expected[key], expected[key.replace("student", "teacher")])
+
+
+def test_a_real_two_process_run_keeps_replicas_identical(runs):
+    two, _, _ = runs
+    report = json.loads((two / "train.json").read_text())
+    assert report["num_processes"] == 2 and report["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert report["global_step"] == 5
+    assert report["differences"] == {"student": 0.0, "teacher": 0.0, "centers": 0.0}
+    assert report["moved"]["student_vs_teacher"] > 0 and report["moved"]["image_center"] > 0
+    # each rank saved its own data-stream position next to accelerate's state
+    checkpoint = two / "run" / "checkpoints" / "checkpoint-5"
+    ranks = [json.loads((checkpoint / f"rank_state_{rank}.json").read_text()) for rank in (0, 1)]
+    assert [state["rank"] for state in ranks] == [0, 1]
+    assert [state["data"]["rank"] for state in ranks] == [0, 1]
+    assert all((checkpoint / f"random_states_{rank}.pkl").is_file() for rank in (0, 1))
+    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert (
+        trainer_state["num_processes"] == 2 and trainer_state["global_batch_size"] == 8
+    )  # 2 x 2 x 2 accumulation
+    assert sorted(p.name for p in (two / "run" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
+    assert (two / "run" / "backbone" / "model.safetensors").is_file()
