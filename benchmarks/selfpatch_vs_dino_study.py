@@ -5,7 +5,7 @@ representation, lambda 0.1) and plain DINO (CLS representation, lambda 0) -- wit
 optimiser and everything else, then evaluates both frozen teacher backbones with `benchmarks/dense_study.py`
 (label propagation J&F on offline sequences, linear-probe mIoU, k-NN) and prints the tables.
 
-Pretraining data: the 14 offline sample photographs (`selfpatch_hf.sample_data`, real photographs shipped in the
+Pretraining data: the 13 offline sample photographs (`selfpatch_hf.sample_data`, real photographs shipped in the
 scikit-image wheel), each listed `--repeats` times per pass so that a pass is long enough for the loader's
 workers; the multi-crop augmentation makes every visit different. Evaluation data: synthetic compositions of
 real photographs with known masks (`selfpatch_hf.evaluation.offline_data`). Both come from the same small photo
@@ -66,13 +66,12 @@ def pretrain(method: str, seed: int, args, data_dir: Path) -> Path:
     if (output_dir / "backbone" / "model.safetensors").exists() and not args.retrain:
         print(f"[study] reusing {output_dir / 'backbone'}")
         return output_dir / "backbone"
-    rows = 14 * args.repeats
     command = [
         sys.executable, str(REPO / "training" / "pretrain.py"),
         "--preset", args.preset,
         "--config_overrides", *COMMON_OVERRIDES, *METHODS[method],
         "--dataset_name", str(data_dir),
-        "--samples_per_epoch", str(rows),
+        "--samples_per_epoch", str(args.samples_per_epoch),
         "--per_device_train_batch_size", str(args.batch_size),
         "--num_workers", "2",
         "--max_steps", str(args.max_steps),
@@ -107,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--warmup_epochs", type=float, default=3)
     parser.add_argument("--repeats", type=int, default=20, help="times each photograph is listed per pass")
+    parser.add_argument(
+        "--samples_per_epoch",
+        type=int,
+        default=280,
+        help="images per 'epoch' of the schedules (warm-up); streams have no length, so it need not equal a pass",
+    )
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/study"))
     parser.add_argument("--retrain", action="store_true", help="pretrain again even if a backbone exists")
     parser.add_argument("--json", type=Path, default=None)
