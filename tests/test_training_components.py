@@ -414,3 +414,47 @@ def test_an_output_dir_with_checkpoints_needs_resume_or_overwrite(tmp_path, caps
     ]
     assert pretrain.main(argv) == 2
     assert "--resume_from_checkpoint latest" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted((REPO_ROOT / "training" / "configs").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_shipped_recipes_parse_and_build_valid_configs(recipe, tmp_path):
+    pretrain = load_pretrain_script()
+    model_args, data_args, training_args, overrides = pretrain.parse_arguments([str(recipe)])
+    assert training_args.output_dir
+    config = pretrain.build_config(model_args, overrides)
+    training_args.output_dir = str(tmp_path)  # an earlier run's outputs must not matter here
+    pretrain.validate_arguments(data_args, training_args)
+    assert config.num_global_crops == 2
+    if "dino" in recipe.stem:
+        assert config.image_representation == "cls" and not config.use_patch_objective
+    else:
+        assert config.image_representation == "aggregation" and config.patch_loss_weight == 0.1
+    if "imagenet" in recipe.stem:  # the reference run of SELFPATCH_SPEC.md section 10
+        assert config.backbone_config.hidden_size == 384 and config.patch_size == 16
+        assert (config.global_crop_size, config.local_crop_size, config.num_local_crops) == (224, 96, 8)
+        assert (config.image_out_dim, config.drop_path_rate) == (65536, 0.1)
+        assert (
+            data_args.samples_per_epoch == 1_281_167 and training_args.per_device_train_batch_size * 8 == 1024
+        )
+        assert (
+            training_args.learning_rate,
+            training_args.min_learning_rate,
+            training_args.warmup_epochs,
+        ) == (
+            5e-4,
+            1e-6,
+            10,
+        )
+        assert (training_args.weight_decay, training_args.weight_decay_end) == (0.04, 0.4)
+        assert (
+            training_args.teacher_momentum,
+            training_args.clip_grad,
+            training_args.freeze_last_layer_epochs,
+        ) == (
+            0.996,
+            3.0,
+            1,
+        )
+        assert training_args.mixed_precision == "fp16"

@@ -427,6 +427,7 @@ def build_dataloader(
         shuffle_buffer_size=data_args.shuffle_buffer_size,
         min_image_size=data_args.min_image_size,
         token=training_args.hub_token,
+        device=accelerator.device,  # workers hand over uint8 crops, normalised on the training device
     )
 
 
@@ -597,6 +598,7 @@ def train(
     logging.getLogger("selfpatch_hf").setLevel(
         logging.INFO if accelerator.is_main_process else logging.WARNING
     )
+    logging.getLogger("selfpatch_hf.data").setLevel(logging.WARNING)  # a line per data pass; skips still show
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     datasets.utils.logging.set_verbosity_warning()
     transformers.utils.logging.set_verbosity_warning()
@@ -604,6 +606,12 @@ def train(
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.device.type == "cpu":
         limit_cpu_threads(accelerator, data_args.num_workers)
+        if accelerator.mixed_precision == "fp16":
+            logger.warning("--mixed_precision fp16 has no effect on the CPU (accelerate runs fp32 there).")
+        elif accelerator.mixed_precision == "bf16":
+            logger.warning(
+                "bf16 on a CPU without bf16 units is far slower than fp32; consider --mixed_precision no."
+            )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
