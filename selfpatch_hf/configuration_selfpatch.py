@@ -307,7 +307,10 @@ class SelfPatchConfig(PreTrainedConfig):
                 )
         if "global_crop_size" in config_kwargs and "image_size" not in overrides:
             height, width = _as_pair(config_kwargs["global_crop_size"])
-            if height == width:
+            patch = backbone_kwargs["patch_size"]
+            patch = patch if isinstance(patch, int) else patch[0]
+            # a size off the patch grid is left for validate_crops to report under its own name
+            if height == width and height % patch == 0:
                 backbone_kwargs["image_size"] = height
         return cls(backbone_config=ViTConfig(**backbone_kwargs), **config_kwargs)
 

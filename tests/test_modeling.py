@@ -518,6 +518,7 @@ def test_eval_mode_does_not_move_centres():
         ({"num_attention_heads": 3}, "divisible by num_attention_heads"),
         ({"local_crop_size": 20}, "not a positive multiple of the patch size 8"),
         ({"global_crop_size": [32, 36]}, "not a positive multiple of the patch size 8"),
+        ({"global_crop_size": 36}, "global_crop_size=36 is not a positive multiple of the patch size 8"),
         ({"patch_loss_weight": -1.0}, "lambda"),
         ({"center_momentum": 1.0}, "center_momentum"),
         ({"student_temperature": 0.0}, "student_temperature"),
