@@ -376,7 +376,10 @@ TINY_ARGS = [
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--config_overrides", "global_crop_size=36"], "not divisible by the patch size 16"),
+        (
+            ["--config_overrides", "global_crop_size=36"],
+            "global_crop_size=36 is not a positive multiple of the patch size 16",
+        ),
         ([*TINY_ARGS, "local_crop_size=12"], "not a positive multiple of the patch size 8"),
         (["--preset", "vit-huge-patch3"], "Unknown preset 'vit-huge-patch3'"),
         (["--dataset_name", "/nonexistent/images"], "does not exist"),
