@@ -525,6 +525,28 @@ def _split_qkv(state: Mapping[str, torch.Tensor], n: int, dim: int) -> dict[str,
     }
 
 
+def _block_weights(
+    state: Mapping[str, torch.Tensor], arch: BackboneArchitecture, layer_prefix: str, names: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
+    """Every transformer block's weights under a transformers model's names.
+
+    `names` maps the target model's module names for the attention (`"attention"`: the prefix of its q/k/v
+    projections), its output projection and the block's norms/MLP to the reference names; the fused qkv is split.
+    """
+    converted = {}
+    d = arch.hidden_size
+    for n in range(arch.num_hidden_layers):
+        layer, block = f"{layer_prefix}{n}.", f"blocks.{n}."
+        for name, value in _split_qkv(state, n, d).items():
+            converted[f"{layer}{names['attention']}.{name[0]}_proj.{name[2:]}"] = value
+        for ours, theirs in names.items():
+            if ours == "attention":
+                continue
+            for kind in ("weight", "bias"):
+                converted[f"{layer}{ours}.{kind}"] = state[f"{block}{theirs}.{kind}"]
+    return converted
+
+
 def vit_config(arch: BackboneArchitecture) -> ViTConfig:
     # pooler_act "linear": with an identity `pooler.dense` (see `dino_backbone_to_vit`), pooler_output is the CLS
     # token after the final norm, DINO's image representation.
@@ -581,19 +603,21 @@ def dino_backbone_to_vit(
         "layernorm.weight": state["norm.weight"],
         "layernorm.bias": state["norm.bias"],
     }
-    for n in range(arch.num_hidden_layers):
-        layer, block = f"layers.{n}.", f"blocks.{n}."
-        for name, value in _split_qkv(state, n, d).items():
-            converted[f"{layer}attention.{name[0]}_proj.{name[2:]}"] = value
-        for ours, theirs in (
-            ("attention.o_proj", "attn.proj"),
-            ("layernorm_before", "norm1"),
-            ("layernorm_after", "norm2"),
-            ("mlp.fc1", "mlp.fc1"),
-            ("mlp.fc2", "mlp.fc2"),
-        ):
-            for kind in ("weight", "bias"):
-                converted[f"{layer}{ours}.{kind}"] = state[f"{block}{theirs}.{kind}"]
+    converted.update(
+        _block_weights(
+            state,
+            arch,
+            "layers.",
+            {
+                "attention": "attention",
+                "attention.o_proj": "attn.proj",
+                "layernorm_before": "norm1",
+                "layernorm_after": "norm2",
+                "mlp.fc1": "mlp.fc1",
+                "mlp.fc2": "mlp.fc2",
+            },
+        )
+    )
     if identity_pooler:
         converted["pooler.dense.weight"] = torch.eye(d)
         converted["pooler.dense.bias"] = torch.zeros(d)
@@ -621,19 +645,21 @@ def selfpatch_backbone_to_siglip(
         "post_layernorm.weight": output_norm[0],
         "post_layernorm.bias": output_norm[1],
     }
-    for n in range(arch.num_hidden_layers):
-        layer, block = f"encoder.layers.{n}.", f"blocks.{n}."
-        for name, value in _split_qkv(state, n, d).items():
-            converted[f"{layer}self_attn.{name[0]}_proj.{name[2:]}"] = value
-        for ours, theirs in (
-            ("self_attn.out_proj", "attn.proj"),
-            ("layer_norm1", "norm1"),
-            ("layer_norm2", "norm2"),
-            ("mlp.fc1", "mlp.fc1"),
-            ("mlp.fc2", "mlp.fc2"),
-        ):
-            for kind in ("weight", "bias"):
-                converted[f"{layer}{ours}.{kind}"] = state[f"{block}{theirs}.{kind}"]
+    converted.update(
+        _block_weights(
+            state,
+            arch,
+            "encoder.layers.",
+            {
+                "attention": "self_attn",
+                "self_attn.out_proj": "attn.proj",
+                "layer_norm1": "norm1",
+                "layer_norm2": "norm2",
+                "mlp.fc1": "mlp.fc1",
+                "mlp.fc2": "mlp.fc2",
+            },
+        )
+    )
     model = SiglipVisionModel(siglip_config(arch))
     model.load_state_dict({k: v.float() for k, v in converted.items()}, strict=True)
     return model.eval()
