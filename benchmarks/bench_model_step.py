@@ -6,7 +6,10 @@ Measures, in one run and interleaved so that machine noise hits every variant al
 - the backbone passes a DINO step contains (student forward+backward on every view, teacher forward on the
   globals), to show how much the DINO step adds on top of them;
 - the pieces SelfPatch adds: teacher on the local crops, aggregation (image-level and neighbour path), patch heads;
-- peak resident memory of each step variant (each in its own process).
+- peak resident memory of each step variant (each in its own process);
+- the same two steps with glibc's default allocator settings (in a separate process), with the minor page faults
+  per step: the training script keeps freed host memory for reuse on the CPU (`selfpatch_hf.host_memory`), and so
+  does this benchmark unless `--glibc_default_allocator` is given.
 
     python benchmarks/bench_model_step.py                       # ViT-S/16, batch 8, 2x224 + 8x96, fp32 CPU
     python benchmarks/bench_model_step.py --preset vit-tiny-patch16 --batch 4 --steps 3
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -25,6 +29,7 @@ import time
 import torch
 
 from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
+from selfpatch_hf.host_memory import keep_freed_host_memory
 
 
 def build(args, variant: str, attn: str) -> SelfPatchViTForPretraining:
@@ -61,6 +66,10 @@ def timed(fn, *fn_args) -> float:
     start = time.perf_counter()
     fn(*fn_args)
     return time.perf_counter() - start
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def component_fns(args, model: SelfPatchViTForPretraining):
@@ -115,22 +124,46 @@ def component_fns(args, model: SelfPatchViTForPretraining):
     }
 
 
-def peak_memory(args, variant: str) -> float:
-    """Peak RSS (GiB) of a process that builds the model and runs `--steps` steps."""
-    cmd = [
-        sys.executable,
-        __file__,
-        "--_memory_child",
-        variant,
-        "--preset",
-        args.preset,
-        "--batch",
-        str(args.batch),
-    ]
+def run_child(args, *child_args: str) -> dict:
+    """Runs this script in a fresh process with the same shapes; returns the JSON of its last output line."""
+    cmd = [sys.executable, __file__, *child_args, "--preset", args.preset, "--batch", str(args.batch)]
     cmd += ["--global_size", str(args.global_size), "--local_size", str(args.local_size)]
-    cmd += ["--num_local", str(args.num_local), "--steps", "2"]
+    cmd += ["--num_local", str(args.num_local), "--warmup", str(args.warmup)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.glibc_default_allocator:
+        cmd.append("--glibc_default_allocator")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_gib"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak_memory(args, variant: str) -> float:
+    """Peak RSS (GiB) of a process that builds the model and runs two steps."""
+    return run_child(args, "--_memory_child", variant, "--steps", "2")["peak_gib"]
+
+
+def default_allocator_steps(args) -> dict[str, dict[str, float]]:
+    """Both steps, interleaved, in a process with glibc's default allocator settings: median s and faults/step."""
+    glibc_args = argparse.Namespace(**{**vars(args), "glibc_default_allocator": True})
+    return run_child(glibc_args, "--_allocator_child", "--steps", str(args.steps))["steps"]
+
+
+def interleaved_steps(args, variants: list[str]) -> dict[str, dict[str, float]]:
+    steps = {v: step_fn(build(args, v, "sdpa")) for v in variants}
+    batch = inputs(args)
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step(*batch)
+    times: dict[str, list[float]] = {}
+    faults: dict[str, list[int]] = {}
+    for _ in range(args.steps):
+        for variant, step in steps.items():
+            before = minor_faults()
+            times.setdefault(variant, []).append(timed(step, *batch))
+            faults.setdefault(variant, []).append(minor_faults() - before)
+    return {
+        v: {"median_s": statistics.median(times[v]), "faults": statistics.median(faults[v])} for v in variants
+    }
 
 
 def main() -> None:
@@ -143,11 +176,28 @@ def main() -> None:
     parser.add_argument("--local_size", type=int, default=96)
     parser.add_argument("--num_local", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed repetitions of each variant")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed rounds first: a process's heap takes a few steps to settle (page faults until then)",
+    )
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--glibc_default_allocator",
+        action="store_true",
+        help="do not keep freed host memory for reuse (what the training script does on the CPU)",
+    )
     parser.add_argument("--_memory_child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_allocator_child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    reusing = not args.glibc_default_allocator and keep_freed_host_memory()
+
+    if args._allocator_child:
+        print(json.dumps({"steps": interleaved_steps(args, ["selfpatch", "dino"])}))
+        return
 
     if args._memory_child:
         model = build(args, args._memory_child, "sdpa")
@@ -162,19 +212,24 @@ def main() -> None:
         return
 
     print(f"# {args.preset}, batch {args.batch}, 2x{args.global_size} + {args.num_local}x{args.local_size} crops, "
-          f"fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
+          f"fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"freed host memory {'kept for reuse' if reusing else 'returned (glibc defaults)'}")  # fmt: skip
     variants = {(v, a): build(args, v, a) for v in ("selfpatch", "dino") for a in ("sdpa", "eager")}
     steps = {key: step_fn(model) for key, model in variants.items()}
     components = component_fns(args, variants[("selfpatch", "sdpa")])
     batch = inputs(args)
-    for step in steps.values():  # warm-up (allocator, kernels)
-        step(*batch)
+    for _ in range(args.warmup):  # kernels, and the heap grows to the steps' pattern of blocks
+        for step in steps.values():
+            step(*batch)
     for fn in components.values():
         fn()
     times: dict[str, list[float]] = {}
+    faults: dict[str, list[int]] = {}
     for _ in range(args.steps):  # interleaved repetitions
         for (variant, attn), step in steps.items():
+            before = minor_faults()
             times.setdefault(f"step {variant} {attn}", []).append(timed(step, *batch))
+            faults.setdefault(variant, []).append(minor_faults() - before)
         for name, fn in components.items():
             times.setdefault(name, []).append(timed(fn))
     med = {name: statistics.median(values) for name, values in times.items()}
@@ -200,10 +255,28 @@ def main() -> None:
         "patch heads (student fwd+bwd, teacher fwd)",
     ):
         print(f"- {name}: {med[name]:.3f} s ({100 * med[name] / extra:.0f}%)")
+    print("\nMinor page faults per step (median):", {v: statistics.median(f) for v, f in faults.items()})
     if os.environ.get("BENCH_SKIP_MEMORY") != "1":
-        print("\n| peak RSS, GiB (own process, sdpa) | value |\n|---|---|")
+        glibc_args = argparse.Namespace(**{**vars(args), "glibc_default_allocator": True})
+        print(
+            "\n| peak RSS, GiB (own process, sdpa) | this run's allocator | glibc defaults |\n|---|---|---|"
+        )
         for variant in ("selfpatch", "dino"):
-            print(f"| {variant} step | {peak_memory(args, variant):.2f} |")
+            print(
+                f"| {variant} step | {peak_memory(args, variant):.2f} | {peak_memory(glibc_args, variant):.2f} |"
+            )
+    if reusing:
+        glibc = default_allocator_steps(args)
+        print("\nWith glibc's default allocator settings (own process, sdpa, interleaved):")
+        print("\n| step | median s | minor faults / step | vs memory kept for reuse |\n|---|---|---|---|")
+        for variant, reused in (("selfpatch", selfpatch), ("dino", dino)):
+            row = glibc[variant]
+            print(
+                f"| {variant} | {row['median_s']:.3f} | {row['faults']:.0f} | {row['median_s'] / reused:.2f}x |"
+            )
+        print(
+            f"| ratio SelfPatch / DINO | {glibc['selfpatch']['median_s'] / glibc['dino']['median_s']:.3f} | | |"
+        )
 
 
 if __name__ == "__main__":

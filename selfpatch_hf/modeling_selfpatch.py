@@ -149,17 +149,20 @@ class ClassAttention(nn.Module):
     def forward(
         self, cls: torch.Tensor, token_keys: torch.Tensor, token_values: torch.Tensor
     ) -> torch.Tensor:
-        """cls: `(..., D)` normalised class tokens; token_keys/values: `(..., T, D)`. Returns `(..., D)`."""
+        """cls: `(..., D)` normalised class tokens (or one broadcast to all sequences); token_keys/values:
+        `(..., T, D)`. Returns `(..., D)`."""
         heads, head_dim = self.num_heads, self.head_dim
         query = self.q(cls).unflatten(-1, (heads, head_dim))  # (..., H, hd)
         cls_key = self.k(cls).unflatten(-1, (heads, head_dim))
         cls_value = self.v(cls).unflatten(-1, (heads, head_dim))
         keys = token_keys.unflatten(-1, (heads, head_dim))  # (..., T, H, hd)
         values = token_values.unflatten(-1, (heads, head_dim))
+        token_scores = torch.einsum("...hd,...thd->...ht", query, keys)  # (..., H, T)
+        # the class token may be shared by all sequences (broadcast): its own score is then expanded
+        cls_score = (query * cls_key).sum(-1, keepdim=True).expand(*token_scores.shape[:-1], 1)
         scores = torch.cat(
-            [(query * cls_key).sum(-1, keepdim=True), torch.einsum("...hd,...thd->...ht", query, keys)],
-            dim=-1,
-        )  # (..., H, 1 + T): the class position first, as in concat(cls, tokens)
+            [cls_score, token_scores], dim=-1
+        )  # (..., H, 1 + T): class first, as concat(cls, tokens)
         weights = (scores * self.scale).softmax(dim=-1)
         mixed = weights[..., :1] * cls_value + torch.einsum("...ht,...thd->...hd", weights[..., 1:], values)
         return self.proj(mixed.flatten(-2))
@@ -242,7 +245,9 @@ class SelfPatchAggregation(nn.Module):
         batch, num_patches, dim = tokens.shape
         flat_index = neighbor_index.flatten(1)  # (B, N * k)
         gather_index = flat_index.unsqueeze(-1).expand(-1, -1, dim)
-        cls = self.cls_token[0].expand(batch * num_patches, -1).view(batch, num_patches, dim)
+        # (1, 1, D) and broadcast: the first block's class-token query, key and value are the same for every patch,
+        # so they are computed once; the class tokens become (B, N, D) after its residual update
+        cls = self.cls_token
         for block in self.blocks:
             keys, values = block.project_tokens(tokens)  # (B, N, D) each
             keys = keys.gather(1, gather_index).view(*neighbor_index.shape, dim)  # (B, N, k, D)

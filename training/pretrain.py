@@ -48,6 +48,7 @@ from selfpatch_hf.augmentation import MultiCropAugmentation
 from selfpatch_hf.checkpointing import CHECKPOINTS_DIRNAME, CheckpointManager, list_checkpoints
 from selfpatch_hf.configuration_selfpatch import BACKBONE_PRESETS
 from selfpatch_hf.data import MultiCropDataLoader, load_image_stream
+from selfpatch_hf.host_memory import keep_freed_host_memory
 from selfpatch_hf.hub_uploads import AsyncHubUploader
 from selfpatch_hf.model_card import BackboneCardInfo
 from selfpatch_hf.optimization import (
@@ -194,6 +195,13 @@ class PretrainingArguments:
         },
     )
     cpu: bool = field(default=False, metadata={"help": "Train on the CPU even if an accelerator is present."})
+    keep_freed_host_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "On the CPU, keep freed memory in the process for the next step instead of page-faulting it "
+            "in again (glibc only; 20-25%% faster ViT-S steps, resident size stays at its peak)."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute the student backbone's activations in the backward pass."}
     )
@@ -606,6 +614,8 @@ def train(
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.device.type == "cpu":
         limit_cpu_threads(accelerator, data_args.num_workers)
+        if training_args.keep_freed_host_memory and keep_freed_host_memory():
+            logger.info("Freed host memory is kept for reuse (glibc mallopt).")
         if accelerator.mixed_precision == "fp16":
             logger.warning("--mixed_precision fp16 has no effect on the CPU (accelerate runs fp32 there).")
         elif accelerator.mixed_precision == "bf16":
