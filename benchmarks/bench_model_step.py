@@ -27,6 +27,7 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
 from selfpatch_hf.host_memory import keep_freed_host_memory
@@ -122,6 +123,16 @@ def component_fns(args, model: SelfPatchViTForPretraining):
         "aggregation module (all uses)": aggregation,
         "patch heads (student fwd+bwd, teacher fwd)": patch_heads,
     }
+
+
+def multiply_accumulates(args, variant: str) -> float:
+    """Multiply-accumulates of one full step (forward and backward; every matrix product and convolution).
+
+    Counted with eager attention, whose products are plain matmuls that `FlopCounterMode` sees."""
+    step = step_fn(build(args, variant, "eager"))
+    with FlopCounterMode(display=False) as counter:
+        step(*inputs(args))
+    return counter.get_total_flops() / 2
 
 
 def run_child(args, *child_args: str) -> dict:
@@ -247,6 +258,13 @@ def main() -> None:
     print(f"| DINO step / its backbone passes | {dino / backbone:.3f} |")
     print(f"| eager / sdpa (SelfPatch step) | {med['step selfpatch eager'] / selfpatch:.3f} |")
     print(f"| eager / sdpa (DINO step) | {med['step dino eager'] / dino:.3f} |")
+    macs = {variant: multiply_accumulates(args, variant) for variant in ("selfpatch", "dino")}
+    print("\n| work per step (forward + backward) | GMAC |\n|---|---|")
+    for variant, count in macs.items():
+        print(f"| {variant} | {count / 1e9:.1f} |")
+    work_ratio = macs["selfpatch"] / macs["dino"]
+    print(f"| ratio SelfPatch / DINO | {work_ratio:.3f} |")
+    print(f"| time ratio / work ratio (sdpa) | {selfpatch / dino / work_ratio:.3f} |")
     extra = selfpatch - dino
     print("\nWhere SelfPatch's extra time goes (share of the SelfPatch - DINO difference):")
     for name in (
