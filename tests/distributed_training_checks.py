@@ -8,7 +8,9 @@ With 2 processes (gloo on the CPU) it writes into OUT:
   batches, A on rank 0 and B on rank 1, plus the largest difference between the ranks' states;
 - `data_split.json`: the raw examples each rank's data loader reads;
 - `train.json`: after a real `train()` run of the script (gradient accumulation and activation checkpointing on),
-  the largest differences between the ranks' student, teacher and centres, and the world size / DDP facts.
+  the largest differences between the ranks' student, teacher and centres, and the world size / DDP facts;
+- `resume_rank{0,1}.pt`: per rank, the final states and per-step losses of a 5-step run and of a second run that
+  resumed from the first one's step-3 checkpoint (each rank's data-stream position and RNG state restored).
 With 1 process it writes `fixed_step.pt` for ONE step pair over the concatenation A+B (the reference).
 """
 
@@ -175,7 +177,40 @@ def train_check(data_dir: Path, out: Path) -> None:
                 }
             )
         )
-    accelerator.end_training()
+
+
+def final_state(model: SelfPatchViTForPretraining) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def resume_check(data_dir: Path, out: Path) -> None:
+    """An uninterrupted 2-process run vs one resumed from its step-3 checkpoint (no shuffle buffer: exact)."""
+
+    def run(output_dir: Path, *extra: str):
+        argv = [
+            "--dataset_name", str(data_dir), "--output_dir", str(output_dir), "--config_overrides", *TINY_OVERRIDES,
+            "--per_device_train_batch_size", "2", "--samples_per_epoch", "16", "--max_steps", "5",
+            "--checkpointing_steps", "3", "--checkpoints_total_limit", "2", "--num_workers", "1",
+            "--shuffle_buffer_size", "0", "--logging_steps", "1", "--learning_rate", "0.05", "--warmup_epochs", "1",
+            *extra,
+        ]  # fmt: skip
+        return pretrain.train(*pretrain.parse_arguments(argv))
+
+    uninterrupted = run(out / "resume_reference")
+    reference_state = final_state(uninterrupted.model)
+    checkpoint = out / "resume_reference" / "checkpoints" / "checkpoint-3"
+    resumed = run(out / "resumed", "--resume_from_checkpoint", str(checkpoint))
+    rank = resumed.accelerator.process_index
+    torch.save(
+        {
+            "reference_step": uninterrupted.global_step,
+            "resumed_step": resumed.global_step,
+            "reference": reference_state,
+            "resumed": final_state(resumed.model),
+        },
+        out / f"resume_rank{rank}.pt",
+    )
+    resumed.accelerator.end_training()  # the last check: ends the process group
 
 
 def main() -> None:
@@ -189,6 +224,7 @@ def main() -> None:
     fixed_step_check(accelerator, out)
     data_split_check(accelerator, data_dir, out)
     train_check(data_dir, out)
+    resume_check(data_dir, out)
 
 
 if __name__ == "__main__":

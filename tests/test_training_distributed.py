@@ -119,3 +119,19 @@ def test_a_real_two_process_run_keeps_replicas_identical(runs):
     )  # 2 x 2 x 2 accumulation
     assert sorted(p.name for p in (two / "run" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
     assert (two / "run" / "backbone" / "model.safetensors").is_file()
+
+
+def test_a_two_process_run_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(runs):
+    two, _, _ = runs
+    for rank in (0, 1):
+        result = torch.load(two / f"resume_rank{rank}.pt", weights_only=True)
+        assert result["reference_step"] == result["resumed_step"] == 5
+        reference, resumed = result["reference"], result["resumed"]
+        assert reference.keys() == resumed.keys()
+        for name in reference:  # the same data, crops, drop-path masks and updates on each rank: bit for bit
+            assert torch.equal(reference[name], resumed[name]), (rank, name)
+    # and the two steps after the checkpoint changed the model
+    at_checkpoint = two / "resume_reference" / "checkpoints" / "checkpoint-3"
+    assert at_checkpoint.is_dir()
+    metrics = [json.loads(line) for line in (two / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert any(record.get("event") == "resumed" for record in metrics)
