@@ -135,6 +135,14 @@ def multiply_accumulates(args, variant: str) -> float:
     return counter.get_total_flops() / 2
 
 
+def peak_matmul_rate(size: int = 4096, repeats: int = 5) -> float:
+    """Multiply-accumulates per second of a large square fp32 matrix product: what this machine can do at best."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    seconds = min(timed(torch.mm, a, b) for _ in range(repeats))
+    return size**3 / seconds
+
+
 def run_child(args, *child_args: str) -> dict:
     """Runs this script in a fresh process with the same shapes; returns the JSON of its last output line."""
     cmd = [sys.executable, __file__, *child_args, "--preset", args.preset, "--batch", str(args.batch)]
@@ -265,6 +273,13 @@ def main() -> None:
     work_ratio = macs["selfpatch"] / macs["dino"]
     print(f"| ratio SelfPatch / DINO | {work_ratio:.3f} |")
     print(f"| time ratio / work ratio (sdpa) | {selfpatch / dino / work_ratio:.3f} |")
+    peak = peak_matmul_rate()
+    print(
+        f"\nPeak fp32 matrix product here: {peak / 1e9:.1f} GMAC/s; the steps ran at "
+        f"{macs['selfpatch'] / selfpatch / 1e9:.1f} (SelfPatch) and {macs['dino'] / dino / 1e9:.1f} (DINO) GMAC/s."
+    )
+    print(f"Lower bound on the ratio: SelfPatch's work at peak rate / measured DINO step = "
+          f"{macs['selfpatch'] / peak / dino:.3f}")  # fmt: skip
     extra = selfpatch - dino
     print("\nWhere SelfPatch's extra time goes (share of the SelfPatch - DINO difference):")
     for name in (
