@@ -18,6 +18,7 @@ Measures, in one run and interleaved so that machine noise hits every variant al
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -125,13 +126,24 @@ def component_fns(args, model: SelfPatchViTForPretraining):
     }
 
 
-def multiply_accumulates(args, variant: str) -> float:
+def time_rounds(fns: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Calls every function once per round, in order (machine noise hits all alike): seconds and minor page faults."""
+    times: dict[str, list[float]] = {}
+    faults: dict[str, list[int]] = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            before = minor_faults()
+            times.setdefault(name, []).append(timed(fn))
+            faults.setdefault(name, []).append(minor_faults() - before)
+    return times, faults
+
+
+def multiply_accumulates(step) -> float:
     """Multiply-accumulates of one full step (forward and backward; every matrix product and convolution).
 
-    Counted with eager attention, whose products are plain matmuls that `FlopCounterMode` sees."""
-    step = step_fn(build(args, variant, "eager"))
+    Give it an eager-attention step: its products are plain matmuls that `FlopCounterMode` sees."""
     with FlopCounterMode(display=False) as counter:
-        step(*inputs(args))
+        step()
     return counter.get_total_flops() / 2
 
 
@@ -143,43 +155,37 @@ def peak_matmul_rate(size: int = 4096, repeats: int = 5) -> float:
     return size**3 / seconds
 
 
-def run_child(args, *child_args: str) -> dict:
-    """Runs this script in a fresh process with the same shapes; returns the JSON of its last output line."""
+def run_child(args, *child_args: str, glibc_defaults: bool = False) -> dict:
+    """Runs this script in a fresh process with the same shapes (and glibc's default allocator settings if asked or
+    if this run has them); returns the JSON of its last output line."""
     cmd = [sys.executable, __file__, *child_args, "--preset", args.preset, "--batch", str(args.batch)]
     cmd += ["--global_size", str(args.global_size), "--local_size", str(args.local_size)]
     cmd += ["--num_local", str(args.num_local), "--warmup", str(args.warmup)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    if args.glibc_default_allocator:
+    if glibc_defaults or args.glibc_default_allocator:
         cmd.append("--glibc_default_allocator")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def peak_memory(args, variant: str) -> float:
+def peak_memory(args, variant: str, glibc_defaults: bool = False) -> float:
     """Peak RSS (GiB) of a process that builds the model and runs two steps."""
-    return run_child(args, "--_memory_child", variant, "--steps", "2")["peak_gib"]
+    return run_child(args, "--_memory_child", variant, "--steps", "2", glibc_defaults=glibc_defaults)[
+        "peak_gib"
+    ]
 
 
 def default_allocator_steps(args) -> dict[str, dict[str, float]]:
     """Both steps, interleaved, in a process with glibc's default allocator settings: median s and faults/step."""
-    glibc_args = argparse.Namespace(**{**vars(args), "glibc_default_allocator": True})
-    return run_child(glibc_args, "--_allocator_child", "--steps", str(args.steps))["steps"]
+    return run_child(args, "--_allocator_child", "--steps", str(args.steps), glibc_defaults=True)["steps"]
 
 
 def interleaved_steps(args, variants: list[str]) -> dict[str, dict[str, float]]:
-    steps = {v: step_fn(build(args, v, "sdpa")) for v in variants}
     batch = inputs(args)
-    for _ in range(args.warmup):
-        for step in steps.values():
-            step(*batch)
-    times: dict[str, list[float]] = {}
-    faults: dict[str, list[int]] = {}
-    for _ in range(args.steps):
-        for variant, step in steps.items():
-            before = minor_faults()
-            times.setdefault(variant, []).append(timed(step, *batch))
-            faults.setdefault(variant, []).append(minor_faults() - before)
+    steps = {v: functools.partial(step_fn(build(args, v, "sdpa")), *batch) for v in variants}
+    time_rounds(steps, args.warmup)
+    times, faults = time_rounds(steps, args.steps)
     return {
         v: {"median_s": statistics.median(times[v]), "faults": statistics.median(faults[v])} for v in variants
     }
@@ -234,23 +240,12 @@ def main() -> None:
           f"fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"freed host memory {'kept for reuse' if reusing else 'returned (glibc defaults)'}")  # fmt: skip
     variants = {(v, a): build(args, v, a) for v in ("selfpatch", "dino") for a in ("sdpa", "eager")}
-    steps = {key: step_fn(model) for key, model in variants.items()}
-    components = component_fns(args, variants[("selfpatch", "sdpa")])
     batch = inputs(args)
-    for _ in range(args.warmup):  # kernels, and the heap grows to the steps' pattern of blocks
-        for step in steps.values():
-            step(*batch)
-    for fn in components.values():
-        fn()
-    times: dict[str, list[float]] = {}
-    faults: dict[str, list[int]] = {}
-    for _ in range(args.steps):  # interleaved repetitions
-        for (variant, attn), step in steps.items():
-            before = minor_faults()
-            times.setdefault(f"step {variant} {attn}", []).append(timed(step, *batch))
-            faults.setdefault(variant, []).append(minor_faults() - before)
-        for name, fn in components.items():
-            times.setdefault(name, []).append(timed(fn))
+    steps = {f"step {v} {a}": functools.partial(step_fn(model), *batch) for (v, a), model in variants.items()}
+    components = component_fns(args, variants[("selfpatch", "sdpa")])
+    time_rounds(steps, args.warmup)  # kernels, and the heap grows to the steps' pattern of blocks
+    time_rounds(components, 1)
+    times, faults = time_rounds(steps | components, args.steps)  # interleaved repetitions
     med = {name: statistics.median(values) for name, values in times.items()}
 
     print("\n| measurement | median s | min s |\n|---|---|---|")
@@ -266,7 +261,9 @@ def main() -> None:
     print(f"| DINO step / its backbone passes | {dino / backbone:.3f} |")
     print(f"| eager / sdpa (SelfPatch step) | {med['step selfpatch eager'] / selfpatch:.3f} |")
     print(f"| eager / sdpa (DINO step) | {med['step dino eager'] / dino:.3f} |")
-    macs = {variant: multiply_accumulates(args, variant) for variant in ("selfpatch", "dino")}
+    macs = {
+        variant: multiply_accumulates(steps[f"step {variant} eager"]) for variant in ("selfpatch", "dino")
+    }
     print("\n| work per step (forward + backward) | GMAC |\n|---|---|")
     for variant, count in macs.items():
         print(f"| {variant} | {count / 1e9:.1f} |")
@@ -288,15 +285,14 @@ def main() -> None:
         "patch heads (student fwd+bwd, teacher fwd)",
     ):
         print(f"- {name}: {med[name]:.3f} s ({100 * med[name] / extra:.0f}%)")
-    print("\nMinor page faults per step (median):", {v: statistics.median(f) for v, f in faults.items()})
+    print("\nMinor page faults per step (median):", {name: statistics.median(faults[name]) for name in steps})
     if os.environ.get("BENCH_SKIP_MEMORY") != "1":
-        glibc_args = argparse.Namespace(**{**vars(args), "glibc_default_allocator": True})
         print(
             "\n| peak RSS, GiB (own process, sdpa) | this run's allocator | glibc defaults |\n|---|---|---|"
         )
         for variant in ("selfpatch", "dino"):
             print(
-                f"| {variant} step | {peak_memory(args, variant):.2f} | {peak_memory(glibc_args, variant):.2f} |"
+                f"| {variant} step | {peak_memory(args, variant):.2f} | {peak_memory(args, variant, glibc_defaults=True):.2f} |"
             )
     if reusing:
         glibc = default_allocator_steps(args)

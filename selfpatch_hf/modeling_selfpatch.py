@@ -242,7 +242,7 @@ class SelfPatchAggregation(nn.Module):
         Returns:
             `(B, N, D)` summaries (before the output norm).
         """
-        batch, num_patches, dim = tokens.shape
+        dim = tokens.shape[-1]
         flat_index = neighbor_index.flatten(1)  # (B, N * k)
         gather_index = flat_index.unsqueeze(-1).expand(-1, -1, dim)
         # (1, 1, D) and broadcast: the first block's class-token query, key and value are the same for every patch,

@@ -9,8 +9,8 @@ With 2 processes (gloo on the CPU) it writes into OUT:
 - `data_split.json`: the raw examples each rank's data loader reads;
 - `train.json`: after a real `train()` run of the script (gradient accumulation and activation checkpointing on),
   the largest differences between the ranks' student, teacher and centres, and the world size / DDP facts;
-- `resume_rank{0,1}.pt`: per rank, the final states and per-step losses of a 5-step run and of a second run that
-  resumed from the first one's step-3 checkpoint (each rank's data-stream position and RNG state restored).
+- `resume_rank{0,1}.pt`: per rank, the final step and state (student, teacher, centres) of a 5-step run and of a
+  second run that resumed from the first one's step-3 checkpoint (each rank's data position and RNG restored).
 With 1 process it writes `fixed_step.pt` for ONE step pair over the concatenation A+B (the reference).
 """
 
