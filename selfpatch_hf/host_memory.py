@@ -1,12 +1,12 @@
 """Host-memory allocator settings for training on the CPU.
 
-A training step allocates and frees the same few gigabytes of activations every step. With glibc's defaults, blocks
-above a dynamic threshold (at most 32 MiB) get fresh `mmap`s and freed memory at the top of the heap goes back to the
-operating system, so each step page-faults its activations in again. Minor faults are expensive in virtual machines
-(about 5 us each on this project's CI machines): a ViT-S/16 SelfPatch step at batch 8 took ~550,000 faults (2 GiB)
-and 1.2-1.3x as long as the same step with the memory kept for reuse (BENCHMARKS.md, model training step). PyTorch
-has no caching allocator on the CPU, and tcmalloc/jemalloc need `LD_PRELOAD` before the process starts; `mallopt`
-gets the same effect from inside the process.
+A training step allocates and frees the same few gigabytes of activations every step. With glibc's defaults,
+blocks above a dynamic threshold (at most 32 MiB) get fresh `mmap`s and freed memory at the top of the heap goes
+back to the operating system, so each step page-faults its activations in again. Minor faults are expensive in
+virtual machines (about 5 us each on this project's CI machines): a ViT-S/16 SelfPatch step at batch 8 took
+440,000-550,000 faults (about 2 GiB) and 1.16-1.26x as long as the same step with the memory kept for reuse
+(BENCHMARKS.md, model training step). PyTorch has no caching allocator on the CPU, and tcmalloc/jemalloc need
+`LD_PRELOAD` before the process starts; `mallopt` gets the same effect from inside the process.
 """
 
 from __future__ import annotations
