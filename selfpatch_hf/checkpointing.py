@@ -41,6 +41,7 @@ TEMP_PREFIX = ".tmp-"
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE_NAME = "trainer_state.json"
 RANK_STATE_PATTERN = "rank_state_{rank}.json"
+_SHOWN_LINES = 8  # of a weight-mismatch report, which can name every parameter
 _CHECKPOINT_NAME = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 
 
@@ -181,8 +182,8 @@ class CheckpointManager:
         """Restores model, optimiser, scaler and RNG states (`accelerator.load_state`) and returns
         `(trainer_state, this process's rank_state)`.
 
-        Raises a ValueError when the checkpoint was written by a different number of processes: every process's
-        data-stream position is its own.
+        Raises a ValueError when the checkpoint was written by a different number of processes (every process's
+        data-stream position is its own) or for a model with other weights (names or shapes).
         """
         path = Path(path)
         accelerator = self.accelerator
@@ -197,7 +198,20 @@ class CheckpointManager:
         rank_file = path / RANK_STATE_PATTERN.format(rank=accelerator.process_index)
         if not rank_file.is_file():
             raise FileNotFoundError(f"{rank_file} is missing: the checkpoint {path} is incomplete.")
-        accelerator.load_state(str(path))
+        try:
+            accelerator.load_state(str(path))
+        except RuntimeError as error:
+            # torch's strict `load_state_dict` report: missing / unexpected keys and size mismatches, one per line
+            if "Error(s) in loading state_dict" not in str(error):
+                raise
+            lines = str(error).splitlines()
+            shown = "\n".join(lines[:_SHOWN_LINES])
+            if len(lines) > _SHOWN_LINES:
+                shown += f"\n\t... ({len(lines) - _SHOWN_LINES} more lines)"
+            raise ValueError(
+                f"{path} does not fit this model: it holds weights of another model configuration. Resume with the "
+                f"model settings it was trained with ({TRAINER_STATE_NAME} records them).\n{shown}"
+            ) from error
         return trainer_state, json.loads(rank_file.read_text())
 
 

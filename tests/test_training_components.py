@@ -182,6 +182,21 @@ def test_checkpoints_rotate_and_round_trip(tmp_path, accelerator):
     assert torch.equal(torch.rand(3), rng_after_save)  # RNG restored too
 
 
+def test_a_checkpoint_of_another_model_is_rejected_naming_the_mismatches(tmp_path, accelerator):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    _prepared_model(accelerator)  # Linear(4, 3)
+    path = CheckpointManager(accelerator, tmp_path).save(1, {"num_processes": 1}, {})
+    AcceleratorState._reset_state(reset_partial_state=True)
+    other = Accelerator(cpu=True)
+    wider = torch.nn.Linear(4, 5)
+    other.prepare(wider, torch.optim.AdamW(wider.parameters()))
+    with pytest.raises(ValueError, match=r"does not fit this model(.|\n)*size mismatch for weight") as error:
+        CheckpointManager(other, tmp_path).load(path)
+    assert "trainer_state.json records them" in str(error.value)
+
+
 def test_a_half_written_checkpoint_is_never_picked(tmp_path, accelerator):
     model, optimizer = _prepared_model(accelerator)
     manager = CheckpointManager(accelerator, tmp_path, total_limit=3)
@@ -387,6 +402,12 @@ TINY_ARGS = [
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
         (["--max_steps", "0", "--epochs", "0"], "Give a training length"),
         (["--samples_per_epoch", "0"], "--samples_per_epoch must be >= 1"),
+        (
+            ["--samples_per_epoch", "12"],
+            "samples_per_epoch is smaller than the global batch size. (samples_per_epoch 12, global batch 64 = 1 "
+            "processes x 64 per device x 1 accumulation steps)",
+        ),
+        (["--warmup_epochs", "-1"], "warmup_epochs must be >= 0, got -1.0."),
     ],
 )
 def test_wrong_arguments_fail_before_any_work(tmp_path, capsys, extra, message):
@@ -417,6 +438,9 @@ def test_an_output_dir_with_checkpoints_needs_resume_or_overwrite(tmp_path, caps
     ]
     assert pretrain.main(argv) == 2
     assert "--resume_from_checkpoint latest" in capsys.readouterr().err
+    # a checkpoint that is not there: an error naming it and what to pass, not a traceback
+    assert pretrain.main([*argv, "--resume_from_checkpoint", str(tmp_path / "nope")]) == 2
+    assert f"Cannot resume: No checkpoint folder at '{tmp_path / 'nope'}'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -457,6 +457,23 @@ def limit_cpu_threads(accelerator: Accelerator, num_workers: int) -> None:
         torch.set_num_threads(threads)
 
 
+def configure_cpu_training(
+    accelerator: Accelerator, data_args: DataArguments, training_args: PretrainingArguments
+) -> None:
+    """Torch threads, host-memory reuse and precision warnings for training on the CPU (nothing on accelerators)."""
+    if accelerator.device.type != "cpu":
+        return
+    limit_cpu_threads(accelerator, data_args.num_workers)
+    if training_args.keep_freed_host_memory and keep_freed_host_memory():
+        logger.info("Freed host memory is kept for reuse (glibc mallopt).")
+    if accelerator.mixed_precision == "fp16":
+        logger.warning("--mixed_precision fp16 has no effect on the CPU (accelerate runs fp32 there).")
+    elif accelerator.mixed_precision == "bf16":
+        logger.warning(
+            "bf16 on a CPU without bf16 units is far slower than fp32; consider --mixed_precision no."
+        )
+
+
 def endless_batches(loader: MultiCropDataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Passes over the stream, one after the other (each with a new order and new crops)."""
     empty_passes = 0
@@ -612,16 +629,44 @@ def train(
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()
     logger.info(accelerator.state, main_process_only=False)
-    if accelerator.device.type == "cpu":
-        limit_cpu_threads(accelerator, data_args.num_workers)
-        if training_args.keep_freed_host_memory and keep_freed_host_memory():
-            logger.info("Freed host memory is kept for reuse (glibc mallopt).")
-        if accelerator.mixed_precision == "fp16":
-            logger.warning("--mixed_precision fp16 has no effect on the CPU (accelerate runs fp32 there).")
-        elif accelerator.mixed_precision == "bf16":
-            logger.warning(
-                "bf16 on a CPU without bf16 units is far slower than fp32; consider --mixed_precision no."
-            )
+
+    # ---- schedules, per optimiser step of the global batch (before anything is written: they check arguments)
+    global_batch_size = (
+        accelerator.num_processes
+        * training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+    )
+    steps_per_epoch = optimizer_steps_per_epoch(data_args.samples_per_epoch, global_batch_size)
+    total_steps = (
+        training_args.max_steps
+        if training_args.max_steps > 0
+        else max(1, round(training_args.epochs * steps_per_epoch))
+    )
+    try:
+        schedule = PretrainingSchedule.from_epochs(
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            base_learning_rate=training_args.learning_rate,
+            global_batch_size=global_batch_size,
+            min_learning_rate=training_args.min_learning_rate,
+            warmup_epochs=training_args.warmup_epochs,
+            weight_decay=training_args.weight_decay,
+            weight_decay_end=training_args.weight_decay_end,
+            teacher_momentum=training_args.teacher_momentum,
+            teacher_momentum_end=training_args.teacher_momentum_end,
+            teacher_temperature=training_args.teacher_temperature,
+            warmup_teacher_temperature=training_args.warmup_teacher_temperature,
+            warmup_teacher_temperature_epochs=training_args.warmup_teacher_temperature_epochs,
+            freeze_last_layer_epochs=training_args.freeze_last_layer_epochs,
+        )
+    except ValueError as error:
+        raise SetupError(
+            f"{error} (samples_per_epoch {data_args.samples_per_epoch}, global batch {global_batch_size} = "
+            f"{accelerator.num_processes} processes x {training_args.per_device_train_batch_size} per device x "
+            f"{training_args.gradient_accumulation_steps} accumulation steps)"
+        ) from error
+
+    configure_cpu_training(accelerator, data_args, training_args)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
@@ -647,52 +692,21 @@ def train(
     # drop-path masks differ between processes (the initial weights were drawn above with the shared seed)
     set_seed(training_args.seed, device_specific=True)
 
-    # ---- schedules, per optimiser step of the global batch
-    global_batch_size = (
-        accelerator.num_processes
-        * training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-    )
-    steps_per_epoch = optimizer_steps_per_epoch(data_args.samples_per_epoch, global_batch_size)
-    if steps_per_epoch < 1:
-        raise SetupError(
-            f"samples_per_epoch ({data_args.samples_per_epoch}) is smaller than the global batch "
-            f"({global_batch_size} = {accelerator.num_processes} processes x "
-            f"{training_args.per_device_train_batch_size} x {training_args.gradient_accumulation_steps})."
-        )
-    total_steps = (
-        training_args.max_steps
-        if training_args.max_steps > 0
-        else max(1, round(training_args.epochs * steps_per_epoch))
-    )
-    schedule = PretrainingSchedule.from_epochs(
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        base_learning_rate=training_args.learning_rate,
-        global_batch_size=global_batch_size,
-        min_learning_rate=training_args.min_learning_rate,
-        warmup_epochs=training_args.warmup_epochs,
-        weight_decay=training_args.weight_decay,
-        weight_decay_end=training_args.weight_decay_end,
-        teacher_momentum=training_args.teacher_momentum,
-        teacher_momentum_end=training_args.teacher_momentum_end,
-        teacher_temperature=training_args.teacher_temperature,
-        warmup_teacher_temperature=training_args.warmup_teacher_temperature,
-        warmup_teacher_temperature_epochs=training_args.warmup_teacher_temperature_epochs,
-        freeze_last_layer_epochs=training_args.freeze_last_layer_epochs,
-    )
-
     # ---- resume
     checkpoints = CheckpointManager(accelerator, output_dir, training_args.checkpoints_total_limit)
     metrics_log = MetricsLog(accelerator, output_dir)
     global_step = 0
     last_checkpoint: Path | None = None
     if training_args.resume_from_checkpoint:
-        last_checkpoint = checkpoints.resolve(training_args.resume_from_checkpoint)
-        if last_checkpoint is None:
+        try:
+            last_checkpoint = checkpoints.resolve(training_args.resume_from_checkpoint)
+            loaded = checkpoints.load(last_checkpoint) if last_checkpoint is not None else None
+        except (FileNotFoundError, ValueError) as error:  # no such checkpoint, or not one of this model/run
+            raise SetupError(f"Cannot resume: {error}") from error
+        if loaded is None:
             logger.info("No checkpoint in %s yet: starting from scratch.", checkpoints.directory)
         else:
-            trainer_state, rank_state = checkpoints.load(last_checkpoint)
+            trainer_state, rank_state = loaded
             if trainer_state["global_batch_size"] != global_batch_size:
                 raise SetupError(
                     f"{last_checkpoint} was trained with a global batch of {trainer_state['global_batch_size']}, "
