@@ -3,8 +3,8 @@
 Two measurements, each in a fresh process, interleaved over `--rounds` so that machine noise hits both alike:
 
 - bare: `train_step` of the script (forward, backward, per-tensor clipping, AdamW, teacher EMA, the per-step
-  all-reduce of the losses) on fixed random batches already in memory, with as many torch threads as the loop gets
-  (on a CPU the script leaves one core per data worker), and, for reference, with every core;
+  all-reduce of the losses) on fixed random batches already in memory, set up for the CPU as the loop is (torch
+  threads: one core left per data worker; freed host memory kept for reuse), and, for reference, with every core;
 - loop: `training/pretrain.py` itself, streaming real photographs (the offline sample photographs, repeated, as 2
   parquet shards) with `--num_workers` data workers, progress bar, metrics logged to metrics.jsonl every step.
 
@@ -88,10 +88,10 @@ def run_bare(args, data_dir: Path) -> dict:
         )
     config = pretrain.build_config(model_args, overrides)
     accelerator = Accelerator(cpu=True)
+    # torch threads and host-memory reuse as the loop has them
+    pretrain.configure_cpu_training(accelerator, data_args, training_args)
     if args.all_threads:
         torch.set_num_threads(os.cpu_count() or 1)
-    else:
-        pretrain.limit_cpu_threads(accelerator, data_args.num_workers)  # the same threads as the loop
     torch.manual_seed(0)
     model = SelfPatchViTForPretraining(config)
     optimizer = build_optimizer(model.student)
