@@ -51,13 +51,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import cv2  # noqa: E402
 import datasets  # noqa: E402
 
-from selfpatch_hf.augmentation import (  # noqa: E402
+from selfpatch_hf.data.augmentation import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     MultiCropAugmentation,
     sample_crop_box,
 )
-from selfpatch_hf.data import build_pretraining_dataloader, decode_image  # noqa: E402
+from selfpatch_hf.data.streaming import build_pretraining_dataloader, decode_image  # noqa: E402
 
 GLOBAL_SCALE, LOCAL_SCALE, NUM_LOCAL = (0.25, 1.0), (0.05, 0.25), 8
 

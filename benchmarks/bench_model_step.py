@@ -8,7 +8,7 @@ Measures, in one run and interleaved so that machine noise hits every variant al
 - the pieces SelfPatch adds: teacher on the local crops, aggregation (image-level and neighbour path), patch heads;
 - peak resident memory of each step variant (each in its own process);
 - the same two steps with glibc's default allocator settings (in a separate process), with the minor page faults
-  per step: the training script keeps freed host memory for reuse on the CPU (`selfpatch_hf.host_memory`), and so
+  per step: the training script keeps freed host memory for reuse on the CPU (`selfpatch_hf.training.host_memory`), and so
   does this benchmark unless `--glibc_default_allocator` is given.
 
     python benchmarks/bench_model_step.py                       # ViT-S/16, batch 8, 2x224 + 8x96, fp32 CPU
@@ -31,7 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
-from selfpatch_hf.host_memory import keep_freed_host_memory
+from selfpatch_hf.training.host_memory import keep_freed_host_memory
 
 
 def build(args, variant: str, attn: str) -> SelfPatchViTForPretraining:

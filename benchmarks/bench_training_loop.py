@@ -39,7 +39,7 @@ def build_data(output_dir: Path, repeats: int) -> Path:
     """The offline sample photographs, each listed `repeats` times, as 2 parquet shards."""
     from datasets import concatenate_datasets, load_dataset
 
-    from selfpatch_hf.sample_data import sample_dataset_path
+    from selfpatch_hf.data.sample_photographs import sample_dataset_path
 
     photos = load_dataset("parquet", data_files=str(sample_dataset_path() / "*.parquet"), split="train")
     repeated = concatenate_datasets([photos] * repeats)
@@ -79,8 +79,8 @@ def run_bare(args, data_dir: Path) -> dict:
     sys.modules["pretrain"] = pretrain
     spec.loader.exec_module(pretrain)
     from selfpatch_hf import SelfPatchViTForPretraining
-    from selfpatch_hf.optimization import apply_schedule, build_optimizer
-    from selfpatch_hf.schedules import PretrainingSchedule
+    from selfpatch_hf.training.optimization import apply_schedule, build_optimizer
+    from selfpatch_hf.training.schedules import PretrainingSchedule
 
     with tempfile.TemporaryDirectory() as scratch:
         model_args, data_args, training_args, overrides = pretrain.parse_arguments(
@@ -124,7 +124,7 @@ def run_loop(args, data_dir: Path, output_dir: Path) -> dict:
         *script_arguments(args, data_dir, output_dir),
     ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from selfpatch_hf.training_log import last_metrics_per_step, read_metrics
+    from selfpatch_hf.training.metrics_log import last_metrics_per_step, read_metrics
 
     metrics = last_metrics_per_step(read_metrics(output_dir / "metrics.jsonl"))
     start, end = metrics[args.warmup], metrics[args.warmup + args.steps]

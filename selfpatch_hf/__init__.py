@@ -1,26 +1,29 @@
 """SelfPatch: patch-level self-supervised Vision Transformers for the Hugging Face ecosystem.
 
-Importing the package registers `SelfPatchConfig` with `AutoConfig` and `SelfPatchViTForPretraining` with
-`AutoModelForPreTraining`. Exported backbones are plain `ViTModel`s and need neither this package nor remote code.
+The public names below are imported on first use, so `import selfpatch_hf` (and every command line's `--help`)
+stays fast: torch and transformers load only when a model, config or tool is touched. Touching `SelfPatchConfig`
+registers it with `AutoConfig`; touching any model class registers `SelfPatchViTForPretraining` with
+`AutoModelForPreTraining` (`selfpatch_hf.register_auto_classes()` does both explicitly). Exported backbones are
+plain `transformers` models and need neither this package nor remote code.
 """
 
-from transformers import AutoConfig, AutoModelForPreTraining
-
-from .configuration_selfpatch import BACKBONE_PRESETS, SelfPatchConfig
-from .export import export_backbone
-from .modeling_selfpatch import (
-    SelfPatchNetwork,
-    SelfPatchPreTrainedModel,
-    SelfPatchPretrainingOutput,
-    SelfPatchViTForPretraining,
-    build_neighbor_table,
-    select_positive_neighbors,
-)
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-AutoConfig.register(SelfPatchConfig.model_type, SelfPatchConfig, exist_ok=True)
-AutoModelForPreTraining.register(SelfPatchConfig, SelfPatchViTForPretraining, exist_ok=True)
+# public name -> submodule that defines it
+_EXPORTS = {
+    "BACKBONE_PRESETS": "configuration_selfpatch",
+    "SelfPatchConfig": "configuration_selfpatch",
+    "SelfPatchNetwork": "modeling_selfpatch",
+    "SelfPatchPreTrainedModel": "modeling_selfpatch",
+    "SelfPatchPretrainingOutput": "modeling_selfpatch",
+    "SelfPatchViTForPretraining": "modeling_selfpatch",
+    "build_neighbor_table": "modeling_selfpatch",
+    "select_positive_neighbors": "modeling_selfpatch",
+    "export_backbone": "export",
+}
 
 __all__ = [
     "BACKBONE_PRESETS",
@@ -31,5 +34,33 @@ __all__ = [
     "SelfPatchViTForPretraining",
     "build_neighbor_table",
     "export_backbone",
+    "register_auto_classes",
     "select_positive_neighbors",
 ]
+
+if TYPE_CHECKING:
+    from .configuration_selfpatch import BACKBONE_PRESETS, SelfPatchConfig
+    from .export import export_backbone
+    from .modeling_selfpatch import (
+        SelfPatchNetwork,
+        SelfPatchPreTrainedModel,
+        SelfPatchPretrainingOutput,
+        SelfPatchViTForPretraining,
+        build_neighbor_table,
+        select_positive_neighbors,
+    )
+
+
+def register_auto_classes() -> None:
+    """Register `SelfPatchConfig` with `AutoConfig` and the pretraining model with `AutoModelForPreTraining`.
+
+    Importing `selfpatch_hf.modeling_selfpatch` (or touching any model class) already does this; call it when
+    the first thing your code does with this package is `AutoModelForPreTraining.from_pretrained(...)`.
+    """
+    import_module(".modeling_selfpatch", __name__)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

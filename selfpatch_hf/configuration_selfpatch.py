@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig, ViTConfig
+from transformers import AutoConfig, PreTrainedConfig, ViTConfig
 from transformers.configuration_utils import SubConfigSpec
 
 # ViT backbones of the paper (SELFPATCH_SPEC.md section 2). DINO/timm conventions: exact GELU, LayerNorm eps 1e-6,
@@ -314,5 +314,7 @@ class SelfPatchConfig(PreTrainedConfig):
                 backbone_kwargs["image_size"] = height
         return cls(backbone_config=ViTConfig(**backbone_kwargs), **config_kwargs)
 
+
+AutoConfig.register(SelfPatchConfig.model_type, SelfPatchConfig, exist_ok=True)
 
 __all__ = ["BACKBONE_PRESETS", "SelfPatchConfig"]

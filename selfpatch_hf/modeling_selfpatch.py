@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
-from transformers import PreTrainedModel, ViTModel
+from transformers import AutoModelForPreTraining, PreTrainedModel, ViTModel
 from transformers import initialization as init
 from transformers.models.vit.modeling_vit import ViTEmbeddings
 from transformers.utils import ModelOutput
@@ -756,6 +756,8 @@ class SelfPatchViTForPretraining(SelfPatchPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
+
+AutoModelForPreTraining.register(SelfPatchConfig, SelfPatchViTForPretraining, exist_ok=True)
 
 __all__ = [
     "ClassAttentionBlock",

@@ -39,8 +39,8 @@ from accelerate import Accelerator  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from selfpatch_hf import SelfPatchViTForPretraining  # noqa: E402
-from selfpatch_hf.optimization import apply_schedule, build_optimizer  # noqa: E402
-from selfpatch_hf.schedules import PretrainingSchedule  # noqa: E402
+from selfpatch_hf.training.optimization import apply_schedule, build_optimizer  # noqa: E402
+from selfpatch_hf.training.schedules import PretrainingSchedule  # noqa: E402
 
 PER_RANK_BATCH = 3
 TINY_OVERRIDES = [
@@ -112,7 +112,7 @@ def fixed_step_check(accelerator: Accelerator, out: Path) -> None:
 
 def data_split_check(accelerator: Accelerator, data_dir: Path, out: Path) -> None:
     """One pass of each rank's real data loader (built by the script), recording every image it decodes."""
-    import selfpatch_hf.data
+    import selfpatch_hf.data.streaming
 
     model_args, data_args, training_args, overrides = pretrain.parse_arguments(
         ["--dataset_name", str(data_dir), "--output_dir", str(out / "unused"), "--per_device_train_batch_size", "2",
@@ -122,17 +122,17 @@ def data_split_check(accelerator: Accelerator, data_dir: Path, out: Path) -> Non
     dataset, column = pretrain.open_image_stream(data_args, training_args)
     loader = pretrain.build_dataloader(dataset, column, data_args, training_args, config, accelerator)
     decoded = []
-    original_decode = selfpatch_hf.data.decode_image
+    original_decode = selfpatch_hf.data.streaming.decode_image
 
     def recording_decode(value, *args, **kwargs):
         decoded.append(hashlib.sha1(value["bytes"]).hexdigest())
         return original_decode(value, *args, **kwargs)
 
-    selfpatch_hf.data.decode_image = recording_decode
+    selfpatch_hf.data.streaming.decode_image = recording_decode
     try:
         shapes = [[list(batch.global_crops.shape), list(batch.local_crops.shape)] for batch in loader]
     finally:
-        selfpatch_hf.data.decode_image = original_decode
+        selfpatch_hf.data.streaming.decode_image = original_decode
     everyone = [None] * accelerator.num_processes
     dist.all_gather_object(everyone, {"decoded": decoded, "shapes": shapes})
     if accelerator.is_main_process:

@@ -12,7 +12,7 @@ import skimage.data
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from selfpatch_hf.augmentation import (
+from selfpatch_hf.data.augmentation import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MultiCropAugmentation,

@@ -17,15 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from selfpatch_hf.augmentation import MultiCropAugmentation
-from selfpatch_hf.data import (
+from selfpatch_hf.data.augmentation import MultiCropAugmentation
+from selfpatch_hf.data.sample_photographs import SAMPLE_IMAGES, build_sample_dataset, sample_dataset_path
+from selfpatch_hf.data.streaming import (
     ImageDecodeError,
     MultiCropDataLoader,
     build_pretraining_dataloader,
     decode_image,
     load_image_stream,
 )
-from selfpatch_hf.sample_data import SAMPLE_IMAGES, build_sample_dataset, sample_dataset_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,8 +211,8 @@ def test_hub_dataset_streams_from_a_hub_server_with_token(tmp_path):
     write_parquet_shards(tmp_path / "repo", id_shards(5, 2))
     code = """
 import sys
-from selfpatch_hf.augmentation import MultiCropAugmentation
-from selfpatch_hf.data import build_pretraining_dataloader, load_image_stream
+from selfpatch_hf.data.augmentation import MultiCropAugmentation
+from selfpatch_hf.data.streaming import build_pretraining_dataloader, load_image_stream
 name, token = sys.argv[1], sys.argv[2]
 try:
     load_image_stream(name)
@@ -389,7 +389,7 @@ def test_unusable_images_are_skipped_counted_and_logged(tmp_path, caplog):
     shards[1][2:2] = bad[1:]
     write_parquet_shards(tmp_path / "data", shards)
     loader = open_loader(tmp_path / "data", num_workers=2, batch_size=2)
-    with caplog.at_level(logging.WARNING, logger="selfpatch_hf.data"):
+    with caplog.at_level(logging.WARNING, logger="selfpatch_hf.data.streaming"):
         ids = epoch_ids(loader)
     assert sorted(ids) == list(range(10))
     assert loader.skipped_images == 3

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import ViTConfig, ViTModel
 
+from selfpatch_hf.data.synthetic_scenes import make_sequences
 from selfpatch_hf.evaluation.davis import (
     DAVIS_PALETTE,
     evaluate_davis,
@@ -21,7 +22,6 @@ from selfpatch_hf.evaluation.davis import (
     write_indexed_mask,
 )
 from selfpatch_hf.evaluation.features import FrozenBackbone
-from selfpatch_hf.evaluation.offline_data import make_sequences
 from selfpatch_hf.evaluation.propagation import PropagationConfig
 
 

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfpatch_hf.evaluation.davis import list_sequences, load_sequence, read_indexed_mask
-from selfpatch_hf.evaluation.offline_data import (
+from selfpatch_hf.data.synthetic_scenes import (
     IGNORE_INDEX,
     SEGMENTATION_CLASSES,
     STUFF_CLASSES,
@@ -20,6 +19,7 @@ from selfpatch_hf.evaluation.offline_data import (
     object_cutouts,
     render_cutout,
 )
+from selfpatch_hf.evaluation.davis import list_sequences, load_sequence, read_indexed_mask
 
 
 def test_cutouts_are_real_images_with_masks():

@@ -10,7 +10,7 @@ import pytest
 PROBE = """
 import resource, sys
 import torch
-from selfpatch_hf.host_memory import keep_freed_host_memory
+from selfpatch_hf.training.host_memory import keep_freed_host_memory
 applied = keep_freed_host_memory() if sys.argv[1] == "keep" else None
 faults = []
 for _ in range(10):  # a training step's pattern: the same large blocks allocated and freed again and again
@@ -50,6 +50,6 @@ def test_freed_memory_is_reused_without_page_faults():
 
 @pytest.mark.skipif(platform.libc_ver()[0] == "glibc", reason="non-glibc systems only")
 def test_other_c_libraries_are_left_alone():
-    from selfpatch_hf.host_memory import keep_freed_host_memory
+    from selfpatch_hf.training.host_memory import keep_freed_host_memory
 
     assert keep_freed_host_memory() is False

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from selfpatch_hf.schedules import (
+from selfpatch_hf.training.schedules import (
     PretrainingSchedule,
     cosine_schedule,
     linear_warmup,

@@ -17,23 +17,23 @@ import torch
 from tiny_models import tiny_config, tiny_dino_config
 
 from selfpatch_hf import SelfPatchViTForPretraining
-from selfpatch_hf.checkpointing import (
+from selfpatch_hf.training.checkpointing import (
     COMPLETE_MARKER,
     CheckpointManager,
     checkpoint_step,
     list_checkpoints,
     resolve_checkpoint,
 )
-from selfpatch_hf.hub_uploads import AsyncHubUploader
-from selfpatch_hf.optimization import (
+from selfpatch_hf.training.hub_uploads import AsyncHubUploader
+from selfpatch_hf.training.optimization import (
     apply_schedule,
     build_optimizer,
     build_param_groups,
     cancel_gradients,
     clip_gradients_per_parameter,
 )
-from selfpatch_hf.preemption import StopRequest
-from selfpatch_hf.schedules import PretrainingSchedule
+from selfpatch_hf.training.preemption import StopRequest
+from selfpatch_hf.training.schedules import PretrainingSchedule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from tiny_images import write_parquet_images
 
-from selfpatch_hf.training_log import last_metrics_per_step, read_metrics
+from selfpatch_hf.training.metrics_log import last_metrics_per_step, read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "training" / "pretrain.py"

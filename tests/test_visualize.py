@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import AutoModel, ViTConfig, ViTModel
 
 from selfpatch_hf.evaluation.features import FrozenBackbone
-from selfpatch_hf.visualize import (
+from selfpatch_hf.evaluation.visualize import (
     attention_figure,
     positives_figure,
     query_attention,

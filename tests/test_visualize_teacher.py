@@ -9,7 +9,7 @@ from tiny_models import tiny_config
 
 from selfpatch_hf import SelfPatchViTForPretraining, select_positive_neighbors
 from selfpatch_hf.evaluation.cli import main
-from selfpatch_hf.visualize import teacher_positives
+from selfpatch_hf.evaluation.visualize import teacher_positives
 
 
 def test_teacher_positives_match_the_model_and_draw(tmp_path):

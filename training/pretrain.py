@@ -16,7 +16,7 @@ The run writes into `--output_dir`: `metrics.jsonl` (and tracker logs under `log
 (accelerate state + per-process data positions, written atomically), `backbone/` (the teacher's backbone as a plain
 `ViTModel` with image processor and model card, loadable with `AutoModel.from_pretrained`) and, at the end,
 `pretraining_model/` (the whole `SelfPatchViTForPretraining`). Schedules follow SELFPATCH_SPEC.md section 10, per
-optimiser step of the GLOBAL batch (processes x per-device batch x accumulation); see `selfpatch_hf.schedules`.
+optimiser step of the GLOBAL batch (processes x per-device batch x accumulation); see `selfpatch_hf.training.schedules`.
 """
 
 from __future__ import annotations
@@ -44,22 +44,22 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining, export_backbone
-from selfpatch_hf.augmentation import MultiCropAugmentation
-from selfpatch_hf.checkpointing import CHECKPOINTS_DIRNAME, CheckpointManager, list_checkpoints
 from selfpatch_hf.configuration_selfpatch import BACKBONE_PRESETS
-from selfpatch_hf.data import MultiCropDataLoader, load_image_stream
-from selfpatch_hf.host_memory import keep_freed_host_memory
-from selfpatch_hf.hub_uploads import AsyncHubUploader
+from selfpatch_hf.data.augmentation import MultiCropAugmentation
+from selfpatch_hf.data.streaming import MultiCropDataLoader, load_image_stream
 from selfpatch_hf.model_card import BackboneCardInfo
-from selfpatch_hf.optimization import (
+from selfpatch_hf.training.checkpointing import CHECKPOINTS_DIRNAME, CheckpointManager, list_checkpoints
+from selfpatch_hf.training.host_memory import keep_freed_host_memory
+from selfpatch_hf.training.hub_uploads import AsyncHubUploader
+from selfpatch_hf.training.metrics_log import METRICS_FILENAME, MetricsLog, WindowMeans
+from selfpatch_hf.training.optimization import (
     apply_schedule,
     build_optimizer,
     cancel_gradients,
     clip_gradients_per_parameter,
 )
-from selfpatch_hf.preemption import StopRequest
-from selfpatch_hf.schedules import PretrainingSchedule, ScheduleValues, optimizer_steps_per_epoch
-from selfpatch_hf.training_log import METRICS_FILENAME, MetricsLog, WindowMeans
+from selfpatch_hf.training.preemption import StopRequest
+from selfpatch_hf.training.schedules import PretrainingSchedule, ScheduleValues, optimizer_steps_per_epoch
 
 logger = get_logger(__name__)
 
@@ -389,7 +389,7 @@ def open_image_stream(data_args: DataArguments, training_args: PretrainingArgume
     dataset without images."""
     source = data_args.dataset_name
     if source == OFFLINE_SAMPLE:
-        from selfpatch_hf.sample_data import sample_dataset_path
+        from selfpatch_hf.data.sample_photographs import sample_dataset_path
 
         source = str(sample_dataset_path())  # built once, atomically (safe with several processes)
     kwargs = {"name": data_args.dataset_config_name} if data_args.dataset_config_name else {}
@@ -623,7 +623,9 @@ def train(
     logging.getLogger("selfpatch_hf").setLevel(
         logging.INFO if accelerator.is_main_process else logging.WARNING
     )
-    logging.getLogger("selfpatch_hf.data").setLevel(logging.WARNING)  # a line per data pass; skips still show
+    logging.getLogger("selfpatch_hf.data.streaming").setLevel(
+        logging.WARNING
+    )  # a line per data pass; skips still show
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     datasets.utils.logging.set_verbosity_warning()
     transformers.utils.logging.set_verbosity_warning()

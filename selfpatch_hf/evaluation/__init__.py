@@ -1,5 +1,7 @@
 """Dense evaluation of frozen vision transformers: DAVIS label propagation (J&F), linear-probe semantic
-segmentation (mIoU), k-NN classification, and offline evaluation data.
+segmentation (mIoU), k-NN classification, and the figures (attention maps, teacher positives).
+
+The offline evaluation data (synthetic scenes of real photographs) lives in `selfpatch_hf.data.synthetic_scenes`.
 
 Everything takes backbones that `AutoModel` loads (see `FrozenBackbone`); the command line is
 `python -m selfpatch_hf.evaluation --help`. Submodules are imported on first use to keep the CLI fast.
@@ -28,9 +30,9 @@ _EXPORTS = {
     "knn_classify": "knn",
     "run_knn": "knn",
     "load_metric": "evaluate_metrics",
-    "make_offline_data": "offline_data",
-    "make_sequences": "offline_data",
-    "make_segmentation_dataset": "offline_data",
+    "attention_figure": "visualize",
+    "positives_figure": "visualize",
+    "teacher_positives": "visualize",
 }
 
 __all__ = sorted(_EXPORTS)

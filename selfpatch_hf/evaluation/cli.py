@@ -361,12 +361,12 @@ def _run_visualize(args) -> int:
     import numpy as np
     import torch
 
-    from ..visualize import attention_figure, positives_figure
+    from .visualize import attention_figure, positives_figure
 
     image = _read_image(args.image)
     if args.pretraining:
         from ..modeling_selfpatch import SelfPatchViTForPretraining
-        from ..visualize import teacher_positives
+        from .visualize import teacher_positives
 
         model = SelfPatchViTForPretraining.from_pretrained(args.pretraining).eval()
         picture, grid, positives = teacher_positives(model, image, args.image_size)
@@ -399,7 +399,7 @@ def _run_visualize(args) -> int:
 
 
 def _run_make_offline_data(args) -> int:
-    from .offline_data import DATA_NOTE, make_offline_data
+    from ..data.synthetic_scenes import DATA_NOTE, make_offline_data
 
     info = make_offline_data(
         args.output_dir,

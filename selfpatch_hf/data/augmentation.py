@@ -209,7 +209,7 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(
                 f"Array images must be RGB uint8 of shape (H, W, 3), got dtype {image.dtype} and shape {image.shape}; "
-                "decode other formats with selfpatch_hf.data.decode_image first."
+                "decode other formats with selfpatch_hf.data.streaming.decode_image first."
             )
         return image if image.flags.writeable else image.copy()
     raise TypeError(f"Expected a PIL image or a numpy array, got {type(image).__name__}.")

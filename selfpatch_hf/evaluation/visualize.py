@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .evaluation.features import FrozenBackbone, resize_image
+from .features import FrozenBackbone, resize_image
 
 Query = int | tuple[float, float]
 
@@ -258,7 +258,7 @@ def teacher_positives(
     ImageNet statistics, like a training crop. Returns the resized picture, its `(h, w)` patch grid and the
     teacher's `(N, k)` positive indices, ready for `positives_figure`.
     """
-    from .modeling_selfpatch import select_positive_neighbors
+    from ..modeling_selfpatch import select_positive_neighbors
 
     config = model.config
     height, width = _size_pair(image_size if image_size is not None else config.global_crop_size)

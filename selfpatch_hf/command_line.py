@@ -1,0 +1,39 @@
+"""One error contract for every command line of the project (`selfpatch ...`, `selfpatch-convert`,
+`selfpatch-push`, `training/*.py`).
+
+- Wrong arguments raise `UsageError`: exit status 2, one line `PROG: error: MESSAGE` that names the option and
+  the fix (argparse's own `parser.error` gives the same form and status).
+- Failures at run time raise `CommandFailure`: exit status 1, one line naming the file or step and the fix.
+- Anything else is a bug of ours and keeps its traceback.
+
+Command modules define `main(argv) -> int` that raises these; `run_command` turns them into exit statuses, so no
+command needs a try/except per option.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+
+class UsageError(Exception):
+    """An argument or configuration the user gave is wrong; the message names it and says how to fix it."""
+
+    exit_status = 2
+
+
+class CommandFailure(Exception):
+    """The command could not do its work (a file, a server, a step failed); the message names what and why."""
+
+    exit_status = 1
+
+
+def run_command(
+    prog: str, main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None
+) -> int:
+    """Run `main(argv)` and turn the project's errors into `PROG: error: ...` and an exit status."""
+    try:
+        return main(argv) or 0
+    except (UsageError, CommandFailure) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return error.exit_status

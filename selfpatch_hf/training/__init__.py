@@ -1,0 +1,12 @@
+"""What the training scripts share, one concern per module:
+
+- `schedules`: learning rate, weight decay, teacher momentum and temperature as functions of the optimiser step;
+- `optimization`: AdamW parameter groups, per-tensor gradient clipping, last-layer freezing;
+- `checkpointing`: atomic, rotating, verifiable checkpoints with per-process stream positions;
+- `preemption`: SIGTERM / Ctrl-C turned into a checkpoint at the next step boundary;
+- `metrics_log`: the `metrics.jsonl` record of a run;
+- `hub_uploads`: background, retried Hub uploads of exported backbones;
+- `host_memory`: keeping freed host memory for reuse on CPU training.
+
+Nothing here imports the top-level `training/` scripts.
+"""
