@@ -11,7 +11,7 @@ two names (paired over common seeds when seeds are given).
         --backbone selfpatch@1=runs/selfpatch-s1/backbone --backbone dino@1=runs/dino-s1/backbone
 
 The data are built under --data-dir on first use (about 20 s). Propagation follows the DAVIS protocol of
-SELFPATCH_SPEC.md section 12 with the short side scaled to the 240-pixel frames (--short-side 240).
+docs/method.md section 12 with the short side scaled to the 240-pixel frames (--short-side 240).
 `evaluate_backbone` is importable for scripts that pretrain first and evaluate afterwards.
 """
 

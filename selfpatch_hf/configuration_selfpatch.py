@@ -8,7 +8,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig, ViTConfig
 from transformers.configuration_utils import SubConfigSpec
 
-# ViT backbones of the paper (SELFPATCH_SPEC.md section 2). DINO/timm conventions: exact GELU, LayerNorm eps 1e-6,
+# ViT backbones of the paper (docs/method.md section 2). DINO/timm conventions: exact GELU, LayerNorm eps 1e-6,
 # biased qkv. `image_size` is the resolution of the learned position grid (global crops); other crop sizes are
 # handled by interpolating the position embeddings.
 _VIT_COMMON: dict[str, Any] = {
@@ -74,7 +74,7 @@ class SelfPatchConfig(PreTrainedConfig):
     r"""
     Configuration of [`SelfPatchViTForPretraining`]: a `transformers.ViTModel` backbone (held as a real `ViTConfig`
     in `backbone_config`, so that exported backbones save `model_type: "vit"`) plus every knob of the SelfPatch
-    method. Defaults follow the reference ViT-S/16 ImageNet run (SELFPATCH_SPEC.md).
+    method. Defaults follow the reference ViT-S/16 ImageNet run (docs/method.md section 10).
 
     backbone_config (`ViTConfig` or `dict`, *optional*):
         The ViT backbone. Defaults to ViT-S/16 with DINO conventions (exact GELU, LayerNorm eps 1e-6).

@@ -3,7 +3,7 @@
 Inputs (read with `torch.load(weights_only=True)`; the format is detected from the keys):
 
 - SelfPatch reference training checkpoints (`student`/`teacher` with `backbone.`, `ca_head.`, `c_head.`,
-  `p_head.` and DDP's `module.` prefixes) and flat backbone-only files (SELFPATCH_SPEC.md section 11);
+  `p_head.` and DDP's `module.` prefixes) and flat backbone-only files (docs/method.md section 11);
 - DINO training checkpoints (`student`/`teacher` with `backbone.` and `head.`) and flat backbone files (with
   `cls_token` and the final `norm`).
 
@@ -513,7 +513,7 @@ def validate_checkpoint(checkpoint: ReferenceCheckpoint, arch: BackboneArchitect
 
 
 def _split_qkv(state: Mapping[str, torch.Tensor], n: int, dim: int) -> dict[str, torch.Tensor]:
-    # The fused projection stacks rows [0:D] query, [D:2D] key, [2D:3D] value (SELFPATCH_SPEC.md section 11).
+    # The fused projection stacks rows [0:D] query, [D:2D] key, [2D:3D] value (docs/method.md section 11).
     weight, bias = state[f"blocks.{n}.attn.qkv.weight"], state[f"blocks.{n}.attn.qkv.bias"]
     return {
         "q.weight": weight[:dim],

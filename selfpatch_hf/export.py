@@ -2,7 +2,7 @@
 
 The exported folder needs neither this package nor remote code: `AutoModel.from_pretrained(folder)` builds a
 `ViTModel` whose `last_hidden_state[:, 1:]` is exactly the per-patch representation the patch loss trained
-(the output norm is the ViT's final `layernorm`, SELFPATCH_SPEC.md section 2).
+(the output norm is the ViT's final `layernorm`, docs/method.md section 2).
 """
 
 from __future__ import annotations

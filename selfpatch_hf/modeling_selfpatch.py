@@ -1,6 +1,6 @@
 """SelfPatch pretraining model: DINO plus the patch-level objective of Yun et al. (CVPR 2022).
 
-The module follows SELFPATCH_SPEC.md sections 3-8 in order: neighbourhood table, positive matching, aggregation
+The module follows docs/method.md sections 3-8 in order: neighbourhood table, positive matching, aggregation
 module, projection heads, losses and centres, teacher. Notation: B images, V views (G global + L local crops),
 N patches of a view on an h x w grid, D hidden size, k positives, M neighbours per patch.
 """
@@ -82,7 +82,7 @@ def build_neighbor_table(
 def select_positive_neighbors(
     patch_features: torch.Tensor, grid: tuple[int, int], num_positives: int, window: int | str = 3
 ) -> torch.Tensor:
-    """The `num_positives` neighbours most cosine-similar to each patch (SELFPATCH_SPEC.md section 4).
+    """The `num_positives` neighbours most cosine-similar to each patch (docs/method.md section 4).
 
     Args:
         patch_features: `(B, N, D)` raw patch features (teacher, before the output norm), N = h * w row-major.
@@ -205,7 +205,7 @@ class SelfPatchAggregation(nn.Module):
     """The aggregation module h: a learnable class token refined by class-attention blocks over a set of tokens.
 
     Its final norm is the backbone's output norm (`ViTModel.layernorm`), applied by the caller, so that it is shared
-    with everything else that reads the backbone (SELFPATCH_SPEC.md section 2).
+    with everything else that reads the backbone (docs/method.md section 2).
     """
 
     def __init__(self, config: SelfPatchConfig):
@@ -712,7 +712,7 @@ class SelfPatchViTForPretraining(SelfPatchPreTrainedModel):
 
         # Student: every view. Views of one resolution run as one batch (view-major).
         student = self.student(groups, patch_logits=use_patch)
-        # Teacher: the globals for the image targets; with the patch objective every view (SELFPATCH_SPEC.md 7).
+        # Teacher: the globals for the image targets; with the patch objective every view (docs/method.md section 7).
         with torch.no_grad():
             teacher = self.teacher(groups if use_patch else global_groups, patch_targets=use_patch)
 

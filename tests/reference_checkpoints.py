@@ -1,4 +1,4 @@
-"""Checkpoints in the reference SelfPatch / DINO key formats (SELFPATCH_SPEC.md section 11), with random weights,
+"""Checkpoints in the reference SelfPatch / DINO key formats (docs/method.md section 11), with random weights,
 and an independent re-implementation of the reference forward pass to compare converted models with.
 
 Nothing here imports `selfpatch_hf`: the reference side of every comparison is built from the spec alone.

@@ -1,4 +1,4 @@
-"""The multi-crop recipe (SELFPATCH_SPEC.md section 9) against independent PIL / torchvision-semantics references."""
+"""The multi-crop recipe (docs/method.md section 9) against independent PIL / torchvision-semantics references."""
 
 from __future__ import annotations
 

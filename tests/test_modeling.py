@@ -1,4 +1,4 @@
-"""SelfPatchViTForPretraining against independent, loop-based implementations of SELFPATCH_SPEC.md sections 3-8."""
+"""SelfPatchViTForPretraining against independent, loop-based implementations of docs/method.md sections 3-8."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Schedules of SELFPATCH_SPEC.md section 10, per optimiser step, against independent computations."""
+"""Schedules of docs/method.md section 10, per optimiser step, against independent computations."""
 
 from __future__ import annotations
 

@@ -458,7 +458,7 @@ def test_shipped_recipes_parse_and_build_valid_configs(recipe, tmp_path):
         assert config.image_representation == "cls" and not config.use_patch_objective
     else:
         assert config.image_representation == "aggregation" and config.patch_loss_weight == 0.1
-    if "imagenet" in recipe.stem:  # the reference run of SELFPATCH_SPEC.md section 10
+    if "imagenet" in recipe.stem:  # the reference run of docs/method.md section 10
         assert config.backbone_config.hidden_size == 384 and config.patch_size == 16
         assert (config.global_crop_size, config.local_crop_size, config.num_local_crops) == (224, 96, 8)
         assert (config.image_out_dim, config.drop_path_rate) == (65536, 0.1)

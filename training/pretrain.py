@@ -15,7 +15,7 @@ override the file. `config_overrides` sets any field of `SelfPatchConfig` or of 
 The run writes into `--output_dir`: `metrics.jsonl` (and tracker logs under `logs/`), `checkpoints/checkpoint-<step>`
 (accelerate state + per-process data positions, written atomically), `backbone/` (the teacher's backbone as a plain
 `ViTModel` with image processor and model card, loadable with `AutoModel.from_pretrained`) and, at the end,
-`pretraining_model/` (the whole `SelfPatchViTForPretraining`). Schedules follow SELFPATCH_SPEC.md section 10, per
+`pretraining_model/` (the whole `SelfPatchViTForPretraining`). Schedules follow docs/method.md section 10, per
 optimiser step of the GLOBAL batch (processes x per-device batch x accumulation); see `selfpatch_hf.training.schedules`.
 """
 

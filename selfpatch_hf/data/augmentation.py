@@ -1,4 +1,4 @@
-"""DINO / SelfPatch multi-crop augmentation (SELFPATCH_SPEC.md section 9).
+"""DINO / SelfPatch multi-crop augmentation (docs/method.md section 9).
 
 Public API
 ----------
@@ -71,7 +71,7 @@ import albumentations as A  # noqa: E402
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Recipe constants of SELFPATCH_SPEC.md section 9 (identical to DINO's reference code).
+# Recipe constants of docs/method.md section 9 (identical to DINO's reference code).
 FLIP_PROBABILITY = 0.5
 COLOR_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
 COLOR_JITTER_PROBABILITY = 0.8

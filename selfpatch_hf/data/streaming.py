@@ -412,7 +412,8 @@ def _identity(item: Any) -> Any:
 
 
 def _init_worker(worker_id: int) -> None:
-    # Workers share the machine's cores with the training process: one thread each (see HF_NOTES, torch section).
+    # Workers share the machine's cores with the training process: one thread each, or the
+    # workers' default thread pools (one thread per core each) oversubscribe the cores.
     torch.set_num_threads(1)
     try:
         import cv2

@@ -1,6 +1,6 @@
 """Semi-supervised video object segmentation by label propagation on frozen patch features.
 
-The protocol of DINO / SelfPatch (SELFPATCH_SPEC.md section 12, reference: DINO's
+The protocol of DINO / SelfPatch (docs/method.md section 12, reference: DINO's
 `eval_video_segmentation.py`):
 
 1. frames are resized so that the short side is `short_side` (480) and the long side is floored to a

@@ -1,5 +1,5 @@
 """The optimiser side of SelfPatch / DINO pretraining: parameter groups, per-tensor gradient clipping, last-layer
-freezing, and applying a step's schedule values (SELFPATCH_SPEC.md section 10; DINO's `utils.get_params_groups`,
+freezing, and applying a step's schedule values (docs/method.md section 10; DINO's `utils.get_params_groups`,
 `utils.clip_gradients`, `utils.cancel_gradients_last_layer`).
 """
 

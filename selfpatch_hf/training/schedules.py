@@ -1,4 +1,4 @@
-"""Per-optimiser-step schedules of SelfPatch / DINO pretraining (SELFPATCH_SPEC.md section 10).
+"""Per-optimiser-step schedules of SelfPatch / DINO pretraining (docs/method.md section 10).
 
 Every schedule is a pure function of the optimiser step, so a run is right for any number of processes and any
 gradient accumulation: an epoch is `steps_per_epoch = samples_per_epoch // global_batch_size` optimiser steps, and
@@ -149,7 +149,7 @@ class PretrainingSchedule:
         warmup_teacher_temperature_epochs: float = 0,
         freeze_last_layer_epochs: float = 1,
     ) -> PretrainingSchedule:
-        """Converts the reference recipe's epoch-based settings to steps (defaults: SELFPATCH_SPEC.md section 10).
+        """Converts the reference recipe's epoch-based settings to steps (defaults: docs/method.md section 10).
 
         Warm-ups longer than the run (short runs) are cut to the run's length.
         """
