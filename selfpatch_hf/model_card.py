@@ -1,8 +1,9 @@
 """Model cards of published backbones: what the weights are, where they came from, how they were trained.
 
-The card is rendered from a Jinja template (`model_cards/backbone.md` at the top of the repository, shipped inside
-the package as `selfpatch_hf/model_card_template.md`) with `huggingface_hub.ModelCard.from_template`, so its YAML
-metadata (`library_name`, `pipeline_tag`, tags, license, datasets, `model-index`) is what the Hub validates.
+The card is rendered from the package's Jinja template (`selfpatch_hf/model_card_template.md`, its only copy) with
+`huggingface_hub.ModelCard.from_template`, so its YAML metadata (`library_name`, `pipeline_tag`, tags, license,
+datasets, `model-index`) is what the Hub validates. Only Hub dataset ids go into the `datasets` metadata (the Hub
+links them); data that is not on the Hub (local files, the offline sample) is described in the card's body.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 TEMPLATE_NAME = "model_card_template.md"
 # Placeholder of the model id in the card's usage snippet; `selfpatch_hf.hub` replaces it with the repo id it
@@ -74,7 +77,8 @@ class BackboneCardInfo:
     exported_network: Literal["teacher", "student"] = "teacher"
     warnings: list[str] = field(default_factory=list)  # stated prominently at the top of the card
     # ---- training recipe
-    datasets: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)  # Hub dataset ids only: they become the card's metadata
+    training_data: str | None = None  # training data that is not a Hub dataset, described in the card's body
     epochs: float | None = None
     steps: int | None = None
     global_batch_size: int | None = None
@@ -94,6 +98,17 @@ class BackboneCardInfo:
     repo_id: str | None = None  # where it is published, if known (else a placeholder in the usage snippet)
     extra_tags: list[str] = field(default_factory=list)
     notes: str | None = None  # free text appended to the description
+
+    def __post_init__(self) -> None:
+        for dataset in self.datasets:
+            try:
+                validate_repo_id(dataset)
+            except HFValidationError as error:
+                raise ValueError(
+                    f"datasets lists {dataset!r}, which is not a Hub dataset id ({error}). `datasets` becomes the "
+                    "card's metadata, which the Hub links to its dataset pages: describe local data with "
+                    "training_data=... instead."
+                ) from error
 
     @classmethod
     def from_selfpatch_config(cls, config: Any, **fields: Any) -> BackboneCardInfo:
@@ -124,7 +139,7 @@ class BackboneCardInfo:
 
 # ----------------------------------------------------------------------------------------------------------- template
 def template_path() -> Path:
-    """The card template shipped with the package (identical to the repository's `model_cards/backbone.md`)."""
+    """The card template shipped with the package (the only copy; `model_cards/README.md` shows how to preview it)."""
     return Path(str(resources.files("selfpatch_hf").joinpath(TEMPLATE_NAME)))
 
 
@@ -209,10 +224,17 @@ def _provenance(info: BackboneCardInfo) -> str:
     return f"Trained with `selfpatch-hf`; this is {network}'s backbone (the EMA teacher is what evaluations load)."
 
 
+def _training_data(info: BackboneCardInfo) -> str | None:
+    parts = [f"[{dataset}](https://huggingface.co/datasets/{dataset})" for dataset in info.datasets]
+    if info.training_data:
+        parts.append(info.training_data)
+    return "; ".join(parts) or None
+
+
 def _recipe_rows(info: BackboneCardInfo) -> list[tuple[str, str]]:
     rows: list[tuple[str, Any]] = [
         ("objective", "SelfPatch (DINO + patch-level loss)" if info.objective == "selfpatch" else "DINO"),
-        ("datasets", ", ".join(info.datasets) if info.datasets else None),
+        ("training data", _training_data(info)),
         ("epochs", info.epochs),
         ("optimisation steps", info.steps),
         ("global batch size", info.global_batch_size),

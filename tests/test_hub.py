@@ -26,7 +26,6 @@ from selfpatch_hf.model_card import (
     REPO_ID_PLACEHOLDER,
     BackboneCardInfo,
     render_backbone_card,
-    template_path,
     write_backbone_card,
 )
 
@@ -142,12 +141,36 @@ def test_card_usage_snippet_runs_on_an_exported_folder(trained, tmp_path):
     assert tuple(namespace["feature_map"].shape) == (4, 4, 32)
 
 
-def test_template_shipped_in_the_package_is_the_repository_template():
-    assert template_path().is_file()
-    assert template_path().read_text() == (REPO_ROOT / "model_cards" / "backbone.md").read_text(), (
-        "model_cards/backbone.md and selfpatch_hf/model_card_template.md must be identical (the package ships the "
-        "second): copy the one you edited over the other."
+def test_card_metadata_lists_only_hub_datasets_and_describes_local_data():
+    # local data is described in the body; the metadata (which the Hub links to dataset pages) stays empty
+    local = render_backbone_card(card_info(datasets=[], training_data="13 local photographs"))
+    assert local.data.datasets is None and "| training data | 13 local photographs |" in local.content
+    hub = render_backbone_card(card_info(datasets=["ILSVRC/imagenet-1k"]))
+    assert hub.data.datasets == ["ILSVRC/imagenet-1k"]
+    assert "[ILSVRC/imagenet-1k](https://huggingface.co/datasets/ILSVRC/imagenet-1k)" in hub.content
+    for path in ("/data/shards/*.parquet", "./images", "data/**/*.jpg"):
+        with pytest.raises(ValueError, match="not a Hub dataset id.*training_data"):
+            card_info(datasets=[path])
+
+
+def test_pretraining_script_names_only_hub_datasets_in_the_card(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_for_cards", REPO_ROOT / "training" / "pretrain.py"
     )
+    pretrain = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pretrain  # its dataclasses look their module up
+    spec.loader.exec_module(pretrain)
+    sample = pretrain.card_training_data(pretrain.OFFLINE_SAMPLE)
+    assert "datasets" not in sample and "scikit-image" in sample["training_data"]
+    assert pretrain.card_training_data("ILSVRC/imagenet-1k") == {"datasets": ["ILSVRC/imagenet-1k"]}
+    (tmp_path / "shards").mkdir()
+    for local in (str(tmp_path / "shards"), str(tmp_path / "*.parquet"), "images/train.tar"):
+        assert pretrain.card_training_data(local) == {"training_data": f"local files (`{local}`)"}
+    # the demo recipe's card: rendered without any dataset metadata
+    card = render_backbone_card(card_info(datasets=[], **sample))
+    assert card.data.datasets is None and "offline sample" in card.content
 
 
 # ------------------------------------------------------------------------------------------------------ checks

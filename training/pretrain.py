@@ -384,6 +384,18 @@ def build_config(model_args: ModelArguments, overrides: dict[str, Any]) -> SelfP
     return config
 
 
+def card_training_data(dataset_name: str) -> dict[str, Any]:
+    """How the model card names the training data: a Hub dataset id goes into its `datasets` metadata; the offline
+    sample and local files are described in its body (they are no Hub datasets)."""
+    from selfpatch_hf.data.sample_photographs import SAMPLE_DATASET_DESCRIPTION
+    from selfpatch_hf.data.streaming import hub_dataset_id
+
+    if dataset_name == OFFLINE_SAMPLE:
+        return {"training_data": SAMPLE_DATASET_DESCRIPTION}
+    hub_id = hub_dataset_id(dataset_name)
+    return {"datasets": [hub_id]} if hub_id else {"training_data": f"local files (`{dataset_name}`)"}
+
+
 def open_image_stream(data_args: DataArguments, training_args: PretrainingArguments):
     """The dataset as a stream of undecoded images and its image column; fails early on a missing dataset or a
     dataset without images."""
@@ -757,7 +769,7 @@ def train(
                 config,
                 architecture=model_args.preset,
                 source="trained",
-                datasets=[data_args.dataset_name],
+                **card_training_data(data_args.dataset_name),
                 epochs=round(step / steps_per_epoch, 4),
                 steps=step,
                 global_batch_size=global_batch_size,

@@ -16,7 +16,7 @@ Public API
 - `python -m selfpatch_hf.data.sample_photographs [--output-dir DIR] [--num-shards N]` prints the dataset folder.
 
 Only images whose licence scikit-image documents as public domain, CC0 or "no known copyright restrictions" are used
-(scikit-image's stereo `motorcycle` pair and `moon` are left out: their licence is not stated).
+(scikit-image's stereo `motorcycle` pair and `moon` are left out: scikit-image states no licence for them).
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ import numpy as np
 from PIL import Image
 
 SAMPLE_DATASET_VERSION = 1
+# How model cards name this dataset (it is built locally, so it is no Hub dataset id for their metadata).
+SAMPLE_DATASET_DESCRIPTION = (
+    "the offline sample: 13 photographs bundled with scikit-image (public domain, CC0 or no known copyright "
+    "restrictions), built locally by `selfpatch_hf.data.sample_photographs`"
+)
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,19 @@ def _looks_like_local_path(source: str) -> bool:
     )
 
 
+def hub_dataset_id(source: str) -> str | None:
+    """`source` when `load_image_stream` reads it from the Hugging Face Hub, `None` when it is local data (an
+    existing path, a glob, or something written as a path). Model cards list only Hub ids as datasets."""
+    expanded = os.path.expanduser(source[len("file://") :] if source.startswith("file://") else source)
+    if (
+        os.path.exists(expanded)
+        or any(char in expanded for char in _GLOB_CHARS)
+        or _looks_like_local_path(source)
+    ):
+        return None
+    return source
+
+
 def _load(source: str, split: str, token: str | bool | None, streaming: bool, **kwargs: Any):
     """`datasets.load_dataset` with the source kind resolved and errors explained."""
     expanded = os.path.expanduser(source[len("file://") :] if source.startswith("file://") else source)
@@ -878,5 +891,6 @@ __all__ = [
     "as_raw_image_stream",
     "build_pretraining_dataloader",
     "decode_image",
+    "hub_dataset_id",
     "load_image_stream",
 ]

@@ -19,6 +19,10 @@ disjoint coins; the other objects reappear under new poses, sizes and photometri
 
 These scenes are much easier than DAVIS or ADE20K and say nothing absolute about those benchmarks; they
 serve to compare backbones under identical conditions offline.
+
+Licences: `SOURCES` gives each image's licence as scikit-image documents it. For `moon` and `stereo_motorcycle`
+scikit-image states none, so the scenes are built on the user's machine from the installed wheel and are not meant
+to be redistributed (the offline pretraining sample of `sample_photographs` leaves both out for that reason).
 """
 
 from __future__ import annotations
@@ -54,12 +58,14 @@ SOURCES = {
     "gravel": "skimage.data.gravel: CC0",
     "horse": "skimage.data.horse: silhouette, CC0",
     "hubble_deep_field": "skimage.data.hubble_deep_field: NASA/ESA, public domain",
-    "immunohistochemistry": "skimage.data.immunohistochemistry: public domain",
-    "logo": "skimage.data.logo: scikit-image logo, BSD",
-    "moon": "skimage.data.moon: public domain",
-    "retina": "skimage.data.retina: Hacker, CC0",
+    "immunohistochemistry": "skimage.data.immunohistochemistry: CMMI, no known copyright restrictions",
+    "logo": "skimage.data.logo: the scikit-image logo; scikit-image states no separate licence for it",
+    "moon": "skimage.data.moon: surface of the moon; scikit-image states no licence for it",
+    "retina": "skimage.data.retina: Mikael Häggström, Wikimedia Commons, CC0",
     "rocket": "skimage.data.rocket: SpaceX, public domain",
-    "stereo_motorcycle": "skimage.data.stereo_motorcycle: Middlebury stereo, freely available",
+    "stereo_motorcycle": (
+        "skimage.data.stereo_motorcycle: Middlebury 2014 stereo benchmark; scikit-image states no licence for it"
+    ),
 }
 
 _CUTOUT_MAX_SIDE = 256
