@@ -14,6 +14,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from .command_line import CommandFailure, UsageError, run_command
 
 # subcommand -> (module with a `main(argv)`, one-line help); imported only when used, so `--help` stays fast
 DELEGATES: dict[str, tuple[str, str]] = {
@@ -26,7 +29,7 @@ DELEGATES: dict[str, tuple[str, str]] = {
 }
 
 
-def export_main(argv: Sequence[str] | None = None) -> int:
+def _export(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="selfpatch export",
         description="Export the backbone of a saved SelfPatchViTForPretraining as a plain ViTModel folder "
@@ -40,14 +43,25 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         "--source", choices=("teacher", "student"), default="teacher", help="default: teacher"
     )
     args = parser.parse_args(argv)
+    if Path(args.output_dir).is_file():
+        raise UsageError(f"output_dir {args.output_dir} is a file: give a folder (it is created if missing).")
 
     from .export import export_backbone
     from .modeling_selfpatch import SelfPatchViTForPretraining
 
-    model = SelfPatchViTForPretraining.from_pretrained(args.pretraining_dir)
+    try:
+        model = SelfPatchViTForPretraining.from_pretrained(args.pretraining_dir)
+    except OSError as error:  # transformers' "is not a local folder and is not a valid model identifier" etc.
+        raise CommandFailure(
+            f"cannot load a SelfPatchViTForPretraining from {args.pretraining_dir}: {error}".splitlines()[0]
+        ) from error
     path = export_backbone(model, args.output_dir, source=args.source)
     print(f"Exported the {args.source} backbone to {path}")
     return 0
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    return run_command("selfpatch export", _export, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,12 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.update({name: help_text for name, (_, help_text) in DELEGATES.items()})
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         lines = "\n".join(f"  {name:<8} {text}" for name, text in commands.items())
-        print(
-            f"usage: selfpatch COMMAND [ARGS]\n\ncommands:\n{lines}\n\nRun `selfpatch COMMAND --help` for details."
-        )
+        usage = f"usage: selfpatch COMMAND [ARGS]\n\ncommands:\n{lines}\n\nRun `selfpatch COMMAND --help` for details."
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nselfpatch: unknown command {argv[0]!r}", file=sys.stderr)
+            print(usage, file=sys.stderr)
+            print(
+                f"selfpatch: error: unknown command {argv[0]!r}; choose one of {', '.join(commands)}.",
+                file=sys.stderr,
+            )
             return 2
+        print(usage)
         return 0
     name, rest = argv[0], argv[1:]
     if name == "export":

@@ -26,19 +26,25 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
+import shutil
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.nn.functional as F
-from transformers import AutoModel, SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTModel
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from .command_line import CommandFailure, UsageError, run_command
 
-from .model_card import BackboneCardInfo, write_backbone_card
+# torch and transformers are imported inside the functions that use them, so `selfpatch-convert --help` is fast.
+if TYPE_CHECKING:
+    import torch
+    from transformers import SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTModel
+
+    from .model_card import BackboneCardInfo
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +100,8 @@ class ReferenceCheckpoint:
 
 
 def _torch_load(path: Path) -> Any:
+    import torch
+
     # Reference scripts save `args` as an argparse.Namespace: the only non-tensor global we allow.
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -109,6 +117,8 @@ def _torch_load(path: Path) -> Any:
 
 
 def _is_tensor_dict(value: Any) -> bool:
+    import torch
+
     return (
         isinstance(value, Mapping)
         and len(value) > 0
@@ -176,6 +186,23 @@ def _network_checkpoint(
     )
 
 
+def _training_args(args: Any, path: Path) -> dict[str, Any]:
+    """The reference scripts' `args` (an argparse.Namespace) as a dict. They only fill in metadata and head
+    settings, so anything else (a string, a list) is ignored with a warning instead of stopping the conversion."""
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    if isinstance(args, Mapping) and all(isinstance(key, str) for key in args):
+        return dict(args)
+    if args is not None:
+        logger.warning(
+            "%s: ignoring its 'args' entry (a %s, not the reference scripts' argparse.Namespace); the "
+            "architecture comes from the weights and the model card lacks the training settings.",
+            path.name,
+            type(args).__name__,
+        )
+    return {}
+
+
 def load_reference_checkpoint(
     path: str | Path, network: Literal["teacher", "student"] = "teacher"
 ) -> ReferenceCheckpoint:
@@ -211,8 +238,7 @@ def load_reference_checkpoint(
         if other is not None and other.format != main.format:
             raise ConversionError(f"{path}: student is {other.format} but teacher is {main.format}.")
         main.other_network = other
-        args = obj.get("args")
-        main.args = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
+        main.args = _training_args(obj.get("args"), path)
         main.epoch = obj.get("epoch") if isinstance(obj.get("epoch"), int) else None
         loss_state = obj.get("dino_loss")
         if isinstance(loss_state, Mapping):
@@ -291,6 +317,21 @@ def _arch_from_name(name: str) -> tuple[int, int]:
     return REFERENCE_ARCHS[name]
 
 
+def _dims(state: Mapping[str, torch.Tensor], where: Iterable[tuple[str, int]]) -> list[int]:
+    """The size along `axis` of each named tensor that exists and has that axis."""
+    sizes = []
+    for key, axis in where:
+        tensor = state.get(key)
+        if tensor is not None and tensor.ndim > (axis if axis >= 0 else -axis - 1):
+            sizes.append(int(tensor.shape[axis]))
+    return sizes
+
+
+def _majority(sizes: list[int]) -> int | None:
+    """The most frequent size (ties: the first seen); None when nothing shows it."""
+    return Counter(sizes).most_common(1)[0][0] if sizes else None
+
+
 def infer_architecture(
     checkpoint: ReferenceCheckpoint, arch: str | None = None, num_heads: int | None = None
 ) -> BackboneArchitecture:
@@ -304,13 +345,45 @@ def infer_architecture(
             f"{where}: patch_embed.proj.weight must be a (D, 3, p, p) conv kernel, got "
             f"{None if proj is None else tuple(proj.shape)}."
         )
-    hidden, patch = proj.shape[0], proj.shape[-1]
+    patch = proj.shape[-1]
     block_ids = sorted({int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))})
     if not block_ids or block_ids != list(range(len(block_ids))):
         raise ConversionError(f"{where}: transformer blocks must be numbered 0..L-1, found {block_ids}.")
-    fc1 = state.get("blocks.0.mlp.fc1.weight")
-    if fc1 is None:
-        raise ConversionError(f"{where}: missing blocks.0.mlp.fc1.weight.")
+    # Sizes are read off every tensor that shows them and the majority wins, so that one damaged tensor is
+    # reported as the one mis-shaped key instead of making all of its well-shaped siblings look wrong.
+    hidden = _majority(
+        _dims(state, [("patch_embed.proj.weight", 0), ("patch_embed.proj.bias", 0), ("pos_embed", -1)])
+        + _dims(
+            state,
+            [
+                (f"blocks.{n}.{name}", axis)
+                for n in block_ids
+                for name, axis in (
+                    ("norm1.weight", 0),
+                    ("norm1.bias", 0),
+                    ("norm2.weight", 0),
+                    ("norm2.bias", 0),
+                    ("attn.proj.weight", 0),
+                    ("attn.proj.bias", 0),
+                    ("mlp.fc2.bias", 0),
+                )
+            ],
+        )
+    )
+    intermediate = _majority(
+        _dims(
+            state,
+            [
+                (f"blocks.{n}.{name}", axis)
+                for n in block_ids
+                for name, axis in (("mlp.fc1.weight", 0), ("mlp.fc1.bias", 0), ("mlp.fc2.weight", 1))
+            ],
+        )
+    )
+    if intermediate is None:
+        raise ConversionError(
+            f"{where}: no MLP weights (blocks.N.mlp.fc1.weight) to read the MLP width from."
+        )
     has_cls = checkpoint.family == "dino"
     pos = state.get("pos_embed")
     if pos is None or pos.ndim != 3:
@@ -365,7 +438,7 @@ def infer_architecture(
         hidden_size=hidden,
         num_hidden_layers=len(block_ids),
         num_attention_heads=heads,
-        intermediate_size=fc1.shape[0],
+        intermediate_size=intermediate,
         patch_size=patch,
         image_size=side * patch,
         has_cls_token=has_cls,
@@ -469,11 +542,19 @@ def infer_head(state: Mapping[str, torch.Tensor], in_dim: int, where: str) -> He
             in_dim, state["mlp.weight"].shape[0], state["mlp.weight"].shape[0], v.shape[0], 1
         )
     else:
+        last = linear_ids[-1]
+        inner = [i for i in linear_ids if i != last]
+        # majority of every tensor that shows a size (see `infer_architecture`)
+        hidden = _dims(state, [(f"mlp.{i}.{kind}", 0) for i in inner for kind in ("weight", "bias")])
+        hidden += _dims(state, [(f"mlp.{i}.weight", 1) for i in linear_ids if i != 0])
+        bottleneck = _dims(
+            state, [(f"mlp.{last}.weight", 0), (f"mlp.{last}.bias", 0), ("last_layer.weight_v", 1)]
+        )
         head = HeadArchitecture(
             in_dim=in_dim,
-            hidden_dim=state["mlp.0.weight"].shape[0],
-            bottleneck_dim=state[f"mlp.{linear_ids[-1]}.weight"].shape[0],
-            out_dim=v.shape[0],
+            hidden_dim=_majority(hidden) or state["mlp.0.weight"].shape[0],
+            bottleneck_dim=_majority(bottleneck),
+            out_dim=_majority(_dims(state, [("last_layer.weight_v", 0), ("last_layer.weight_g", 0)])),
             num_layers=len(linear_ids),
         )
     _check_keys(state, head.expected_keys(), where)
@@ -505,6 +586,39 @@ def validate_checkpoint(checkpoint: ReferenceCheckpoint, arch: BackboneArchitect
             )
         if side.patch_head is not None:
             infer_head(side.patch_head, arch.hidden_size, f"{label} p_head")
+    non_finite = []
+    for side in sides:
+        label = f"[{side.network!r}] " if side.network else ""
+        parts = {
+            "backbone.": side.backbone,
+            "ca_head.": side.aggregation,
+            ("c_head." if side.family == "selfpatch" else "head."): side.image_head,
+            "p_head.": side.patch_head,
+        }
+        for prefix, part in parts.items():
+            non_finite += [f"{label}{prefix}{key}" for key in _non_finite_keys(part or {})]
+    centers = {"dino_loss.center": checkpoint.image_center, "dino_loss.patch_center": checkpoint.patch_center}
+    non_finite += [
+        f"{name}" for name in _non_finite_keys({k: v for k, v in centers.items() if v is not None})
+    ]
+    if non_finite:
+        raise ConversionError(
+            f"{checkpoint.path} holds non-finite weights (NaN or infinity) in {len(non_finite)} tensor(s): "
+            f"{_listing(non_finite)}. The checkpoint is damaged or was saved after training diverged; convert an "
+            "earlier checkpoint of the run."
+        )
+
+
+def _non_finite_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    import torch
+
+    return [
+        key
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -548,6 +662,8 @@ def _block_weights(
 
 
 def vit_config(arch: BackboneArchitecture) -> ViTConfig:
+    from transformers import ViTConfig
+
     # pooler_act "linear": with an identity `pooler.dense` (see `dino_backbone_to_vit`), pooler_output is the CLS
     # token after the final norm, DINO's image representation.
     return ViTConfig(
@@ -569,6 +685,8 @@ def vit_config(arch: BackboneArchitecture) -> ViTConfig:
 
 
 def siglip_config(arch: BackboneArchitecture) -> SiglipVisionConfig:
+    from transformers import SiglipVisionConfig
+
     return SiglipVisionConfig(
         hidden_size=arch.hidden_size,
         num_hidden_layers=arch.num_hidden_layers,
@@ -594,6 +712,9 @@ def dino_backbone_to_vit(
     `identity_pooler` the saved pooler is the identity (pooler_act "linear"), so `pooler_output` (and
     `pipeline(..., pool=True)`) is DINO's image representation, the normalised CLS token, and nothing is random.
     """
+    import torch
+    from transformers import ViTModel
+
     d = arch.hidden_size
     converted = {
         "embeddings.cls_token": state["cls_token"],
@@ -634,6 +755,9 @@ def selfpatch_backbone_to_siglip(
 ) -> SiglipVisionModel:
     """A `SiglipVisionModel` (no head) holding a CLS-free SelfPatch backbone; `output_norm` = `ca_head.norm`
     (weight, bias) becomes `post_layernorm`. `None` leaves a parameter-free standardisation (weight 1, bias 0)."""
+    import torch
+    from transformers import SiglipVisionModel
+
     d = arch.hidden_size
     if output_norm is None:
         output_norm = (torch.ones(d), torch.zeros(d))
@@ -671,6 +795,7 @@ def build_image_processor(arch: BackboneArchitecture, model_type: str):
     The class is the one `AutoImageProcessor` maps from the model type (ViT / SigLIP); the PIL backend is used
     where available so that no torchvision is needed, and both save the same `image_processor_type`."""
     import transformers
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
     names = {"vit": "ViTImageProcessor", "siglip_vision_model": "SiglipImageProcessor"}
     name = names[model_type]
@@ -691,7 +816,6 @@ def build_image_processor(arch: BackboneArchitecture, model_type: str):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def reference_backbone_forward(
     state: Mapping[str, torch.Tensor],
     arch: BackboneArchitecture,
@@ -701,6 +825,21 @@ def reference_backbone_forward(
     """The timm/DINO ViT forward of the reference code on its own state dict, at the native resolution:
     patch conv, [CLS,] + pos_embed, pre-norm blocks with fused qkv, then `output_norm` (DINO's `norm` or
     SelfPatch's `ca_head.norm`; `None` = LayerNorm without affine)."""
+    import torch
+
+    with torch.no_grad():
+        return _reference_forward(state, arch, pixel_values, output_norm)
+
+
+def _reference_forward(
+    state: Mapping[str, torch.Tensor],
+    arch: BackboneArchitecture,
+    pixel_values: torch.Tensor,
+    output_norm: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
     d, heads = arch.hidden_size, arch.num_attention_heads
     x = F.conv2d(
         pixel_values,
@@ -768,6 +907,8 @@ def dino_to_pretraining_model(
       aggregation module would receive no gradient at all (it only learns through the image-level path).
     - `recipe="dino"`: plain DINO continuation (`image_representation="cls"`, lambda = 0), an exact restart.
     """
+    import torch
+
     from . import SelfPatchConfig, SelfPatchViTForPretraining
 
     teacher = checkpoint if checkpoint.network in (None, "teacher") else checkpoint.other_network
@@ -826,6 +967,12 @@ def dino_to_pretraining_model(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _use_default_permissions(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
 @dataclass
 class ConversionResult:
     format: CheckpointFormat
@@ -841,6 +988,8 @@ class ConversionResult:
 def _card_info(
     checkpoint: ReferenceCheckpoint, arch: BackboneArchitecture, model_type: str, notes: list[str]
 ) -> BackboneCardInfo:
+    from .model_card import BackboneCardInfo
+
     args = checkpoint.args
     is_selfpatch = checkpoint.family == "selfpatch"
     batch = None
@@ -964,6 +1113,13 @@ def convert_checkpoint(
                 expected,
                 f"{output_norm_from} ca_head.norm",
             )
+            bad = _non_finite_keys(
+                dict(zip(("ca_head.norm.weight", "ca_head.norm.bias"), donor_norm, strict=True))
+            )
+            if bad:
+                raise ConversionError(
+                    f"{output_norm_from} holds non-finite weights (NaN or infinity) in {', '.join(bad)}."
+                )
             output_norm = donor_norm  # type: ignore[assignment]
             notes.append(f"The output norm (`ca_head.norm`) was taken from `{Path(output_norm_from).name}`.")
         else:
@@ -978,39 +1134,67 @@ def convert_checkpoint(
         model = selfpatch_backbone_to_siglip(checkpoint.backbone, architecture, output_norm)
         model_type = "siglip_vision_model"
 
-    output_dir = Path(output_dir)
-    backbone_dir = output_dir / "backbone"
-    backbone_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(backbone_dir)
-    build_image_processor(architecture, model_type).save_pretrained(backbone_dir)
-    write_backbone_card(backbone_dir, _card_info(checkpoint, architecture, model_type, notes))
+    import torch
+    from transformers import AutoModel
 
-    difference = None
-    if verify:
-        reloaded = AutoModel.from_pretrained(backbone_dir).eval()
-        generator = torch.Generator().manual_seed(0)
-        pixels = torch.randn(2, 3, architecture.image_size, architecture.image_size, generator=generator)
-        with torch.no_grad():
-            ours = reloaded(pixel_values=pixels).last_hidden_state
-        reference = reference_backbone_forward(checkpoint.backbone, architecture, pixels, output_norm)
-        difference = (ours - reference).abs().max().item()
-        if not difference <= VERIFY_TOLERANCE:
-            raise ConversionError(
-                f"The converted backbone in {backbone_dir} differs from the reference forward pass by {difference:.3g} "
-                f"(tolerance {VERIFY_TOLERANCE}); the conversion is wrong, please report it."
+    from .model_card import write_backbone_card
+
+    # Everything is written into a staging folder beside OUTPUT_DIR and moved into place only after the self-check
+    # passed: a failed conversion never touches an earlier export in the same folder.
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
+    try:
+        _use_default_permissions(staging)  # mkdtemp makes it private (0700); the export is an ordinary folder
+        staged_backbone = staging / "backbone"
+        model.save_pretrained(staged_backbone)
+        build_image_processor(architecture, model_type).save_pretrained(staged_backbone)
+        write_backbone_card(staged_backbone, _card_info(checkpoint, architecture, model_type, notes))
+
+        difference = None
+        if verify:
+            reloaded = AutoModel.from_pretrained(staged_backbone).eval()
+            generator = torch.Generator().manual_seed(0)
+            pixels = torch.randn(2, 3, architecture.image_size, architecture.image_size, generator=generator)
+            with torch.no_grad():
+                ours = reloaded(pixel_values=pixels).last_hidden_state
+            reference = reference_backbone_forward(checkpoint.backbone, architecture, pixels, output_norm)
+            difference = (ours - reference).abs().max().item()
+            if not difference <= VERIFY_TOLERANCE:
+                # the input weights are known to be finite here (validate_checkpoint), so this is on us
+                raise ConversionError(
+                    f"The converted backbone differs from the reference forward pass by {difference:.3g} "
+                    f"(tolerance {VERIFY_TOLERANCE}); nothing was written to {output_dir}. The input weights are "
+                    "finite and well shaped, so the conversion itself is wrong: please report it."
+                )
+
+        staged_pretraining = None
+        if pretraining and checkpoint.family == "dino":
+            staged_pretraining = staging / "pretraining"
+            pretraining_model = dino_to_pretraining_model(checkpoint, architecture, recipe=pretraining_recipe)
+            pretraining_model.save_pretrained(staged_pretraining)
+            _write_pretraining_card(staged_pretraining, checkpoint, pretraining_recipe)
+        elif pretraining and checkpoint.is_training_checkpoint:
+            notes.append(
+                "No pretraining checkpoint: SelfPatchViTForPretraining is built on ViTModel, which has a CLS token "
+                "that the reference SelfPatch backbone never had (adding one would change every patch feature)."
             )
 
-    pretraining_dir = None
-    if pretraining and checkpoint.family == "dino":
-        pretraining_dir = output_dir / "pretraining"
-        pretraining_model = dino_to_pretraining_model(checkpoint, architecture, recipe=pretraining_recipe)
-        pretraining_model.save_pretrained(pretraining_dir)
-        _write_pretraining_card(pretraining_dir, checkpoint, pretraining_recipe)
-    elif pretraining and checkpoint.is_training_checkpoint:
-        notes.append(
-            "No pretraining checkpoint: SelfPatchViTForPretraining is built on ViTModel, which has a CLS token that "
-            "the reference SelfPatch backbone never had (adding one would change every patch feature)."
-        )
+        from .export import _replace_directory
+
+        backbone_dir = output_dir / "backbone"
+        _replace_directory(staged_backbone, backbone_dir)
+        pretraining_dir = None
+        if staged_pretraining is not None:
+            pretraining_dir = output_dir / "pretraining"
+            _replace_directory(staged_pretraining, pretraining_dir)
+        elif (output_dir / "pretraining").exists():
+            notes.append(
+                f"{output_dir / 'pretraining'} is left from an earlier conversion; it does not belong to this "
+                "backbone."
+            )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return ConversionResult(
         format=checkpoint.format,
         architecture=architecture,
@@ -1074,8 +1258,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not args.checkpoint.is_file():
+        raise UsageError(
+            f"checkpoint {args.checkpoint} does not exist or is not a file: give a reference .pth file."
+        )
+    if args.output_norm_from is not None and not args.output_norm_from.is_file():
+        raise UsageError(f"--output-norm-from {args.output_norm_from} does not exist or is not a file.")
+    if args.num_heads is not None and args.num_heads < 1:
+        raise UsageError(f"--num-heads must be a positive number of attention heads, got {args.num_heads}.")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UsageError(f"output_dir {args.output_dir} is a file: give a folder (it is created if missing).")
     try:
         result = convert_checkpoint(
             args.checkpoint,
@@ -1088,9 +1282,10 @@ def main(argv: list[str] | None = None) -> int:
             pretraining_recipe=args.pretraining_recipe,
             verify=args.verify,
         )
-    except (ConversionError, FileNotFoundError) as error:
-        print(f"selfpatch-convert: error: {error}", file=sys.stderr)
-        return 1
+    except ConversionError as error:
+        raise CommandFailure(str(error)) from error
+    except OSError as error:  # unreadable input, full disk, no permission on the output folder
+        raise CommandFailure(f"{error}; nothing was changed in {args.output_dir}.") from error
     arch = result.architecture
     print(
         f"Detected {result.format}: {arch.arch_name}/{arch.patch_size}, {arch.num_hidden_layers} layers, "
@@ -1106,6 +1301,10 @@ def main(argv: list[str] | None = None) -> int:
     for note in result.notes:
         print(f"WARNING: {note}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("selfpatch-convert", _main, argv)
 
 
 if __name__ == "__main__":

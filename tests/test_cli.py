@@ -31,3 +31,14 @@ def test_unknown_command_and_help(capsys):
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
     assert main([]) == 0
     assert "export" in capsys.readouterr().out
+
+
+def test_export_of_a_missing_folder_is_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "backbone")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "selfpatch export: error: cannot load a SelfPatchViTForPretraining"
+    )
+    (tmp_path / "file").write_text("")
+    assert main(["export", str(tmp_path), str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -397,3 +397,110 @@ def test_aggregation_state_is_validated_for_backbone_conversion_only_where_prese
     with pytest.raises(ConversionError, match=r"norm\.weight: \(31,\) \(expected \(32,\)\)"):
         convert_checkpoint(tmp_path / "c.pth", tmp_path / "c", num_heads=2)
     assert aggregation_state()["norm.weight"].shape == (32,)
+
+
+# ------------------------------------------------------------------------------------------- hostile or unlucky input
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_non_finite_weights_are_named_and_an_earlier_export_survives(tmp_path, monkeypatch):
+    good = dino_training_checkpoint()
+    torch.save(good, tmp_path / "good.pth")
+    convert_checkpoint(tmp_path / "good.pth", tmp_path / "out", num_heads=2)
+    before = _files(tmp_path / "out")
+    assert "backbone/model.safetensors" in before and "pretraining/model.safetensors" in before
+
+    damaged = dino_training_checkpoint()
+    damaged["teacher"]["backbone.blocks.1.mlp.fc2.weight"][0, 0] = float("nan")
+    damaged["student"]["module.head.last_layer.weight_v"][1, 1] = float("inf")
+    torch.save(damaged, tmp_path / "nan.pth")
+    with pytest.raises(ConversionError, match="non-finite") as error:
+        convert_checkpoint(tmp_path / "nan.pth", tmp_path / "out", num_heads=2)
+    message = str(error.value)
+    assert "['teacher'] backbone.blocks.1.mlp.fc2.weight" in message
+    assert "['student'] head.last_layer.weight_v" in message
+    assert "tensor(s)" in message and "report" not in message  # the input is blamed, not the converter
+    assert _files(tmp_path / "out") == before
+
+    # a self-check that fails after everything was written: still nothing of the earlier export is touched
+    monkeypatch.setattr("selfpatch_hf.convert.VERIFY_TOLERANCE", -1.0)
+    other = dino_training_checkpoint()
+    other["teacher"]["backbone.norm.bias"] += 1.0
+    torch.save(other, tmp_path / "other.pth")
+    with pytest.raises(ConversionError, match="nothing was written"):
+        convert_checkpoint(tmp_path / "other.pth", tmp_path / "out", num_heads=2)
+    assert _files(tmp_path / "out") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.pth", "nan.pth", "other.pth", "out"]
+
+    # a successful conversion replaces the export, with the user's normal permissions
+    monkeypatch.setattr("selfpatch_hf.convert.VERIFY_TOLERANCE", 1e-4)
+    convert_checkpoint(tmp_path / "other.pth", tmp_path / "out", num_heads=2)
+    assert _files(tmp_path / "out") != before
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out/backbone").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["blocks.0.mlp.fc1.weight", "blocks.1.mlp.fc2.weight", "patch_embed.proj.bias", "blocks.0.norm1.weight"],
+)
+def test_one_misshaped_tensor_is_the_one_named(tmp_path, key):
+    state = backbone_state(cls=True)
+    shape = list(state[key].shape)
+    shape[0] += 8
+    state[key] = torch.zeros(shape)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(tmp_path / "bad.pth", tmp_path / "out", num_heads=2)
+    message = str(error.value)
+    assert f"mis-shaped keys (1): {key}: {tuple(shape)}" in message, message
+    assert "missing" not in message and "unexpected" not in message
+
+
+def test_one_misshaped_head_tensor_is_the_one_named(tmp_path):
+    checkpoint = dino_training_checkpoint()
+    checkpoint["teacher"]["head.mlp.0.weight"] = torch.zeros(40, 32)
+    torch.save(checkpoint, tmp_path / "bad.pth")
+    with pytest.raises(ConversionError, match=r"mis-shaped keys \(1\): mlp\.0\.weight: \(40, 32\)"):
+        convert_checkpoint(tmp_path / "bad.pth", tmp_path / "out", num_heads=2)
+
+
+@pytest.mark.parametrize("args", ["--arch vit_small", ["vit_small"], 3])
+def test_args_that_are_not_a_namespace_are_ignored_with_a_warning(tmp_path, caplog, args):
+    checkpoint = dino_training_checkpoint()
+    checkpoint["args"] = args
+    torch.save(checkpoint, tmp_path / "c.pth")
+    result = convert_checkpoint(tmp_path / "c.pth", tmp_path / "out", num_heads=2, pretraining=False)
+    assert result.max_abs_difference <= TOLERANCE
+    assert "ignoring its 'args' entry" in caplog.text
+
+
+def test_command_line_errors(tmp_path):
+    from selfpatch_hf.convert import main
+
+    def run(*argv):
+        done = subprocess.run(
+            [sys.executable, "-m", "selfpatch_hf.convert", *map(str, argv)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=300,
+        )
+        return done.returncode, done.stderr.strip().splitlines()
+
+    code, lines = run(tmp_path / "missing.pth", tmp_path / "out")
+    assert code == 2 and lines == [
+        f"selfpatch-convert: error: checkpoint {tmp_path / 'missing.pth'} does not exist or is not a file: give a "
+        "reference .pth file."
+    ]
+    state = backbone_state(cls=True)
+    torch.save(state, tmp_path / "c.pth")
+    (tmp_path / "file").write_text("")
+    assert main([str(tmp_path / "c.pth"), str(tmp_path / "file")]) == 2
+    assert main([str(tmp_path / "c.pth"), str(tmp_path / "out"), "--num-heads", "0"]) == 2
+    state["pos_embed"][0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    code, lines = run(tmp_path / "nan.pth", tmp_path / "out", "--num-heads", 2)
+    assert code == 1 and len(lines) == 1 and "non-finite" in lines[0] and "backbone.pos_embed" in lines[0]
