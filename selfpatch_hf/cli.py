@@ -5,7 +5,7 @@
     selfpatch convert ...    (= selfpatch-convert: reference SelfPatch / DINO checkpoints -> HF folders)
     selfpatch eval ...       (dense evaluation and visualisation of any ViT backbone)
 
-Pretraining itself is `accelerate launch training/pretrain.py` (see README).
+Pretraining itself is `accelerate launch training/pretrain.py` (see docs/pretraining.md).
 """
 
 from __future__ import annotations
