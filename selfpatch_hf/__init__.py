@@ -23,6 +23,8 @@ _EXPORTS = {
     "build_neighbor_table": "modeling_selfpatch",
     "select_positive_neighbors": "modeling_selfpatch",
     "export_backbone": "export",
+    "export_dense_backbone": "dense_backbones",
+    "build_upernet": "dense_heads",
 }
 
 __all__ = [
@@ -33,13 +35,17 @@ __all__ = [
     "SelfPatchPretrainingOutput",
     "SelfPatchViTForPretraining",
     "build_neighbor_table",
+    "build_upernet",
     "export_backbone",
+    "export_dense_backbone",
     "register_auto_classes",
     "select_positive_neighbors",
 ]
 
 if TYPE_CHECKING:
     from .configuration_selfpatch import BACKBONE_PRESETS, SelfPatchConfig
+    from .dense_backbones import export_dense_backbone
+    from .dense_heads import build_upernet
     from .export import export_backbone
     from .modeling_selfpatch import (
         SelfPatchNetwork,
@@ -52,12 +58,15 @@ if TYPE_CHECKING:
 
 
 def register_auto_classes() -> None:
-    """Register `SelfPatchConfig` with `AutoConfig` and the pretraining model with `AutoModelForPreTraining`.
+    """Register `SelfPatchConfig` with `AutoConfig`, the pretraining model with `AutoModelForPreTraining`, and the
+    CLS-free SelfPatch backbone (`SelfPatchSiglipBackbone`) with `AutoConfig` / `AutoBackbone`.
 
-    Importing `selfpatch_hf.modeling_selfpatch` (or touching any model class) already does this; call it when
-    the first thing your code does with this package is `AutoModelForPreTraining.from_pretrained(...)`.
+    Importing `selfpatch_hf.modeling_selfpatch` / `selfpatch_hf.siglip_backbone` already does this; call it when
+    the first thing your code does with this package is `AutoModelForPreTraining.from_pretrained(...)` or loading a
+    segmentation model fine-tuned from a converted SelfPatch checkpoint.
     """
     import_module(".modeling_selfpatch", __name__)
+    import_module(".siglip_backbone", __name__)
 
 
 def __getattr__(name: str):

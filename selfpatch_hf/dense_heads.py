@@ -1,0 +1,166 @@
+"""transformers' dense prediction models around a pretrained backbone: UperNet for semantic segmentation, DPT for
+depth, with the backbone's weights in place and the heads freshly initialised.
+
+    >>> from selfpatch_hf.dense_heads import build_upernet
+    >>> model = build_upernet("runs/selfpatch/backbone", {0: "wall", 1: "floor"})   # a ViTModel export
+    >>> model.save_pretrained("upernet")   # AutoModelForSemanticSegmentation loads it, no code of ours needed
+
+The backbone source is anything `selfpatch_hf.dense_backbones.dense_backbone` takes (a ViTModel folder -> a native
+`Dinov2Backbone`; a converted CLS-free SelfPatch `SiglipVisionModel` -> `SelfPatchSiglipBackbone`, whose models need
+`selfpatch_hf.siglip_backbone` imported to load).
+
+Deviation from the paper's protocol (Sec. 4.2, ADE20K): the paper fine-tunes a Semantic FPN (mmsegmentation) on
+features resampled to strides 4, 8, 16 and 32. transformers has no Semantic FPN and no ViT multi-scale neck, so this
+is UperNet (pyramid pooling + FPN fusion) on the four selected blocks at the ViT's single stride (the patch size);
+the logits are upsampled bilinearly to the input size, as `UperNetForSemanticSegmentation` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from transformers import (
+    Dinov2Backbone,
+    DPTConfig,
+    DPTForDepthEstimation,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+)
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+
+from .dense_backbones import BackboneSource, DenseBackbone, dense_backbone
+
+if TYPE_CHECKING:
+    from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
+
+
+def _label_maps(id2label: Mapping[int, str] | Sequence[str]) -> tuple[dict[int, str], dict[str, int]]:
+    if not isinstance(id2label, Mapping):
+        id2label = dict(enumerate(id2label))
+    id2label = {int(index): str(name) for index, name in id2label.items()}
+    if sorted(id2label) != list(range(len(id2label))):
+        raise ValueError(f"Label ids must be 0..{len(id2label) - 1}, got {sorted(id2label)}.")
+    if len(id2label) < 2:
+        raise ValueError("Semantic segmentation needs at least 2 labels.")
+    return id2label, {name: index for index, name in id2label.items()}
+
+
+def _set_drop_path(backbone: DenseBackbone, drop_path_rate: float) -> None:
+    if drop_path_rate <= 0:
+        return
+    if not isinstance(backbone, Dinov2Backbone):
+        raise ValueError(
+            f"drop_path_rate needs a Dinov2Backbone (a ViT source); {type(backbone).__name__} has no drop-path."
+        )
+    backbone.config.drop_path_rate = drop_path_rate
+
+
+def build_upernet(
+    backbone: BackboneSource,
+    id2label: Mapping[int, str] | Sequence[str],
+    *,
+    out_indices: Sequence[int] | None = None,
+    hidden_size: int = 512,
+    use_auxiliary_head: bool = True,
+    auxiliary_loss_weight: float = 0.4,
+    ignore_index: int = 255,
+    drop_path_rate: float = 0.0,
+) -> UperNetForSemanticSegmentation:
+    """`UperNetForSemanticSegmentation` with the pretrained backbone of `backbone` and new decode / auxiliary heads.
+
+    `hidden_size` is UperNet's channel width (mmseg's ViT + UperNet uses 512 or 768). The auxiliary FCN head reads the
+    third feature map (block 8 of 12); it is dropped when fewer than three blocks are selected. `drop_path_rate`
+    (stochastic depth in the backbone; ViT fine-tuning recipes use 0.1) applies to ViT sources.
+    """
+    id2label, label2id = _label_maps(id2label)
+    pretrained = dense_backbone(backbone, out_indices)
+    _set_drop_path(pretrained, drop_path_rate)
+    config = UperNetConfig(
+        backbone_config=pretrained.config.to_dict(),
+        hidden_size=hidden_size,
+        use_auxiliary_head=use_auxiliary_head and len(pretrained.config.out_indices) >= 3,
+        auxiliary_loss_weight=auxiliary_loss_weight,
+        loss_ignore_index=ignore_index,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id=label2id,
+        architectures=["UperNetForSemanticSegmentation"],
+    )
+    model = UperNetForSemanticSegmentation(config)
+    # live names on both sides, after UperNet's own initialisation (which would otherwise overwrite them)
+    model.backbone.load_state_dict(pretrained.state_dict(), strict=True)
+    return model
+
+
+def build_dpt(
+    backbone: BackboneSource,
+    *,
+    out_indices: Sequence[int] | None = None,
+    fusion_hidden_size: int = 256,
+    drop_path_rate: float = 0.0,
+) -> DPTForDepthEstimation:
+    """`DPTForDepthEstimation` (DPT-DINOv2 layout: reassemble factors 4, 2, 1, 0.5) on the pretrained ViT backbone.
+
+    DPT's reassemble stage reads a class token, so this needs a ViT source (`Dinov2Backbone`); the CLS-free SigLIP
+    conversions of released SelfPatch checkpoints are refused.
+    """
+    pretrained = dense_backbone(backbone, out_indices)
+    if not isinstance(pretrained, Dinov2Backbone):
+        raise ValueError(
+            "DPT's reassemble stage reads a class token; a CLS-free SelfPatch backbone has none. Use build_upernet "
+            "for it, or a ViT (DINO / our export) backbone for depth."
+        )
+    if len(pretrained.config.out_indices) != 4:
+        raise ValueError(
+            f"DPT takes exactly 4 feature maps, got out_indices {pretrained.config.out_indices}."
+        )
+    _set_drop_path(pretrained, drop_path_rate)
+    pretrained.config.reshape_hidden_states = False  # DPT reshapes (and drops the class token) itself
+    hidden = pretrained.config.hidden_size
+    config = DPTConfig(
+        backbone_config=pretrained.config.to_dict(),
+        is_hybrid=False,
+        hidden_size=hidden,
+        patch_size=pretrained.config.patch_size,
+        image_size=pretrained.config.image_size,
+        reassemble_factors=[4, 2, 1, 0.5],
+        neck_hidden_sizes=[hidden // 8, hidden // 4, hidden // 2, hidden],
+        fusion_hidden_size=fusion_hidden_size,
+        head_in_index=-1,
+        use_batch_norm_in_fusion_residual=False,
+        use_bias_in_fusion_residual=True,
+        readout_type="project",
+        architectures=["DPTForDepthEstimation"],
+    )
+    model = DPTForDepthEstimation(config)
+    model.backbone.load_state_dict(pretrained.state_dict(), strict=True)
+    return model
+
+
+def build_segmentation_image_processor(
+    size: int | Sequence[int],
+    image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    reduce_labels: bool = False,
+) -> SegformerImageProcessorPil:
+    """The processor `AutoImageProcessor` maps UperNet to (Segformer's): resize to `size` (whole-image inference),
+    rescale, normalise; `post_process_semantic_segmentation` (what `pipeline("image-segmentation")` calls) resizes
+    the logits back to the image. `reduce_labels` records the ADE20K convention for anyone preparing labels with it.
+    """
+    from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
+
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return SegformerImageProcessorPil(
+        do_resize=True,
+        size={"height": height, "width": width},
+        resample=PILImageResampling.BILINEAR,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+        do_reduce_labels=reduce_labels,
+    )
+
+
+__all__ = ["build_dpt", "build_segmentation_image_processor", "build_upernet"]

@@ -1,0 +1,132 @@
+"""A transformers backbone (`BackboneMixin`) over the CLS-free SigLIP vision tower that holds released SelfPatch
+checkpoints, so that dense heads (`UperNetForSemanticSegmentation`, `DPTForDepthEstimation`) can use them.
+
+The reference SelfPatch backbone has no class token (the paper's Sec. 3.2 aggregates the patch tokens instead), so
+its exact conversion is a `SiglipVisionModel` without a head (see `selfpatch_hf.convert`); it cannot be loaded into
+`Dinov2Backbone`, whose sequence always starts with a class token. `SelfPatchSiglipBackbone` has the same modules
+and weight names as `SiglipVisionModel` and returns the hidden states after the selected blocks, normalised by the
+tower's output norm (`post_layernorm`, the aggregation module's final norm in the reference checkpoint) and
+reshaped to `(batch, hidden_size, height / patch, width / patch)` feature maps, as `Dinov2Backbone` does.
+
+It is not a transformers class: loading a model that contains it needs this module imported first, which
+registers it with `AutoConfig` and `AutoBackbone`:
+
+    >>> import selfpatch_hf.siglip_backbone  # or selfpatch_hf.register_auto_classes()
+    >>> model = AutoModelForSemanticSegmentation.from_pretrained("runs/upernet-selfpatch")
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoBackbone, AutoConfig, SiglipVisionConfig
+from transformers.backbone_utils import BackboneConfigMixin, BackboneMixin
+from transformers.modeling_outputs import BackboneOutput
+from transformers.models.siglip.modeling_siglip import (
+    SiglipEncoder,
+    SiglipPreTrainedModel,
+    SiglipVisionEmbeddings,
+)
+
+
+class SelfPatchSiglipBackboneConfig(BackboneConfigMixin, SiglipVisionConfig):
+    """`SiglipVisionConfig` plus the backbone fields: `out_indices` / `out_features` over the stages `stem`
+    (the embeddings) and `stage1` ... `stageN` (the output of block N), and `apply_layernorm` (normalise each
+    feature map with `post_layernorm`)."""
+
+    model_type = "selfpatch_siglip_backbone"
+    base_config_key = ""
+    apply_layernorm: bool = True
+    vision_use_head: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.vision_use_head:
+            raise ValueError(
+                "A SelfPatch backbone has no attention-pooling head: vision_use_head must be False."
+            )
+        self.stage_names = ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
+        self.set_output_features_output_indices(
+            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
+        )
+        super().__post_init__(**kwargs)
+
+
+class SelfPatchSiglipBackbone(BackboneMixin, SiglipPreTrainedModel):
+    """Feature maps of selected blocks of a CLS-free SigLIP vision tower, for dense prediction heads.
+
+    Any input size whose sides are multiples of the patch size works: the position grid is interpolated
+    (bicubic, as `SiglipVisionModel(..., interpolate_pos_encoding=True)` does).
+    """
+
+    config: SelfPatchSiglipBackboneConfig
+    config_class = SelfPatchSiglipBackboneConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    base_model_prefix = "vision_model"
+    # UperNet asks backbones with attentions for them; this one returns feature maps (and hidden states) only.
+    has_attentions = False
+
+    def __init__(self, config: SelfPatchSiglipBackboneConfig):
+        super().__init__(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.embeddings = SiglipVisionEmbeddings(config)
+        self.encoder = SiglipEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        batch_size, _, height, width = pixel_values.shape
+        patch = self.config.patch_size
+        if height % patch or width % patch:
+            raise ValueError(f"Input sides ({height}, {width}) must be multiples of the patch size {patch}.")
+        # (batch, height / patch * width / patch, hidden), row-major patches, no class token
+        hidden_state = self.embeddings(pixel_values, interpolate_pos_encoding=True)
+        hidden_states = [hidden_state]
+        for layer in self.encoder.layers:
+            hidden_state = layer(hidden_state, None)
+            hidden_states.append(hidden_state)
+
+        feature_maps = []
+        for stage, state in zip(self.stage_names, hidden_states):
+            if stage not in self.out_features:
+                continue
+            if self.config.apply_layernorm:
+                state = self.post_layernorm(state)
+            # (batch, tokens, hidden) -> (batch, hidden, height / patch, width / patch)
+            state = state.reshape(batch_size, height // patch, width // patch, -1).permute(0, 3, 1, 2)
+            feature_maps.append(state.contiguous())
+
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        output = BackboneOutput(
+            feature_maps=tuple(feature_maps),
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
+
+def register() -> None:
+    """Make `AutoConfig` / `AutoBackbone` (and so `UperNetForSemanticSegmentation.from_pretrained`) know the class.
+    Idempotent: importing this module calls it."""
+    try:
+        AutoConfig.register(SelfPatchSiglipBackboneConfig.model_type, SelfPatchSiglipBackboneConfig)
+    except ValueError:  # already registered (a re-import)
+        pass
+    try:
+        AutoBackbone.register(SelfPatchSiglipBackboneConfig, SelfPatchSiglipBackbone)
+    except ValueError:
+        pass
+
+
+register()
+
+__all__ = ["SelfPatchSiglipBackbone", "SelfPatchSiglipBackboneConfig", "register"]
