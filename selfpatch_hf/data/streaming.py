@@ -9,7 +9,7 @@ dataset `selfpatch_hf.data.sample_photographs`):
   `SKIP_REASONS`) for images to skip;
 - `MultiCropDataLoader(dataset, image_column, augmentation, batch_size, *, num_workers=2, rank=0, world_size=1,
   seed=0, shuffle_buffer_size=1000, drop_last=True, min_image_size=16, pin_memory=None, prefetch_factor=2,
-  token=None, device=None)`, iterating `MultiCropBatch(global_crops (B, 2, 3, H, W), local_crops (B, L, 3, h, w))`, with
+  token=None, device=None, augmentation_device="workers")`, iterating `MultiCropBatch(global_crops (B, 2, 3, H, W), local_crops (B, L, 3, h, w))`, with
   `set_epoch`, `state_dict` / `load_state_dict`, `skipped_images`;
 - `build_pretraining_dataloader(source, augmentation=None, batch_size=64, *, split="train", image_column=None,
   token=None, streaming=True, **loader_kwargs) -> MultiCropDataLoader`.
@@ -55,7 +55,7 @@ Loading
 -------
 `MultiCropDataLoader(dataset, image_column, augmentation, batch_size, *, num_workers=2, rank=0, world_size=1, seed=0,
 shuffle_buffer_size=1000, drop_last=True, min_image_size=16, pin_memory=None, prefetch_factor=2, token=None,
-device=None)` iterates `MultiCropBatch(global_crops (B, 2, 3, H, W), local_crops (B, L, 3, h, w))` named tuples (float32,
+device=None, augmentation_device="workers")` iterates `MultiCropBatch(global_crops (B, 2, 3, H, W), local_crops (B, L, 3, h, w))` named tuples (float32,
 normalised), one epoch per `for` loop, and has:
 
 - `set_epoch(epoch)`: new shard order, shuffle buffer order and crops per epoch. A completed pass moves `epoch` on by
@@ -117,6 +117,7 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image, ImageOps
 
 from .augmentation import MultiCropAugmentation
+from .batched_photometric import NUM_PARAMETERS, apply_photometric, crops_with_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -462,6 +463,7 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
         resume: list[dict | None] | None,
         min_image_size: int,
         download_config: Any,
+        photometric_on_device: bool = False,
     ):
         self.dataset = dataset
         self.image_column = image_column
@@ -476,6 +478,7 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
         self.resume = resume
         self.min_image_size = min_image_size
         self.download_config = download_config
+        self.photometric_on_device = photometric_on_device
 
     def _examples(self, worker: int, num_workers: int, state: dict) -> tuple[IterableDataset, Iterator[Any]]:
         """(dataset whose state_dict tracks the stream, iterator over this worker's raw image values)."""
@@ -541,7 +544,7 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
         skip_messages: list[str] = []
         filled = 0
 
-        def new_buffers() -> tuple[torch.Tensor, torch.Tensor]:
+        def new_buffers() -> tuple[torch.Tensor, ...]:
             # uint8 crops, channels last: 4x less to pass between processes than normalised float32 (measured
             # ~2x faster end to end on 2 workers). Allocated in shared memory, so sending them copies nothing.
             global_crops = torch.empty(
@@ -551,10 +554,17 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
                 (self.batch_size, augmentation.num_local_crops, *augmentation.local_crop_size, 3),
                 dtype=torch.uint8,
             )
+            buffers = [global_crops, local_crops]
+            if (
+                self.photometric_on_device
+            ):  # each crop's photometric decisions, applied on the training device
+                buffers.append(
+                    torch.empty((self.batch_size, 2 + augmentation.num_local_crops, NUM_PARAMETERS))
+                )
             if in_worker:
-                global_crops.share_memory_()
-                local_crops.share_memory_()
-            return global_crops, local_crops
+                for buffer in buffers:
+                    buffer.share_memory_()
+            return tuple(buffers)
 
         def emit(end: bool) -> dict:
             nonlocal skip_messages
@@ -563,8 +573,8 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
             skip_messages = []
             return item
 
-        global_crops, local_crops = new_buffers()
-        global_view, local_view = global_crops.numpy(), local_crops.numpy()
+        buffers = new_buffers()
+        views = [buffer.numpy() for buffer in buffers]
         try:
             for value in examples:
                 index = state["consumed"]
@@ -577,18 +587,23 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
                         skip_messages.append(f"{error.reason}: {error}")
                     continue
                 rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, index])
-                global_view[filled], local_view[filled] = augmentation.crops_uint8(image, rng)
+                if self.photometric_on_device:
+                    crops = crops_with_parameters(augmentation, image, rng)
+                else:
+                    crops = augmentation.crops_uint8(image, rng)
+                for view, crop in zip(views, crops):
+                    view[filled] = crop
                 filled += 1
                 if filled == self.batch_size:
                     item = emit(end=False)
-                    item["global_crops"], item["local_crops"] = global_crops, local_crops
-                    global_crops, local_crops = new_buffers()
-                    global_view, local_view = global_crops.numpy(), local_crops.numpy()
+                    item["crops"] = buffers
+                    buffers = new_buffers()
+                    views = [buffer.numpy() for buffer in buffers]
                     filled = 0
                     yield item
             if filled and not self.drop_last:
                 item = emit(end=False)
-                item["global_crops"], item["local_crops"] = global_crops[:filled], local_crops[:filled]
+                item["crops"] = tuple(buffer[:filled] for buffer in buffers)
                 yield item
             yield emit(end=True)
         finally:
@@ -617,6 +632,11 @@ class MultiCropDataLoader:
             crops, and normalising them on the GPU moves 4x fewer bytes to it. Default: the CPU.
         prefetch_factor: batches prefetched per worker.
         token: Hub token, for images referenced by remote path (streamed imagefolder repositories).
+        augmentation_device: where the photometric ops run. `"workers"` (default): everything in the workers, with
+            `augmentation` (OpenCV). `"device"`: workers only decode, crop, resize and flip, and draw each crop's
+            photometric parameters from the same per-image generator; colour jitter, grayscale, blur, solarisation
+            and normalisation then run batched on `device` (`selfpatch_hf.data.batched_photometric`), which frees
+            most of the workers' CPU time when `device` is a GPU.
     """
 
     def __init__(
@@ -637,7 +657,12 @@ class MultiCropDataLoader:
         prefetch_factor: int = 2,
         token: str | bool | None = None,
         device: str | torch.device | None = None,
+        augmentation_device: str = "workers",
     ):
+        if augmentation_device not in ("workers", "device"):
+            raise ValueError(
+                f"augmentation_device must be 'workers' or 'device' (the training device), got {augmentation_device!r}."
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if num_workers < 0:
@@ -661,6 +686,7 @@ class MultiCropDataLoader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.device = torch.device(device) if device is not None else None
         self.prefetch_factor = prefetch_factor
+        self.augmentation_device = augmentation_device
         self.download_config = datasets.DownloadConfig(token=token) if token is not None else None
 
         if self.shuffle_buffer_size:
@@ -778,6 +804,19 @@ class MultiCropDataLoader:
         pin = self.pin_memory and self.device is None
         return self.augmentation.normalize(crops, self.device, pin_memory=pin)
 
+    def _finish_batch(self, crops: tuple[torch.Tensor, ...]) -> MultiCropBatch:
+        if self.augmentation_device == "workers":
+            return MultiCropBatch(self._normalize(crops[0]), self._normalize(crops[1]))
+        global_crops, local_crops, parameters = (
+            tensor.to(self.device, non_blocking=True) if self.device is not None else tensor
+            for tensor in crops
+        )
+        mean, std = self.augmentation.mean, self.augmentation.std
+        return MultiCropBatch(
+            apply_photometric(global_crops, parameters[:, :2], mean, std),
+            apply_photometric(local_crops, parameters[:, 2:], mean, std),
+        )
+
     def __iter__(self) -> Iterator[MultiCropBatch]:
         datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # parquet streaming otherwise sleeps 5 s per pass
         workers = self._logical_workers
@@ -809,6 +848,7 @@ class MultiCropDataLoader:
             copy.deepcopy(resume),
             self.min_image_size,
             self.download_config,
+            photometric_on_device=self.augmentation_device == "device",
         )
         loader = torch.utils.data.DataLoader(
             stream,
@@ -841,9 +881,7 @@ class MultiCropDataLoader:
                     active.remove(worker)
                     continue
                 position["batches"] += 1
-                yield MultiCropBatch(
-                    self._normalize(item["global_crops"]), self._normalize(item["local_crops"])
-                )
+                yield self._finish_batch(item["crops"])
         finally:
             del items  # shuts the workers down, also when the caller stops early
         logger.info(
