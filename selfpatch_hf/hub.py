@@ -6,7 +6,9 @@ model card. It goes to the Hub with `HfApi.create_repo(exist_ok=True)` + `HfApi.
 from the usual places (`--token`, `HF_TOKEN`, or the one stored by `hf auth login`) and the endpoint from
 `HF_ENDPOINT` unless given.
 
-`selfpatch-push FOLDER REPO_ID` runs it from the command line.
+`selfpatch-push FOLDER REPO_ID` runs it from the command line: repo ids are checked before anything is read or
+sent (exit 2), every request has a connect and a read timeout (`--timeout`), and a refused connection, a silent
+server or a refusing Hub end in one line naming the endpoint and the cause (exit 1).
 """
 
 from __future__ import annotations
@@ -18,9 +20,18 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx2
 from huggingface_hub import CommitInfo, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
+from .command_line import CommandFailure, UsageError, run_command
+from .hub_requests import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    bound_hub_requests,
+    check_repo_id,
+    describe_hub_error,
+)
 from .model_card import REPO_ID_PLACEHOLDER
 
 # Pickle-based weight formats: loading them can run arbitrary code, so they are never published.
@@ -285,11 +296,27 @@ def _parser() -> argparse.ArgumentParser:
         "--token", help="Hub token (default: HF_TOKEN or the token stored by `hf auth login`)"
     )
     parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_READ_TIMEOUT,
+        help="seconds to wait for the Hub to answer (or to accept more data) before giving up; "
+        f"connecting waits at most {DEFAULT_CONNECT_TIMEOUT:g} s",
+    )
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _push_command(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    for option, repo_id in (("REPO_ID", args.repo_id), ("--pretraining-repo-id", args.pretraining_repo_id)):
+        if repo_id is not None:
+            try:
+                check_repo_id(repo_id, option)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout:g}.")
+    bound_hub_requests(min(DEFAULT_CONNECT_TIMEOUT, args.timeout), args.timeout)
     try:
         result = push_backbone(
             args.folder,
@@ -304,11 +331,12 @@ def main(argv: list[str] | None = None) -> int:
             endpoint=args.endpoint,
         )
     except PublishError as error:
-        print(f"selfpatch-push: error: {error}", file=sys.stderr)
-        return 1
-    except HfHubHTTPError as error:
-        print(f"selfpatch-push: the Hub refused the upload: {error}", file=sys.stderr)
-        return 1
+        raise CommandFailure(str(error)) from None
+    except (HfHubHTTPError, httpx2.TransportError) as error:
+        endpoint = HfApi(endpoint=args.endpoint).endpoint
+        raise CommandFailure(
+            f"publishing {args.folder} to {args.repo_id} failed: {describe_hub_error(error, endpoint, 'upload')}"
+        ) from None
     print(f"Published {args.folder} to {result.repo_url} (revision {result.revision})")
     print(f"  commit: {result.commit_url}")
     if result.pretraining_commit_url is not None:
@@ -318,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Published pretraining checkpoint to {where}")
         print(f"  commit: {result.pretraining_commit_url}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("selfpatch-push", _push_command, argv)
 
 
 if __name__ == "__main__":

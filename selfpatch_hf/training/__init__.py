@@ -4,8 +4,9 @@
 - `optimization`: AdamW parameter groups, per-tensor gradient clipping, last-layer freezing;
 - `checkpointing`: atomic, rotating, verifiable checkpoints with per-process stream positions;
 - `preemption`: SIGTERM / Ctrl-C turned into a checkpoint at the next step boundary;
+- `divergence`: exploding weights / gradients / losses caught before they are saved; checkpoint health;
 - `metrics_log`: the `metrics.jsonl` record of a run;
-- `hub_uploads`: background, retried Hub uploads of exported backbones;
+- `hub_uploads`: background, retried, time-bounded Hub uploads of exported backbones;
 - `host_memory`: keeping freed host memory for reuse on CPU training.
 
 Nothing here imports the top-level `training/` scripts.

@@ -1,11 +1,17 @@
 """Background uploads of exported backbones to the Hugging Face Hub, so that training never waits on the network.
 
 `AsyncHubUploader.submit(folder, step)` snapshots the export folder (hard links: instant, and immune to the next
-export replacing the folder) and queues `create_repo` (once) and then `HfApi.upload_folder(..., run_as_future=True)`
-on huggingface_hub's background thread. The training loop calls `poll()` now and then: it never blocks and never raises;
-it collects finished uploads, and schedules a retry (exponential back-off) for a failed one unless a newer export has
-been queued since (the newer one carries everything the older one had). `wait()` at the end of training blocks until
-every upload has succeeded or used up its attempts, and returns the outcomes for the final report.
+export replacing the folder) and queues `create_repo` (once) and then `HfApi.upload_folder` on a background thread
+(one, so that commits reach the Hub in export order). The training loop calls `poll()` now and then: it never blocks
+and never raises; it collects finished uploads, and schedules a retry (exponential back-off) for a failed one unless a
+newer export has been queued since (the newer one carries everything the older one had). Errors that a retry cannot
+fix (an invalid repo id, a refused token, no permission: see `selfpatch_hf.hub_requests.is_permanent_error`) are not
+retried. `finish(timeout)` at the end of training waits for the uploads, but at most `timeout` seconds and only until
+SIGTERM / Ctrl-C; whatever is not on the Hub by then is reported as `unfinished` with its local copy.
+
+Nothing here waits forever: the requests themselves are bounded by `selfpatch_hf.hub_requests.bound_hub_requests`
+(the training script installs it), and the background thread is a daemon, so a request still hanging after the
+final deadline does not keep the process alive.
 
 Local copies are never lost: the run's export folder is untouched by uploads; a snapshot is deleted once it, or a
 newer export, is on the Hub; the snapshots of failed uploads stay under `staging_dir` and are listed in the report,
@@ -16,18 +22,24 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from huggingface_hub import HfApi
 
+from ..hub_requests import check_repo_id, describe_hub_error, is_permanent_error
+from .preemption import StopRequest
+
 logger = logging.getLogger(__name__)
 
-UploadStatus = Literal["pending", "uploaded", "failed", "superseded"]
+UploadStatus = Literal["pending", "uploaded", "failed", "superseded", "unfinished"]
 
 
 @dataclass
@@ -41,6 +53,7 @@ class UploadOutcome:
     commit_url: str | None = None
     errors: list[str] = field(default_factory=list)
     superseded_by: int | None = None  # step of the newer export that made this one unnecessary
+    permanent: bool = False  # the last error cannot be fixed by retrying
 
     def describe(self, repo_id: str) -> str:
         if self.status == "uploaded":
@@ -51,9 +64,15 @@ class UploadOutcome:
                 f"{self.superseded_by}"
             )
         if self.status == "failed":
+            why = " (not retried: retrying cannot fix this)" if self.permanent else ""
             return (
-                f"step {self.step}: FAILED after {self.attempts} attempt(s): {self.errors[-1]}. The export is kept at "
-                f"{self.folder}; push it later with `hf upload {repo_id} {self.folder} .`"
+                f"step {self.step}: FAILED after {self.attempts} attempt(s): {self.errors[-1]}{why}. The export is "
+                f"kept at {self.folder}; push it later with `hf upload {repo_id} {self.folder} .`"
+            )
+        if self.status == "unfinished":
+            return (
+                f"step {self.step}: NOT uploaded ({self.errors[-1]}). The export is kept at {self.folder}; push it "
+                f"later with `hf upload {repo_id} {self.folder} .`"
             )
         return (
             f"step {self.step}: still uploading after {self.attempts} attempt(s); local copy at {self.folder}"
@@ -82,11 +101,36 @@ def _link_or_copy(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
+class _DaemonWorker:
+    """Runs calls one after the other on a daemon thread and hands back Futures. Unlike a ThreadPoolExecutor (whose
+    threads the interpreter joins at exit), a request still hanging when the process ends cannot keep it alive."""
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args, kwargs))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args, kwargs = self._calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as error:  # noqa: BLE001 -- handed to whoever reads the future
+                future.set_exception(error)
+
+
 class AsyncHubUploader:
     """Uploads export folders to `repo_id` in the background, with retries (see the module docstring).
 
     Args:
-        repo_id: the model repository (created if missing, with `private`).
+        repo_id: the model repository (created if missing, with `private`); checked at once (ValueError).
         staging_dir: where snapshots of the queued exports live until uploaded.
         token: Hub token (default: `HF_TOKEN` / the cached login).
         private: create the repository private.
@@ -108,7 +152,7 @@ class AsyncHubUploader:
     ):
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}.")
-        self.repo_id = repo_id
+        self.repo_id = check_repo_id(repo_id, "hub_model_id")
         self.private = private
         self.staging_dir = Path(staging_dir)
         self.max_attempts = max_attempts
@@ -116,6 +160,13 @@ class AsyncHubUploader:
         self.api = HfApi(endpoint=endpoint, token=token)
         self.jobs: list[_Job] = []
         self._repo_created = False
+        self._worker: _DaemonWorker | None = None
+        self.interrupted_by: str | None = None  # the signal that ended `finish` early
+
+    def _run_in_background(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        if self._worker is None:
+            self._worker = _DaemonWorker(f"hub-upload-{self.repo_id}")
+        return self._worker.submit(fn, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------------- queueing
     def submit(
@@ -143,18 +194,18 @@ class AsyncHubUploader:
             self._start_upload(job)
         else:
             job.phase = "repo"
-            job.future = self.api.run_as_future(
+            job.future = self._run_in_background(
                 self.api.create_repo, self.repo_id, private=self.private, exist_ok=True, repo_type="model"
             )
 
     def _start_upload(self, job: _Job) -> None:
         job.phase = "upload"
-        job.future = self.api.upload_folder(
+        job.future = self._run_in_background(
+            self.api.upload_folder,
             repo_id=self.repo_id,
             folder_path=job.outcome.folder,
             commit_message=job.commit_message,
             repo_type="model",
-            run_as_future=True,
         )
 
     # ---------------------------------------------------------------------------------------------------- progress
@@ -176,7 +227,10 @@ class AsyncHubUploader:
             try:
                 result = future.result()
             except Exception as error:  # noqa: BLE001 -- any failure is reported, never raised into the loop
-                self._attempt_failed(index, job, f"{type(error).__name__}: {error}".strip(), finished)
+                job.outcome.permanent = is_permanent_error(error)
+                self._attempt_failed(
+                    index, job, describe_hub_error(error, self.api.endpoint, "upload"), finished
+                )
                 continue
             if job.phase == "repo":
                 self._repo_created = True
@@ -200,7 +254,7 @@ class AsyncHubUploader:
             outcome.status = "superseded"
             outcome.superseded_by = newer[-1].step
             finished.append(outcome)
-        elif outcome.attempts >= self.max_attempts:
+        elif outcome.attempts >= self.max_attempts or outcome.permanent:
             outcome.status = "failed"
             finished.append(outcome)
             logger.error("Hub upload %s", outcome.describe(self.repo_id))
@@ -232,14 +286,54 @@ class AsyncHubUploader:
     def pending(self) -> bool:
         return any(job.outcome.status == "pending" for job in self.jobs)
 
-    def wait(self, timeout: float | None = None, poll_interval: float = 0.2) -> list[UploadOutcome]:
-        """Blocks until every upload is final (or `timeout` seconds passed); returns all outcomes."""
+    def wait(
+        self,
+        timeout: float | None = None,
+        poll_interval: float = 0.2,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[UploadOutcome]:
+        """Blocks until every upload is final, `timeout` seconds passed or `should_stop()` is true; returns all
+        outcomes (those still running stay `pending`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.pending and (deadline is None or time.monotonic() < deadline):
+            if should_stop is not None and should_stop():
+                break
             self.poll()
             if self.pending:
-                time.sleep(poll_interval)
+                time.sleep(
+                    poll_interval
+                    if deadline is None
+                    else max(0, min(poll_interval, deadline - time.monotonic()))
+                )
+        self.poll()
         return self.outcomes
+
+    def finish(self, timeout: float | None) -> list[UploadOutcome]:
+        """The end of a run: waits for the uploads at most `timeout` seconds (None: no limit), stopping early on
+        SIGTERM / SIGINT, then marks what is not on the Hub as `unfinished` (its local snapshot stays) and returns
+        all outcomes. The report is complete however the wait ended."""
+        with StopRequest(action="ending the wait for the Hub uploads and reporting them") as stop:
+            self.wait(timeout, should_stop=lambda: stop.requested)
+        if stop.requested:
+            reason = f"the wait was interrupted by {stop.signal_name}"
+        else:
+            reason = f"not finished within the final wait of {timeout:g} s (--hub_upload_timeout)"
+        for job in self.jobs:
+            if job.outcome.status == "pending":
+                job.outcome.status = "unfinished"
+                job.outcome.errors.append(
+                    reason
+                    if job.future is not None or not job.outcome.errors
+                    else f"{reason}; last error: {job.outcome.errors[-1]}"
+                )
+                job.retry_at = None
+        self.interrupted_by = stop.signal_name
+        return self.outcomes
+
+    @property
+    def complete(self) -> bool:
+        """Whether the newest export reached the Hub (older ones may have been superseded)."""
+        return bool(self.jobs) and self.jobs[-1].outcome.status == "uploaded"
 
     @property
     def outcomes(self) -> list[UploadOutcome]:

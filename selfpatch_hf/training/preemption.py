@@ -21,8 +21,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class StopRequest:
     """Context manager that turns SIGTERM / SIGINT into a stop request (main thread only; a no-op elsewhere)."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+    def __init__(
+        self,
+        signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
+        action: str = "stopping after the current optimiser step and writing a checkpoint",
+    ):
         self.signals = signals
+        self.action = action
         self.signal_name: str | None = None
         self._previous: dict[signal.Signals, object] = {}
 
@@ -37,9 +42,10 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal_name = name
         logger.warning(
-            "Received %s: stopping after the current optimiser step and writing a checkpoint%s.",
+            "Received %s: %s%s.",
             name,
-            " (press Ctrl-C again to abort without it)" if signum == signal.SIGINT else "",
+            self.action,
+            " (press Ctrl-C again to abort at once)" if signum == signal.SIGINT else "",
         )
 
     def __enter__(self) -> StopRequest:
