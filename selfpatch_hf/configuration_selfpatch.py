@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Any, ClassVar, Literal
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedConfig, ViTConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -69,6 +72,57 @@ def _as_pair(size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+class SelfPatchConfigError(StrictDataclassError, ValueError):
+    """An invalid `SelfPatchConfig` value; the message names the field and the fix.
+
+    `@strict` wraps whatever a validator raises in its own `StrictDataclassClassValidationError`, which is no
+    `ValueError`; this error is both, so `except ValueError` (and `except StrictDataclassError`) catch it."""
+
+
+def _errors_as_value_errors(cls: type) -> type:
+    """Re-raises the errors of the `@strict` validation (run at construction and by `save_pretrained`) as
+    `SelfPatchConfigError` with the validator's own message."""
+    strict_validate = cls.validate
+
+    def validate(self) -> None:
+        try:
+            strict_validate(self)
+        except StrictDataclassError as error:
+            if isinstance(error, SelfPatchConfigError):
+                raise
+            cause = error.__cause__ if error.__cause__ is not None else error
+            raise SelfPatchConfigError(str(cause)) from cause
+
+    validate.__is_defined_by_strict_decorator__ = (
+        True  # lets a @strict subclass replace it, as with strict's own
+    )
+    cls.validate = validate
+    return cls
+
+
+# Fields the type annotations cannot hold to (transformers configs do not enforce them on assignment).
+_COUNT_FIELDS = (
+    "image_out_dim",
+    "patch_out_dim",
+    "head_hidden_dim",
+    "head_bottleneck_dim",
+    "head_num_layers",
+    "num_aggregation_blocks",
+    "num_positives",
+    "num_global_crops",
+    "num_local_crops",
+)
+_REAL_FIELDS = (
+    "aggregation_mlp_ratio",
+    "patch_loss_weight",
+    "student_temperature",
+    "center_momentum",
+    "drop_path_rate",
+    "initializer_range",
+)
+
+
+@_errors_as_value_errors
 @strict
 class SelfPatchConfig(PreTrainedConfig):
     r"""
@@ -186,6 +240,32 @@ class SelfPatchConfig(PreTrainedConfig):
         )
 
     # ------------------------------------------------------------------ validation (run by @strict)
+    def __post_init__(self, **kwargs: Any) -> None:
+        # transformers looks a dict sub-config's class up by its "model_type" and fails with a bare KeyError
+        if isinstance(self.backbone_config, dict) and "model_type" not in self.backbone_config:
+            raise SelfPatchConfigError(
+                'backbone_config given as a dict needs its "model_type" (e.g. {"model_type": "vit", ...}), or pass a '
+                f"ViTConfig; got the keys {sorted(self.backbone_config)}."
+            )
+        super().__post_init__(**kwargs)
+
+    def validate_all_field_types(self) -> None:
+        # named to run first (validators run in name order), so later checks compare numbers only
+        fields = self.__dataclass_fields__
+        for name in (name for name in _COUNT_FIELDS if name in fields):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}).")
+        for name in (name for name in _REAL_FIELDS if name in fields):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        if not isinstance(self.norm_last_layer, bool):
+            raise ValueError(f"norm_last_layer must be True or False, got {self.norm_last_layer!r}.")
+        size = self.neighborhood_size
+        if isinstance(size, bool) or not isinstance(size, int | str):
+            raise ValueError(f'neighborhood_size is an odd int >= 3 or "all", got {size!r}.')
+
     def validate_backbone(self) -> None:
         backbone = self.backbone_config
         if backbone.hidden_size % backbone.num_attention_heads != 0:
@@ -317,4 +397,4 @@ class SelfPatchConfig(PreTrainedConfig):
 
 AutoConfig.register(SelfPatchConfig.model_type, SelfPatchConfig, exist_ok=True)
 
-__all__ = ["BACKBONE_PRESETS", "SelfPatchConfig"]
+__all__ = ["BACKBONE_PRESETS", "SelfPatchConfig", "SelfPatchConfigError"]
