@@ -2,7 +2,7 @@
 
     selfpatch export PRETRAINING_DIR OUTPUT_DIR [--source teacher|student]
     selfpatch push ...       (= selfpatch-push: publish a backbone or checkpoint folder to the Hub)
-    selfpatch convert ...    (= selfpatch-convert: reference SelfPatch / DINO checkpoints -> HF folders)
+    selfpatch convert ...    (= selfpatch-convert: reference SelfPatch / DINO / MoBY checkpoints -> HF folders)
     selfpatch eval ...       (dense evaluation and visualisation of any ViT backbone)
 
 Pretraining itself is `accelerate launch training/pretrain.py` (see docs/pretraining.md).
@@ -21,7 +21,7 @@ from .command_line import CommandFailure, UsageError, run_command
 # subcommand -> (module with a `main(argv)`, one-line help); imported only when used, so `--help` stays fast
 DELEGATES: dict[str, tuple[str, str]] = {
     "push": ("selfpatch_hf.hub", "publish a backbone or pretraining folder to the Hugging Face Hub"),
-    "convert": ("selfpatch_hf.convert", "convert reference SelfPatch / DINO .pth checkpoints"),
+    "convert": ("selfpatch_hf.convert", "convert reference SelfPatch / DINO / MoBY .pth checkpoints"),
     "eval": (
         "selfpatch_hf.evaluation.cli",
         "dense evaluation (DAVIS propagation, linear probe, k-NN), visualisation",

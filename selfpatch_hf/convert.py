@@ -6,6 +6,8 @@ Inputs (read with `torch.load(weights_only=True)`; the format is detected from t
   `p_head.` and DDP's `module.` prefixes) and flat backbone-only files (docs/method.md section 11);
 - DINO training checkpoints (`student`/`teacher` with `backbone.` and `head.`) and flat backbone files (with
   `cls_token` and the final `norm`).
+- MoBY training checkpoints (Transformer-SSL: `encoder.`, `encoder_k.`, `projector*.`, `predictor.`, queues) with
+  Swin or DeiT encoders: converted by `convert_moby` into a `SwinModel` / `ViTModel` backbone.
 
 Outputs:
 
@@ -31,7 +33,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +50,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CheckpointFormat = Literal["selfpatch-training", "selfpatch-backbone", "dino-training", "dino-backbone"]
+CheckpointFormat = Literal[
+    "selfpatch-training",
+    "selfpatch-backbone",
+    "dino-training",
+    "dino-backbone",
+    "moby-swin-training",
+    "moby-vit-training",
+]
 LAYER_NORM_EPS = 1e-6  # timm/DINO ViTs: partial(nn.LayerNorm, eps=1e-6)
 # Reference architecture names (`--arch` of the reference scripts; DeiT names are aliases) -> (hidden, heads).
 REFERENCE_ARCHS: dict[str, tuple[int, int]] = {
@@ -99,12 +108,17 @@ class ReferenceCheckpoint:
         return self.format.endswith("training")
 
 
+# MoBY's `save_checkpoint` pickles its yacs `CfgNode` config (a dict subclass): read it as a plain OrderedDict, so
+# that neither yacs nor any code of the file's is needed. Nothing else outside torch's allow-list is accepted.
+_YACS_CONFIG_AS_DICT = (OrderedDict, "yacs.config.CfgNode")
+
+
 def _torch_load(path: Path) -> Any:
     import torch
 
-    # Reference scripts save `args` as an argparse.Namespace: the only non-tensor global we allow.
+    # Reference scripts save `args` as an argparse.Namespace: the only other non-tensor global we allow.
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, _YACS_CONFIG_AS_DICT]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
@@ -211,10 +225,15 @@ def load_reference_checkpoint(
     For training checkpoints, `network` picks the side converted into the backbone (the teacher is what the papers
     evaluate); the other side is kept in `other_network` for the pretraining checkpoint.
     """
+    path = Path(path)
+    return _reference_checkpoint(_torch_load(path), path, network)
+
+
+def _reference_checkpoint(
+    obj: Any, path: Path, network: Literal["teacher", "student"] = "teacher"
+) -> ReferenceCheckpoint:
     if network not in ("teacher", "student"):
         raise ValueError(f'network must be "teacher" or "student", got {network!r}.')
-    path = Path(path)
-    obj = _torch_load(path)
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary.")
     # Some tools wrap a state dict one level down.
@@ -280,6 +299,12 @@ class BackboneArchitecture:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    def describe(self) -> str:
+        return (
+            f"{self.arch_name}/{self.patch_size}, {self.num_hidden_layers} layers, hidden {self.hidden_size}, "
+            f"{self.num_attention_heads} heads, {self.image_size} px grid"
+        )
 
 
 def _listing(keys: list[str], limit: int = 40) -> str:
@@ -976,9 +1001,9 @@ def _use_default_permissions(folder: Path) -> None:
 @dataclass
 class ConversionResult:
     format: CheckpointFormat
-    architecture: BackboneArchitecture
+    architecture: Any  # BackboneArchitecture (ViTs) or convert_moby.SwinArchitecture
     backbone_dir: Path
-    model_type: str  # of the backbone folder: "vit" or "siglip_vision_model"
+    model_type: str  # of the backbone folder: "vit", "siglip_vision_model" or "swin"
     # converted model vs the reference forward pass on random input (None: not verified)
     max_abs_difference: float | None
     pretraining_dir: Path | None = None
@@ -1064,7 +1089,7 @@ def convert_checkpoint(
     checkpoint_path: str | Path,
     output_dir: str | Path,
     *,
-    network: Literal["teacher", "student"] = "teacher",
+    network: Literal["teacher", "student"] | None = None,
     arch: str | None = None,
     num_heads: int | None = None,
     output_norm_from: str | Path | None = None,
@@ -1074,8 +1099,13 @@ def convert_checkpoint(
 ) -> ConversionResult:
     """Converts a SelfPatch or DINO checkpoint into `output_dir/backbone` (+ `output_dir/pretraining` for DINO).
 
+    MoBY checkpoints (Transformer-SSL, Swin or DeiT encoders) are detected by their keys and converted by
+    `convert_moby`: only the backbone is written (no pretraining checkpoint), the heads and queues are validated.
+
     Args:
-        network: side of a training checkpoint that becomes the backbone (the teacher is what papers evaluate).
+        network: side of a training checkpoint that becomes the backbone; default: the side the method's own
+            evaluation uses (DINO/SelfPatch: the teacher; MoBY: the online encoder, "student"; "teacher" is MoBY's
+            momentum encoder `encoder_k`).
         arch / num_heads: the head count, when neither the checkpoint's `args` nor the width tell it.
         output_norm_from: a SelfPatch training checkpoint whose `ca_head.norm` supplies the output norm of a
             backbone-only SelfPatch file (which has none).
@@ -1083,7 +1113,25 @@ def convert_checkpoint(
         verify: compare the saved folder, reloaded with `AutoModel`, with the reference forward pass on random
             input, and fail above `VERIFY_TOLERANCE`.
     """
-    checkpoint = load_reference_checkpoint(checkpoint_path, network=network)
+    checkpoint_path = Path(checkpoint_path)
+    loaded = _torch_load(checkpoint_path)
+    from .convert_moby import is_moby_checkpoint
+
+    if is_moby_checkpoint(loaded):
+        if output_norm_from is not None:
+            raise ConversionError("--output-norm-from is for SelfPatch backbone files, not MoBY checkpoints.")
+        return _convert_moby(
+            loaded,
+            checkpoint_path,
+            Path(output_dir),
+            network or "student",
+            arch,
+            num_heads,
+            pretraining,
+            verify,
+        )
+    network = network or "teacher"
+    checkpoint = _reference_checkpoint(loaded, checkpoint_path, network=network)
     architecture = infer_architecture(checkpoint, arch=arch, num_heads=num_heads)
     validate_checkpoint(checkpoint, architecture)
     notes: list[str] = []
@@ -1101,7 +1149,7 @@ def convert_checkpoint(
                     "--output-norm-from is for backbone-only files; this checkpoint has ca_head.norm."
                 )
         elif output_norm_from is not None:
-            donor = load_reference_checkpoint(output_norm_from, network=network)
+            donor = load_reference_checkpoint(output_norm_from, network=network)  # type: ignore[arg-type]
             if donor.aggregation is None:
                 raise ConversionError(
                     f"{output_norm_from} has no ca_head.norm (it is a {donor.format} file)."
@@ -1206,6 +1254,74 @@ def convert_checkpoint(
     )
 
 
+def _convert_moby(
+    loaded: Any,
+    path: Path,
+    output_dir: Path,
+    network: Literal["teacher", "student"],
+    arch: str | None,
+    num_heads: int | None,
+    pretraining: bool,
+    verify: bool,
+) -> ConversionResult:
+    import torch
+    from transformers import AutoModel
+
+    from .convert_moby import moby_backbone, moby_card_info, read_moby_checkpoint
+    from .export import _replace_directory
+    from .model_card import write_backbone_card
+
+    checkpoint = read_moby_checkpoint(loaded, path)
+    side = "online" if network == "student" else "target"
+    backbone = moby_backbone(checkpoint, side, arch=arch, num_heads=num_heads)  # validates every part first
+    bad = _non_finite_keys(backbone.state)
+    if bad:
+        raise ConversionError(f"{path.name} holds non-finite weights (NaN or infinity) in {_listing(bad)}.")
+    notes: list[str] = []
+    if pretraining:
+        notes.append(
+            "No pretraining checkpoint: converting MoBY's heads and queues for continued training is not supported "
+            "yet; only the backbone was written."
+        )
+    # staged beside OUTPUT_DIR and moved into place after the self-check, as for the other formats
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
+    try:
+        _use_default_permissions(staging)
+        staged = staging / "backbone"
+        backbone.model.save_pretrained(staged)
+        build_image_processor(backbone.architecture, "vit").save_pretrained(
+            staged
+        )  # AutoImageProcessor: swin->ViT
+        write_backbone_card(staged, moby_card_info(checkpoint, backbone, side, notes))
+        difference = None
+        if verify:
+            reloaded = AutoModel.from_pretrained(staged).eval()
+            size = backbone.architecture.image_size
+            pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                ours = reloaded(pixel_values=pixels).last_hidden_state
+            difference = (ours - backbone.reference_forward(pixels)).abs().max().item()
+            if not difference <= VERIFY_TOLERANCE:
+                raise ConversionError(
+                    f"The converted backbone differs from the reference forward pass by {difference:.3g} "
+                    f"(tolerance {VERIFY_TOLERANCE}); nothing was written to {output_dir}. The input weights are "
+                    "finite and well shaped, so the conversion itself is wrong: please report it."
+                )
+        backbone_dir = output_dir / "backbone"
+        _replace_directory(staged, backbone_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ConversionResult(
+        format=f"moby-{backbone.model_type}-training",  # type: ignore[arg-type]
+        architecture=backbone.architecture,
+        backbone_dir=backbone_dir,
+        model_type="swin" if backbone.model_type == "swin" else "vit",
+        max_abs_difference=difference,
+        notes=notes,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
@@ -1214,7 +1330,7 @@ def convert_checkpoint(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfpatch-convert",
-        description="Convert a reference SelfPatch or DINO checkpoint (.pth) into Hugging Face folders: "
+        description="Convert a reference SelfPatch, DINO or MoBY checkpoint (.pth) into Hugging Face folders: "
         "OUTPUT_DIR/backbone (AutoModel-loadable, exact features, image processor, model card) and, for DINO, "
         "OUTPUT_DIR/pretraining (SelfPatchViTForPretraining for continued training).",
     )
@@ -1225,8 +1341,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--network",
         choices=("teacher", "student"),
-        default="teacher",
-        help="side of a training checkpoint to export as the backbone (default: teacher)",
+        help="side of a training checkpoint to export as the backbone (default: the teacher for DINO and "
+        "SelfPatch; for MoBY the online encoder, 'student', which MoBY's evaluation uses; 'teacher' = encoder_k)",
     )
     parser.add_argument(
         "--arch", choices=sorted(REFERENCE_ARCHS), help="reference architecture (sets the head count)"
@@ -1286,11 +1402,7 @@ def _main(argv: list[str] | None = None) -> int:
         raise CommandFailure(str(error)) from error
     except OSError as error:  # unreadable input, full disk, no permission on the output folder
         raise CommandFailure(f"{error}; nothing was changed in {args.output_dir}.") from error
-    arch = result.architecture
-    print(
-        f"Detected {result.format}: {arch.arch_name}/{arch.patch_size}, {arch.num_hidden_layers} layers, "
-        f"hidden {arch.hidden_size}, {arch.num_attention_heads} heads, {arch.image_size} px grid."
-    )
+    print(f"Detected {result.format}: {result.architecture.describe()}.")
     print(f"Backbone ({result.model_type}): {result.backbone_dir}")
     if result.max_abs_difference is not None:
         print(f"  max abs difference vs the reference forward pass: {result.max_abs_difference:.2e}")

@@ -40,6 +40,8 @@ DINO_CITATION = """\
   year      = {2021}
 }"""
 
+METHOD_NAMES = {"selfpatch": "SelfPatch", "dino": "DINO", "moby": "MoBY"}
+
 # Short keys accepted in `BackboneCardInfo.eval_results` -> `huggingface_hub.EvalResult` fields.
 _EVAL_KEY_ALIASES = {
     "task": "task_type",
@@ -66,14 +68,16 @@ class BackboneCardInfo:
     num_hidden_layers: int | None = None
     num_attention_heads: int | None = None
     image_size: int | None = None
-    # the transformers class `AutoModel` builds: "ViTModel" or "SiglipVisionModel"
+    # the transformers class `AutoModel` builds: "ViTModel", "SiglipVisionModel" or "SwinModel"
     model_class: str = "ViTModel"
     num_prefix_tokens: int = 1  # tokens before the patch tokens in last_hidden_state (1 = CLS, 0 = none)
+    # pixels per token of last_hidden_state when it is not the patch size (a Swin's last stage: patch * 2**(stages-1))
+    feature_stride: int | None = None
     # ---- provenance
     source: Literal["trained", "converted"] = "trained"
     converted_from: str | None = None  # file name / URL of a converted checkpoint
     # the pretraining objective that produced the weights
-    objective: Literal["selfpatch", "dino"] = "selfpatch"
+    objective: Literal["selfpatch", "dino", "moby"] = "selfpatch"
     exported_network: Literal["teacher", "student"] = "teacher"
     warnings: list[str] = field(default_factory=list)  # stated prominently at the top of the card
     # ---- training recipe
@@ -172,8 +176,7 @@ def _eval_results(info: BackboneCardInfo) -> list[EvalResult]:
 def _title(info: BackboneCardInfo) -> str:
     if info.model_name:
         return info.model_name
-    method = "SelfPatch" if info.objective == "selfpatch" else "DINO"
-    return f"{method} {info.architecture} backbone"
+    return f"{METHOD_NAMES.get(info.objective, 'DINO')} {info.architecture} backbone"
 
 
 def _usage_code(info: BackboneCardInfo) -> str:
@@ -188,6 +191,13 @@ def _usage_code(info: BackboneCardInfo) -> str:
     else:
         token_comment = f"(1, {prefix} + N, C): {prefix} prefix tokens, then the N patch tokens"
         drop = f"[:, {prefix}:]"
+    if info.feature_stride:
+        stride_name, stride_line = (
+            "stride",
+            f"stride = {info.feature_stride}  # pixels per token of the last stage",
+        )
+    else:
+        stride_name, stride_line = "patch_size", "patch_size = model.config.patch_size"
     return textwrap.dedent(
         f"""\
         import torch
@@ -203,10 +213,10 @@ def _usage_code(info: BackboneCardInfo) -> str:
         with torch.no_grad():
             tokens = model(**inputs).last_hidden_state  # {token_comment}
 
-        patch_size = model.config.patch_size
+        {stride_line}
         height, width = inputs["pixel_values"].shape[-2:]
         patch_tokens = tokens{drop}  # (1, N, C)
-        feature_map = patch_tokens[0].reshape(height // patch_size, width // patch_size, -1)  # (H/p, W/p, C)
+        feature_map = patch_tokens[0].reshape(height // {stride_name}, width // {stride_name}, -1)  # (H/s, W/s, C)
         """
     )
 
@@ -215,7 +225,10 @@ def _provenance(info: BackboneCardInfo) -> str:
     network = f"the {info.exported_network} network"
     if info.source == "converted":
         origin = info.converted_from or "an unnamed checkpoint"
-        reference = "SelfPatch reference code" if info.objective == "selfpatch" else "DINO reference code"
+        reference = {
+            "selfpatch": "SelfPatch reference code",
+            "moby": "MoBY public code (Transformer-SSL)",
+        }.get(info.objective, "DINO reference code")
         return (
             f"Converted with `selfpatch-convert` from `{origin}` (a checkpoint of the {reference}; {network}'s "
             f"backbone). The conversion is exact: the converted `{info.model_class}` reproduces the reference "
@@ -233,7 +246,10 @@ def _training_data(info: BackboneCardInfo) -> str | None:
 
 def _recipe_rows(info: BackboneCardInfo) -> list[tuple[str, str]]:
     rows: list[tuple[str, Any]] = [
-        ("objective", "SelfPatch (DINO + patch-level loss)" if info.objective == "selfpatch" else "DINO"),
+        (
+            "objective",
+            {"selfpatch": "SelfPatch (DINO + patch-level loss)", "moby": "MoBY"}.get(info.objective, "DINO"),
+        ),
         ("training data", _training_data(info)),
         ("epochs", info.epochs),
         ("optimisation steps", info.steps),
