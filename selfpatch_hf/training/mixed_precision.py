@@ -1,0 +1,64 @@
+"""Mixed-precision training steps (`--mixed_precision bf16|fp16` through accelerate).
+
+What runs in which precision: accelerate runs the model's forward under autocast, so the backbone, the aggregation
+module and the heads compute in bf16 / fp16; the model casts the logits to fp32 before the softmaxes and losses,
+keeps its centres as fp32 buffers and updates them from fp32 logits, and the teacher's EMA works on the fp32 master
+weights (autocast never changes parameters). fp16 adds accelerate's loss scaler (`torch.amp.GradScaler`): gradients
+are unscaled before the per-tensor clipping, so the clip sees true gradients.
+
+A step the scaler skips (inf / NaN gradients after an fp16 overflow; the scale is then halved) is a step that did
+not happen: the student did not move, so
+
+- the teacher is NOT updated (an EMA toward an unchanged student would still pull the teacher; the reference code
+  does so, which makes the teacher depend on how often fp16 overflows);
+- the centres, which the forward already moved, are restored (`ScalerSkipGuard`);
+- the schedules do not advance: the loop does not count the step, so the next batch is trained at the same
+  learning rate, weight decay, momentum and temperature. The batch itself is consumed (the data stream moves on).
+
+The loop counts skipped steps and logs them; a long run of consecutive skips means gradients that are not finite
+for another reason than the scale, and stops training (`MAX_CONSECUTIVE_SKIPPED_STEPS`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Halving the scale this many times from accelerate's initial 2^16 goes below 2^-8: no overflow is left to explain.
+MAX_CONSECUTIVE_SKIPPED_STEPS = 25
+
+
+class ScalerSkipGuard:
+    """Keeps the centres of `model` (its `image_center` / `patch_center` buffers) across one step, to restore them
+    if the loss scaler skips the step. Disabled (no copies) when there is no scaler."""
+
+    def __init__(self, model: nn.Module, enabled: bool = True):
+        self.model = model
+        self.enabled = enabled
+        self.snapshot: list[torch.Tensor] | None = None
+
+    def _centers(self) -> list[torch.Tensor]:
+        return [
+            buffer
+            for name in ("image_center", "patch_center")
+            if (buffer := getattr(self.model, name, None)) is not None
+        ]
+
+    def before_forward(self) -> None:
+        self.snapshot = [center.detach().clone() for center in self._centers()] if self.enabled else None
+
+    def after_step(self, skipped: bool) -> bool:
+        """Restores the centres if the step was skipped; returns `skipped`."""
+        if skipped and self.snapshot is not None:
+            with torch.no_grad():
+                for center, saved in zip(self._centers(), self.snapshot, strict=True):
+                    center.copy_(saved)
+        return bool(skipped)
+
+
+def step_was_skipped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether accelerate's loss scaler skipped the last `optimizer.step()` (False without a scaler)."""
+    return bool(getattr(optimizer, "step_was_skipped", False))
+
+
+__all__ = ["MAX_CONSECUTIVE_SKIPPED_STEPS", "ScalerSkipGuard", "step_was_skipped"]
