@@ -19,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..command_line import UsageError, run_command
+
 logger = logging.getLogger(__name__)
 
 
@@ -75,14 +77,35 @@ def _add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False
         "--image-mean", type=float, nargs=3, default=None, help="override the processor's mean"
     )
     parser.add_argument("--image-std", type=float, nargs=3, default=None, help="override the processor's std")
+    _add_stage_argument(parser)
+
+
+def _add_stage_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stage",
+        type=int,
+        default=None,
+        help="Swin backbones: the stage whose token map is evaluated, 1-based (default: the last; Swin-T stage 3 "
+        "has stride 16)",
+    )
 
 
 def _load(args, path: str, **kwargs):
     from .features import FrozenBackbone
 
-    return FrozenBackbone.from_pretrained(
-        path, image_mean=args.image_mean, image_std=args.image_std, device=args.device, **kwargs
-    )
+    try:
+        return FrozenBackbone.from_pretrained(
+            path,
+            image_mean=args.image_mean,
+            image_std=args.image_std,
+            device=args.device,
+            stage=getattr(args, "stage", None),
+            **kwargs,
+        )
+    except ValueError as error:  # a stage the backbone does not have
+        if "stage=" in str(error):
+            raise UsageError(f"--stage: {error}") from error
+        raise
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -100,6 +123,7 @@ def _build_parser() -> argparse.ArgumentParser:
     davis.add_argument("--device", default="cpu")
     davis.add_argument("--image-mean", type=float, nargs=3, default=None)
     davis.add_argument("--image-std", type=float, nargs=3, default=None)
+    _add_stage_argument(davis)
     davis.add_argument(
         "--davis-root", required=True, help="folder with JPEGImages/, Annotations/, ImageSets/"
     )
@@ -177,6 +201,7 @@ def _build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--device", default="cpu")
     vis.add_argument("--image-mean", type=float, nargs=3, default=None)
     vis.add_argument("--image-std", type=float, nargs=3, default=None)
+    _add_stage_argument(vis)
     vis.add_argument(
         "--image",
         required=True,
@@ -383,6 +408,13 @@ def _run_visualize(args) -> int:
         if not args.model:
             raise SystemExit("visualize: give --model (attention) or --positives (teacher positives).")
         models = {name: _load(args, path, attn_implementation="eager") for name, path in args.model}
+        hierarchical = [name for name, model in models.items() if getattr(model, "hierarchical", False)]
+        if hierarchical:
+            raise UsageError(
+                f"--model {hierarchical[0]}: a Swin backbone has no image-wide attention map (its attention is per "
+                "shifted local window and there is no CLS token to look from); give ViT backbones, or draw teacher "
+                "positives with --positives/--pretraining."
+            )
         figure = attention_figure(
             image,
             models,
@@ -428,10 +460,14 @@ _COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
     return _COMMANDS[args.command](args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("selfpatch eval", _main, argv)
 
 
 if __name__ == "__main__":

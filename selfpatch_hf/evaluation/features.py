@@ -8,6 +8,12 @@ from the config where the model type is known and always checked against the tok
 Every evaluation in this package hands images to a backbone the same way: a float tensor
 (B, 3, H, W) with values in [0, 1] and H, W multiples of the patch size. The backbone normalises
 with its image processor's mean and std and returns a (B, H / p, W / p, C) patch feature map.
+
+Hierarchical backbones (`SwinModel`) have no prefix token and one token map per stage; `stage` picks it
+(1-based, default the last). The last stage's map is `last_hidden_state` (after the final norm, the
+representation SelfPatch trains on Swin); an earlier stage's is that stage's output before its patch merging
+(`reshaped_hidden_states` with `output_hidden_states_before_downsampling=True`; Swin has no norm there). For
+such a backbone `patch_size` is the stage's stride: patch size x 2 ** (stage - 1), e.g. Swin-T stage 3 -> 16.
 """
 
 from __future__ import annotations
@@ -71,6 +77,10 @@ def expected_prefix_tokens(config) -> int | None:
     return _PREFIX_TOKENS_BY_MODEL_TYPE.get(model_type)
 
 
+# Model types with stages of decreasing resolution (patch merging between stages) and no prefix token.
+_HIERARCHICAL_MODEL_TYPES = ("swin",)
+
+
 def _patch_size_of(config) -> int:
     patch_size = getattr(config, "patch_size", None)
     if patch_size is None:
@@ -125,15 +135,45 @@ class FrozenBackbone(torch.nn.Module):
         model: PreTrainedModel,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
+        stage: int | None = None,
     ):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.patch_size = _patch_size_of(model.config)
         self.hidden_size = int(getattr(model.config, "hidden_size", 0)) or None
         self.expected_prefix_tokens = expected_prefix_tokens(model.config)
+        self.hierarchical = getattr(model.config, "model_type", None) in _HIERARCHICAL_MODEL_TYPES
+        self.stage = self._check_stage(stage)
+        if self.hierarchical:
+            # the chosen stage's token map: its stride is the "patch size" every evaluation works with
+            self.patch_size *= 2 ** (self.stage - 1)
+            self.hidden_size = int(model.config.embed_dim) * 2 ** (self.stage - 1)
+            self.expected_prefix_tokens = 0
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1))
         self._accepts_interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.model.config.depths) if self.hierarchical else 1
+
+    def _check_stage(self, stage: int | None) -> int:
+        if stage is None:
+            return self.num_stages
+        if not self.hierarchical:
+            if stage == 1:
+                return 1
+            raise ValueError(
+                f"stage={stage} is for hierarchical backbones (Swin); this {self.model.config.model_type!r} "
+                "backbone has a single token map: leave the stage unset."
+            )
+        if not 1 <= stage <= self.num_stages:
+            raise ValueError(
+                f"stage={stage} is out of range: this Swin has stages 1..{self.num_stages} (strides "
+                + ", ".join(str(_patch_size_of(self.model.config) * 2**i) for i in range(self.num_stages))
+                + ")."
+            )
+        return stage
 
     @classmethod
     def from_pretrained(
@@ -144,11 +184,13 @@ class FrozenBackbone(torch.nn.Module):
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
         device: str | torch.device = "cpu",
+        stage: int | None = None,
         **model_kwargs,
     ) -> FrozenBackbone:
         """Load a backbone with `AutoModel` (no remote code) and its normalisation statistics.
 
-        Use `attn_implementation="eager"` to get attention maps (SDPA returns none).
+        Use `attn_implementation="eager"` to get attention maps (SDPA returns none). `stage` picks the token map
+        of a hierarchical (Swin) backbone, 1-based; default the last.
         """
         config = AutoConfig.from_pretrained(name_or_path)
         model_class = MODEL_MAPPING.get(type(config), None)
@@ -164,7 +206,7 @@ class FrozenBackbone(torch.nn.Module):
             model_kwargs["attn_implementation"] = attn_implementation
         model = AutoModel.from_pretrained(name_or_path, dtype=torch.float32, **model_kwargs)
         mean, std = load_image_statistics(name_or_path, image_mean, image_std)
-        return cls(model, mean, std).to(device)
+        return cls(model, mean, std, stage=stage).to(device)
 
     @property
     def device(self) -> torch.device:
@@ -183,6 +225,8 @@ class FrozenBackbone(torch.nn.Module):
         h, w = height // p, width // p
         pixel_values = pixel_values.to(self.device, torch.float32)
         pixel_values = (pixel_values - self.image_mean) / self.image_std
+        if self.hierarchical:
+            return self._hierarchical_features(pixel_values, h, w, output_attentions)
         kwargs = {"interpolate_pos_encoding": True} if self._accepts_interpolate else {}
         if output_attentions:
             kwargs["output_attentions"] = True
@@ -208,6 +252,50 @@ class FrozenBackbone(torch.nn.Module):
             prefix_tokens=tokens[:, :num_prefix],
             attentions=tuple(attentions) if attentions else None,
         )
+
+    def _hierarchical_features(
+        self, pixel_values: torch.Tensor, h: int, w: int, output_attentions: bool
+    ) -> BackboneOutput:
+        config = self.model.config
+        if output_attentions:
+            raise ValueError(
+                "Attention maps of a Swin backbone are per (shifted) local window, with no CLS token to look from, "
+                "so there is no image-wide attention map to draw; visualise a ViT backbone, or use the patch "
+                "features (e.g. `selfpatch eval visualize --positives`)."
+            )
+        # transformers' SwinModel shrinks a window to a stage grid smaller than it but keeps the window-sized
+        # relative position table, which then fails; the reference code and this check agree on what runs
+        height, width = pixel_values.shape[-2:]
+        for i in range(self.num_stages):
+            side = min(-(-height // (config.patch_size * 2**i)), -(-width // (config.patch_size * 2**i)))
+            if side < config.window_size:
+                minimum = config.window_size * config.patch_size * 2 ** (self.num_stages - 1)
+                raise ValueError(
+                    f"Image size {height}x{width} gives Swin stage {i + 1} a grid {side} tokens wide, smaller than "
+                    f"its window ({config.window_size}); feed images of at least {minimum} px per side."
+                )
+        last = self.stage == self.num_stages
+        with torch.inference_mode():
+            outputs = self.model(
+                pixel_values=pixel_values,
+                interpolate_pos_encoding=True,
+                output_hidden_states=not last,
+                output_hidden_states_before_downsampling=True,
+            )
+        if last:
+            tokens = outputs.last_hidden_state  # (B, h*w, C) after the final norm
+            feature_map = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1])
+        else:
+            # [0] is the patch embedding; [i] stage i's output before its patch merging, (B, C, h, w)
+            feature_map = outputs.reshaped_hidden_states[self.stage].permute(0, 2, 3, 1)
+        if feature_map.shape[1:3] != (h, w):
+            raise ValueError(
+                f"Swin stage {self.stage} returned a {tuple(feature_map.shape[1:3])} grid for a {h}x{w} stride-"
+                f"{self.patch_size} grid; pass images whose sides are multiples of {self.patch_size}."
+            )
+        # no prefix tokens: image_embedding's "auto" pooling averages the map (Swin's own average pool at the last stage)
+        no_prefix = feature_map.new_zeros(feature_map.shape[0], 0, feature_map.shape[-1])
+        return BackboneOutput(patch_tokens=feature_map, prefix_tokens=no_prefix)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1] -> (B, H/p, W/p, C) last-layer patch features."""
