@@ -1,4 +1,4 @@
-"""DINO / SelfPatch multi-crop augmentation (docs/method.md section 9).
+"""DINO / SelfPatch multi-crop augmentation (docs/method.md section 9), and MoBY's two views as a recipe of it.
 
 Public API
 ----------
@@ -13,6 +13,15 @@ local_crops_scale=(0.05, 0.25), mean=IMAGENET_MEAN, std=IMAGENET_STD, ratio=(3/4
   uses the pair so that a whole batch is normalised at once.
 - `sample_crop_box(rng, width, height, scale, ratio) -> (top, left, crop_height, crop_width)`: torchvision's
   `RandomResizedCrop.get_params` algorithm, drawn from a numpy Generator.
+- `MultiCropAugmentation.from_recipe(name, **overrides)` with `name` in `AUGMENTATION_RECIPES`: "selfpatch" (the
+  defaults), "dino" (DINO's crop scales) or "moby" (MoBY's BYOL views, below).
+
+MoBY (public code Transformer-SSL, `data/build.py`, the "byol" SSL augmentation) is this recipe with two views and
+no local crops: RandomResizedCrop to 224 with scale (0.08, 1) and torchvision's default BILINEAR resampling, then
+the same flip, colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2, Gaussian blur (sigma in [0.1, 2]) p=1.0
+on view 1 and p=0.1 on view 2, solarisation p=0.2 on view 2 only, ImageNet normalisation. So the photometric
+pipelines below serve both methods unchanged; the "moby" recipe only sets the crop scale, `num_local_crops=0` and
+`interpolation="bilinear"`.
 
 The recipe, per crop (reference: DINO's `DataAugmentationDINO` on torchvision + PIL):
 RandomResizedCrop (scale, ratio (3/4, 4/3), bicubic) -> horizontal flip p=0.5 -> colour jitter (brightness 0.4,
@@ -81,6 +90,26 @@ BLUR_PROBABILITY = {"global_1": 1.0, "global_2": 0.1, "local": 0.5}
 SOLARIZE_PROBABILITY_GLOBAL_2 = 0.2
 SOLARIZE_THRESHOLD = 128
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# Resampling of the random resized crop: DINO/SelfPatch ask torchvision for BICUBIC, MoBY keeps its BILINEAR default
+# (both antialiased when shrinking, as PIL resizes).
+INTERPOLATIONS = ("bicubic", "bilinear")
+
+# Named settings of `MultiCropAugmentation` (the photometric ops are the same for all of them).
+AUGMENTATION_RECIPES: dict[str, dict] = {
+    "selfpatch": {
+        "global_crops_scale": (0.25, 1.0),
+        "local_crops_scale": (0.05, 0.25),
+        "num_local_crops": 8,
+        "interpolation": "bicubic",
+    },
+    "dino": {
+        "global_crops_scale": (0.4, 1.0),
+        "local_crops_scale": (0.05, 0.4),
+        "num_local_crops": 8,
+        "interpolation": "bicubic",
+    },
+    "moby": {"global_crops_scale": (0.08, 1.0), "num_local_crops": 0, "interpolation": "bilinear"},
+}
 
 SizeLike = int | Sequence[int]
 RngLike = int | np.random.Generator | None
@@ -226,6 +255,7 @@ class MultiCropAugmentation:
         local_crops_scale: area fraction range of the local crops (SelfPatch: (0.05, 0.25); DINO: (0.05, 0.4)).
         mean, std: per-channel normalisation, in [0, 1] units.
         ratio: aspect ratio range (width / height) of the random crops.
+        interpolation: resampling of the resized crops, "bicubic" (DINO/SelfPatch) or "bilinear" (MoBY).
     """
 
     def __init__(
@@ -238,7 +268,10 @@ class MultiCropAugmentation:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         ratio: Sequence[float] = DEFAULT_RATIO,
+        interpolation: str = "bicubic",
     ):
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}.")
         if int(num_local_crops) != num_local_crops or num_local_crops < 0:
             raise ValueError(f"num_local_crops must be a non-negative int, got {num_local_crops!r}.")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -249,6 +282,7 @@ class MultiCropAugmentation:
         self.global_crops_scale = _as_range(global_crops_scale, "global_crops_scale", high=1.0)
         self.local_crops_scale = _as_range(local_crops_scale, "local_crops_scale", high=1.0)
         self.ratio = _as_range(ratio, "ratio")
+        self.interpolation = interpolation
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         # x_normalised = (x_uint8 - 255 mean) / (255 std)
@@ -261,6 +295,16 @@ class MultiCropAugmentation:
         )
         self.local_transforms = _photometric_pipeline(BLUR_PROBABILITY["local"], 0.0)
 
+    @classmethod
+    def from_recipe(cls, name: str, **overrides) -> MultiCropAugmentation:
+        """The named recipe of `AUGMENTATION_RECIPES` ("selfpatch", "dino", "moby"), with `overrides` on top (e.g.
+        `global_crop_size`)."""
+        if name not in AUGMENTATION_RECIPES:
+            raise ValueError(
+                f"Unknown augmentation recipe {name!r}; choose one of {', '.join(AUGMENTATION_RECIPES)}."
+            )
+        return cls(**{**AUGMENTATION_RECIPES[name], **overrides})
+
     @property
     def num_global_crops(self) -> int:
         return 2
@@ -269,7 +313,8 @@ class MultiCropAugmentation:
         return (
             f"{type(self).__name__}(global_crop_size={self.global_crop_size}, local_crop_size={self.local_crop_size}, "
             f"num_local_crops={self.num_local_crops}, global_crops_scale={self.global_crops_scale}, "
-            f"local_crops_scale={self.local_crops_scale}, ratio={self.ratio}, mean={self.mean}, std={self.std})"
+            f"local_crops_scale={self.local_crops_scale}, ratio={self.ratio}, interpolation={self.interpolation!r}, "
+            f"mean={self.mean}, std={self.std})"
         )
 
     def _resized_crop(
@@ -279,11 +324,11 @@ class MultiCropAugmentation:
         scale: tuple[float, float],
         rng: np.random.Generator,
     ) -> np.ndarray:
-        """Random crop of `source` (1, 3, H, W) uint8, antialiased-bicubic resized to `size` -> (h, w, 3) uint8."""
+        """Random crop of `source` (1, 3, H, W) uint8, antialiased resized to `size` -> (h, w, 3) uint8."""
         height, width = source.shape[-2:]
         top, left, crop_height, crop_width = sample_crop_box(rng, width, height, scale, self.ratio)
         crop = source[:, :, top : top + crop_height, left : left + crop_width]
-        resized = torch.nn.functional.interpolate(crop, size=size, mode="bicubic", antialias=True)
+        resized = torch.nn.functional.interpolate(crop, size=size, mode=self.interpolation, antialias=True)
         return resized[0].permute(1, 2, 0).numpy()
 
     def crops_uint8(
@@ -335,6 +380,7 @@ class MultiCropAugmentation:
 
 
 __all__ = [
+    "AUGMENTATION_RECIPES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MultiCropAugmentation",

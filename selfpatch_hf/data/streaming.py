@@ -897,7 +897,7 @@ class MultiCropDataLoader:
 
 def build_pretraining_dataloader(
     source: str | IterableDataset,
-    augmentation: MultiCropAugmentation | None = None,
+    augmentation: MultiCropAugmentation | str | None = None,
     batch_size: int = 64,
     *,
     split: str = "train",
@@ -908,17 +908,18 @@ def build_pretraining_dataloader(
 ) -> MultiCropDataLoader:
     """Open `source` and wrap it in a `MultiCropDataLoader` (arguments: see that class and `load_image_stream`).
 
-    `augmentation` defaults to the SelfPatch recipe (`MultiCropAugmentation()`: 2 x 224 px + 8 x 96 px).
+    `augmentation` defaults to the SelfPatch recipe (`MultiCropAugmentation()`: 2 x 224 px + 8 x 96 px); a string
+    names a recipe of `MultiCropAugmentation.from_recipe` ("selfpatch", "dino", "moby": MoBY's two views).
     """
+    if augmentation is None or isinstance(augmentation, str):
+        augmentation = MultiCropAugmentation.from_recipe(augmentation or "selfpatch")
     if isinstance(source, IterableDataset):
         dataset, column = as_raw_image_stream(source, image_column)
     else:
         dataset, column = load_image_stream(
             source, split=split, image_column=image_column, token=token, streaming=streaming
         )
-    return MultiCropDataLoader(
-        dataset, column, augmentation or MultiCropAugmentation(), batch_size, token=token, **loader_kwargs
-    )
+    return MultiCropDataLoader(dataset, column, augmentation, batch_size, token=token, **loader_kwargs)
 
 
 __all__ = [
