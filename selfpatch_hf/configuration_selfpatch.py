@@ -11,6 +11,8 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedConfig, ViTConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .image_conventions import as_height_width
+
 # ViT backbones of the paper (docs/method.md section 2). DINO/timm conventions: exact GELU, LayerNorm eps 1e-6,
 # biased qkv. `image_size` is the resolution of the learned position grid (global crops); other crop sizes are
 # handled by interpolating the position embeddings.
@@ -62,14 +64,9 @@ BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
 BACKBONE_PRESETS = {name: {**_VIT_COMMON, **values} for name, values in BACKBONE_PRESETS.items()}
 # `vit-small-patch16` is the paper's main model; it is also what `SelfPatchConfig()` builds.
 DEFAULT_PRESET = "vit-small-patch16"
-
-
-def _as_pair(size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    if len(size) != 2:
-        raise ValueError(f"A crop size is an int or a (height, width) pair, got {size!r}.")
-    return int(size[0]), int(size[1])
+# Every image gives exactly 2 global crops (the teacher's image-level views, with the recipe's per-crop blur and
+# solarisation probabilities); only the number of local crops is a setting.
+NUM_GLOBAL_CROPS = 2
 
 
 class SelfPatchConfigError(StrictDataclassError, ValueError):
@@ -109,7 +106,6 @@ _COUNT_FIELDS = (
     "head_num_layers",
     "num_aggregation_blocks",
     "num_positives",
-    "num_global_crops",
     "num_local_crops",
 )
 _REAL_FIELDS = (
@@ -171,10 +167,12 @@ class SelfPatchConfig(PreTrainedConfig):
         Size of the global crops of the training recipe (also the image processor size of exported backbones).
     local_crop_size (`int` or `(height, width)`, *optional*, defaults to 96):
         Size of the local crops of the training recipe.
-    num_global_crops (`int`, *optional*, defaults to 2):
-        Number of global crops per image (the teacher's image-level views).
     num_local_crops (`int`, *optional*, defaults to 8):
-        Number of local crops per image.
+        Number of local crops per image (every image also has exactly 2 global crops, `NUM_GLOBAL_CROPS`).
+    global_crops_scale (`(float, float)`, *optional*, defaults to `(0.25, 1.0)`):
+        Area range (fraction of the image) of the global crops' random resized crop (SelfPatch; DINO uses 0.4-1.0).
+    local_crops_scale (`(float, float)`, *optional*, defaults to `(0.05, 0.25)`):
+        Area range of the local crops (SelfPatch; DINO uses 0.05-0.4).
     initializer_range (`float`, *optional*, defaults to 0.02):
         Standard deviation of the truncated-normal initialisation of the heads and the aggregation module.
 
@@ -213,8 +211,9 @@ class SelfPatchConfig(PreTrainedConfig):
     drop_path_rate: float | int = 0.1
     global_crop_size: int | list[int] | tuple[int, int] = 224
     local_crop_size: int | list[int] | tuple[int, int] = 96
-    num_global_crops: int = 2
     num_local_crops: int = 8
+    global_crops_scale: list[float] | tuple[float, float] = (0.25, 1.0)
+    local_crops_scale: list[float] | tuple[float, float] = (0.05, 0.25)
     initializer_range: float = 0.02
 
     # ------------------------------------------------------------------ derived properties
@@ -295,17 +294,25 @@ class SelfPatchConfig(PreTrainedConfig):
 
     def validate_crops(self) -> None:
         for name in ("global_crop_size", "local_crop_size"):
-            height, width = _as_pair(getattr(self, name))
+            height, width = as_height_width(getattr(self, name), name)
             if height <= 0 or width <= 0 or height % self.patch_size or width % self.patch_size:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is not a positive multiple of the patch size {self.patch_size}: "
                     f"the patch grid would drop pixels. Use e.g. "
                     f"{max(1, round(height / self.patch_size)) * self.patch_size}."
                 )
-        if self.num_global_crops < 1:
-            raise ValueError(f"num_global_crops must be >= 1, got {self.num_global_crops}.")
         if self.num_local_crops < 0:
             raise ValueError(f"num_local_crops must be >= 0, got {self.num_local_crops}.")
+        for name in ("global_crops_scale", "local_crops_scale"):
+            scale = getattr(self, name)
+            numbers = isinstance(scale, list | tuple) and all(
+                isinstance(x, Real) and not isinstance(x, bool) for x in scale
+            )
+            if not numbers or len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+                raise ValueError(
+                    f"{name} must be a pair (min, max) of image-area fractions with 0 < min <= max <= 1, got "
+                    f"{scale!r}."
+                )
 
     def validate_method(self) -> None:
         for name, allowed in (
@@ -386,7 +393,7 @@ class SelfPatchConfig(PreTrainedConfig):
                     f"Unknown config field {key!r}: it is neither a SelfPatchConfig nor a ViTConfig field."
                 )
         if "global_crop_size" in config_kwargs and "image_size" not in overrides:
-            height, width = _as_pair(config_kwargs["global_crop_size"])
+            height, width = as_height_width(config_kwargs["global_crop_size"], "global_crop_size")
             patch = backbone_kwargs["patch_size"]
             patch = patch if isinstance(patch, int) else patch[0]
             # a size off the patch grid is left for validate_crops to report under its own name
@@ -397,4 +404,4 @@ class SelfPatchConfig(PreTrainedConfig):
 
 AutoConfig.register(SelfPatchConfig.model_type, SelfPatchConfig, exist_ok=True)
 
-__all__ = ["BACKBONE_PRESETS", "SelfPatchConfig", "SelfPatchConfigError"]
+__all__ = ["BACKBONE_PRESETS", "NUM_GLOBAL_CROPS", "SelfPatchConfig", "SelfPatchConfigError"]

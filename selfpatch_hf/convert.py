@@ -814,28 +814,6 @@ def selfpatch_backbone_to_siglip(
     return model.eval()
 
 
-def build_image_processor(arch: BackboneArchitecture, model_type: str):
-    """Bicubic resize to the reference's global crop size (the position grid), ImageNet mean/std.
-
-    The class is the one `AutoImageProcessor` maps from the model type (ViT / SigLIP); the PIL backend is used
-    where available so that no torchvision is needed, and both save the same `image_processor_type`."""
-    import transformers
-    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
-
-    names = {"vit": "ViTImageProcessor", "siglip_vision_model": "SiglipImageProcessor"}
-    name = names[model_type]
-    processor_class = getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
-    return processor_class(
-        do_resize=True,
-        size={"height": arch.image_size, "width": arch.image_size},
-        resample=PILImageResampling.BICUBIC,
-        do_rescale=True,
-        do_normalize=True,
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Reference forward pass (the converter's self-check)
 # ---------------------------------------------------------------------------------------------------------------
@@ -1185,6 +1163,7 @@ def convert_checkpoint(
     import torch
     from transformers import AutoModel
 
+    from .export import build_image_processor
     from .model_card import write_backbone_card
 
     # Everything is written into a staging folder beside OUTPUT_DIR and moved into place only after the self-check
@@ -1196,7 +1175,7 @@ def convert_checkpoint(
         _use_default_permissions(staging)  # mkdtemp makes it private (0700); the export is an ordinary folder
         staged_backbone = staging / "backbone"
         model.save_pretrained(staged_backbone)
-        build_image_processor(architecture, model_type).save_pretrained(staged_backbone)
+        build_image_processor(architecture.image_size, model_type).save_pretrained(staged_backbone)
         write_backbone_card(staged_backbone, _card_info(checkpoint, architecture, model_type, notes))
 
         difference = None
@@ -1268,7 +1247,7 @@ def _convert_moby(
     from transformers import AutoModel
 
     from .convert_moby import moby_backbone, moby_card_info, read_moby_checkpoint
-    from .export import _replace_directory
+    from .export import _replace_directory, build_image_processor
     from .model_card import write_backbone_card
 
     checkpoint = read_moby_checkpoint(loaded, path)
@@ -1290,9 +1269,9 @@ def _convert_moby(
         _use_default_permissions(staging)
         staged = staging / "backbone"
         backbone.model.save_pretrained(staged)
-        build_image_processor(backbone.architecture, "vit").save_pretrained(
-            staged
-        )  # AutoImageProcessor: swin->ViT
+        build_image_processor(
+            backbone.architecture.image_size, backbone.model.config.model_type
+        ).save_pretrained(staged)
         write_backbone_card(staged, moby_card_info(checkpoint, backbone, side, notes))
         difference = None
         if verify:

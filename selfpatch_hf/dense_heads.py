@@ -27,9 +27,10 @@ from transformers import (
     UperNetConfig,
     UperNetForSemanticSegmentation,
 )
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.image_utils import PILImageResampling
 
 from .dense_backbones import BackboneSource, DenseBackbone, dense_backbone
+from .image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
 
 if TYPE_CHECKING:
     from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
@@ -140,8 +141,8 @@ def build_dpt(
 
 def build_segmentation_image_processor(
     size: int | Sequence[int],
-    image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
     reduce_labels: bool = False,
 ) -> SegformerImageProcessorPil:
     """The processor `AutoImageProcessor` maps UperNet to (Segformer's): resize to `size` (whole-image inference),
@@ -150,7 +151,7 @@ def build_segmentation_image_processor(
     """
     from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
 
-    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    height, width = as_height_width(size, "size")
     return SegformerImageProcessorPil(
         do_resize=True,
         size={"height": height, "width": width},

@@ -11,36 +11,52 @@ import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from transformers import ViTModel
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
-from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import PILImageResampling
 
-from .configuration_selfpatch import SelfPatchConfig, _as_pair
+from .image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
 
 if TYPE_CHECKING:
     from .model_card import BackboneCardInfo
     from .modeling_selfpatch import SelfPatchViTForPretraining
 
 
-def build_image_processor(config: SelfPatchConfig) -> ViTImageProcessorPil:
-    """The preprocessing the backbone was trained with: bicubic resize to the global crop size, ImageNet stats.
+def build_image_processor(size: int | Sequence[int], model_type: str = "vit") -> BaseImageProcessor:
+    """The preprocessing of every backbone this project writes (exports and conversions): bicubic resize to `size`
+    (the global crop size of training), rescale to [0, 1], ImageNet mean/std.
 
-    Saved as `ViTImageProcessor`, so `AutoImageProcessor` picks the torchvision backend where it is installed and
-    the PIL one elsewhere (the same arithmetic).
+    The class is the one `AutoImageProcessor` maps `model_type` to (`ViTImageProcessor` for ViT and Swin,
+    `SiglipImageProcessor` for SigLIP). The PIL backend is built, so no torchvision is needed; both backends save the
+    same `image_processor_type`, and `AutoImageProcessor` picks the torchvision one where it is installed (the same
+    arithmetic).
     """
-    height, width = _as_pair(config.global_crop_size)
-    return ViTImageProcessorPil(
+    import transformers
+
+    names = {
+        "vit": "ViTImageProcessor",
+        "swin": "ViTImageProcessor",
+        "siglip_vision_model": "SiglipImageProcessor",
+    }
+    if model_type not in names:
+        raise ValueError(f"No image processor for backbone type {model_type!r}; known: {', '.join(names)}.")
+    processor_class = getattr(transformers, f"{names[model_type]}Pil", None) or getattr(
+        transformers, names[model_type]
+    )
+    height, width = as_height_width(size, "size")
+    return processor_class(
         do_resize=True,
         size={"height": height, "width": width},
         resample=PILImageResampling.BICUBIC,
         do_rescale=True,
         do_normalize=True,
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
     )
 
 
@@ -102,7 +118,9 @@ def export_backbone(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         backbone.save_pretrained(staging)
-        build_image_processor(model.config).save_pretrained(staging)
+        build_image_processor(model.config.global_crop_size, backbone.config.model_type).save_pretrained(
+            staging
+        )
         if card_info is not None:
             from .model_card import write_backbone_card
 

@@ -117,6 +117,8 @@ class BackboneCardInfo:
     @classmethod
     def from_selfpatch_config(cls, config: Any, **fields: Any) -> BackboneCardInfo:
         """Fills the architecture and method fields from a `SelfPatchConfig`; `fields` add or override the rest."""
+        from .configuration_selfpatch import NUM_GLOBAL_CROPS
+
         backbone = config.backbone_config
         image_size = backbone.image_size if isinstance(backbone.image_size, int) else backbone.image_size[0]
         patch_size = backbone.patch_size if isinstance(backbone.patch_size, int) else backbone.patch_size[0]
@@ -134,7 +136,7 @@ class BackboneCardInfo:
             "image_representation": config.image_representation,
             "global_crop_size": config.global_crop_size,
             "local_crop_size": config.local_crop_size,
-            "num_global_crops": config.num_global_crops,
+            "num_global_crops": NUM_GLOBAL_CROPS,
             "num_local_crops": config.num_local_crops,
         }
         values.update(fields)

@@ -1,8 +1,18 @@
-"""SelfPatch pretraining model: DINO plus the patch-level objective of Yun et al. (CVPR 2022).
+"""SelfPatch pretraining model: an image-level self-supervised objective plus the patch-level objective of Yun et al.,
+"Patch-level Representation Learning for Self-supervised Vision Transformers" (CVPR 2022).
 
-The module follows docs/method.md sections 3-8 in order: neighbourhood table, positive matching, aggregation
-module, projection heads, losses and centres, teacher. Notation: B images, V views (G global + L local crops),
-N patches of a view on an h x w grid, D hidden size, k positives, M neighbours per patch.
+Laid out like a transformers modeling file and in the order of `docs/method.md` (the method as implemented; the
+code cites its sections):
+
+1. output dataclasses;
+2. building blocks: the neighbourhood table and the positive matching (sections 3-4), the aggregation module h
+   (section 5), the projection heads and stochastic depth (section 6), the losses and their centres (section 7);
+3. the two networks: `SelfPatchStudent` (every view, gradients) and `SelfPatchTeacher` (EMA copy, no gradients,
+   picks the positives and summarises them into patch targets);
+4. the pretraining model `SelfPatchViTForPretraining`: student + teacher + centres; one call returns the losses.
+
+Notation in shape comments: B images, V views (G global + L local crops), N patches of a view on an h x w grid,
+D hidden size, k positives, M neighbours per patch, K / K' image / patch head output sizes.
 """
 
 from __future__ import annotations
@@ -23,11 +33,75 @@ from transformers.utils import ModelOutput
 
 from .configuration_selfpatch import SelfPatchConfig
 
-# ---------------------------------------------------------------------------------------------------------------
-# 3. Neighbourhood table
-# ---------------------------------------------------------------------------------------------------------------
+# =====================================================================================================================
+# Outputs
+# =====================================================================================================================
 
 
+@dataclass
+class SelfPatchPretrainingOutput(ModelOutput):
+    """
+    Output of [`SelfPatchViTForPretraining`].
+
+    loss (`torch.FloatTensor` of shape `()`):
+        `image_loss + patch_loss_weight * patch_loss`.
+    image_loss (`torch.FloatTensor` of shape `()`):
+        DINO cross-view loss of the image-level outputs.
+    patch_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        SelfPatch patch-level loss; `None` when `patch_loss_weight == 0` (the patch path is skipped).
+    student_patch_representations (`tuple[torch.FloatTensor]`):
+        Per view (globals first, then locals), `(B, N_v, D)`: the student's patch tokens after the output norm (what
+        the patch head reads and what an exported backbone's `last_hidden_state[:, 1:]` returns).
+    student_image_representations (`tuple[torch.FloatTensor]`):
+        Per view, `(B, D)`: the image-level representation fed to the image head.
+    teacher_positive_indices (`tuple[torch.LongTensor]`, *optional*):
+        Per view, `(B, N_v, k)`: the neighbours the teacher selected as positives for each patch (row-major indices
+        into the view's patch grid). `None` without the patch objective.
+    patch_grids (`tuple[tuple[int, int]]`):
+        Per view, the `(h, w)` patch grid.
+    """
+
+    loss: torch.FloatTensor | None = None
+    image_loss: torch.FloatTensor | None = None
+    patch_loss: torch.FloatTensor | None = None
+    student_patch_representations: tuple[torch.FloatTensor, ...] | None = None
+    student_image_representations: tuple[torch.FloatTensor, ...] | None = None
+    teacher_positive_indices: tuple[torch.LongTensor, ...] | None = None
+    patch_grids: tuple[tuple[int, int], ...] | None = None
+
+
+@dataclass
+class StudentOutput:
+    """What the student computes for all views of a batch.
+
+    Views come in groups of one resolution; within a group they are stacked view-major, `(n_views * B, ...)`.
+    """
+
+    grids: list[tuple[int, int]]  # per group, the (h, w) patch grid
+    num_views: list[int]  # per group
+    patch_tokens: list[torch.Tensor]  # per group, (n*B, N, D): patch tokens after the output norm
+    image_representations: torch.Tensor  # (V*B, D), the image head's input
+    image_logits: torch.Tensor  # (V, B, K)
+    patch_logits: list[torch.Tensor] | None  # per group, (n, B, N, K'); None without the patch objective
+
+
+@dataclass
+class TeacherOutput:
+    """What the teacher computes for the views it is given (same grouping as [`StudentOutput`])."""
+
+    image_logits: torch.Tensor  # (V_t, B, K)
+    patch_targets: list[torch.Tensor] | None  # per group, (n, B, N, K'); None without the patch objective
+    positive_indices: list[torch.Tensor] | None  # per group, (n*B, N, k); None without the patch objective
+
+
+# =====================================================================================================================
+# Building blocks
+# =====================================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Neighbourhood table (docs/method.md section 3): the candidate positives of every patch
+# ---------------------------------------------------------------------------------------------------------------------
 def neighborhood_offsets(window: int) -> list[tuple[int, int]]:
     """(row, col) offsets of a `window` x `window` square around a patch, the patch itself excluded, row-major."""
     radius = window // 2
@@ -73,9 +147,9 @@ def build_neighbor_table(
     return _neighbor_table_cpu(height, width, window).to(device)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 4. Positive matching
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
+# Positive matching (docs/method.md section 4): the teacher keeps the k most similar neighbours
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -124,9 +198,9 @@ def select_positive_neighbors(
     return table.unsqueeze(0).expand(batch, -1, -1).gather(2, top)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 5. Aggregation module h (class attention, CaiT-style)
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
+# Aggregation module h (docs/method.md section 5): class attention as in CaiT
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 class ClassAttention(nn.Module):
@@ -256,9 +330,9 @@ class SelfPatchAggregation(nn.Module):
         return cls
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 6. Projection heads
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
+# Projection heads (docs/method.md section 6) and stochastic depth
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 class DINOHead(nn.Module):
@@ -295,11 +369,6 @@ class DINOHead(nn.Module):
         return self.last_layer(hidden_states)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Student / teacher network
-# ---------------------------------------------------------------------------------------------------------------
-
-
 class DropPath(nn.Module):
     """Stochastic depth per sample. Stands in for the `dropout` of a `ViTLayer`, which wraps exactly the two
     residual branches, so the backbone stays a plain `ViTModel` (this module has no weights)."""
@@ -320,25 +389,152 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.3f}"
 
 
-@dataclass
-class NetworkOutput:
-    """What one network (student or teacher) computes for all views of a batch.
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses and their centres (docs/method.md section 7)
+# ---------------------------------------------------------------------------------------------------------------------
 
-    Views come in groups of the same resolution; within a group they are stacked view-major, `(n_views * B, ...)`.
+
+class DINOImageLoss(nn.Module):
+    """DINO's cross-view loss (docs/method.md section 7): every teacher view q (a global crop) against every student view
+    v != q, `CE(softmax((t_q - C) / T_t), log_softmax(s_v / T_s))`, averaged over the batch and the G * (V - 1) pairs.
     """
 
-    grids: list[tuple[int, int]]  # per group, the (h, w) patch grid
-    num_views: list[int]  # per group
-    patch_features: list[torch.Tensor]  # per group, (n*B, N, D) raw f, before the output norm
-    normed_tokens: list[torch.Tensor]  # per group, (n*B, 1 + N, D), output norm applied (CLS first)
-    image_representations: torch.Tensor  # (V*B, D), input of the image head
-    image_logits: torch.Tensor  # (V, B, K)
-    patch_logits: list[torch.Tensor] | None = None  # per group, (n, B, N, K')
-    positive_indices: list[torch.Tensor] | None = None  # per group, (n*B, N, k); teacher only
+    def __init__(self, student_temperature: float):
+        super().__init__()
+        self.student_temperature = student_temperature
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        center: torch.Tensor,
+        teacher_temperature: float,
+    ) -> torch.Tensor:
+        """
+        Args:
+            student_logits: `(V, B, K)` for all views.
+            teacher_logits: `(G, B, K)` for the first G views (the globals).
+            center: `(1, K)`.
+        Returns:
+            The loss, a scalar.
+        """
+        num_views, num_teacher = student_logits.shape[0], teacher_logits.shape[0]
+        num_pairs = num_teacher * (num_views - 1)
+        if num_pairs == 0:
+            raise ValueError(
+                "The image loss needs at least two views (e.g. 2 global crops, or 1 global + local crops)."
+            )
+        teacher_probs = F.softmax((teacher_logits - center) / teacher_temperature, dim=-1)  # (G, B, K)
+        student_log_probs = F.log_softmax(student_logits / self.student_temperature, dim=-1)  # (V, B, K)
+        # sum_q sum_{v != q} CE(q, v) = sum_v CE(sum_q p_q, v) - sum_q CE(p_q, q): one pass over the V student views
+        all_pairs = -(teacher_probs.sum(0, keepdim=True) * student_log_probs).sum(-1).sum(0)  # (B,)
+        same_view = -(teacher_probs * student_log_probs[:num_teacher]).sum(-1).sum(0)  # (B,)
+        return (all_pairs - same_view).mean() / num_pairs
+
+
+class DINOPatchLoss(nn.Module):
+    """SelfPatch's patch loss with DINO's distance (docs/method.md section 7): for every view, each student patch output
+    against the teacher's summary of that patch's positives, `CE(softmax((t_i - C_p) / T_t), log_softmax(s_i / T_s))`;
+    the mean over batch and patches of each view, then over the views."""
+
+    def __init__(self, student_temperature: float):
+        super().__init__()
+        self.student_temperature = student_temperature
+
+    def forward(
+        self,
+        student_logits: Sequence[torch.Tensor],
+        teacher_logits: Sequence[torch.Tensor],
+        center: torch.Tensor,
+        teacher_temperature: float,
+    ) -> torch.Tensor:
+        """
+        Args:
+            student_logits: per group of same-resolution views, `(n, B, N, K')`.
+            teacher_logits: the teacher's patch targets, same shapes.
+            center: `(1, K')`.
+        Returns:
+            The loss, a scalar: every view weighs the same, whatever its number of patches.
+        """
+        per_view = [
+            self.per_view_losses(student.float(), teacher.float(), center, teacher_temperature)
+            for student, teacher in zip(student_logits, teacher_logits, strict=True)
+        ]
+        return torch.cat(per_view).mean()
+
+    def per_view_losses(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        center: torch.Tensor,
+        temperature: float,
+    ) -> torch.Tensor:
+        """`(n, B, N, K')` logits -> `(n,)` per-view means over batch and patches."""
+        teacher_probs = F.softmax((teacher_logits - center) / temperature, dim=-1)
+        # cross_entropy with probability targets: one fused pass instead of log_softmax, product and sum (~17% faster)
+        per_token = F.cross_entropy(
+            (student_logits / self.student_temperature).flatten(0, -2),
+            teacher_probs.flatten(0, -2),
+            reduction="none",
+        )
+        return per_token.view(student_logits.shape[0], -1).mean(dim=1)
+
+
+@torch.no_grad()
+def ema_center_update(center: torch.Tensor, logits: Sequence[torch.Tensor], momentum: float) -> None:
+    """`center <- m * center + (1 - m) * mean(logits)`, the mean over every row of every tensor and every process."""
+    total = torch.stack([x.reshape(-1, x.shape[-1]).float().sum(0) for x in logits]).sum(0, keepdim=True)
+    count = torch.tensor(
+        float(sum(x.reshape(-1, x.shape[-1]).shape[0] for x in logits)), device=center.device
+    )
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    center.mul_(momentum).add_(total / count, alpha=1 - momentum)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Views
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def group_views_by_resolution(
+    crops: torch.Tensor | Sequence[torch.Tensor] | None, name: str
+) -> list[torch.Tensor]:
+    """Normalises crops to a list of `(n_views, B, 3, H, W)` tensors, one per run of same-resolution views."""
+    if crops is None:
+        return []
+    if isinstance(crops, torch.Tensor):
+        if crops.ndim == 4:  # a single view (B, 3, H, W)
+            crops = crops.unsqueeze(1)
+        if crops.ndim != 5:
+            raise ValueError(
+                f"{name} must be (B, n_views, 3, H, W) or a list of (B, 3, H, W), got {tuple(crops.shape)}."
+            )
+        return [crops.transpose(0, 1)] if crops.shape[1] > 0 else []
+    groups: list[list[torch.Tensor]] = []
+    for view in crops:
+        if view.ndim != 4:
+            raise ValueError(f"Each view in {name} must be (B, 3, H, W), got {tuple(view.shape)}.")
+        if groups and groups[-1][-1].shape == view.shape:
+            groups[-1].append(view)
+        else:
+            groups.append([view])
+    return [torch.stack(group) for group in groups]
+
+
+# =====================================================================================================================
+# Student and teacher
+# =====================================================================================================================
 
 
 class SelfPatchNetwork(nn.Module):
-    """Backbone + aggregation module + image head + patch head: one side (student or teacher) of SelfPatch."""
+    """The architecture shared by student and teacher: backbone + aggregation module h + image head g + patch head g'.
+
+    The steps both sides take are methods here (`encode`, `image_representation`, `project_patches`); what each side
+    computes is its own `forward` ([`SelfPatchStudent`], [`SelfPatchTeacher`]). Both have the same parameters in the
+    same order, so the teacher is an exact EMA copy of the student.
+    """
 
     def __init__(self, config: SelfPatchConfig, drop_path_rate: float = 0.0):
         super().__init__()
@@ -364,18 +560,98 @@ class SelfPatchNetwork(nn.Module):
 
     @property
     def output_norm(self) -> nn.LayerNorm:
+        """The one LayerNorm after the backbone (`ViTModel.layernorm`), shared by every reader of its tokens."""
         return self.backbone.layernorm
 
+    def patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """The `(h, w)` patch grid of images `(..., 3, H, W)`."""
+        patch = self.config.patch_size
+        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+
     def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(B, 3, H, W)` -> raw patch features f `(B, N, D)` and normalised tokens `(B, 1 + N, D)`."""
+        """`(B, 3, H, W)` -> raw patch features f `(B, N, D)` (last encoder layer, before the output norm) and the
+        backbone's `last_hidden_state` `(B, 1 + N, D)` (output norm applied, CLS first): what an exported backbone
+        returns."""
         outputs = self.backbone(pixel_values, interpolate_pos_encoding=True, output_hidden_states=[-1])
         # hidden_states are taken before the final layernorm (tie_last_hidden_states=False in ViTModel)
         return outputs.hidden_states[-1][:, 1:], outputs.last_hidden_state
 
     def image_representation(self, patch_features: torch.Tensor, normed_tokens: torch.Tensor) -> torch.Tensor:
+        """The image head's input `(B, D)`: out_norm(h(f_1..f_N)) (SelfPatch, the paper's Eq. 4) or the normed CLS (DINO)."""
         if self.config.image_representation == "cls":
             return normed_tokens[:, 0]
         return self.output_norm(self.aggregation(patch_features))
+
+    def project_patches(
+        self, patch_inputs: list[torch.Tensor], num_views: list[int], batch_size: int
+    ) -> list[torch.Tensor]:
+        """The patch head g' on every group's `(n*B, N, D)` inputs -> per group `(n, B, N, K')`.
+
+        One call on the tokens of every group concatenated: one large matrix product per layer, and the
+        weight-normalised last layer is normalised once per step."""
+        logits = self.patch_head(torch.cat([x.flatten(0, 1) for x in patch_inputs]))
+        sizes = [x.shape[0] * x.shape[1] for x in patch_inputs]
+        return [
+            chunk.view(n, batch_size, x.shape[1], -1)
+            for chunk, n, x in zip(logits.split(sizes), num_views, patch_inputs)
+        ]
+
+
+class SelfPatchStudent(SelfPatchNetwork):
+    """The student: every view, with gradients. Image outputs g(y) and, with the patch objective, patch outputs
+    g'(out_norm(f_i)) for every patch of every view. It never runs the neighbour path (the teacher does)."""
+
+    def forward(self, view_groups: Sequence[torch.Tensor]) -> StudentOutput:
+        """`view_groups`: groups of same-resolution views, each `(n_views, B, 3, H, W)`."""
+        batch_size = view_groups[0].shape[1]
+        grids, num_views, patch_tokens, representations = [], [], [], []
+        for group in view_groups:
+            grids.append(self.patch_grid(group))
+            num_views.append(group.shape[0])
+            features, normed = self.encode(group.flatten(0, 1))  # (n*B, N, D), (n*B, 1 + N, D)
+            representations.append(self.image_representation(features, normed))
+            patch_tokens.append(normed[:, 1:])
+        image_representations = torch.cat(representations)  # (V*B, D)
+        image_logits = self.image_head(image_representations).unflatten(0, (-1, batch_size))  # (V, B, K)
+        patch_logits = None
+        if self.config.use_patch_objective:
+            patch_logits = self.project_patches(patch_tokens, num_views, batch_size)
+        return StudentOutput(
+            grids, num_views, patch_tokens, image_representations, image_logits, patch_logits
+        )
+
+
+class SelfPatchTeacher(SelfPatchNetwork):
+    """The teacher (an EMA of the student, never trained by gradients; call it under `torch.no_grad()`).
+
+    Image outputs g(y) for the views it is given and, with the patch objective, the patch targets: for every patch
+    i, the k neighbours most similar to it (`select_positive_neighbors`), summarised by h (or averaged, in the
+    ablation) and projected, g'(out_norm(h({f_j : j in top-k of N(i)})))."""
+
+    def forward(self, view_groups: Sequence[torch.Tensor]) -> TeacherOutput:
+        """`view_groups`: groups of same-resolution views, each `(n_views, B, 3, H, W)`."""
+        batch_size = view_groups[0].shape[1]
+        use_patch = self.config.use_patch_objective
+        num_views, representations, summaries, positive_indices = [], [], [], []
+        for group in view_groups:
+            num_views.append(group.shape[0])
+            features, normed = self.encode(group.flatten(0, 1))
+            representations.append(self.image_representation(features, normed))
+            if use_patch:
+                positives = self.select_positives(features, self.patch_grid(group))  # (n*B, N, k)
+                positive_indices.append(positives)
+                summaries.append(self.output_norm(self.summarize_positives(features, positives)))
+        image_logits = self.image_head(torch.cat(representations)).unflatten(0, (-1, batch_size))
+        if not use_patch:
+            return TeacherOutput(image_logits, patch_targets=None, positive_indices=None)
+        patch_targets = self.project_patches(summaries, num_views, batch_size)
+        return TeacherOutput(image_logits, patch_targets, positive_indices)
+
+    def select_positives(self, patch_features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """`(B, N, D)` raw features -> `(B, N, k)` indices of each patch's positives."""
+        return select_positive_neighbors(
+            patch_features, grid, self.config.num_positives, self.config.neighborhood_size
+        )
 
     def summarize_positives(
         self, patch_features: torch.Tensor, positive_indices: torch.Tensor
@@ -386,172 +662,10 @@ class SelfPatchNetwork(nn.Module):
             return patch_features.gather(1, gather_index).view(*positive_indices.shape, -1).mean(dim=2)
         return self.aggregation.aggregate_neighbors(patch_features, positive_indices)
 
-    def forward(
-        self, view_groups: Sequence[torch.Tensor], *, patch_logits: bool = False, patch_targets: bool = False
-    ) -> NetworkOutput:
-        """Runs groups of same-resolution views, each `(n_views, B, 3, H, W)`.
 
-        `patch_logits` gives the student's patch outputs g'(out_norm(f_i)); `patch_targets` the teacher's
-        g'(out_norm(h({f_j : j in top-k of N(i)}))). Each head runs once on the tokens of every group concatenated:
-        one large matrix product per layer, and the weight-normalised last layer is normalised once per step.
-        """
-        patch = self.config.patch_size
-        batch = view_groups[0].shape[1]
-        out = NetworkOutput([], [], [], [], image_representations=None, image_logits=None)
-        representations, patch_inputs = [], []
-        if patch_targets:
-            out.positive_indices = []
-        for group in view_groups:
-            grid = (group.shape[-2] // patch, group.shape[-1] // patch)
-            features, normed = self.encode(group.flatten(0, 1))
-            out.grids.append(grid)
-            out.num_views.append(group.shape[0])
-            out.patch_features.append(features)
-            out.normed_tokens.append(normed)
-            representations.append(self.image_representation(features, normed))
-            if patch_logits:
-                patch_inputs.append(normed[:, 1:])
-            if patch_targets:
-                positives = select_positive_neighbors(
-                    features, grid, self.config.num_positives, self.config.neighborhood_size
-                )
-                out.positive_indices.append(positives)
-                patch_inputs.append(self.output_norm(self.summarize_positives(features, positives)))
-        out.image_representations = torch.cat(representations)
-        out.image_logits = self.image_head(out.image_representations).unflatten(0, (-1, batch))
-        if patch_inputs:
-            logits = self.patch_head(torch.cat([x.flatten(0, 1) for x in patch_inputs]))
-            sizes = [x.shape[0] * x.shape[1] for x in patch_inputs]
-            out.patch_logits = [
-                chunk.view(n, batch, x.shape[1], -1)
-                for chunk, n, x in zip(logits.split(sizes), out.num_views, patch_inputs)
-            ]
-        return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 7. Losses and centres
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def dino_image_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    center: torch.Tensor,
-    student_temperature: float,
-    teacher_temperature: float,
-) -> torch.Tensor:
-    """DINO's cross-view loss.
-
-    Args:
-        student_logits: `(V, B, K)` for all views.
-        teacher_logits: `(G, B, K)` for the first G views (the globals); teacher view q is paired with every student
-            view v != q.
-        center: `(1, K)`.
-    Returns:
-        The mean over the G * (V - 1) pairs of the batch-mean cross-entropy.
-    """
-    num_views, num_teacher = student_logits.shape[0], teacher_logits.shape[0]
-    num_pairs = num_teacher * (num_views - 1)
-    if num_pairs == 0:
-        raise ValueError(
-            "The image loss needs at least two views (e.g. 2 global crops, or 1 global + local crops)."
-        )
-    teacher_probs = F.softmax((teacher_logits - center) / teacher_temperature, dim=-1)  # (G, B, K)
-    student_log_probs = F.log_softmax(student_logits / student_temperature, dim=-1)  # (V, B, K)
-    # sum_q sum_{v != q} CE(q, v) = sum_v CE(sum_q p_q, v) - sum_q CE(p_q, q): one pass over the V student views
-    all_pairs = -(teacher_probs.sum(0, keepdim=True) * student_log_probs).sum(-1).sum(0)  # (B,)
-    same_view = -(teacher_probs * student_log_probs[:num_teacher]).sum(-1).sum(0)  # (B,)
-    return (all_pairs - same_view).mean() / num_pairs
-
-
-def patch_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    center: torch.Tensor,
-    student_temperature: float,
-    teacher_temperature: float,
-) -> torch.Tensor:
-    """Same-view, same-patch cross-entropy: `(n, B, N, K')` logits -> per-view means over batch and patches, `(n,)`."""
-    teacher_probs = F.softmax((teacher_logits - center) / teacher_temperature, dim=-1)
-    # cross_entropy with probability targets: one fused pass instead of log_softmax, product and sum (~17% faster)
-    per_token = F.cross_entropy(
-        (student_logits / student_temperature).flatten(0, -2), teacher_probs.flatten(0, -2), reduction="none"
-    )
-    return per_token.view(student_logits.shape[0], -1).mean(dim=1)
-
-
-@torch.no_grad()
-def ema_center_update(center: torch.Tensor, logits: Sequence[torch.Tensor], momentum: float) -> None:
-    """`center <- m * center + (1 - m) * mean(logits)`, the mean over every row of every tensor and every process."""
-    total = torch.stack([x.reshape(-1, x.shape[-1]).float().sum(0) for x in logits]).sum(0, keepdim=True)
-    count = torch.tensor(
-        float(sum(x.reshape(-1, x.shape[-1]).shape[0] for x in logits)), device=center.device
-    )
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-        dist.all_reduce(count)
-    center.mul_(momentum).add_(total / count, alpha=1 - momentum)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 8. The pretraining model (student, EMA teacher, losses)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SelfPatchPretrainingOutput(ModelOutput):
-    """
-    Output of [`SelfPatchViTForPretraining`].
-
-    loss (`torch.FloatTensor` of shape `()`):
-        `image_loss + patch_loss_weight * patch_loss`.
-    image_loss (`torch.FloatTensor` of shape `()`):
-        DINO cross-view loss of the image-level outputs.
-    patch_loss (`torch.FloatTensor` of shape `()`, *optional*):
-        SelfPatch patch-level loss; `None` when `patch_loss_weight == 0` (the patch path is skipped).
-    student_patch_representations (`tuple[torch.FloatTensor]`):
-        Per view (globals first, then locals), `(B, N_v, D)`: the student's patch tokens after the output norm (what
-        the patch head reads and what an exported backbone's `last_hidden_state[:, 1:]` returns).
-    student_image_representations (`tuple[torch.FloatTensor]`):
-        Per view, `(B, D)`: the image-level representation fed to the image head.
-    teacher_positive_indices (`tuple[torch.LongTensor]`, *optional*):
-        Per view, `(B, N_v, k)`: the neighbours the teacher selected as positives for each patch (row-major indices
-        into the view's patch grid). `None` without the patch objective.
-    patch_grids (`tuple[tuple[int, int]]`):
-        Per view, the `(h, w)` patch grid.
-    """
-
-    loss: torch.FloatTensor | None = None
-    image_loss: torch.FloatTensor | None = None
-    patch_loss: torch.FloatTensor | None = None
-    student_patch_representations: tuple[torch.FloatTensor, ...] | None = None
-    student_image_representations: tuple[torch.FloatTensor, ...] | None = None
-    teacher_positive_indices: tuple[torch.LongTensor, ...] | None = None
-    patch_grids: tuple[tuple[int, int], ...] | None = None
-
-
-def _group_views(crops: torch.Tensor | Sequence[torch.Tensor] | None, name: str) -> list[torch.Tensor]:
-    """Normalises crops to a list of `(n_views, B, 3, H, W)` tensors, one per run of same-resolution views."""
-    if crops is None:
-        return []
-    if isinstance(crops, torch.Tensor):
-        if crops.ndim == 4:  # a single view (B, 3, H, W)
-            crops = crops.unsqueeze(1)
-        if crops.ndim != 5:
-            raise ValueError(
-                f"{name} must be (B, n_views, 3, H, W) or a list of (B, 3, H, W), got {tuple(crops.shape)}."
-            )
-        return [crops.transpose(0, 1)] if crops.shape[1] > 0 else []
-    groups: list[list[torch.Tensor]] = []
-    for view in crops:
-        if view.ndim != 4:
-            raise ValueError(f"Each view in {name} must be (B, 3, H, W), got {tuple(view.shape)}.")
-        if groups and groups[-1][-1].shape == view.shape:
-            groups[-1].append(view)
-        else:
-            groups.append([view])
-    return [torch.stack(group) for group in groups]
+# =====================================================================================================================
+# The pretraining model
+# =====================================================================================================================
 
 
 class SelfPatchPreTrainedModel(PreTrainedModel):
@@ -600,15 +714,26 @@ class SelfPatchPreTrainedModel(PreTrainedModel):
 class SelfPatchViTForPretraining(SelfPatchPreTrainedModel):
     """SelfPatch (or, with `image_representation="cls"` and `patch_loss_weight=0`, plain DINO) pretraining of a ViT.
 
-    Holds the student (`self.student`) and its EMA teacher (`self.teacher`), two [`SelfPatchNetwork`]s of the same
-    architecture, and the image/patch centres as buffers. One call computes the losses for a batch of multi-crop
-    views and (in training mode) updates the centres; the optimiser step and `update_teacher` belong to the loop.
+    Holds the student (`self.student`, [`SelfPatchStudent`]) and its EMA teacher (`self.teacher`,
+    [`SelfPatchTeacher`]) of the same architecture, and the image/patch centres as buffers. One call computes the
+    losses for a batch of multi-crop views and (in training mode) updates the centres; the optimiser step and
+    `update_teacher` belong to the training loop:
+
+    ```python
+    >>> out = model(global_crops, local_crops, teacher_temperature=0.04)  # (B, 2, 3, H, W), (B, L, 3, h, w)
+    >>> out.loss.backward(); optimizer.step(); optimizer.zero_grad()
+    >>> model.update_teacher(momentum)
+    ```
     """
 
     def __init__(self, config: SelfPatchConfig):
         super().__init__(config)
-        self.student = SelfPatchNetwork(config, drop_path_rate=config.drop_path_rate)
-        self.teacher = SelfPatchNetwork(config)
+        self.student = SelfPatchStudent(config, drop_path_rate=config.drop_path_rate)
+        self.teacher = SelfPatchTeacher(config)
+        self.image_criterion = DINOImageLoss(config.student_temperature)
+        self.patch_criterion = (
+            DINOPatchLoss(config.student_temperature) if config.use_patch_objective else None
+        )
         self.register_buffer("image_center", torch.zeros(1, config.image_out_dim))
         self.register_buffer(
             "patch_center", torch.zeros(1, config.patch_out_dim if config.use_patch_objective else 0)
@@ -662,6 +787,46 @@ class SelfPatchViTForPretraining(SelfPatchPreTrainedModel):
             p for head in heads if head is not None for p in head.last_layer.parameters() if p.requires_grad
         ]
 
+    # ------------------------------------------------------------------------------------------ the steps of a call
+    def prepare_views(
+        self,
+        global_crops: torch.Tensor | Sequence[torch.Tensor],
+        local_crops: torch.Tensor | Sequence[torch.Tensor] | None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Checks the crops and groups them by resolution: (global groups, local groups), each group
+        `(n_views, B, 3, H, W)`. Raises a `ValueError` naming the problem and the fix."""
+        global_groups = group_views_by_resolution(global_crops, "global_crops")
+        local_groups = group_views_by_resolution(local_crops, "local_crops")
+        if not global_groups:
+            raise ValueError(
+                "At least one global crop is required: the teacher's image-level targets come from them."
+            )
+        patch = self.config.patch_size
+        batch_size = global_groups[0].shape[1]
+        for group in global_groups + local_groups:
+            height, width = group.shape[-2:]
+            if height % patch or width % patch:
+                raise ValueError(
+                    f"Crop size {height}x{width} is not divisible by the patch size {patch}: the patch grid would "
+                    f"drop pixels. Resize or crop to a multiple of {patch} (e.g. "
+                    f"{max(1, round(height / patch)) * patch}x{max(1, round(width / patch)) * patch})."
+                )
+            if group.shape[1] != batch_size:
+                raise ValueError(
+                    f"All crops must share the batch size; got {batch_size} and {group.shape[1]}."
+                )
+        return global_groups, local_groups
+
+    @torch.no_grad()
+    def update_centers(self, teacher: TeacherOutput) -> None:
+        """Moves the centres towards this batch's teacher outputs (after the loss used them). The image centre
+        averages over every view the teacher saw: all V with the patch objective (reference SelfPatch), the globals
+        for plain DINO (the only views its teacher sees)."""
+        momentum = self.config.center_momentum
+        ema_center_update(self.image_center, [teacher.image_logits], momentum)
+        if teacher.patch_targets is not None:
+            ema_center_update(self.patch_center, teacher.patch_targets, momentum)
+
     def forward(
         self,
         global_crops: torch.Tensor | Sequence[torch.Tensor],
@@ -685,76 +850,60 @@ class SelfPatchViTForPretraining(SelfPatchPreTrainedModel):
             raise TypeError(f"Unexpected arguments: {', '.join(kwargs)}.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         update_centers = self.training if update_centers is None else update_centers
-        config = self.config
-        global_groups = _group_views(global_crops, "global_crops")
-        local_groups = _group_views(local_crops, "local_crops")
-        groups = global_groups + local_groups
-        if not global_groups:
-            raise ValueError(
-                "At least one global crop is required: the teacher's image-level targets come from them."
-            )
-        patch = config.patch_size
-        batch_size = groups[0].shape[1]
-        for group in groups:
-            height, width = group.shape[-2:]
-            if height % patch or width % patch:
-                raise ValueError(
-                    f"Crop size {height}x{width} is not divisible by the patch size {patch}: the patch grid would "
-                    f"drop pixels. Resize or crop to a multiple of {patch} (e.g. "
-                    f"{max(1, round(height / patch)) * patch}x{max(1, round(width / patch)) * patch})."
-                )
-            if group.shape[1] != batch_size:
-                raise ValueError(
-                    f"All crops must share the batch size; got {batch_size} and {group.shape[1]}."
-                )
+        global_groups, local_groups = self.prepare_views(global_crops, local_crops)
         num_global = sum(group.shape[0] for group in global_groups)
-        use_patch = config.use_patch_objective
+        use_patch = self.config.use_patch_objective
 
         # Student: every view. Views of one resolution run as one batch (view-major).
-        student = self.student(groups, patch_logits=use_patch)
-        # Teacher: the globals for the image targets; with the patch objective every view (docs/method.md section 7).
+        student = self.student(global_groups + local_groups)
+        # Teacher: the globals for the image targets; with the patch objective every view (patch targets per view).
         with torch.no_grad():
-            teacher = self.teacher(groups if use_patch else global_groups, patch_targets=use_patch)
+            teacher = self.teacher(global_groups + local_groups if use_patch else global_groups)
 
-        image_loss = dino_image_loss(
+        image_loss = self.image_criterion(
             student.image_logits.float(),  # (V, B, K)
             teacher.image_logits[:num_global].float(),  # (G, B, K)
             self.image_center,
-            config.student_temperature,
             teacher_temperature,
         )
+        patch_loss = None
         loss = image_loss
-        total_patch_loss = None
         if use_patch:
-            view_losses = [
-                patch_loss(
-                    s.float(), t.float(), self.patch_center, config.student_temperature, teacher_temperature
-                )
-                for s, t in zip(student.patch_logits, teacher.patch_logits)
-            ]
-            total_patch_loss = torch.cat(view_losses).mean()
-            loss = image_loss + config.patch_loss_weight * total_patch_loss
-
+            patch_loss = self.patch_criterion(
+                student.patch_logits, teacher.patch_targets, self.patch_center, teacher_temperature
+            )
+            loss = image_loss + self.config.patch_loss_weight * patch_loss
         if update_centers:
-            # centres move after the loss used them; reference SelfPatch averages the image centre over every view
-            # the teacher saw (all V), DINO over the globals (the only views its teacher sees)
-            ema_center_update(self.image_center, [teacher.image_logits], config.center_momentum)
-            if use_patch:
-                ema_center_update(self.patch_center, teacher.patch_logits, config.center_momentum)
+            self.update_centers(teacher)
+
+        output = self._pretraining_output(loss, image_loss, patch_loss, student, teacher)
+        return output if return_dict else output.to_tuple()
+
+    def _pretraining_output(
+        self,
+        loss: torch.Tensor,
+        image_loss: torch.Tensor,
+        patch_loss: torch.Tensor | None,
+        student: StudentOutput,
+        teacher: TeacherOutput,
+    ) -> SelfPatchPretrainingOutput:
+        batch_size = student.image_logits.shape[1]
 
         def split_views(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            # per group (n*B, ...) view-major -> one (B, ...) tensor per view
             return tuple(view for t in tensors for view in t.unflatten(0, (-1, batch_size)).unbind(0))
 
-        output = SelfPatchPretrainingOutput(
+        return SelfPatchPretrainingOutput(
             loss=loss,
             image_loss=image_loss,
-            patch_loss=total_patch_loss,
-            student_patch_representations=split_views([tokens[:, 1:] for tokens in student.normed_tokens]),
+            patch_loss=patch_loss,
+            student_patch_representations=split_views(student.patch_tokens),
             student_image_representations=split_views([student.image_representations]),
-            teacher_positive_indices=split_views(teacher.positive_indices) if use_patch else None,
+            teacher_positive_indices=(
+                split_views(teacher.positive_indices) if teacher.positive_indices is not None else None
+            ),
             patch_grids=tuple(grid for grid, n in zip(student.grids, student.num_views) for _ in range(n)),
         )
-        return output if return_dict else output.to_tuple()
 
 
 AutoModelForPreTraining.register(SelfPatchConfig, SelfPatchViTForPretraining, exist_ok=True)
@@ -762,13 +911,17 @@ AutoModelForPreTraining.register(SelfPatchConfig, SelfPatchViTForPretraining, ex
 __all__ = [
     "ClassAttentionBlock",
     "DINOHead",
+    "DINOImageLoss",
+    "DINOPatchLoss",
     "SelfPatchAggregation",
     "SelfPatchNetwork",
     "SelfPatchPreTrainedModel",
     "SelfPatchPretrainingOutput",
+    "SelfPatchStudent",
+    "SelfPatchTeacher",
     "SelfPatchViTForPretraining",
     "build_neighbor_table",
-    "dino_image_loss",
-    "patch_loss",
+    "ema_center_update",
+    "group_views_by_resolution",
     "select_positive_neighbors",
 ]

@@ -375,7 +375,7 @@ def test_cls_representation_with_lambda_zero_is_plain_dino():
 
 
 def test_dino_loss_against_formula_with_manual_logits():
-    from selfpatch_hf.modeling_selfpatch import dino_image_loss
+    from selfpatch_hf.modeling_selfpatch import DINOImageLoss
 
     torch.manual_seed(0)
     student, teacher, center = torch.randn(5, 3, 11), torch.randn(2, 3, 11), torch.randn(1, 11)
@@ -388,7 +388,7 @@ def test_dino_loss_against_formula_with_manual_logits():
                     / 3
                 )
                 count += 1
-    torch.testing.assert_close(dino_image_loss(student, teacher, center, 0.1, 0.04), total / count)
+    torch.testing.assert_close(DINOImageLoss(0.1)(student, teacher, center, 0.04), total / count)
 
 
 # ----------------------------------------------------------------------------- 8. teacher, gradients, EMA

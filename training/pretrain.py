@@ -122,14 +122,6 @@ class DataArguments:
     num_workers: int = field(
         default=2, metadata={"help": "Data loading worker processes per training process."}
     )
-    global_crops_scale: list[float] = field(
-        default_factory=lambda: [0.25, 1.0],
-        metadata={"help": "Area range of the global crops (SelfPatch 0.25 1.0; DINO 0.4 1.0)."},
-    )
-    local_crops_scale: list[float] = field(
-        default_factory=lambda: [0.05, 0.25],
-        metadata={"help": "Area range of the local crops (SelfPatch 0.05 0.25; DINO 0.05 0.4)."},
-    )
     min_image_size: int = field(default=16, metadata={"help": "Skip images whose shorter side is smaller."})
 
 
@@ -345,10 +337,6 @@ def validate_arguments(data_args: DataArguments, training_args: PretrainingArgum
         owner = data_args if hasattr(data_args, name) else training_args
         if getattr(owner, name) < 0:
             raise SetupError(f"--{name} must be >= 0, got {getattr(owner, name)}.")
-    for name in ("global_crops_scale", "local_crops_scale"):
-        scale = getattr(data_args, name)
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-            raise SetupError(f"--{name} takes two numbers 0 < low <= high <= 1, got {scale}.")
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise SetupError("--push_to_hub needs --hub_model_id (e.g. your-name/selfpatch-vit-small-patch16).")
     if training_args.report_to in ("wandb", "all"):
@@ -377,10 +365,6 @@ def build_config(model_args: ModelArguments, overrides: dict[str, Any]) -> SelfP
         config = SelfPatchConfig.from_preset(model_args.preset, **overrides)
     except (ValueError, TypeError, StrictDataclassError) as error:
         raise SetupError(f"Invalid model configuration: {error}") from error
-    if config.num_global_crops != 2:
-        raise SetupError(
-            f"num_global_crops={config.num_global_crops}: the multi-crop recipe makes exactly 2 global crops."
-        )
     return config
 
 
@@ -432,8 +416,8 @@ def build_dataloader(
         global_crop_size=config.global_crop_size,
         local_crop_size=config.local_crop_size,
         num_local_crops=config.num_local_crops,
-        global_crops_scale=data_args.global_crops_scale,
-        local_crops_scale=data_args.local_crops_scale,
+        global_crops_scale=config.global_crops_scale,
+        local_crops_scale=config.local_crops_scale,
     )
     return MultiCropDataLoader(
         dataset,

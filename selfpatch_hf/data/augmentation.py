@@ -73,12 +73,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..image_conventions import IMAGENET_MEAN, IMAGENET_STD, SizeLike, as_height_width
+
 # albumentations asks PyPI for a newer version at import unless told not to (no network at run time).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Recipe constants of docs/method.md section 9 (identical to DINO's reference code).
 FLIP_PROBABILITY = 0.5
@@ -111,18 +110,7 @@ AUGMENTATION_RECIPES: dict[str, dict] = {
     "moby": {"global_crops_scale": (0.08, 1.0), "num_local_crops": 0, "interpolation": "bilinear"},
 }
 
-SizeLike = int | Sequence[int]
 RngLike = int | np.random.Generator | None
-
-
-def _as_size(size: SizeLike, name: str) -> tuple[int, int]:
-    """`224` or `(height, width)` -> `(height, width)`."""
-    if isinstance(size, int):
-        size = (size, size)
-    size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"{name} must be a positive int or a (height, width) pair, got {size!r}.")
-    return size
 
 
 def _as_range(
@@ -276,8 +264,8 @@ class MultiCropAugmentation:
             raise ValueError(f"num_local_crops must be a non-negative int, got {num_local_crops!r}.")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values each (std > 0), got mean={mean!r}, std={std!r}.")
-        self.global_crop_size = _as_size(global_crop_size, "global_crop_size")
-        self.local_crop_size = _as_size(local_crop_size, "local_crop_size")
+        self.global_crop_size = as_height_width(global_crop_size, "global_crop_size")
+        self.local_crop_size = as_height_width(local_crop_size, "local_crop_size")
         self.num_local_crops = int(num_local_crops)
         self.global_crops_scale = _as_range(global_crops_scale, "global_crops_scale", high=1.0)
         self.local_crops_scale = _as_range(local_crops_scale, "local_crops_scale", high=1.0)

@@ -30,10 +30,10 @@ from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from ..image_conventions import IMAGENET_MEAN, IMAGENET_STD
+
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Tokens placed before the patch tokens, for the model types whose layout is fixed by the config.
 _PREFIX_TOKENS_BY_MODEL_TYPE = {

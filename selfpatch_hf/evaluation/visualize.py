@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
 from .features import FrozenBackbone, resize_image
 
 Query = int | tuple[float, float]
@@ -35,13 +36,6 @@ def _as_pil(image: Image.Image | np.ndarray) -> Image.Image:
     if array.dtype != np.uint8:
         array = np.clip(array * (255 if array.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
     return Image.fromarray(array).convert("RGB")
-
-
-def _size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    height, width = image_size
-    return int(height), int(width)
 
 
 def resolve_query(query: Query, grid: tuple[int, int]) -> int:
@@ -179,7 +173,7 @@ def attention_figure(
         name: FrozenBackbone.from_pretrained(b, attn_implementation="eager") if isinstance(b, str) else b
         for name, b in backbones.items()
     }
-    size = _size_pair(image_size)
+    size = as_height_width(image_size)
     picture = _as_pil(image).resize((size[1], size[0]), Image.Resampling.BICUBIC)
     pixel_values = resize_image(picture, size)[None]
 
@@ -261,13 +255,13 @@ def teacher_positives(
     from ..modeling_selfpatch import select_positive_neighbors
 
     config = model.config
-    height, width = _size_pair(image_size if image_size is not None else config.global_crop_size)
+    height, width = as_height_width(image_size if image_size is not None else config.global_crop_size)
     patch = config.patch_size
     if height % patch or width % patch:
         raise ValueError(f"image_size {height}x{width} is not divisible by the patch size {patch}.")
     picture = _as_pil(image).resize((width, height), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     pixels = ((pixels - mean) / std).permute(2, 0, 1)[None]
     parameter = next(model.teacher.parameters())
     features, _ = model.teacher.encode(pixels.to(parameter.device, parameter.dtype))
