@@ -151,3 +151,56 @@ def test_compiled_networks_match_eager_and_do_not_recompile_after_the_first_step
     for a, b in zip(compiled.teacher.parameters(), eager.teacher.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 6  # the modules did go through dynamo
+
+
+# ------------------------------------------------------------------------------------------- device check
+
+
+def test_device_check_cpu_mode(tmp_path):
+    """benchmarks/device_check.py in its CPU mode (what runs without CUDA): every section runs and passes, the JSON
+    report holds the table. (~1-2 min on the 2-core CI machine, most of it the two pretraining runs.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    output = tmp_path / "report.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    run = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "device_check.py"), "--cpu", "--output", str(output)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["passed"] and report["mode"] == "cpu"
+    rows = report["rows"]
+    assert {row["section"] for row in rows} == {"correctness", "model", "data", "pretrain"}
+    assert not [row for row in rows if row["status"] in ("FAIL", "skipped")]
+    checks = {row["check"] for row in rows}
+    assert "fp32 loss, cpu vs cpu" in checks and "exported backbone loads (AutoModel) and runs" in checks
+    assert report["results"]["selfpatch fp32"]["images_per_second"] > 0
+    assert report["results"]["data device"]["images_per_second"] > 0
+    assert "SelfPatch / DINO step time, fp32" in run.stdout  # the printed table
+
+
+def test_device_check_exits_non_zero_on_a_failed_correctness_check(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "device_check", REPO_ROOT / "benchmarks" / "device_check.py"
+    )
+    device_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "device_check", device_check)  # dataclasses look their module up there
+    spec.loader.exec_module(device_check)
+    monkeypatch.setattr(device_check, "AUTOCAST_RTOL", 0.0)  # bf16 can never match fp32 exactly
+    output = tmp_path / "report.json"
+    assert device_check.main(["--cpu", "--sections", "correctness", "--output", str(output)]) == 1
+    report = json.loads(output.read_text())
+    failed = [row["check"] for row in report["rows"] if row["status"] == "FAIL"]
+    assert "bf16 autocast loss vs fp32" in failed and not report["passed"]

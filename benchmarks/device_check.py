@@ -1,0 +1,651 @@
+"""One-command check of a GPU machine for SelfPatch pretraining: correctness, speed, data feeding, a training run.
+
+    python benchmarks/device_check.py                  # a CUDA machine: full sizes, under 6 minutes on one GPU
+    python benchmarks/device_check.py --cpu            # CPU mode (automatic without CUDA): tiny sizes, seconds
+    python benchmarks/device_check.py --sections correctness model   # a subset
+
+Prints a table, writes JSON (`--output`, default `device_check.json`), exits 1 if a correctness check fails (2 on
+bad arguments). Sections:
+
+1. correctness: a tiny SelfPatch model with fixed weights and crops: fp32 loss on the device vs the CPU (TF32 off),
+   bf16 and fp16 autocast losses vs fp32, one optimiser step per precision (fp16 with a loss scaler) stays finite;
+   the SDPA kernels that accept the backbone's attention;
+2. model: ViT-S/16, 2 x 224 + 8 x 96 crops, per-device batch 64 (`--batch`): SelfPatch and plain-DINO step time,
+   images/s and peak memory in fp32 (TF32), bf16 and bf16 + torch.compile; the SelfPatch/DINO ratio; achieved
+   TFLOP/s from the step's multiply-accumulate count (`benchmarks/bench_model_step.py`) and its fraction of the
+   device's measured matmul peak in that precision;
+3. data: images/s of `build_pretraining_dataloader` with as many workers as cores on synthetic 500x375 JPEG
+   shards, photometric ops in the workers and on the device (`augmentation_device`), against the bf16 SelfPatch
+   step's images/s: the cores per GPU that feeding it takes;
+4. pretrain: `training/pretrain.py` on the demo recipe with `--mixed_precision bf16` for 20 steps with checkpoints,
+   a resumed run to 24 steps, and the exported backbone loaded with `AutoModel` and run on the device.
+
+The CPU mode runs the same code with tiny sizes (a 2-layer model, a batch of 2, 2 pretraining steps), skips
+compilation (tested in tests/test_gpu_training.py) and fp16/bf16 speed (CPU paths stay fp32); CI runs it
+(tests/test_gpu_training.py::test_device_check_cpu_mode).
+
+Only what a section needs is imported when it runs. A section whose packages are missing is reported as skipped,
+with the `pip install` line that fixes it (sections 3 and 4 need `datasets` and `albumentations`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = Path(__file__).resolve().parent
+SECTIONS = ("correctness", "model", "data", "pretrain")
+SECTION_PACKAGES = {
+    "correctness": ("transformers", "huggingface_hub", "safetensors"),
+    "model": ("transformers", "huggingface_hub", "safetensors"),
+    "data": ("datasets", "albumentations", "cv2", "skimage"),
+    "pretrain": ("datasets", "albumentations", "cv2", "skimage", "accelerate", "yaml", "tqdm"),
+}
+PIP_NAMES = {"cv2": "opencv-python-headless", "skimage": "scikit-image", "yaml": "pyyaml"}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Tolerances of the correctness checks (relative, on the loss):
+DEVICE_VS_CPU_RTOL = 1e-4  # fp32 on both (TF32 off): summation order only
+AUTOCAST_RTOL = 0.02  # bf16 / fp16 autocast vs fp32 on the same weights and crops (bf16: 8-bit mantissa)
+
+
+@dataclass
+class Row:
+    section: str
+    check: str
+    value: float | str | None = None
+    unit: str = ""
+    status: str = "info"  # ok | FAIL | skipped | info
+    note: str = ""
+
+
+@dataclass
+class Report:
+    mode: str
+    device: str
+    environment: dict
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, *args, **kwargs) -> Row:
+        row = Row(*args, **kwargs)
+        self.rows.append(row)
+        value = _fmt(row.value)
+        print(
+            f"  [{row.status:>7}] {row.section:<11} {row.check:<48} {value:>12} {row.unit:<8} {row.note}",
+            flush=True,
+        )
+        return row
+
+    def check(
+        self, section: str, check: str, value: float, limit: float, unit: str = "", note: str = ""
+    ) -> bool:
+        ok = math.isfinite(value) and value <= limit
+        self.add(
+            section,
+            check,
+            value,
+            unit,
+            "ok" if ok else "FAIL",
+            f"limit {limit:g}" + (f"; {note}" if note else ""),
+        )
+        return ok
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------------ environment
+
+
+def environment(device: torch.device) -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+    }
+    if device.type == "cuda":
+        info["device_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    for package in (
+        "transformers",
+        "accelerate",
+        "huggingface_hub",
+        "datasets",
+        "safetensors",
+        "albumentations",
+    ):
+        try:
+            from importlib.metadata import version
+
+            info[package] = version(package)
+        except Exception:
+            info[package] = None
+    return info
+
+
+def missing_packages(section: str) -> list[str]:
+    return [name for name in SECTION_PACKAGES[section] if importlib.util.find_spec(name) is None]
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def tiny_config(**overrides):
+    from selfpatch_hf import SelfPatchConfig
+
+    settings = {
+        "hidden_size": 64,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "patch_size": 8,
+        "image_size": 32,
+        "global_crop_size": 32,
+        "local_crop_size": 16,
+        "num_local_crops": 4,
+        "image_out_dim": 256,
+        "patch_out_dim": 64,
+        "head_hidden_dim": 64,
+        "head_bottleneck_dim": 32,
+        "drop_path_rate": 0.0,
+    }
+    return SelfPatchConfig.from_preset("vit-tiny-patch16", **{**settings, **overrides})
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+# ------------------------------------------------------------------------------------------------ 1. correctness
+
+
+def section_correctness(report: Report, device: torch.device, args) -> None:
+    from selfpatch_hf import SelfPatchViTForPretraining
+    from selfpatch_hf.training.cuda_setup import adamw_kwargs, sdpa_backends
+    from selfpatch_hf.training.optimization import build_param_groups
+
+    torch.manual_seed(0)
+    reference = SelfPatchViTForPretraining(tiny_config()).train()
+    generator = torch.Generator().manual_seed(1)
+    global_crops = torch.randn(4, 2, 3, 32, 32, generator=generator)
+    local_crops = torch.randn(4, 4, 3, 16, 16, generator=generator)
+    with torch.no_grad():
+        cpu_loss = reference(global_crops, local_crops, update_centers=False).loss.item()
+
+    model = SelfPatchViTForPretraining(tiny_config()).train()
+    model.load_state_dict(reference.state_dict())
+    model.to(device)
+    crops = (global_crops.to(device), local_crops.to(device))
+    losses = {}
+    with tf32(False), torch.no_grad():
+        for precision in ("fp32", "bf16", "fp16"):
+            with autocast(device, precision):
+                losses[precision] = model(*crops, update_centers=False).loss.item()
+    report.check(
+        "correctness",
+        f"fp32 loss, {device.type} vs cpu",
+        abs(losses["fp32"] - cpu_loss) / abs(cpu_loss),
+        DEVICE_VS_CPU_RTOL,
+        "rel",
+        f"{losses['fp32']:.6f} vs {cpu_loss:.6f}",
+    )
+    for precision in ("bf16", "fp16"):
+        report.check(
+            "correctness",
+            f"{precision} autocast loss vs fp32",
+            abs(losses[precision] - losses["fp32"]) / abs(losses["fp32"]),
+            AUTOCAST_RTOL,
+            "rel",
+            f"{losses[precision]:.6f}",
+        )
+    for precision in ("fp32", "bf16", "fp16"):
+        model = SelfPatchViTForPretraining(tiny_config()).train()
+        model.load_state_dict(reference.state_dict())
+        model.to(device)
+        optimizer = torch.optim.AdamW(build_param_groups(model.student), lr=1e-3, **adamw_kwargs(device))
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        skipped = 0
+        for _ in range(10):  # fp16: the scaler may skip the first steps (overflow at its initial scale 2^16)
+            with autocast(device, precision):
+                loss = model(*crops).loss
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+                break
+            scale = scaler.get_scale()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if scaler.get_scale() >= scale:
+                break
+            skipped += 1
+        model.update_teacher(0.996)
+        finite = all(p.isfinite().all() for p in model.parameters()) and math.isfinite(loss.item())
+        moved = any(
+            not torch.equal(a.cpu(), b)
+            for a, b in zip(model.student.parameters(), reference.student.parameters())
+        )
+        report.add(
+            "correctness",
+            f"{precision} optimiser step finite and applied",
+            "yes" if finite and moved else "no",
+            status="ok" if finite and moved else "FAIL",
+            note=("fused AdamW" if adamw_kwargs(device) else "AdamW")
+            + (f"; {skipped} step(s) skipped by the loss scaler first" if scaler is not None else ""),
+        )
+    for dtype_name in ("fp32", "bf16") if device.type == "cuda" else ("fp32",):
+        backends = sdpa_backends(device, PRECISIONS[dtype_name], num_heads=6, head_dim=64, tokens=197)
+        report.add(
+            "correctness",
+            f"SDPA kernels for ViT-S attention, {dtype_name}",
+            ",".join(name for name, ok in backends.items() if ok) or "none",
+        )
+
+
+# ------------------------------------------------------------------------------------------------ 2. model step
+
+
+def model_shapes(args) -> dict:
+    if args.cpu_mode:
+        return {"preset": None, "batch": args.batch or 2, "global": 32, "local": 16, "num_local": 4}
+    return {
+        "preset": "vit-small-patch16",
+        "batch": args.batch or 64,
+        "global": 224,
+        "local": 96,
+        "num_local": 8,
+    }
+
+
+def build_model(shapes: dict, variant: str, attn: str = "sdpa"):
+    from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
+
+    overrides = {"image_representation": "cls", "patch_loss_weight": 0.0} if variant == "dino" else {}
+    if shapes["preset"] is None:
+        config = tiny_config(**overrides)
+    else:
+        config = SelfPatchConfig.from_preset(shapes["preset"], drop_path_rate=0.1, **overrides)
+    config._attn_implementation = attn
+    config.backbone_config._attn_implementation = attn
+    torch.manual_seed(0)
+    return SelfPatchViTForPretraining(config).train()
+
+
+def make_step(model, shapes: dict, device: torch.device, precision: str):
+    from selfpatch_hf.training.cuda_setup import adamw_kwargs
+    from selfpatch_hf.training.optimization import build_param_groups
+
+    optimizer = torch.optim.AdamW(build_param_groups(model.student), lr=1e-5, **adamw_kwargs(device))
+    generator = torch.Generator(device=device).manual_seed(0)
+    batch = shapes["batch"]
+    global_crops = torch.randn(
+        batch, 2, 3, shapes["global"], shapes["global"], device=device, generator=generator
+    )
+    local_crops = torch.randn(
+        batch, shapes["num_local"], 3, shapes["local"], shapes["local"], device=device, generator=generator
+    )
+
+    def step():
+        with autocast(device, precision):
+            loss = model(global_crops, local_crops).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_teacher(0.996)
+
+    return step
+
+
+def timed_steps(step, device: torch.device, warmup: int, steps: int) -> tuple[float, float | None]:
+    """(median seconds per step, peak memory in GiB or None on the CPU)."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def peak_matmul_macs(device: torch.device, dtype: torch.dtype, size: int) -> float:
+    """Multiply-accumulates per second of a large square matrix product in `dtype` on `device` (best of 5)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    best = math.inf
+    for _ in range(5):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return size**3 / best
+
+
+def step_macs(shapes: dict, variant: str, device: torch.device) -> float:
+    """Multiply-accumulates of one step, counted on an eager-attention copy (benchmarks/bench_model_step.py)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from bench_model_step import multiply_accumulates
+
+    model = build_model(shapes, variant, attn="eager").to(device)
+    with tf32(True):
+        return multiply_accumulates(make_step(model, shapes, device, "fp32"))
+
+
+def section_model(report: Report, device: torch.device, args, results: dict) -> None:
+    from selfpatch_hf.training.compilation import compile_for_training
+
+    shapes = model_shapes(args)
+    images = shapes["batch"]
+    precisions = ["fp32"] if args.cpu_mode else ["fp32", "bf16", "bf16+compile"]
+    matmul_size = 512 if args.cpu_mode else 8192
+    peaks = {"fp32": peak_matmul_macs(device, torch.float32, matmul_size)}
+    with tf32(True):
+        peaks["tf32"] = (
+            peaks["fp32"] if device.type != "cuda" else peak_matmul_macs(device, torch.float32, matmul_size)
+        )
+    if "bf16" in precisions:
+        peaks["bf16"] = peak_matmul_macs(device, torch.bfloat16, matmul_size)
+    for name, macs in peaks.items():
+        report.add("model", f"matmul peak {name} ({matmul_size}^3)", 2 * macs / 1e12, "TFLOP/s")
+    step_seconds = {}
+    for variant in ("selfpatch", "dino"):
+        macs = step_macs(shapes, variant, device)
+        report.add(
+            "model", f"{variant} step multiply-accumulates", macs / 1e9, "GMAC", note=f"batch {images}"
+        )
+        for precision in precisions:
+            model = build_model(shapes, variant).to(device)
+            compiled = precision.endswith("+compile")
+            if compiled:
+                compile_for_training(model, backend=args.compile_backend)
+            step = make_step(model, shapes, device, precision.split("+")[0])
+            start = time.perf_counter()
+            with tf32(True):
+                seconds, peak_memory = timed_steps(
+                    step, device, args.warmup + (2 if compiled else 0), args.steps
+                )
+            label = f"{variant} {precision}"
+            step_seconds[label] = seconds
+            peak = peaks["tf32" if precision == "fp32" else "bf16"]
+            report.add(
+                "model",
+                f"{label} step",
+                seconds * 1e3,
+                "ms",
+                note=f"{images / seconds:.1f} images/s; {2 * macs / seconds / 1e12:.3g} TFLOP/s = "
+                f"{macs / seconds / peak:.1%} of the measured peak; peak memory "
+                + (f"{peak_memory:.2f} GiB" if peak_memory is not None else "n/a on CPU")
+                + f"; {time.perf_counter() - start:.0f} s with warm-up",
+            )
+            results[label] = {
+                "step_seconds": seconds,
+                "images_per_second": images / seconds,
+                "tflops": 2 * macs / seconds / 1e12,
+                "fraction_of_peak": macs / seconds / peak,
+                "peak_memory_gib": peak_memory,
+            }
+            del model, step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for precision in precisions:
+        ratio = step_seconds[f"selfpatch {precision}"] / step_seconds[f"dino {precision}"]
+        report.add(
+            "model", f"SelfPatch / DINO step time, {precision}", ratio, "x", note="goal <= 1.2 (bf16, GPU)"
+        )
+        results[f"ratio {precision}"] = ratio
+
+
+# ------------------------------------------------------------------------------------------------ 3. data path
+
+
+def section_data(report: Report, device: torch.device, args, results: dict) -> None:
+    import datasets
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from bench_data import make_jpegs, write_parquet
+
+    from selfpatch_hf.data.streaming import build_pretraining_dataloader
+
+    datasets.disable_progress_bars()
+    cores = results["environment"]["cores"]
+    workers = args.data_workers or cores
+    unique = 32 if args.cpu_mode else 512
+    repeats = 2 if args.cpu_mode else 8
+    batch = 8 if args.cpu_mode else 64
+    with tempfile.TemporaryDirectory() as directory:
+        jpegs = make_jpegs(unique) * repeats
+        shards = write_parquet(jpegs, Path(directory) / "shards", num_shards=max(4, 2 * workers))
+        for mode in ("workers", "device"):
+            loader = build_pretraining_dataloader(
+                str(shards / "*.parquet"),
+                batch_size=batch,
+                num_workers=workers,
+                shuffle_buffer_size=0,
+                device=device,
+                augmentation_device=mode,
+            )
+            first = None
+            count = 0
+            for crops in loader:
+                synchronize(device)
+                if first is None:  # worker start-up and the first batch are not the steady rate
+                    first = time.perf_counter()
+                else:
+                    count += crops.global_crops.shape[0]
+            seconds = time.perf_counter() - first
+            rate = count / seconds
+            per_core = rate / workers
+            results[f"data {mode}"] = {"images_per_second": rate, "workers": workers, "per_worker": per_core}
+            note = f"{workers} workers, {per_core:.1f} images/s per worker"
+            step_label = "selfpatch bf16+compile" if "selfpatch bf16+compile" in results else "selfpatch fp32"
+            if step_label in results:
+                needed = results[step_label]["images_per_second"] / per_core
+                results[f"data {mode}"]["cores_per_device"] = needed
+                note += f"; the {step_label} step ({results[step_label]['images_per_second']:.0f} images/s) needs "
+                note += f"{needed:.1f} cores"
+            report.add("data", f"loader, photometric ops in {mode}", rate, "images/s", note=note)
+
+
+# ------------------------------------------------------------------------------------------------ 4. pretraining run
+
+
+def section_pretrain(report: Report, device: torch.device, args, results: dict) -> bool:
+    recipe = REPO_ROOT / "training" / "configs" / "demo_offline.yaml"
+    output_dir = Path(args.work_dir) / "pretrain"
+    common = [
+        sys.executable,
+        str(REPO_ROOT / "training" / "pretrain.py"),
+        str(recipe),
+        "--output_dir",
+        str(output_dir),
+    ]
+    if args.cpu_mode:
+        # 2 layers, 2 steps: the pipeline, not the model, is under test
+        common += ["--cpu", "--mixed_precision", "no", "--num_workers", "0"]
+        common += ["--config_overrides", "num_hidden_layers=2"]
+        first, second, every = 2, 3, 1
+    else:
+        common += ["--mixed_precision", "bf16", "--num_workers", str(min(8, results["environment"]["cores"]))]
+        first, second, every = 20, 24, 10
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    ok = True
+    for label, extra in (
+        (
+            f"train {first} steps, checkpoint every {every}",
+            ["--max_steps", str(first), "--checkpointing_steps", str(every), "--overwrite_output_dir"],
+        ),
+        (
+            f"resume to step {second}, export",
+            ["--max_steps", str(second), "--resume_from_checkpoint", "latest"],
+        ),
+    ):
+        start = time.perf_counter()
+        run = subprocess.run(
+            common + extra, env=env, capture_output=True, text=True, timeout=args.pretrain_timeout
+        )
+        seconds = time.perf_counter() - start
+        passed = run.returncode == 0
+        tail = (run.stderr or run.stdout).strip().splitlines()[-1:] if not passed else []
+        report.add("pretrain", label, seconds, "s", "ok" if passed else "FAIL", "; ".join(tail)[:200])
+        ok &= passed
+        if not passed:
+            results["pretrain_log"] = (run.stdout + run.stderr)[-4000:]
+            return False
+    events = [
+        json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
+    resumed = [e for e in events if e.get("event") == "resumed"]
+    last_step = max((e.get("step", 0) for e in events), default=0)
+    resumed_ok = bool(resumed) and last_step == second
+    report.add(
+        "pretrain",
+        "resumed from the checkpoint, reached the last step",
+        last_step,
+        "step",
+        "ok" if resumed_ok else "FAIL",
+    )
+    from transformers import AutoModel
+
+    backbone = AutoModel.from_pretrained(output_dir / "backbone").to(device).eval()
+    size = backbone.config.image_size
+    with torch.no_grad():
+        hidden = backbone(torch.randn(1, 3, size, size, device=device)).last_hidden_state
+    loaded_ok = bool(hidden.isfinite().all())
+    report.add(
+        "pretrain",
+        "exported backbone loads (AutoModel) and runs",
+        type(backbone).__name__,
+        status="ok" if loaded_ok else "FAIL",
+        note=f"last_hidden_state {tuple(hidden.shape)} on {device.type}",
+    )
+    return ok and resumed_ok and loaded_ok
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--cpu", action="store_true", help="CPU mode (tiny sizes) even when CUDA is available"
+    )
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--output", default="device_check.json", help="where the JSON report goes")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="per-device batch of the model section (64; CPU 2)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (10; CPU 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (3; CPU 1)")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--data-workers", type=int, default=None, help="loader workers (default: all cores)")
+    parser.add_argument("--pretrain-timeout", type=float, default=240.0, help="seconds per pretraining run")
+    parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    args.cpu_mode = args.cpu or not torch.cuda.is_available()
+    args.steps = args.steps or (2 if args.cpu_mode else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu_mode else 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.cpu_mode else "cuda")
+    started = time.perf_counter()
+    report = Report(
+        mode="cpu" if args.cpu_mode else "gpu", device=str(device), environment=environment(device)
+    )
+    results: dict = {"environment": report.environment}
+    print(f"device_check: {report.mode} mode on {report.environment['device_name']}", flush=True)
+    print(
+        "  " + ", ".join(f"{k} {v}" for k, v in report.environment.items() if k != "device_name"), flush=True
+    )
+    failed = False
+    with tempfile.TemporaryDirectory() as scratch:
+        args.work_dir = args.work_dir or scratch
+        for section in args.sections:
+            missing = missing_packages(section)
+            if missing:
+                pip = " ".join(PIP_NAMES.get(name, name) for name in missing)
+                report.add(
+                    section,
+                    "not run",
+                    None,
+                    "",
+                    "skipped",
+                    f"missing {', '.join(missing)}: pip install {pip}",
+                )
+                continue
+            try:
+                if section == "correctness":
+                    section_correctness(report, device, args)
+                elif section == "model":
+                    section_model(report, device, args, results)
+                elif section == "data":
+                    section_data(report, device, args, results)
+                else:
+                    section_pretrain(report, device, args, results)
+            except Exception as error:  # one broken section must not hide the others' results
+                report.add(
+                    section, "raised", type(error).__name__, "", "FAIL", str(error).splitlines()[0][:200]
+                )
+                results.setdefault("tracebacks", {})[section] = traceback.format_exc()
+    failed = any(row.status == "FAIL" for row in report.rows)
+    skipped = [row.section for row in report.rows if row.status == "skipped"]
+    elapsed = time.perf_counter() - started
+    payload = {**asdict(report), "results": results, "seconds": elapsed, "passed": not failed}
+    Path(args.output).write_text(json.dumps(payload, indent=2, default=str))
+    print(f"\n{'FAILED' if failed else 'passed'} in {elapsed:.0f} s; report in {args.output}", flush=True)
+    if skipped:
+        print(f"skipped sections (missing packages): {', '.join(skipped)}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
