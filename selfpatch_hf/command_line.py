@@ -7,11 +7,12 @@
 - Anything else is a bug of ours and keeps its traceback.
 
 Command modules define `main(argv) -> int` that raises these; `run_command` turns them into exit statuses, so no
-command needs a try/except per option.
+command needs a try/except per option. `HelpFormatter` is the help layout they share.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 
@@ -37,3 +38,22 @@ def run_command(
     except (UsageError, CommandFailure) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return error.exit_status
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of descriptions and epilogs (examples stay readable) and appends `(default: X)` to
+    an option's help only when there is a default worth showing and the help does not already state one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+            or action.option_strings == []
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"

@@ -1,6 +1,11 @@
 """`python -m selfpatch_hf.evaluation`: every subcommand end to end on offline data and tiny backbones."""
 
+import argparse
 import json
+import logging
+import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -94,7 +99,11 @@ def test_visualize_command(workspace, tmp_path):
     args += ["--image", "skimage:chelsea", "--query", "0.5,0.5", "--query", "10", "--image-size", "64,96"]
     assert main(args + ["--output", str(out)]) == 0
     with Image.open(out) as png:
-        assert png.format == "PNG" and png.size == (3 * 96, 18 + 2 * 64)
+        # input + 2 models, each 64x96 shown 4x enlarged; the caption names the models and queries
+        assert png.format == "PNG" and png.width == 3 * 4 * 96
+        assert f"dino = {workspace / 'vit0'}" in png.text["Description"]
+        assert "row 2: patch 10 (row 0, column 10 from 0 in the 8x12 patch grid)" in png.text["Description"]
+        width = png.width
     positives = np.tile(np.arange(4), (6 * 8, 1))
     np.save(tmp_path / "positives.npy", positives)
     args = [
@@ -106,7 +115,7 @@ def test_visualize_command(workspace, tmp_path):
     ]
     assert main(args + ["--grid", "6,8", "--query", "9", "--output", str(tmp_path / "pos.png")]) == 0
     with Image.open(tmp_path / "pos.png") as png:
-        assert png.size[0] == 3 * 96  # drawn on the given image at its own size
+        assert png.size[0] == width  # drawn on the given image at its own size (wide enough already)
 
 
 def test_module_entry_point_help():
@@ -119,3 +128,160 @@ def test_module_entry_point_help():
     assert result.returncode == 0
     for command in ("davis", "linear-probe", "knn", "visualize", "make-offline-data"):
         assert command in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+@pytest.fixture
+def run_cli(capsys):
+    """`selfpatch eval ARGV` in this process: (exit status, stderr lines); a traceback would fail the test."""
+
+    def run(*argv: str) -> tuple[int, list[str]]:
+        capsys.readouterr()
+        try:
+            code = main(list(argv))
+        except SystemExit as error:  # argparse's own usage errors
+            code = error.code
+        return code, capsys.readouterr().err.strip().splitlines()
+
+    return run
+
+
+def assert_one_line_error(lines: list[str], *fragments: str) -> None:
+    errors = [line for line in lines if line.startswith("selfpatch eval")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_missing_model_dataset_and_davis_paths_are_one_line_errors(workspace, tmp_path, run_cli):
+    data = str(workspace / "data/segmentation")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "selfpatch_hf.evaluation",
+            "knn",
+            "--model",
+            str(tmp_path / "no-model"),
+            "--dataset",
+            data,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"selfpatch eval: error: --model {tmp_path / 'no-model'}: no such file or folder; give an existing path "
+        "(or a Hub id)."
+    ]
+    (tmp_path / "empty").mkdir()
+    assert main(["knn", "--model", str(tmp_path / "empty"), "--dataset", data]) == 1  # a folder, but no model
+    code, lines = run_cli(
+        "linear-probe", "--model", str(workspace / "vit0"), "--dataset", str(tmp_path / "none")
+    )
+    assert code == 2
+    assert_one_line_error(lines, "--dataset", "no such file or folder")
+    code, lines = run_cli(
+        "davis", "--model", str(workspace / "vit0"), "--davis-root", str(tmp_path / "nowhere"),
+        "--output-dir", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 2
+    assert_one_line_error(lines, "--davis-root", "is not a folder")
+    code, lines = run_cli(
+        "davis", "--davis-root", str(workspace / "data/davis"), "--output-dir", str(tmp_path)
+    )
+    assert code == 2
+    assert_one_line_error(lines, "give --model (or --evaluate-only")
+
+
+def davis_copy(workspace, tmp_path):
+    root = tmp_path / "davis"
+    shutil.copytree(workspace / "data/davis", root)
+    sequence = (root / "ImageSets/2017/val.txt").read_text().split()[0]
+    return root, sequence
+
+
+def test_missing_frames_and_mismatched_masks_are_one_line_errors(workspace, tmp_path, run_cli):
+    root, sequence = davis_copy(workspace, tmp_path)
+    model = ["--model", str(workspace / "vit0"), "--short-side", "48", "--size-multiple", "16"]
+    shutil.rmtree(root / "JPEGImages/480p" / sequence)
+    code, lines = run_cli("davis", *model, "--davis-root", str(root), "--output-dir", str(tmp_path / "a"))
+    assert code == 1
+    assert_one_line_error(lines, "No frames (*.jpg) in", sequence)
+
+    root, sequence = davis_copy(workspace, tmp_path / "b")
+    first = root / "Annotations/480p" / sequence / "00000.png"
+    with Image.open(first) as mask:
+        mask.resize((32, 24)).save(first)
+    code, lines = run_cli("davis", *model, "--davis-root", str(root), "--output-dir", str(tmp_path / "b/out"))
+    assert code == 1
+    assert_one_line_error(lines, "00000.jpg is 64x48 px but the annotation", "00000.png is 32x24")
+
+    # predictions of another size than the annotations: the scorer names the file
+    root, sequence = davis_copy(workspace, tmp_path / "c")
+    predictions = tmp_path / "c/predictions"
+    shutil.copytree(root / "Annotations/480p", predictions)
+    with Image.open(predictions / sequence / "00001.png") as mask:
+        mask.resize((32, 24)).save(predictions / sequence / "00001.png")
+    code, lines = run_cli(
+        "davis", "--davis-root", str(root), "--output-dir", str(predictions), "--evaluate-only"
+    )
+    assert code == 1
+    assert_one_line_error(lines, f"The prediction {predictions / sequence / '00001.png'} is 32x24 px")
+
+
+def test_an_annotated_frame_without_its_image_is_announced(workspace, tmp_path, run_cli, caplog):
+    from selfpatch_hf.evaluation.davis import load_sequence
+
+    root, sequence = davis_copy(workspace, tmp_path)
+    (root / "JPEGImages/480p" / sequence / "00002.jpg").unlink()
+    with caplog.at_level(logging.WARNING, logger="selfpatch_hf.evaluation.davis"):
+        loaded = load_sequence(root, sequence)
+    assert re.search(
+        r"1 annotated frame\(s\) have no image .*\(00002\.png\); they are not propagated", caplog.text
+    )
+    assert [p.name for p in loaded.annotations] == ["00000.png", "00001.png", "00003.png"]
+    caplog.clear()
+    code, _ = run_cli(
+        "davis", "--model", str(workspace / "vit0"), "--davis-root", str(root), "--output-dir",
+        str(tmp_path / "out"), "--short-side", "48", "--size-multiple", "16", "--sequences", sequence,
+    )  # fmt: skip
+    assert code == 0 and "(00002.png); they are not propagated and not scored" in caplog.text
+
+
+def test_bad_visualize_arguments_are_one_line_errors(workspace, tmp_path, run_cli):
+    base = ["visualize", "--model", str(workspace / "vit0"), "--image", "skimage:chelsea"]
+    out = ["--output", str(tmp_path / "fig.png")]
+    code, lines = run_cli(*base, "--query", "999", "--image-size", "64,96", *out)
+    assert code == 2
+    assert_one_line_error(lines, "Query patch 999 is outside the 8x12 patch grid (0..95)")
+    code, lines = run_cli(*base, "--query", "1.5,0.2", *out)
+    assert (
+        code == 2
+        and "argument --query: Y,X are fractions of the image height and width in [0, 1]" in lines[-1]
+    )
+    code, lines = run_cli(*base[:3], "--image", str(tmp_path / "missing.jpg"), "--query", "1", *out)
+    assert code == 2
+    assert_one_line_error(lines, "--image", "no such file")
+    code, lines = run_cli("visualize", "--image", "skimage:chelsea", "--query", "1", *out)
+    assert code == 2
+    assert_one_line_error(lines, "give exactly one of --model")
+    code, lines = run_cli(*base, "--query", "1", "--fraction", "0", *out)
+    assert code == 2
+    assert_one_line_error(lines, "--fraction must lie in (0, 1]")
+    assert not (tmp_path / "fig.png").exists()
+
+
+def test_every_visualize_option_is_described_and_examples_keep_their_lines():
+    from selfpatch_hf.evaluation.cli import _build_parser
+
+    parser = _build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, subparser in subparsers.choices.items():
+        for action in subparser._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no description"
+        text = subparser.format_help()
+        assert "(default: None)" not in text and text.count("(default: cpu)") <= 1
+        if name == "visualize":
+            assert "examples:\n  selfpatch eval visualize --model dino=" in text  # line breaks kept

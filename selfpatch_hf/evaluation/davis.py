@@ -48,6 +48,10 @@ def davis_palette() -> list[int]:
 DAVIS_PALETTE = davis_palette()
 
 
+class DavisDataError(ValueError):
+    """A DAVIS folder or a results folder whose content cannot be used (the message names the file and why)."""
+
+
 @dataclass
 class DavisSequence:
     name: str
@@ -60,7 +64,7 @@ def read_indexed_mask(path: str | Path) -> np.ndarray:
     with Image.open(path) as image:
         if image.mode in ("P", "L", "I", "I;16", "1"):
             return np.asarray(image).astype(np.uint8)
-    raise ValueError(
+    raise DavisDataError(
         f"{path} is a {image.mode} image; DAVIS annotations must be indexed (palette) or grayscale PNGs whose "
         "pixel values are object ids."
     )
@@ -101,12 +105,39 @@ def load_sequence(root: str | Path, name: str, resolution: str = "480p") -> Davi
         raise FileNotFoundError(
             f"The first frame's annotation {annotation_dir / (frames[0].stem + '.png')} is missing."
         )
+    # An annotation whose frame image is missing can be neither propagated nor scored: say so, and leave it out.
+    frame_names = {frame.stem for frame in frames}
+    orphans = [path for path in annotations if path.stem not in frame_names]
+    if orphans:
+        shown = ", ".join(path.name for path in orphans[:5]) + (", ..." if len(orphans) > 5 else "")
+        # logged (not only raised as a Python warning): the command line shows it, and so does a plain script
+        logger.warning(
+            "Sequence %s: %d annotated frame(s) have no image in %s (%s); they are not propagated and not "
+            "scored, so the scores are not comparable with the full sequence.",
+            name,
+            len(orphans),
+            frame_dir,
+            shown,
+        )
+        annotations = [path for path in annotations if path.stem in frame_names]
     return DavisSequence(name, frames, annotations)
 
 
 def _read_rgb(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def _read_frames(paths: Sequence[Path], size: tuple[int, ...], first_annotation: Path):
+    """The frames of a sequence as RGB arrays, each checked against the first annotation's size."""
+    for path in paths:
+        frame = _read_rgb(path)
+        if frame.shape[:2] != tuple(size):
+            raise DavisDataError(
+                f"{path} is {frame.shape[1]}x{frame.shape[0]} px but the annotation {first_annotation} is "
+                f"{size[1]}x{size[0]}: the frames and masks of a sequence must have one size (same --resolution)."
+            )
+        yield frame
 
 
 def predict_davis(
@@ -128,7 +159,7 @@ def predict_davis(
     for name in names:
         sequence = load_sequence(root, name, resolution)
         first_mask = read_indexed_mask(sequence.annotations[0])
-        frames = (_read_rgb(path) for path in sequence.frames)
+        frames = _read_frames(sequence.frames, first_mask.shape, sequence.annotations[0])
         for path, mask in zip(
             sequence.frames, iter_propagation(frames, first_mask, extractor, config), strict=True
         ):
@@ -187,7 +218,14 @@ def evaluate_davis(
     j_stats, f_stats, per_object = [], [], {}
     for name in names:
         sequence = load_sequence(root, name, resolution)
-        references = np.stack([read_indexed_mask(path) for path in sequence.annotations])
+        masks = [read_indexed_mask(path) for path in sequence.annotations]
+        for path, mask in zip(sequence.annotations, masks, strict=True):
+            if mask.shape != masks[0].shape:
+                raise DavisDataError(
+                    f"{path} is {mask.shape[1]}x{mask.shape[0]} px but {sequence.annotations[0]} is "
+                    f"{masks[0].shape[1]}x{masks[0].shape[0]}: the annotations of a sequence must have one size."
+                )
+        references = np.stack(masks)
         num_objects = int(np.where(references[0] == 255, 0, references[0]).max())
         # Semi-supervised mode: the first frame is given and the last one is not scored either.
         scored = sequence.annotations[1:-1]
@@ -198,7 +236,14 @@ def evaluate_davis(
                 raise FileNotFoundError(
                     f"Missing prediction {result}; run the propagation for {name!r} first."
                 )
-            predictions.append(read_indexed_mask(result))
+            prediction = read_indexed_mask(result)
+            if prediction.shape != references.shape[1:]:
+                raise DavisDataError(
+                    f"The prediction {result} is {prediction.shape[1]}x{prediction.shape[0]} px but its annotation "
+                    f"{path} is {references.shape[2]}x{references.shape[1]}: predict at the annotations' resolution "
+                    f"(--resolution {resolution})."
+                )
+            predictions.append(prediction)
         if not scored:
             logger.warning("Sequence %s has fewer than three annotated frames; nothing to score.", name)
             continue
@@ -208,7 +253,7 @@ def evaluate_davis(
             f_stats.append(db_statistics(f[k]))
             per_object[f"{name}_{k + 1}"] = {"J": j_stats[-1][0], "F": f_stats[-1][0]}
     if not j_stats:
-        raise ValueError("No object could be scored: check the sequences and their annotations.")
+        raise DavisDataError("No object could be scored: check the sequences and their annotations.")
     j_mean, j_recall, j_decay = np.mean(j_stats, axis=0)
     f_mean, f_recall, f_decay = np.mean(f_stats, axis=0)
     return DavisResult(
