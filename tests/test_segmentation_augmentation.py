@@ -1,0 +1,102 @@
+"""Joint image / mask transforms of segmentation fine-tuning keep the mask on the pixels it labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from selfpatch_hf.data.segmentation_augmentation import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SegmentationEvalTransform,
+    SegmentationTrainTransform,
+    photometric_distortion,
+)
+
+# class k is painted in PALETTE[k]: the mask is computable from the pixels (none is black, the padding colour)
+PALETTE = np.array(
+    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]], np.uint8
+)
+
+
+def _blocky_scene(rng: np.random.Generator, height: int, width: int, cell: int = 16):
+    """An image of coloured cells and its mask; label 255 (ignore) on one cell to follow it too."""
+    grid = rng.integers(0, len(PALETTE), size=(height // cell + 1, width // cell + 1))
+    labels = np.kron(grid, np.ones((cell, cell), np.int64))[:height, :width]
+    image = PALETTE[labels]
+    labels[:cell, :cell] = 255  # ignored pixels keep their colour
+    return Image.fromarray(image), Image.fromarray(labels.astype(np.uint8))
+
+
+def _colours(pixel_values: np.ndarray) -> np.ndarray:
+    """Normalised (3, H, W) -> (H, W, 3) colours in 0..255."""
+    return pixel_values.transpose(1, 2, 0) * np.array(IMAGENET_STD) * 255 + np.array(IMAGENET_MEAN) * 255
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_rescale_crop_flip_and_padding_keep_the_mask_on_its_pixels(seed):
+    rng = np.random.default_rng(seed)
+    image, mask = _blocky_scene(rng, int(rng.integers(60, 140)), int(rng.integers(60, 140)))
+    transform = SegmentationTrainTransform(
+        crop_size=(96, 80), scale=(128, 96), ratio_range=(0.5, 2.0), photometric=False
+    )
+    pixel_values, labels = transform(image, mask, rng)
+    assert pixel_values.shape == (3, 96, 80) and labels.shape == (96, 80)
+
+    colours = _colours(pixel_values)
+    distance = np.linalg.norm(colours[:, :, None, :] - PALETTE[None, None].astype(float), axis=-1)
+    nearest, gap = distance.argmin(-1), distance.min(-1)
+    pure = gap < 1.0  # away from bilinear blends at cell borders
+    scored = pure & (labels != 255)
+    assert scored.mean() > 0.3, "too few pure pixels to judge"
+    # every pure-coloured labelled pixel carries the class of its colour
+    np.testing.assert_array_equal(labels[scored], nearest[scored])
+    # padding: black pixels, ignored labels, and nothing else is black
+    black = np.linalg.norm(colours, axis=-1) < 1.0
+    np.testing.assert_array_equal(labels[black], 255)
+
+
+def test_flip_moves_image_and_mask_together():
+    rng = np.random.default_rng(0)
+    image, mask = _blocky_scene(rng, 64, 64)
+    plain = SegmentationTrainTransform(
+        crop_size=64, scale=64, ratio_range=(1, 1), flip_prob=0.0, photometric=False
+    )
+    flipped = SegmentationTrainTransform(
+        crop_size=64, scale=64, ratio_range=(1, 1), flip_prob=1.0, photometric=False
+    )
+    pixels_a, labels_a = plain(image, mask, np.random.default_rng(1))
+    pixels_b, labels_b = flipped(image, mask, np.random.default_rng(1))
+    np.testing.assert_array_equal(labels_b, labels_a[:, ::-1])
+    np.testing.assert_allclose(pixels_b, pixels_a[:, :, ::-1])
+    np.testing.assert_array_equal(labels_a, np.asarray(mask))  # ratio 1, crop = image: untouched
+
+
+def test_photometric_distortion_changes_colours_only():
+    rng = np.random.default_rng(0)
+    image, mask = _blocky_scene(rng, 64, 64)
+    kwargs = dict(crop_size=48, scale=64, ratio_range=(0.75, 1.5), flip_prob=0.5)
+    with_jitter = SegmentationTrainTransform(photometric=True, **kwargs)
+    without = SegmentationTrainTransform(photometric=False, **kwargs)
+    changed = 0
+    for seed in range(6):
+        # same geometry: the photometric draws come after the geometric ones
+        pixels_a, labels_a = with_jitter(image, mask, np.random.default_rng(seed))
+        pixels_b, labels_b = without(image, mask, np.random.default_rng(seed))
+        np.testing.assert_array_equal(labels_a, labels_b)
+        changed += not np.allclose(pixels_a, pixels_b)
+    assert changed >= 4
+    jittered = photometric_distortion(np.asarray(image, np.float32), np.random.default_rng(3))
+    assert jittered.min() >= 0 and jittered.max() <= 255
+
+
+def test_reduce_labels_and_evaluation_resize():
+    image = Image.fromarray(np.zeros((30, 60, 3), np.uint8))
+    mask = np.array([[0, 1, 150, 255]] * 30, np.uint8).repeat(15, axis=1)
+    pixels, labels = SegmentationEvalTransform(scale=(64, 16), reduce_labels=True)(image, mask)
+    assert pixels.shape == (3, 16, 32)  # short side 16, aspect ratio kept
+    assert labels.shape == (30, 60)  # ground truth at full resolution
+    assert set(np.unique(labels)) == {255, 0, 149}
+    with pytest.raises(ValueError, match="Mask size"):
+        SegmentationTrainTransform(crop_size=16, scale=16)(image, mask[:10], np.random.default_rng(0))
