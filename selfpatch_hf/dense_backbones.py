@@ -199,11 +199,23 @@ def load_dense_backbone(source: str | os.PathLike, **kwargs: Any) -> DenseBackbo
     return classes[model_type].from_pretrained(str(source), **kwargs)
 
 
+def _has_pooler(source: str | os.PathLike) -> bool:
+    """Whether a ViT folder's weights include a pooler (ours and converted DINO do; a Hub id is assumed to)."""
+    weights = Path(source) / "model.safetensors"
+    if not weights.is_file():
+        return True
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        return any(key.startswith("pooler.") for key in handle.keys())
+
+
 def _load_source_model(source: str | os.PathLike) -> PreTrainedModel:
     model_type = source_model_type(source)
     if model_type == "vit":
-        # the pooler is not part of a dense backbone (ours saves an identity one; others may save none)
-        return ViTModel.from_pretrained(str(source), add_pooling_layer=False)
+        # The pooler is not part of a dense backbone, but building the ViT as saved (with or without one) keeps the
+        # load free of "unexpected / newly initialised weights" reports.
+        return ViTModel.from_pretrained(str(source), add_pooling_layer=_has_pooler(source))
     if model_type == "siglip_vision_model":
         return SiglipVisionModel.from_pretrained(str(source))
     if model_type in ("dinov2", SelfPatchSiglipBackboneConfig.model_type):

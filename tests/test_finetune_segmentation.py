@@ -1,0 +1,177 @@
+"""training/finetune_segmentation.py on a tiny backbone and a tiny synthetic segmentation set: the loss falls, resuming
+is exact, and the saved folder is a plain transformers model that loads without this package."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import tiny_config
+
+from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
+from selfpatch_hf.data.synthetic_scenes import make_segmentation_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "training" / "finetune_segmentation.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("finetune_segmentation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A 4-block ViT export (width 32, 8-pixel patches) and 12 + 4 synthetic 64 x 64 scenes."""
+    root = tmp_path_factory.mktemp("finetune_inputs")
+    torch.manual_seed(0)
+    backbone = export_backbone(
+        SelfPatchViTForPretraining(tiny_config(num_hidden_layers=4)), root / "backbone"
+    )
+    make_segmentation_dataset(root / "scenes", num_train=12, num_eval=4, image_size=64, seed=0)
+    return {"backbone": backbone, "data": root / "scenes"}
+
+
+def _arguments(inputs, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--backbone", str(inputs["backbone"]), "--dataset_name", str(inputs["data"]), "--label_names",
+        "offline-scenes", "--crop_size", "32", "32", "--scale", "64", "48", "--per_device_train_batch_size", "4",
+        "--decoder_hidden_size", "16", "--learning_rate", "2e-3", "--warmup_steps", "1", "--max_steps", "8",
+        "--num_workers", "0", "--logging_steps", "1", "--checkpointing_steps", "4", "--checkpoints_total_limit",
+        "3", "--seed", "0", "--output_dir", str(output_dir), *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(inputs, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("finetune_run") / "run"
+    script = _script()
+    model_args, data_args, training_args = script.parse_finetuning_arguments(_arguments(inputs, output_dir))
+    result = script.train(model_args, data_args, training_args)
+    result.accelerator.end_training()
+    return result, output_dir
+
+
+def _losses(output_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in records if "loss" in record]
+
+
+def test_a_few_steps_lower_the_loss(uninterrupted):
+    result, output_dir = uninterrupted
+    losses = _losses(output_dir)
+    assert len(losses) == 8
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, losses
+    assert result.scores is not None and 0 <= result.scores["mean_iou"] <= 1
+    card = (output_dir / "model" / "README.md").read_text()
+    assert f"{100 * result.scores['mean_iou']:.2f}" in card and "pipeline_tag: image-segmentation" in card
+
+
+def test_resuming_from_a_checkpoint_is_exact(inputs, uninterrupted, tmp_path):
+    _, first = uninterrupted
+    second = tmp_path / "resumed"
+    (second / "checkpoints").mkdir(parents=True)
+    shutil.copytree(first / "checkpoints" / "checkpoint-4", second / "checkpoints" / "checkpoint-4")
+    script = _script()
+    arguments = script.parse_finetuning_arguments(
+        _arguments(inputs, second, "--resume_from_checkpoint", "latest")
+    )
+    result = script.train(*arguments)
+    result.accelerator.end_training()
+    assert result.global_step == 8
+    # same batches, crops, drop-path masks and optimiser state: the same losses and bit-identical weights
+    assert _losses(second) == _losses(first)[4:]
+    expected = load_file(first / "checkpoints" / "checkpoint-8" / "model.safetensors")
+    resumed = load_file(second / "checkpoints" / "checkpoint-8" / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+LOADER = """
+import json, sys
+import numpy as np
+from PIL import Image
+import torch
+from transformers import AutoModelForSemanticSegmentation, pipeline
+
+folder, pixels_path = sys.argv[1], sys.argv[2]
+model = AutoModelForSemanticSegmentation.from_pretrained(folder).eval()
+with torch.no_grad():
+    logits = model(pixel_values=torch.from_numpy(np.load(pixels_path))).logits
+np.save(pixels_path.replace("pixels", "logits"), logits.numpy())
+segmenter = pipeline("image-segmentation", model=folder)
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+segments = segmenter(image)
+print(json.dumps({
+    "model": type(model).__name__,
+    "backbone": type(model.backbone).__name__,
+    "labels": [segment["label"] for segment in segments],
+    "mask_sizes": [list(segment["mask"].size) for segment in segments],
+    "imported_selfpatch": any(name.startswith("selfpatch_hf") for name in sys.modules),
+}))
+"""
+
+
+def test_saved_model_loads_with_plain_transformers(uninterrupted, tmp_path):
+    result, output_dir = uninterrupted
+    pixels = torch.randn(2, 3, 32, 48)
+    np.save(tmp_path / "pixels.npy", pixels.numpy())
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    completed = subprocess.run(
+        [sys.executable, "-c", LOADER, str(output_dir / "model"), str(tmp_path / "pixels.npy")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # not the repository: nothing of ours on the path
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["model"] == "UperNetForSemanticSegmentation"
+    assert report["backbone"] == "Dinov2Backbone"
+    assert report["imported_selfpatch"] is False
+    assert report["labels"] and all(size == [70, 50] for size in report["mask_sizes"])
+    names = set(result.model.config.id2label.values())
+    assert set(report["labels"]) <= names
+    with torch.no_grad():
+        expected = result.model.eval()(pixel_values=pixels).logits.numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, rtol=0, atol=1e-5)
+
+
+def test_argument_mistakes_are_one_line_errors(inputs, tmp_path, capsys):
+    from selfpatch_hf.command_line import run_command
+
+    script = _script()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("backbone: x\nlearning_rat: 1.0\n")
+    assert run_command("finetune_segmentation.py", script.main, [str(recipe)]) == 2
+    assert "unknown option(s) ['learning_rat']" in capsys.readouterr().err
+    assert run_command("finetune_segmentation.py", script.main, ["--dataset_name", "x"]) == 2
+    assert "--backbone is required" in capsys.readouterr().err
+    missing = _arguments(inputs, tmp_path / "out")
+    missing[missing.index("--backbone") + 1] = str(tmp_path / "nowhere")
+    assert run_command("finetune_segmentation.py", script.main, missing) == 2
+    assert "--backbone" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["segmentation_ade20k_vit_small.yaml", "segmentation_offline.yaml"])
+def test_shipped_recipes_parse(recipe, tmp_path):
+    script = _script()
+    model_args, data_args, training_args = script.parse_finetuning_arguments(
+        [str(REPO / "training" / "configs" / recipe), "--output_dir", str(tmp_path)]
+    )
+    assert model_args.backbone and data_args.dataset_name
+    assert training_args.warmup_steps < training_args.max_steps

@@ -1,0 +1,628 @@
+#!/usr/bin/env python
+"""Fine-tune a SelfPatch / DINO ViT backbone for semantic segmentation (UperNet) with Accelerate, and save a
+transformers model folder that `AutoModelForSemanticSegmentation` and `pipeline("image-segmentation")` load.
+
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision fp16 training/finetune_segmentation.py \\
+        training/configs/segmentation_ade20k_vit_small.yaml --backbone runs/selfpatch-vits16/backbone
+    python training/finetune_segmentation.py training/configs/segmentation_offline.yaml   # a few minutes, CPU
+    accelerate launch training/finetune_segmentation.py RECIPE.yaml --resume_from_checkpoint latest
+
+A recipe file (YAML or JSON, the first argument) sets any option below; options after it override the file.
+
+The data is any `datasets` dataset with an image and a mask column (`scene_parse_150` is ADE20K: pass
+--reduce_labels; `offline-scenes` is the synthetic set of selfpatch_hf.data.synthetic_scenes). Training follows
+mmsegmentation's ADE20K recipe (random rescale 0.5-2x, crop, flip, photometric distortion; AdamW with optional
+layer-wise learning-rate decay; linear warm-up then poly or cosine decay, per iteration). The head is transformers'
+UperNet on the backbone's selected blocks (the paper used a Semantic FPN in mmsegmentation, which transformers lacks).
+
+The run writes into --output_dir: `metrics.jsonl` (and tracker logs under `logs/`), `checkpoints/checkpoint-<step>`
+(accelerate state, written atomically; resuming continues the same batch order and crops) and, at the end, `model/`:
+UperNet + backbone + image processor + a model card with the evaluation's mIoU / mAcc / aAcc.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from selfpatch_hf.command_line import CommandFailure, UsageError, run_command
+from selfpatch_hf.training.segmentation_arguments import (
+    RANDOM_BACKBONE_PREFIX,
+    SegmentationDataArguments,
+    SegmentationModelArguments,
+    SegmentationTrainingArguments,
+    parse_finetuning_arguments,
+)
+
+PROG = "finetune_segmentation.py"
+MODEL_DIRNAME = "model"
+logger = logging.getLogger("finetune_segmentation")
+
+
+@dataclass
+class FinetuningResult:
+    accelerator: Any
+    model: Any
+    global_step: int
+    scores: dict[str, float] | None
+    model_dir: Path | None
+    stopped_by: str | None
+    upload_report: list[str]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Set-up pieces
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_accelerator(training_args: SegmentationTrainingArguments):
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(training_args.output_dir)
+    log_with = None if training_args.report_to == "none" else training_args.report_to
+    return Accelerator(
+        cpu=training_args.cpu,
+        mixed_precision=training_args.mixed_precision,
+        gradient_accumulation_steps=training_args.gradient_accumulation_steps,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+        # blocks after the last selected one get no gradient: tell DDP (see build_model)
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def backbone_source(model_args: SegmentationModelArguments, crop_size: list[int]):
+    """The backbone argument as `build_upernet` takes it: a path / Hub id, or a random ViT for `random:PRESET`."""
+    if not model_args.backbone.startswith(RANDOM_BACKBONE_PREFIX):
+        return model_args.backbone
+    from transformers import ViTConfig, ViTModel
+
+    from selfpatch_hf.configuration_selfpatch import BACKBONE_PRESETS
+
+    preset = model_args.backbone[len(RANDOM_BACKBONE_PREFIX) :]
+    if preset not in BACKBONE_PRESETS:
+        raise UsageError(
+            f"--backbone {model_args.backbone}: unknown preset {preset!r}; known: {', '.join(sorted(BACKBONE_PRESETS))}."
+        )
+    config = ViTConfig(**{**BACKBONE_PRESETS[preset], "image_size": max(crop_size)})
+    return ViTModel(config, add_pooling_layer=False)
+
+
+def build_model(
+    model_args: SegmentationModelArguments, data_args: SegmentationDataArguments, names: list[str]
+):
+    from selfpatch_hf.dense_heads import build_upernet
+
+    source = backbone_source(model_args, data_args.crop_size)
+    try:
+        return build_upernet(
+            source,
+            names,
+            out_indices=model_args.out_indices,
+            hidden_size=model_args.decoder_hidden_size,
+            use_auxiliary_head=model_args.use_auxiliary_head,
+            auxiliary_loss_weight=model_args.auxiliary_loss_weight,
+            ignore_index=data_args.ignore_index,
+            drop_path_rate=model_args.drop_path_rate,
+        )
+    except (OSError, ValueError, TypeError) as error:
+        raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
+
+
+def load_data(
+    data_args: SegmentationDataArguments, training_args: SegmentationTrainingArguments, accelerator
+):
+    """(train, eval or None, image column, mask column, class names), with the first training mask checked."""
+    import numpy as np
+
+    from selfpatch_hf.data.segmentation_augmentation import prepare_mask
+    from selfpatch_hf.data.segmentation_data import find_columns, label_names, load_segmentation_splits
+
+    try:
+        with accelerator.main_process_first():  # one process builds / downloads, the others read its cache
+            train, evaluation = load_segmentation_splits(
+                data_args.dataset_name,
+                data_args.train_split,
+                data_args.eval_split,
+                data_args.dataset_config_name,
+                training_args.hub_token,
+                data_args.offline_data_dir,
+                data_args.dataset_revision,
+            )
+        image_column, mask_column = find_columns(train, data_args.image_column, data_args.mask_column)
+        names = label_names(data_args.label_names, data_args.dataset_name)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise UsageError(f"--dataset_name {data_args.dataset_name}: {error}") from None
+    if data_args.max_train_samples:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if evaluation is not None and data_args.max_eval_samples:
+        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    labels = prepare_mask(train[0][mask_column], data_args.reduce_labels, data_args.ignore_index)
+    present = np.unique(labels[labels != data_args.ignore_index])
+    if present.size and (present.min() < 0 or present.max() >= len(names)):
+        raise UsageError(
+            f"The first training mask holds label {int(present.max())} but there are {len(names)} classes: pass "
+            "the dataset's class names with --label_names, or --reduce_labels for ADE20K-style masks (0 = other)."
+        )
+    return train, evaluation, image_column, mask_column, names
+
+
+def transforms(data_args: SegmentationDataArguments):
+    from selfpatch_hf.data.segmentation_augmentation import (
+        SegmentationEvalTransform,
+        SegmentationTrainTransform,
+    )
+
+    train = SegmentationTrainTransform(
+        crop_size=tuple(data_args.crop_size),
+        scale=tuple(data_args.scale),
+        ratio_range=tuple(data_args.ratio_range),
+        cat_max_ratio=data_args.cat_max_ratio,
+        flip_prob=data_args.flip_prob,
+        photometric=data_args.photometric,
+        reduce_labels=data_args.reduce_labels,
+        ignore_index=data_args.ignore_index,
+    )
+    evaluation = SegmentationEvalTransform(
+        scale=tuple(data_args.scale),
+        reduce_labels=data_args.reduce_labels,
+        ignore_index=data_args.ignore_index,
+    )
+    return train, evaluation
+
+
+def train_batches(
+    train, image_column, mask_column, transform, data_args, training_args, accelerator, start_step
+):
+    """This process's endless micro-batches, from optimiser step `start_step` on (moved to the device)."""
+    import torch
+
+    from selfpatch_hf.data.segmentation_data import (
+        SegmentationBatchSampler,
+        SegmentationTrainSet,
+        collate_segmentation,
+    )
+
+    sampler = SegmentationBatchSampler(
+        len(train),
+        training_args.per_device_train_batch_size,
+        training_args.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        start_batch=start_step * training_args.gradient_accumulation_steps,
+    )
+    loader = torch.utils.data.DataLoader(
+        SegmentationTrainSet(train, image_column, mask_column, transform, training_args.seed),
+        batch_sampler=sampler,
+        num_workers=data_args.num_workers,
+        collate_fn=collate_segmentation,
+        worker_init_fn=_single_thread_worker,
+        # its own generator: creating the iterator draws a seed, which would otherwise shift the global torch RNG
+        # (drop-path masks) between an uninterrupted and a resumed run
+        generator=torch.Generator().manual_seed(training_args.seed),
+    )
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for batch in loader:
+            yield {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+
+    return batches(), sampler.batches_per_epoch
+
+
+def _single_thread_worker(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # workers decode and augment with numpy / PIL; torch threads would only contend
+
+
+def evaluate(
+    model, evaluation, image_column, mask_column, transform, data_args, training_args, accelerator, names
+):
+    """mIoU / mAcc / aAcc over the evaluation split; each process scores its share, the confusion matrices add up."""
+    import torch
+
+    from selfpatch_hf.data.segmentation_data import SegmentationEvalSet
+    from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
+
+    indices = range(accelerator.process_index, len(evaluation), accelerator.num_processes)
+    examples = torch.utils.data.DataLoader(
+        SegmentationEvalSet(evaluation, image_column, mask_column, transform, indices),
+        batch_size=None,
+        num_workers=data_args.num_workers,
+        worker_init_fn=_single_thread_worker,
+        generator=torch.Generator(),  # leaves the global torch RNG (drop-path masks) alone
+    )
+    unwrapped = accelerator.unwrap_model(model)
+    confusion = evaluate_segmentation(
+        unwrapped,
+        ((pixels.numpy(), labels.numpy()) for pixels, labels in examples),
+        len(names),
+        data_args.ignore_index,
+        training_args.inference_mode,
+        tuple(data_args.crop_size),
+        tuple(training_args.slide_stride),
+        unwrapped.backbone.config.patch_size,
+        accelerator.device,
+        accelerator.autocast,
+    )
+    total = accelerator.reduce(torch.as_tensor(confusion.matrix, device=accelerator.device), reduction="sum")
+    confusion.matrix = total.cpu().numpy()
+    scores = confusion.compute()
+    return {
+        "mean_iou": scores.mean_iou,
+        "mean_accuracy": scores.mean_accuracy,
+        "overall_accuracy": scores.overall_accuracy,
+    }
+
+
+def save_model(model, processor, card_info, output_dir: Path) -> Path:
+    """`output_dir/model`: config, safetensors, image processor, card; swapped in atomically."""
+    from selfpatch_hf.export import _replace_directory
+    from selfpatch_hf.segmentation_model_card import write_segmentation_card
+
+    target = output_dir / MODEL_DIRNAME
+    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}.tmp-", dir=output_dir))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        write_segmentation_card(staging, card_info)
+        _replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def train(
+    model_args: SegmentationModelArguments,
+    data_args: SegmentationDataArguments,
+    training_args: SegmentationTrainingArguments,
+) -> FinetuningResult:
+    import torch
+    from accelerate.utils import DistributedType, set_seed
+    from tqdm.auto import tqdm
+
+    from selfpatch_hf.dense_heads import build_segmentation_image_processor
+    from selfpatch_hf.segmentation_model_card import SegmentationCardInfo
+    from selfpatch_hf.training.checkpointing import CHECKPOINTS_DIRNAME, CheckpointManager
+    from selfpatch_hf.training.finetuning_optimization import (
+        FinetuningSchedule,
+        apply_learning_rate,
+        build_finetuning_optimizer,
+    )
+    from selfpatch_hf.training.metrics_log import METRICS_FILENAME, MetricsLog
+    from selfpatch_hf.training.preemption import StopRequest
+
+    accelerator = build_accelerator(training_args)
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    output_dir = Path(training_args.output_dir)
+    global_batch_size = (
+        accelerator.num_processes
+        * training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
+            shutil.rmtree(output_dir / CHECKPOINTS_DIRNAME, ignore_errors=True)
+            (output_dir / METRICS_FILENAME).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+    # ---- data
+    train_set, eval_set, image_column, mask_column, names = load_data(data_args, training_args, accelerator)
+    train_transform, eval_transform = transforms(data_args)
+
+    # ---- model, optimiser, schedule (the same seed on every process gives the same initial heads)
+    set_seed(training_args.seed)
+    model = build_model(model_args, data_args, names)
+    backbone_class = type(model.backbone).__name__
+    num_layers = model.backbone.config.num_hidden_layers
+    if training_args.gradient_checkpointing:
+        model.backbone.gradient_checkpointing_enable()
+    if training_args.sync_batch_norm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    if max(model.backbone.config.out_indices) < num_layers:  # later blocks get no gradient
+        accelerator.ddp_handler.find_unused_parameters = True
+    optimizer = build_finetuning_optimizer(
+        model, training_args.weight_decay, training_args.layer_decay, num_layers
+    )
+    schedule = FinetuningSchedule(
+        learning_rate=training_args.learning_rate,
+        total_steps=training_args.max_steps,
+        warmup_steps=training_args.warmup_steps,
+        warmup_ratio=training_args.warmup_ratio,
+        kind=training_args.lr_scheduler,
+        power=training_args.poly_power,
+        min_learning_rate=training_args.min_learning_rate,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise UsageError("Several processes but no distributed set-up: launch with `accelerate launch`.")
+    # drop-path masks differ between processes
+    set_seed(training_args.seed, device_specific=True)
+
+    # ---- resume
+    checkpoints = CheckpointManager(accelerator, output_dir, training_args.checkpoints_total_limit)
+    metrics_log = MetricsLog(accelerator, output_dir)
+    global_step = 0
+    if training_args.resume_from_checkpoint:
+        try:
+            path = checkpoints.resolve(training_args.resume_from_checkpoint)
+            loaded = checkpoints.load(path) if path is not None else None
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(f"--resume_from_checkpoint: {error}") from None
+        if loaded is not None:
+            trainer_state, _ = loaded
+            if trainer_state["global_batch_size"] != global_batch_size:
+                raise UsageError(
+                    f"{path} was trained with a global batch of {trainer_state['global_batch_size']}, this run has "
+                    f"{global_batch_size}: resume with the same processes x per-device batch x accumulation."
+                )
+            global_step = trainer_state["step"]
+            metrics_log.event("resumed", global_step, checkpoint=str(path))
+            logger.info("Resumed from %s at step %d.", path, global_step)
+
+    def save_checkpoint(step: int) -> Path:
+        trainer_state = {
+            "step": step,
+            "global_batch_size": global_batch_size,
+            "num_processes": accelerator.num_processes,
+            "arguments": {**asdict(model_args), **asdict(data_args), **training_args.public_dict()},
+        }
+        path = checkpoints.save(step, trainer_state, {"rank": accelerator.process_index})
+        metrics_log.event("checkpoint", step, path=str(path))
+        return path
+
+    def run_evaluation(step: int) -> dict[str, float] | None:
+        if eval_set is None:
+            return None
+        started = time.perf_counter()
+        scores = evaluate(
+            model,
+            eval_set,
+            image_column,
+            mask_column,
+            eval_transform,
+            data_args,
+            training_args,
+            accelerator,
+            names,
+        )
+        metrics_log.metrics(step, {f"eval_{key}": value for key, value in scores.items()})
+        logger.info(
+            "Step %d: mIoU %.2f, mAcc %.2f, aAcc %.2f (%.0f s)",
+            step,
+            100 * scores["mean_iou"],
+            100 * scores["mean_accuracy"],
+            100 * scores["overall_accuracy"],
+            time.perf_counter() - started,
+        )
+        return scores
+
+    # ---- trackers
+    if accelerator.is_main_process and training_args.report_to != "none":
+        values = {**asdict(model_args), **asdict(data_args), **training_args.public_dict()}
+        accelerator.init_trackers(
+            training_args.run_name,
+            config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()},
+        )
+
+    batches, batches_per_epoch = train_batches(
+        train_set,
+        image_column,
+        mask_column,
+        train_transform,
+        data_args,
+        training_args,
+        accelerator,
+        global_step,
+    )
+    logger.info(
+        "Fine-tuning %s (%s, %d blocks, out_indices %s) on %s: %d steps of %d images (%.1f epochs of %d), peak lr %g.",
+        model_args.backbone,
+        backbone_class,
+        num_layers,
+        unwrapped.backbone.config.out_indices,
+        data_args.dataset_name,
+        training_args.max_steps,
+        global_batch_size,
+        training_args.max_steps * training_args.gradient_accumulation_steps / batches_per_epoch,
+        len(train_set),
+        training_args.learning_rate,
+    )
+    metrics_log.event(
+        "start", global_step, total_steps=training_args.max_steps, global_batch_size=global_batch_size
+    )
+
+    # ---- the loop
+    progress = tqdm(
+        total=training_args.max_steps,
+        initial=global_step,
+        disable=not accelerator.is_main_process,
+        desc="fine-tuning",
+    )
+    scores = None
+    stopped_by = None
+    window_loss, window_steps, window_started = 0.0, 0, time.perf_counter()
+    with StopRequest() as stop:
+        while global_step < training_args.max_steps:
+            learning_rate = schedule.at(global_step)
+            apply_learning_rate(optimizer, learning_rate)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for _ in range(training_args.gradient_accumulation_steps):
+                batch = next(batches)
+                with accelerator.accumulate(model), accelerator.autocast():
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and training_args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach() / training_args.gradient_accumulation_steps
+            step_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            if not math.isfinite(step_loss):
+                raise CommandFailure(
+                    f"non-finite loss at step {global_step}: lower --learning_rate, lengthen --warmup_steps or "
+                    "train in fp32, then continue with --resume_from_checkpoint."
+                )
+            global_step += 1
+            window_loss, window_steps = window_loss + step_loss, window_steps + 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
+
+            if global_step % training_args.logging_steps == 0 or global_step == training_args.max_steps:
+                elapsed = time.perf_counter() - window_started
+                metrics_log.metrics(
+                    global_step,
+                    {
+                        "loss": window_loss / window_steps,
+                        "learning_rate": learning_rate,
+                        "epoch": round(
+                            global_step * training_args.gradient_accumulation_steps / batches_per_epoch, 4
+                        ),
+                        "images_per_second": window_steps * global_batch_size / elapsed if elapsed else None,
+                    },
+                )
+                window_loss, window_steps, window_started = 0.0, 0, time.perf_counter()
+            stop_now = accelerator.reduce(
+                torch.tensor(float(stop.requested), device=accelerator.device), reduction="sum"
+            ).item()
+            if stop_now:
+                stopped_by = stop.signal_name or "another process's signal"
+                path = save_checkpoint(global_step)
+                metrics_log.event("stopped", global_step, signal=stopped_by, checkpoint=str(path))
+                logger.warning(
+                    "Stopped by %s at step %d; continue with --resume_from_checkpoint latest.",
+                    stopped_by,
+                    global_step,
+                )
+                break
+            if training_args.checkpointing_steps and global_step % training_args.checkpointing_steps == 0:
+                save_checkpoint(global_step)
+            if (
+                training_args.eval_steps
+                and global_step % training_args.eval_steps == 0
+                and global_step < training_args.max_steps
+            ):
+                run_evaluation(global_step)
+    progress.close()
+
+    model_dir = None
+    upload_report: list[str] = []
+    if stopped_by is None:
+        if not (training_args.checkpointing_steps and global_step % training_args.checkpointing_steps == 0):
+            save_checkpoint(global_step)
+        scores = run_evaluation(global_step)
+        if accelerator.is_main_process:
+            to_save = unwrapped
+            if any(isinstance(module, torch.nn.SyncBatchNorm) for module in to_save.modules()):
+                to_save = _with_plain_batch_norm(to_save)
+            processor = build_segmentation_image_processor(
+                data_args.crop_size, reduce_labels=data_args.reduce_labels
+            )
+            from selfpatch_hf.data.segmentation_data import OFFLINE_SCENES
+
+            hub_dataset = None
+            if data_args.dataset_name != OFFLINE_SCENES and not os.path.exists(data_args.dataset_name):
+                hub_dataset = data_args.dataset_name
+            card = SegmentationCardInfo(
+                backbone=model_args.backbone,
+                backbone_class=backbone_class,
+                dataset=data_args.dataset_name,
+                num_labels=len(names),
+                crop_size=tuple(data_args.crop_size),
+                steps=global_step,
+                global_batch_size=global_batch_size,
+                learning_rate=training_args.learning_rate,
+                layer_decay=training_args.layer_decay,
+                schedule=training_args.lr_scheduler,
+                inference_mode=training_args.inference_mode,
+                scores=scores,
+                eval_split=data_args.eval_split,
+                hub_dataset_id=hub_dataset,
+                data_description=(
+                    "the offline synthetic scenes (real photographs from scikit-image composed with known masks)"
+                    if data_args.dataset_name == OFFLINE_SCENES
+                    else None
+                ),
+            )
+            model_dir = save_model(to_save, processor, card, output_dir)
+            metrics_log.event("saved", global_step, path=str(model_dir))
+            logger.info("Model saved to %s", model_dir)
+            if training_args.push_to_hub:
+                upload_report = push_model(model_dir, global_step, training_args, output_dir)
+        accelerator.wait_for_everyone()
+    metrics_log.event("end", global_step, stopped_by=stopped_by, scores=scores)
+    return FinetuningResult(accelerator, unwrapped, global_step, scores, model_dir, stopped_by, upload_report)
+
+
+def _with_plain_batch_norm(model):
+    """A copy of `model` with SyncBatchNorm layers turned back into BatchNorm2d (the saved class's own modules)."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.SyncBatchNorm):
+                plain = torch.nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine)
+                plain.load_state_dict(child.state_dict())
+                setattr(module, child_name, plain)
+    return model
+
+
+def push_model(
+    model_dir: Path, step: int, training_args: SegmentationTrainingArguments, output_dir: Path
+) -> list[str]:
+    from selfpatch_hf.training.hub_uploads import AsyncHubUploader
+
+    uploader = AsyncHubUploader(
+        training_args.hub_model_id,
+        output_dir / ".hub_uploads",
+        token=training_args.hub_token,
+        private=training_args.hub_private,
+    )
+    uploader.submit(model_dir, step, commit_message=f"UperNet fine-tuned for {step} steps")
+    uploader.wait()
+    report = uploader.report()
+    for line in report:
+        logger.info("Hub upload %s", line)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, training_args = parse_finetuning_arguments(
+        list(sys.argv[1:] if argv is None else argv), description=__doc__
+    )
+    result = train(model_args, data_args, training_args)
+    result.accelerator.end_training()
+    if result.stopped_by is not None:
+        return 128 + {"SIGTERM": 15, "SIGINT": 2}.get(result.stopped_by, 15)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(PROG, main))
