@@ -7,12 +7,11 @@ import pytest
 from PIL import Image
 
 from selfpatch_hf.data.segmentation_augmentation import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SegmentationEvalTransform,
     SegmentationTrainTransform,
     photometric_distortion,
 )
+from selfpatch_hf.image_conventions import IMAGENET_MEAN, IMAGENET_STD
 
 # class k is painted in PALETTE[k]: the mask is computable from the pixels (none is black, the padding colour)
 PALETTE = np.array(

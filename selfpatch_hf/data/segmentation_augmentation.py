@@ -28,16 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..evaluation.semseg_metrics import reduce_zero_label
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    first, second = value
-    return int(first), int(second)
+from ..image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
 
 
 def _fit_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -110,8 +101,8 @@ class SegmentationTrainTransform:
     std: Sequence[float] = IMAGENET_STD
 
     def __post_init__(self):
-        self.crop_size = _pair(self.crop_size)
-        self.scale = _pair(self.scale)
+        self.crop_size = as_height_width(self.crop_size, "crop_size")
+        self.scale = as_height_width(self.scale, "scale")
         low, high = self.ratio_range
         if not 0 < low <= high:
             raise ValueError(f"ratio_range must be 0 < low <= high, got {self.ratio_range}.")
@@ -178,7 +169,7 @@ class SegmentationEvalTransform:
     std: Sequence[float] = IMAGENET_STD
 
     def __post_init__(self):
-        self.scale = _pair(self.scale)
+        self.scale = as_height_width(self.scale, "scale")
 
     def __call__(self, image: Image.Image, mask) -> tuple[np.ndarray, np.ndarray]:
         """-> pixel values (3, h, w) float32 at the evaluation scale and labels (H, W) int64 at full size."""
@@ -190,8 +181,6 @@ class SegmentationEvalTransform:
 
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "SegmentationEvalTransform",
     "SegmentationTrainTransform",
     "photometric_distortion",
