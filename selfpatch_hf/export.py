@@ -20,6 +20,7 @@ from transformers import ViTModel
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import PILImageResampling
 
+from .file_permissions import apply_default_permissions
 from .image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
 
 if TYPE_CHECKING:
@@ -76,7 +77,10 @@ def extract_backbone(
     backbone_config.architectures = ["ViTModel"]
     backbone_config.pooler_act = "linear"
     backbone_config.pooler_output_size = backbone_config.hidden_size
-    backbone = ViTModel(backbone_config, add_pooling_layer=True)
+    # building a model initialises its weights from the global RNG; the export must not move the caller's (a
+    # training run's drop-path stream, saved in its checkpoints) or a resumed run would no longer be exact
+    with torch.random.fork_rng(devices=[]):
+        backbone = ViTModel(backbone_config, add_pooling_layer=True)
     with torch.no_grad():
         backbone.pooler.dense.weight.copy_(torch.eye(backbone_config.hidden_size))
         backbone.pooler.dense.bias.zero_()
@@ -110,7 +114,8 @@ def export_backbone(
 
     The folder holds `config.json` (`model_type: "vit"`), `model.safetensors`, `preprocessor_config.json` and, when
     `card_info` is given, a model card `README.md`. It is written next to `output_dir` and swapped in atomically:
-    a crash mid-export leaves the previous export intact.
+    a crash mid-export leaves the previous export intact. Files get the user's normal permissions (umask), and the
+    global RNG is left as it was.
     """
     target = Path(output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +130,7 @@ def export_backbone(
             from .model_card import write_backbone_card
 
             write_backbone_card(staging, card_info)
+        apply_default_permissions(staging)  # mkdtemp's 0700 and save_pretrained's 0600 -> the user's umask
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

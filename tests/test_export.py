@@ -134,3 +134,46 @@ def test_export_replaces_a_previous_export_atomically(tmp_path):
 def test_export_rejects_unknown_source(tmp_path):
     with pytest.raises(ValueError, match="teacher"):
         export_backbone(trained_tiny_model(), tmp_path / "x", source="ema")
+
+
+def _modes(root) -> dict[str, int]:
+    """`{relative path: permission bits}` of a folder and everything in it."""
+    modes = {".": os.stat(root).st_mode & 0o777}
+    for directory, folders, files in os.walk(root):
+        for name in folders + files:
+            path = os.path.join(directory, name)
+            modes[os.path.relpath(path, root)] = os.stat(path).st_mode & 0o777
+    return modes
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
+def test_export_and_its_upload_snapshot_follow_the_umask(tmp_path, umask):
+    """The folder and files get the modes a plain mkdir / open gives under the umask (mkdtemp alone gives 0700 and
+    save_pretrained 0600), and so does the snapshot the Hub uploader keeps of an export."""
+    from selfpatch_hf.training.hub_uploads import _snapshot
+
+    previous = os.umask(umask)
+    try:
+        target = export_backbone(trained_tiny_model(), tmp_path / "run" / "backbone")
+        snapshot = tmp_path / "run" / ".hub_uploads" / "step-1"
+        snapshot.parent.mkdir()
+        _snapshot(target, snapshot)
+    finally:
+        os.umask(previous)
+    for folder in (target, snapshot):
+        modes = _modes(folder)
+        assert {"model.safetensors", "config.json", "preprocessor_config.json"} <= modes.keys()
+        for name, mode in modes.items():
+            expected = 0o777 & ~umask if (folder / name).is_dir() else 0o666 & ~umask
+            assert mode == expected, (folder, name, oct(mode), oct(expected))
+
+
+def test_export_leaves_the_global_rng_as_it_was(tmp_path):
+    """A training run exports between steps: building the exported model must not draw from the RNG its drop-path
+    masks come from (a resumed run would otherwise differ from the uninterrupted one)."""
+    model = trained_tiny_model()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    export_backbone(model, tmp_path / "backbone")
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -352,7 +353,7 @@ def test_recipe_file_and_command_line_merge(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 1\n")
-    with pytest.raises(pretrain.SetupError, match="unknown option"):
+    with pytest.raises(pretrain.UsageError, match="unknown option"):
         pretrain.parse_arguments([str(bad)])
 
 
@@ -414,6 +415,26 @@ TINY_ARGS = [
             "processes x 64 per device x 1 accumulation steps)",
         ),
         (["--warmup_epochs", "-1"], "warmup_epochs must be >= 0, got -1.0."),
+        (["--learning_rate", "-1"], "learning_rate must be > 0, got -1.0."),
+        (["--learning_rate", "nan"], "learning_rate must be > 0, got nan."),
+        (
+            ["--learning_rate", "fast"],
+            "argument --learning_rate/--learning-rate: invalid float value: 'fast'",
+        ),
+        (["--dataset_name", ""], "--dataset_name is empty"),
+        (["--checkpoints_total_limit", "0"], "checkpoints_total_limit must be >= 1"),
+        (["--hub_upload_attempts", "0"], "--hub_upload_attempts must be >= 1, got 0."),
+        (
+            ["--push_to_hub", "--hub_model_id", "not a/valid/id"],
+            "--hub_model_id 'not a/valid/id' is not a valid Hub repository id",
+        ),
+        (
+            ["--config_overrides", "global_crop_size=[32,"],
+            "--config_overrides: config_overrides 'global_crop_size=[32,'",
+        ),
+        (["--config_overrides", "=32"], "config_overrides entries are key=value pairs, got '=32'"),
+        (["--config_overrides", "num_hidden_layers=two"], "Invalid model configuration"),
+        (["--num_workers", "-1"], "num_workers must be >= 0, got -1."),
     ],
 )
 def test_wrong_arguments_fail_before_any_work(tmp_path, capsys, extra, message):
@@ -426,6 +447,7 @@ def test_wrong_arguments_fail_before_any_work(tmp_path, capsys, extra, message):
     assert pretrain.main(argv) == 2
     error = capsys.readouterr().err
     assert message in error, error
+    assert error.strip().splitlines()[-1].startswith("pretrain.py: error: "), error
     assert time.monotonic() - started < 10
     assert not (tmp_path / "out").exists()  # nothing was written: no work done
 
@@ -490,3 +512,150 @@ def test_shipped_recipes_parse_and_build_valid_configs(recipe, tmp_path):
             1,
         )
         assert training_args.mixed_precision == "fp16"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("learning_rate: 1e-3\npreset: [vit\n", "recipe.yaml is not valid YAML/JSON at line 3, column 1"),
+        (
+            '{"learning_rate": 1e-3,, "preset": "x"}',
+            "recipe.yaml is not valid YAML/JSON at line 1, column 24",
+        ),
+        ("- learning_rate\n", "holds a list, not a mapping of option: value"),
+        (
+            "learning_rate: fast\n",
+            "recipe.yaml: argument --learning_rate/--learning-rate: invalid float value: 'fast'",
+        ),
+        (
+            "report_to: everything\n",
+            "recipe.yaml: argument --report_to/--report-to: invalid choice: 'everything'",
+        ),
+        (
+            "config_overrides: 3\n",
+            "recipe.yaml: config_overrides is a mapping (key: value) or a list of key=value",
+        ),
+        (
+            "config_overrides:\n  - [1, 2]\n",
+            "recipe.yaml: config_overrides entries are key=value pairs, got [1, 2]",
+        ),
+        (
+            "dataset_name: {a: 1}\n",
+            "recipe.yaml: option 'dataset_name' takes a value or a list, not a mapping.",
+        ),
+    ],
+)
+def test_recipe_file_mistakes_name_the_file(tmp_path, capsys, text, message):
+    pretrain = load_pretrain_script()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    assert pretrain.main([str(recipe), "--output_dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("pretrain.py: error: ") and len(error.splitlines()) == 1, error
+    assert message in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_overrides_as_a_list_in_a_recipe(tmp_path):
+    pretrain = load_pretrain_script()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("config_overrides:\n  - num_hidden_layers=3\n  - global_crop_size=[224, 160]\n")
+    *_, overrides = pretrain.parse_arguments([str(recipe), "--config_overrides", "num_positives=2"])
+    assert overrides == {"num_hidden_layers": 3, "global_crop_size": [224, 160], "num_positives": 2}
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    pretrain = load_pretrain_script()
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert pretrain.main([*TINY_ARGS, "--output_dir", str(taken)]) == 2
+    assert f"--output_dir {taken} is a file, not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "not a folder"
+
+
+def test_help_keeps_the_examples_and_states_each_default_once(capsys):
+    pretrain = load_pretrain_script()
+    with pytest.raises(SystemExit):
+        pretrain.main(["--help"])
+    text = capsys.readouterr().out
+    assert "RECIPE.yaml --output_dir runs/vits16 \\\n        --push_to_hub" in text  # line breaks kept
+    assert "(default: None)" not in text
+    options = text.split("\n  --")[1:]
+    assert all(option.count("default") <= 1 for option in options), [
+        o for o in options if o.count("default") > 1
+    ]
+    assert "(default: 0.0005)" in " ".join(text.split())  # the schedules' own default, shown once
+
+
+def test_help_and_argument_mistakes_answer_before_the_heavy_imports(tmp_path):
+    """`--help` and a wrong option are answered before torch, transformers' models or datasets are imported."""
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(REPO_ROOT / 'training' / 'pretrain.py')!r}, *sys.argv[1:]]\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    heavy = sorted(m for m in ('torch', 'datasets', 'selfpatch_hf.modeling_selfpatch') if m in sys.modules)\n"
+        "    print('EXIT', exit.code, 'HEAVY', heavy)\n"
+    )
+    for argv, status in ((["--help"], 0), (["--learning_rate", "fast", "--output_dir", str(tmp_path)], 2)):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
+        )
+        assert f"EXIT {status} HEAVY []" in result.stdout, (result.stdout[-2000:], result.stderr[-2000:])
+
+
+def test_resume_reports_a_finished_run_and_refuses_other_data_cuts_or_models(tmp_path, capsys, caplog):
+    """The same command twice: the second run finds the first complete and exits 0 without training. Resuming with
+    the same global batch cut into other micro-batches, or with another model setting, is refused by name."""
+    from selfpatch_hf.training.metrics_log import read_metrics
+
+    pretrain = load_pretrain_script()
+    output = tmp_path / "out"
+    rest = [
+        "--dataset_name", str(_parquet(tmp_path / "images")), "--output_dir", str(output),
+        "--per_device_train_batch_size", "2", "--samples_per_epoch", "4", "--num_workers", "0",
+        "--shuffle_buffer_size", "0", "--max_steps", "2", "--checkpointing_steps", "1", "--logging_steps", "1",
+        "--keep_freed_host_memory", "false", "--resume_from_checkpoint", "latest",
+    ]  # fmt: skip
+    assert pretrain.main([*TINY_ARGS, *rest]) == 0
+    records = read_metrics(output / "metrics.jsonl")
+    assert [r["step"] for r in records if "event" not in r] == [1, 2]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for folder in (
+        output / "checkpoints" / "checkpoint-2",
+        output / "pretraining_model",
+        output / "backbone",
+    ):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~mask
+        assert {path.name: path.stat().st_mode & 0o777 for path in folder.iterdir()} == {
+            path.name: 0o666 & ~mask for path in folder.iterdir()
+        }
+
+    caplog.clear()
+    caplog.set_level("INFO")
+    assert pretrain.main([*TINY_ARGS, *rest]) == 0
+    assert "is already complete (optimiser step 2 of 2)" in caplog.text
+    assert read_metrics(output / "metrics.jsonl") == records  # nothing trained, nothing logged
+
+    other_cut = [
+        "--per_device_train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_steps",
+        "3",
+    ]
+    assert pretrain.main([*TINY_ARGS, *rest, *other_cut]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        "checkpoint-2 saved each process's data position for --per_device_train_batch_size 2 (now 1)" in error
+    )
+
+    assert pretrain.main([*TINY_ARGS, "num_positives=3", *rest, "--max_steps", "3"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "was trained with another model configuration (num_positives: saved 4, now 3)" in error
+
+    assert pretrain.main([*TINY_ARGS, *rest, "--max_steps", "3"]) == 0  # a longer run continues
+    assert [r["step"] for r in read_metrics(output / "metrics.jsonl") if "event" not in r] == [1, 2, 3]

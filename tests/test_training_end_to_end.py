@@ -210,6 +210,10 @@ def test_killed_preempted_and_resumed_run_matches_the_uninterrupted_one(tmp_path
         "0.1",
         "--hub_upload_attempts",
         "2",
+        # an export at every checkpoint (the uninterrupted run exports at 15 and 30 only): exporting must not move
+        # the training RNG, or the steps after a resume from a checkpoint saved next to an export would differ
+        "--export_steps",
+        "5",
     ]
 
     # 1. killed without warning after step 7 (checkpoint 5 is complete; checkpoint 10 may be half written)

@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from ..file_permissions import apply_default_permissions
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIRNAME = "checkpoints"
@@ -308,6 +310,8 @@ class CheckpointManager:
         if accelerator.is_main_process:
             if before_rename is not None:
                 before_rename(staging)
+            # accelerate writes model.safetensors 0600: give the checkpoint the user's normal permissions
+            apply_default_permissions(staging)
             marker = {
                 "step": step,
                 "num_processes": accelerator.num_processes,

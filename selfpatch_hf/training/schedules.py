@@ -92,8 +92,27 @@ class ScheduleValues:
 
 
 @dataclass(frozen=True)
+class ScheduleRecipe:
+    """The schedule settings of a recipe, in epochs and per 256 images: by default the reference ViT-S/16
+    ImageNet recipe (DINO's). `PretrainingSchedule.from_recipe` turns them into steps for one run; the
+    training script's options of the same names take their defaults from here."""
+
+    learning_rate: float = 5e-4  # peak, for a global batch of 256 (linear scaling rule)
+    min_learning_rate: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    teacher_momentum: float = 0.996
+    teacher_momentum_end: float = 1.0
+    teacher_temperature: float = 0.04
+    warmup_teacher_temperature: float = 0.04
+    warmup_teacher_temperature_epochs: float = 0
+    freeze_last_layer_epochs: float = 1
+
+
+@dataclass(frozen=True)
 class PretrainingSchedule:
-    """The schedules of one run, in optimiser steps. Build it with `from_epochs`; query it with `at(step)`.
+    """The schedules of one run, in optimiser steps. Build it with `from_recipe` (or `from_epochs`); query it with `at(step)`.
 
     It holds no state besides its settings: checkpoints store `to_dict()` next to the step counter, and a resumed run
     compares the two with `differences`.
@@ -131,6 +150,55 @@ class PretrainingSchedule:
             raise ValueError("Teacher temperatures must be > 0.")
 
     @classmethod
+    def from_recipe(
+        cls, recipe: ScheduleRecipe, *, steps_per_epoch: int, total_steps: int, global_batch_size: int
+    ) -> PretrainingSchedule:
+        """Converts a recipe's epoch-based settings to steps. Warm-ups longer than the run (short runs) are cut to
+        the run's length."""
+        if steps_per_epoch < 1:
+            raise ValueError(
+                f"An epoch must hold at least one optimiser step (steps_per_epoch={steps_per_epoch}): "
+                "samples_per_epoch is smaller than the global batch size."
+            )
+        if not recipe.learning_rate > 0:  # also refuses NaN
+            raise ValueError(f"learning_rate must be > 0, got {recipe.learning_rate}.")
+        if (
+            not 0
+            <= recipe.min_learning_rate
+            <= recipe.learning_rate * global_batch_size / REFERENCE_BATCH_SIZE
+        ):
+            raise ValueError(
+                f"min_learning_rate must lie between 0 and the peak learning rate, got {recipe.min_learning_rate}."
+            )
+        for name in ("weight_decay", "weight_decay_end"):
+            if not getattr(recipe, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(recipe, name)}.")
+
+        def to_steps(epochs: float, name: str) -> int:
+            if not epochs >= 0:
+                raise ValueError(f"{name} must be >= 0, got {epochs}.")
+            return round(epochs * steps_per_epoch)
+
+        return cls(
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            learning_rate=scaled_learning_rate(recipe.learning_rate, global_batch_size),
+            min_learning_rate=recipe.min_learning_rate,
+            warmup_steps=min(to_steps(recipe.warmup_epochs, "warmup_epochs"), total_steps),
+            weight_decay=recipe.weight_decay,
+            weight_decay_end=recipe.weight_decay_end,
+            teacher_momentum=recipe.teacher_momentum,
+            teacher_momentum_end=recipe.teacher_momentum_end,
+            teacher_temperature=recipe.teacher_temperature,
+            warmup_teacher_temperature=recipe.warmup_teacher_temperature,
+            teacher_temperature_warmup_steps=min(
+                to_steps(recipe.warmup_teacher_temperature_epochs, "warmup_teacher_temperature_epochs"),
+                total_steps,
+            ),
+            freeze_last_layer_steps=to_steps(recipe.freeze_last_layer_epochs, "freeze_last_layer_epochs"),
+        )
+
+    @classmethod
     def from_epochs(
         cls,
         *,
@@ -138,48 +206,15 @@ class PretrainingSchedule:
         total_steps: int,
         base_learning_rate: float,
         global_batch_size: int,
-        min_learning_rate: float = 1e-6,
-        warmup_epochs: float = 10,
-        weight_decay: float = 0.04,
-        weight_decay_end: float = 0.4,
-        teacher_momentum: float = 0.996,
-        teacher_momentum_end: float = 1.0,
-        teacher_temperature: float = 0.04,
-        warmup_teacher_temperature: float = 0.04,
-        warmup_teacher_temperature_epochs: float = 0,
-        freeze_last_layer_epochs: float = 1,
+        **recipe: float,
     ) -> PretrainingSchedule:
-        """Converts the reference recipe's epoch-based settings to steps (defaults: docs/method.md section 10).
-
-        Warm-ups longer than the run (short runs) are cut to the run's length.
-        """
-        if steps_per_epoch < 1:
-            raise ValueError(
-                f"An epoch must hold at least one optimiser step (steps_per_epoch={steps_per_epoch}): "
-                "samples_per_epoch is smaller than the global batch size."
-            )
-
-        def to_steps(epochs: float, name: str) -> int:
-            if epochs < 0:
-                raise ValueError(f"{name} must be >= 0, got {epochs}.")
-            return round(epochs * steps_per_epoch)
-
-        return cls(
-            total_steps=total_steps,
+        """`from_recipe(ScheduleRecipe(learning_rate=base_learning_rate, **recipe), ...)`: the settings not given
+        keep `ScheduleRecipe`'s defaults (the reference recipe)."""
+        return cls.from_recipe(
+            ScheduleRecipe(learning_rate=base_learning_rate, **recipe),
             steps_per_epoch=steps_per_epoch,
-            learning_rate=scaled_learning_rate(base_learning_rate, global_batch_size),
-            min_learning_rate=min_learning_rate,
-            warmup_steps=min(to_steps(warmup_epochs, "warmup_epochs"), total_steps),
-            weight_decay=weight_decay,
-            weight_decay_end=weight_decay_end,
-            teacher_momentum=teacher_momentum,
-            teacher_momentum_end=teacher_momentum_end,
-            teacher_temperature=teacher_temperature,
-            warmup_teacher_temperature=warmup_teacher_temperature,
-            teacher_temperature_warmup_steps=min(
-                to_steps(warmup_teacher_temperature_epochs, "warmup_teacher_temperature_epochs"), total_steps
-            ),
-            freeze_last_layer_steps=to_steps(freeze_last_layer_epochs, "freeze_last_layer_epochs"),
+            total_steps=total_steps,
+            global_batch_size=global_batch_size,
         )
 
     def at(self, step: int) -> ScheduleValues:
@@ -220,6 +255,7 @@ class PretrainingSchedule:
 __all__ = [
     "REFERENCE_BATCH_SIZE",
     "PretrainingSchedule",
+    "ScheduleRecipe",
     "ScheduleValues",
     "cosine_schedule",
     "linear_warmup",

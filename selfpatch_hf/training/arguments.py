@@ -1,0 +1,390 @@
+"""The options of `training/pretrain.py`: three argument dataclasses, recipe files, and the checks that need nothing
+but the arguments.
+
+`parse_pretraining_arguments(["recipe.yaml", "--learning_rate", "1e-3"])` reads a recipe file (YAML or JSON, a
+mapping of option: value) and the command line after it, the command line winning, through `HfArgumentParser`: every
+value of the file is typed and checked exactly like the same option on the command line. `config_overrides`
+(`key=value` pairs on the command line; a mapping or a list of `key=value` strings in a file) set fields of
+`SelfPatchConfig` or of its backbone's `ViTConfig`; both sources merge, the command line winning.
+
+Mistakes raise `selfpatch_hf.command_line.UsageError` (exit status 2, one line naming the option and the fix).
+Checks the library makes itself (the model configuration, the schedules, the crop recipe, the data loader) are not
+repeated here: the script turns their errors into the same one-line answer.
+
+Importing this module loads no torch, datasets or model code, so `--help` and argument mistakes answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from transformers.hf_argparser import HfArgumentParser
+
+from ..command_line import UsageError
+from .schedules import ScheduleRecipe
+
+OFFLINE_SAMPLE = (
+    "offline-sample"  # photographs bundled with scikit-image (selfpatch_hf.data.sample_photographs)
+)
+IMAGENET_TRAIN_SIZE = 1_281_167
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+_SCHEDULE_DEFAULTS = ScheduleRecipe()  # the schedules' defaults are written once, in `ScheduleRecipe`
+
+
+def option(default: Any = None, help: str = "", *, default_factory: Any = dataclasses.MISSING) -> Any:  # noqa: A002
+    """A dataclass field with its help text; the default is appended to the help unless it is None or the text
+    already says what the default means."""
+    shown = default_factory() if default_factory is not dataclasses.MISSING else default
+    if shown is not None and "default" not in help:
+        help = f"{help} (default: {shown})"
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelArguments:
+    preset: str = option(
+        "vit-small-patch16",
+        "Backbone preset of `SelfPatchConfig.from_preset`: vit-small-patch16 (the paper's), vit-tiny-patch16, "
+        "vit-base-patch16, ... (an unknown name lists them all).",
+    )
+    config_overrides: list[str] | None = option(
+        None,
+        "key=value pairs setting any SelfPatchConfig or ViTConfig field, e.g. `patch_loss_weight=0 "
+        "image_representation=cls` (plain DINO), `num_local_crops=6 local_crop_size=96 drop_path_rate=0.1`, "
+        "`num_hidden_layers=6`. Values are read as YAML (numbers, true/false, [224,160]).",
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = option(
+        OFFLINE_SAMPLE,
+        "Images to train on: a Hub dataset (e.g. ILSVRC/imagenet-1k), a local folder / file / glob of parquet, "
+        f"imagefolder or webdataset files, or `{OFFLINE_SAMPLE}` (photographs bundled with scikit-image; no "
+        "network).",
+    )
+    dataset_config_name: str | None = option(None, "Configuration of the Hub dataset.")
+    dataset_split: str = option("train", "Split to train on.")
+    image_column: str | None = option(None, "Image column (default: the dataset's only Image column).")
+    streaming: bool = option(
+        True, "Stream the dataset (default). --no_streaming downloads and prepares it first."
+    )
+    samples_per_epoch: int = option(
+        IMAGENET_TRAIN_SIZE,
+        "Images per epoch (a stream has no length). Epochs set the schedules' time scale; the default is the "
+        "ImageNet-1k train set.",
+    )
+    shuffle_buffer_size: int = option(1000, "Shuffle buffer per data worker (0: file order, exact resume).")
+    num_workers: int = option(2, "Data loading worker processes per training process.")
+    min_image_size: int = option(16, "Skip images whose shorter side is smaller.")
+
+
+@dataclass
+class PretrainingArguments:
+    output_dir: str | None = option(None, "Where metrics, checkpoints and exports go (required).")
+    overwrite_output_dir: bool = option(
+        False, "Start afresh even if output_dir holds checkpoints of an earlier run."
+    )
+    seed: int = option(0, "Seed of the initialisation, data order and crops.")
+    per_device_train_batch_size: int = option(64, "Images per process per micro-batch.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimiser step.")
+    epochs: float = option(300, "Training length in epochs of samples_per_epoch images.")
+    max_steps: int = option(-1, "Training length in optimiser steps; overrides epochs when > 0.")
+    # the schedules (selfpatch_hf.training.schedules.ScheduleRecipe holds their defaults)
+    learning_rate: float = option(
+        _SCHEDULE_DEFAULTS.learning_rate,
+        "Peak learning rate for a global batch of 256; scaled linearly with the global batch.",
+    )
+    min_learning_rate: float = option(
+        _SCHEDULE_DEFAULTS.min_learning_rate, "Learning rate at the end of the cosine."
+    )
+    warmup_epochs: float = option(_SCHEDULE_DEFAULTS.warmup_epochs, "Linear learning-rate warm-up from 0.")
+    weight_decay: float = option(
+        _SCHEDULE_DEFAULTS.weight_decay, "Weight decay at the start (cosine schedule)."
+    )
+    weight_decay_end: float = option(_SCHEDULE_DEFAULTS.weight_decay_end, "Weight decay at the end.")
+    teacher_momentum: float = option(
+        _SCHEDULE_DEFAULTS.teacher_momentum, "Teacher EMA momentum at the start (cosine)."
+    )
+    teacher_momentum_end: float = option(
+        _SCHEDULE_DEFAULTS.teacher_momentum_end, "Teacher EMA momentum at the end."
+    )
+    teacher_temperature: float = option(
+        _SCHEDULE_DEFAULTS.teacher_temperature, "Teacher temperature after the warm-up."
+    )
+    warmup_teacher_temperature: float = option(
+        _SCHEDULE_DEFAULTS.warmup_teacher_temperature, "Teacher temperature at step 0."
+    )
+    warmup_teacher_temperature_epochs: float = option(
+        _SCHEDULE_DEFAULTS.warmup_teacher_temperature_epochs,
+        "Linear teacher-temperature warm-up (DINO ViT-S: 0.04 -> 0.07 over 30).",
+    )
+    freeze_last_layer_epochs: float = option(
+        _SCHEDULE_DEFAULTS.freeze_last_layer_epochs,
+        "Epochs during which the heads' last layers get no update.",
+    )
+    clip_grad: float = option(3.0, "Clip EACH parameter's gradient to this L2 norm (0 disables).")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
+        None, "Autocast precision (default: accelerate launch's setting). fp16 uses loss scaling."
+    )
+    cpu: bool = option(False, "Train on the CPU even if an accelerator is present.")
+    cpu_threads: int | None = option(
+        None,
+        "Torch threads per process on the CPU (default: the cores left after the data workers, at most "
+        "OMP_NUM_THREADS).",
+    )
+    keep_freed_host_memory: bool = option(
+        True,
+        "On the CPU, keep freed memory in the process for the next step instead of page-faulting it in again "
+        "(glibc only; ViT-S/16 SelfPatch steps 1.16-1.26x faster; the resident size stays at its peak).",
+    )
+    gradient_checkpointing: bool = option(
+        False, "Recompute the student backbone's activations in the backward pass."
+    )
+    torch_compile: bool = option(False, "Compile the model with torch.compile.")
+    logging_steps: int = option(10, "Log metrics every N optimiser steps.")
+    report_to: Literal["none", "tensorboard", "wandb", "all"] = option(
+        "none", "Trackers for the metrics (metrics.jsonl is always written)."
+    )
+    run_name: str = option("selfpatch-pretraining", "Tracker project / run name.")
+    checkpointing_steps: int = option(
+        1000, "Write a checkpoint every N optimiser steps (0: only at the end)."
+    )
+    checkpoints_total_limit: int | None = option(2, "Keep at most this many checkpoints (oldest deleted).")
+    resume_from_checkpoint: str | None = option(
+        None,
+        "`latest` (of output_dir; starts afresh when there is none) or a checkpoint-<step> folder to continue from.",
+    )
+    export_steps: int = option(0, "Export (and push) the teacher backbone every N steps; always at the end.")
+    push_to_hub: bool = option(False, "Upload every export to the Hub, in the background.")
+    hub_model_id: str | None = option(None, "Hub repository to push to (user/name).")
+    hub_private: bool = option(False, "Create the Hub repository private.")
+    hub_token: str | None = option(
+        None, "Hub token for pushing and gated datasets (default: HF_TOKEN / login)."
+    )
+    hub_upload_attempts: int = option(3, "Attempts per upload before giving up.")
+    hub_retry_delay: float = option(30.0, "Seconds before retrying a failed upload (doubled each time).")
+
+    def schedule_recipe(self) -> ScheduleRecipe:
+        """The schedule settings of these arguments (in epochs; the schedules check them when built)."""
+        return ScheduleRecipe(
+            **{item.name: getattr(self, item.name) for item in dataclasses.fields(ScheduleRecipe)}
+        )
+
+    def public_dict(self) -> dict[str, Any]:
+        """The arguments without secrets (what checkpoints and trackers record)."""
+        values = dataclasses.asdict(self)
+        if values["hub_token"]:
+            values["hub_token"] = "***"
+        return values
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainingArguments)
+
+
+class _ArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose mistakes raise `UsageError` (argparse's documented `error` hook) instead of exiting,
+    so that a recipe file's mistakes can name the file."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def build_parser(description: str | None = None) -> HfArgumentParser:
+    # raw description: the usage examples keep their line breaks; each option's help states its own default
+    return _ArgumentParser(
+        ARGUMENT_CLASSES, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of a YAML or JSON recipe file (YAML is a superset of JSON)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise UsageError(f"cannot read the recipe file {path}: {error.strerror or error}.") from None
+    try:
+        recipe = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UsageError(
+            f"{path} is not valid YAML/JSON{where}: {problem}. Fix the file (a mapping of option: value)."
+        ) from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise UsageError(
+            f"{path} holds a {type(recipe).__name__}, not a mapping of option: value (e.g. `learning_rate: 5e-4`)."
+        )
+    return recipe
+
+
+def _recipe_tokens(recipe: dict[str, Any], path: str) -> list[str]:
+    """A recipe mapping as command-line tokens, so that argparse types and checks every value."""
+    known = {item.name for group in ARGUMENT_CLASSES for item in dataclasses.fields(group)}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise UsageError(f"{path}: unknown option(s) {unknown}. See `python training/pretrain.py --help`.")
+    tokens = []
+    for key, value in recipe.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            raise UsageError(f"{path}: option {key!r} takes a value or a list, not a mapping.")
+        if isinstance(value, bool):
+            value = str(value).lower()
+        values = value if isinstance(value, (list, tuple)) else [value]
+        tokens += [f"--{key}", *(str(item) for item in values)]
+    return tokens
+
+
+def parse_config_overrides(overrides: list[str] | dict[str, Any] | None, source: str) -> dict[str, Any]:
+    """`["key=value", ...]` (values read as YAML) or a mapping -> `{key: value}`. The config checks the keys and
+    values when it is built."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    if not isinstance(overrides, (list, tuple)):
+        raise UsageError(
+            f"{source}: config_overrides is a mapping (key: value) or a list of key=value strings, got "
+            f"{overrides!r}."
+        )
+    parsed = {}
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        if not isinstance(item, str) or not sep or not key.strip():
+            raise UsageError(f"{source}: config_overrides entries are key=value pairs, got {item!r}.")
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise UsageError(
+                f"{source}: config_overrides {item!r}: the value is not valid YAML ({problem}). Write numbers, "
+                "true/false, words or lists like [224,160]."
+            ) from None
+    return parsed
+
+
+def parse_pretraining_arguments(
+    argv: list[str], description: str | None = None
+) -> tuple[ModelArguments, DataArguments, PretrainingArguments, dict[str, Any]]:
+    """Parses `[RECIPE.yaml|json] [--option value ...]`; returns the three argument groups and the merged config
+    overrides. `--help` prints the options and exits (SystemExit 0); mistakes raise `UsageError`."""
+    parser = build_parser(description)
+    argv = list(argv)
+    recipe_overrides: dict[str, Any] = {}
+    recipe_tokens: list[str] = []
+    if argv and argv[0].endswith(RECIPE_SUFFIXES):
+        path = argv.pop(0)
+        recipe = read_recipe(path)
+        recipe_overrides = parse_config_overrides(recipe.pop("config_overrides", None), path)
+        recipe_tokens = _recipe_tokens(recipe, path)
+        try:  # the file alone first, so that its mistakes name it
+            parser.parse_args_into_dataclasses(args=recipe_tokens, look_for_args_file=False)
+        except UsageError as error:
+            raise UsageError(f"{path}: {error}") from None
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(
+            args=recipe_tokens + argv, look_for_args_file=False
+        )
+    except ValueError as error:  # unknown options
+        raise UsageError(f"{error}. See `python training/pretrain.py --help`.") from None
+    overrides = {
+        **recipe_overrides,
+        **parse_config_overrides(model_args.config_overrides, "--config_overrides"),
+    }
+    return model_args, data_args, training_args, overrides
+
+
+def validate_arguments(data_args: DataArguments, training_args: PretrainingArguments) -> None:
+    """The checks that need nothing but the arguments and that no library object makes: the output folder, the
+    training length and logging period, the Hub repository id, the trackers."""
+    output_dir = training_args.output_dir
+    if not output_dir:
+        raise UsageError(
+            "--output_dir is required (metrics, checkpoints and the exported backbone go there)."
+        )
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(
+            f"--output_dir {output_dir} is a file, not a folder: pass a folder (new or of this run)."
+        )
+    if not data_args.dataset_name.strip():
+        raise UsageError(f"--dataset_name is empty: name a Hub dataset, a local path or `{OFFLINE_SAMPLE}`.")
+    at_least_one = {
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "samples_per_epoch": data_args.samples_per_epoch,
+        "logging_steps": training_args.logging_steps,
+        "hub_upload_attempts": training_args.hub_upload_attempts,
+    }
+    for name, value in at_least_one.items():
+        if value < 1:
+            raise UsageError(f"--{name} must be >= 1, got {value}.")
+    if training_args.max_steps <= 0 and training_args.epochs <= 0:
+        raise UsageError("Give a training length: --epochs > 0 or --max_steps > 0.")
+    for name in ("checkpointing_steps", "export_steps"):
+        if getattr(training_args, name) < 0:
+            raise UsageError(
+                f"--{name} must be >= 0 (0: only at the end), got {getattr(training_args, name)}."
+            )
+    if training_args.cpu_threads is not None and training_args.cpu_threads < 1:
+        raise UsageError(
+            f"--cpu_threads must be >= 1 (or unset: automatic), got {training_args.cpu_threads}."
+        )
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise UsageError("--push_to_hub needs --hub_model_id (e.g. your-name/selfpatch-vit-small-patch16).")
+    if training_args.hub_model_id is not None:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(training_args.hub_model_id)
+        except HFValidationError as error:
+            raise UsageError(
+                f"--hub_model_id {training_args.hub_model_id!r} is not a valid Hub repository id ({error}). Use "
+                "`user-or-org/name`."
+            ) from None
+    for tracker, module in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if training_args.report_to == tracker and not _importable(module):
+            raise UsageError(f"--report_to {tracker} needs `pip install {module}`.")
+    from .checkpointing import CHECKPOINTS_DIRNAME, list_checkpoints  # not needed for --help
+
+    checkpoints = list_checkpoints(Path(output_dir) / CHECKPOINTS_DIRNAME)
+    if checkpoints and not training_args.resume_from_checkpoint and not training_args.overwrite_output_dir:
+        raise UsageError(
+            f"{output_dir} already holds checkpoints of a run (latest: {checkpoints[-1].name}). Pass "
+            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start afresh, or another "
+            "--output_dir."
+        )
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+__all__ = [
+    "ARGUMENT_CLASSES",
+    "IMAGENET_TRAIN_SIZE",
+    "OFFLINE_SAMPLE",
+    "DataArguments",
+    "ModelArguments",
+    "PretrainingArguments",
+    "build_parser",
+    "parse_config_overrides",
+    "parse_pretraining_arguments",
+    "read_recipe",
+    "validate_arguments",
+]
