@@ -19,10 +19,7 @@ import sys
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx2
-from huggingface_hub import CommitInfo, HfApi
-from huggingface_hub.errors import HfHubHTTPError
+from typing import TYPE_CHECKING
 
 from .command_line import CommandFailure, UsageError, run_command
 from .hub_requests import (
@@ -32,7 +29,10 @@ from .hub_requests import (
     check_repo_id,
     describe_hub_error,
 )
-from .model_card import REPO_ID_PLACEHOLDER
+
+# huggingface_hub is imported where used, so `selfpatch-push --help` answers without loading it.
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
 
 # Pickle-based weight formats: loading them can run arbitrary code, so they are never published.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -145,6 +145,8 @@ def _prepare_card(folder: Path, repo_id: str, pretraining: tuple[str, str | None
     """
     card = folder / "README.md"
     text = card.read_text(encoding="utf-8")
+    from .model_card import REPO_ID_PLACEHOLDER
+
     updated = text.replace(REPO_ID_PLACEHOLDER, repo_id)
     if pretraining is not None and _PRETRAINING_SECTION not in updated:
         target, subfolder = pretraining
@@ -183,6 +185,8 @@ def push_folder(
     No checks: use `push_backbone` for backbones. `run_as_future=True` returns a `Future` (non-blocking push, e.g.
     during training); wait for it and surface its exception before the process exits.
     """
+    from huggingface_hub import HfApi
+
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision is not None and revision != "main":
@@ -239,6 +243,8 @@ def push_backbone(
     info = push_folder(
         folder, repo_id, commit_message=commit_message or "Upload SelfPatch backbone", **commit_kwargs
     )
+    from huggingface_hub import HfApi
+
     result = PushResult(
         repo_id=repo_id,
         repo_url=f"{HfApi(endpoint=endpoint).endpoint}/{repo_id}",
@@ -317,6 +323,10 @@ def _push_command(argv: list[str] | None) -> int:
     if not args.timeout > 0:
         raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout:g}.")
     bound_hub_requests(min(DEFAULT_CONNECT_TIMEOUT, args.timeout), args.timeout)
+    import httpx2
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
         result = push_backbone(
             args.folder,

@@ -13,11 +13,11 @@ one line.
 
 from __future__ import annotations
 
-import httpx2
-from huggingface_hub import constants, set_client_factory
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-from huggingface_hub.utils import validate_repo_id
-from huggingface_hub.utils._http import default_client_factory
+from typing import TYPE_CHECKING
+
+# huggingface_hub and httpx2 are imported where used: `selfpatch-push --help` reads the defaults below without them.
+if TYPE_CHECKING:
+    import httpx2
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 60.0  # seconds without a byte from the server (or without progress sending to it)
@@ -31,6 +31,10 @@ def bound_hub_requests(
 ) -> None:
     """Gives every request of huggingface_hub in this process a connect timeout and a read/write timeout (seconds
     without progress, not a limit on a long transfer). Replaces the shared client; call it before uploading."""
+    import httpx2
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
     global _bounds
     if not connect_timeout > 0 or not read_timeout > 0:
         raise ValueError(f"Hub timeouts must be > 0 seconds, got {connect_timeout} and {read_timeout}.")
@@ -46,6 +50,9 @@ def bound_hub_requests(
 
 def unbound_hub_requests() -> None:
     """Restores huggingface_hub's own client (no timeouts on uploads): undoes `bound_hub_requests`."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
     global _bounds
     _bounds = None
     set_client_factory(default_client_factory)
@@ -59,6 +66,9 @@ def request_timeout() -> float | None:
 def check_repo_id(repo_id: str | None, option: str = "repo id") -> str:
     """Returns `repo_id` if it is a valid Hub model id (`name` or `namespace/name`), else raises a ValueError that
     names `option` and the expected form."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
@@ -77,6 +87,9 @@ def status_code(error: BaseException) -> int | None:
 def is_permanent_error(error: BaseException) -> bool:
     """True when repeating the same request cannot succeed (bad repo id or token, no permission, repo not found,
     a request the Hub rejects as invalid); False for network failures, timeouts and overloaded servers."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
     if isinstance(error, httpx2.TransportError):  # refused, reset, timed out: the next attempt may work
         return False
     if isinstance(error, HfHubHTTPError):
@@ -89,6 +102,10 @@ def is_permanent_error(error: BaseException) -> bool:
 def describe_hub_error(error: BaseException, endpoint: str | None = None, action: str = "request") -> str:
     """One line saying what went wrong with a Hub request (no traceback, no multi-line server dump); `action` names
     what was refused ("the Hub refused the upload (HTTP 401): ...")."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
     where = endpoint or constants.ENDPOINT
     if isinstance(error, httpx2.ConnectTimeout):
         return f"cannot connect to the Hub at {where}: no answer within {_seconds(error, 'connect')}"
