@@ -57,6 +57,7 @@ from selfpatch_hf.data.augmentation import (  # noqa: E402
     MultiCropAugmentation,
     sample_crop_box,
 )
+from selfpatch_hf.data.batched_photometric import apply_photometric, crops_with_parameters  # noqa: E402
 from selfpatch_hf.data.streaming import build_pretraining_dataloader, decode_image  # noqa: E402
 
 GLOBAL_SCALE, LOCAL_SCALE, NUM_LOCAL = (0.25, 1.0), (0.05, 0.25), 8
@@ -326,6 +327,39 @@ def per_core_ours(jpegs: list[bytes], augmentation_class=MultiCropAugmentation) 
     return len(jpegs) / (time.perf_counter() - start)
 
 
+def worker_share(jpegs: list[bytes], photometric_on_device: bool) -> float:
+    """Images/s of what a DataLoader worker does per image, 1 thread: decode + uint8 crops, with the photometric ops
+    (`augmentation_device="workers"`, normalisation then runs on the training device) or with only their parameters
+    drawn (`augmentation_device="device"`)."""
+    augmentation = MultiCropAugmentation(224, 96, NUM_LOCAL, GLOBAL_SCALE, LOCAL_SCALE)
+    start = time.perf_counter()
+    for index, data in enumerate(jpegs):
+        if photometric_on_device:
+            crops = crops_with_parameters(augmentation, decode_image(data), index)
+        else:
+            crops = augmentation.crops_uint8(decode_image(data), index)
+    assert crops[0].shape == (2, 224, 224, 3)
+    return len(jpegs) / (time.perf_counter() - start)
+
+
+def device_share_on_cpu(jpegs: list[bytes], batch_size: int) -> float:
+    """Images/s of `apply_photometric` on CPU tensors, 1 thread (on a GPU this part costs the host nothing)."""
+    augmentation = MultiCropAugmentation(224, 96, NUM_LOCAL, GLOBAL_SCALE, LOCAL_SCALE)
+    items = [
+        crops_with_parameters(augmentation, decode_image(data), index) for index, data in enumerate(jpegs)
+    ]
+    start = time.perf_counter()
+    for first in range(0, len(items) - batch_size + 1, batch_size):
+        chunk = items[first : first + batch_size]
+        parameters = torch.from_numpy(np.stack([item[2] for item in chunk]))
+        for position, crops in enumerate(
+            (np.stack([item[0] for item in chunk]), np.stack([item[1] for item in chunk]))
+        ):
+            views = parameters[:, :2] if position == 0 else parameters[:, 2:]
+            apply_photometric(torch.from_numpy(crops), views, IMAGENET_MEAN, IMAGENET_STD)
+    return (len(items) // batch_size * batch_size) / (time.perf_counter() - start)
+
+
 def per_core_reference(jpegs: list[bytes], recipe) -> float:
     random.seed(0)
     torch.manual_seed(0)
@@ -434,12 +468,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         parquet_dir = write_parquet(jpegs[: args.loader_images], Path(tmp) / "parquet")
         ours_core, ref_core, ours_e2e, ref_e2e, opencv_core = [], [], [], [], []
+        worker_cpu, worker_device, device_on_cpu = [], [], []
         for repeat in range(args.repeats):
             ours_core.append(per_core_ours(jpegs[: args.images]))
             ref_core.append(per_core_reference(jpegs[: args.images], recipe))
             opencv_core.append(per_core_ours(jpegs[: args.images], OpenCVResizeAugmentation))
             ours_e2e.append(end_to_end_ours(parquet_dir, args.batch_size, repeat)[0])
             ref_e2e.append(end_to_end_reference(parquet_dir, args.batch_size, recipe, repeat)[0])
+            worker_cpu.append(worker_share(jpegs[: args.images], photometric_on_device=False))
+            worker_device.append(worker_share(jpegs[: args.images], photometric_on_device=True))
+            device_on_cpu.append(device_share_on_cpu(jpegs[: args.images], args.batch_size))
             print(
                 f"  round {repeat + 1}: per-core ours {ours_core[-1]:.1f} ref {ref_core[-1]:.1f} img/s; "
                 f"2 workers ours {ours_e2e[-1]:.1f} ref {ref_e2e[-1]:.1f} img/s"
@@ -461,6 +499,22 @@ def main() -> None:
     print(row("1 process, 1 thread: decode + multi-crop", ours_core, ref_core))
     print(row(f"parquet stream, 2 workers, batch {args.batch_size}", ours_e2e, ref_e2e))
     print(row("(not used) same, crops resized by OpenCV INTER_CUBIC, 1 thread", opencv_core, ref_core))
+    print()
+    print(
+        "CPU cost per image of a data worker (1 thread), by where the photometric ops run (--augmentation_device):"
+    )
+    print("| worker share | img/s (median) | ms per image | cores for 2,000 img/s |")
+    print("|---|---|---|---|")
+    for name, rates in (
+        ("decode + crops + photometric ops (`workers`)", worker_cpu),
+        ("decode + crops + flips + parameters (`device`)", worker_device),
+    ):
+        rate = statistics.median(rates)
+        print(f"| {name} | {rate:.1f} | {1000 / rate:.2f} | {2000 / rate:.1f} |")
+    rate = statistics.median(device_on_cpu)
+    print(
+        f"| (device share run on this CPU instead, batch {args.batch_size}) | {rate:.1f} | {1000 / rate:.2f} | - |"
+    )
 
 
 if __name__ == "__main__":
