@@ -13,6 +13,7 @@ Submodules are imported on first use.
 from importlib import import_module
 
 _EXPORTS = {
+    "ImagePaths": "streaming",
     "MultiCropAugmentation": "augmentation",
     "MultiCropDataLoader": "streaming",
     "build_pretraining_dataloader": "streaming",

@@ -38,7 +38,9 @@ Decoding
 Raw image values from a stream -> RGB PIL images, or a counted reason to skip them.
 
 `decode_image(value, min_size=16)` accepts what a `datasets.Image(decode=False)` column yields (`{"bytes", "path"}`),
-raw bytes, a local path, or a PIL image, and returns an RGB `PIL.Image`:
+raw bytes, a local path, or a PIL image, and returns an RGB `PIL.Image`. An entry that is only a path is followed
+only inside the source the user named (`ImagePaths`: the local folder or image files, or the Hub dataset's own
+files), never to a URL: a crafted dataset cannot make training read other files or send requests.
 
 - EXIF orientation is applied (`ImageOps.exif_transpose`), so rotated phone photos come out upright;
 - grayscale, palette (with or without transparency), RGBA/LA (alpha dropped, like the reference `convert("RGB")`),
@@ -107,6 +109,7 @@ import os
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import datasets
@@ -254,6 +257,65 @@ def _find_image_column(features: datasets.Features | None, image_column: str | N
     return candidates[0]
 
 
+@dataclass(frozen=True)
+class ImagePaths:
+    """Where image entries that carry only a path (no bytes) may be read from.
+
+    A dataset's content must not make the trainer read arbitrary files or send requests, so a path is followed
+    only into what the user named as the source: `local` folders (everything below them) or files, and the files
+    of the Hub dataset `hub_dataset` (`hf://datasets/<name>/...`, also inside a zip/tar archive there). Other
+    local paths and every URL (http, https, s3, ...) are refused; the image is then skipped as unreadable.
+    `ImagePaths()` allows no path at all: images must carry their bytes (parquet, webdataset).
+    """
+
+    local: tuple[str, ...] = ()
+    hub_dataset: str | None = None
+
+    @classmethod
+    def of_folders(cls, *paths: str | os.PathLike) -> ImagePaths:
+        return cls(local=tuple(os.path.abspath(os.path.expanduser(os.fspath(p))) for p in paths))
+
+    def allows(self, path: str) -> bool:
+        *archives, outer = path.split("::")  # fsspec chains: zip://member::<archive>
+        if any(not part.startswith(("zip://", "tar://")) for part in archives):
+            return False
+        if outer.startswith("file://"):
+            outer = outer[len("file://") :]
+        if "://" in outer:
+            hub = self.hub_dataset
+            return hub is not None and outer.startswith((f"hf://datasets/{hub}@", f"hf://datasets/{hub}/"))
+        resolved = os.path.abspath(os.path.expanduser(outer))  # normalises "..": no way out of a folder
+        return any(
+            resolved == root or resolved.startswith(root.rstrip(os.sep) + os.sep) for root in self.local
+        )
+
+    def describe(self) -> str:
+        places = [f"under {root}" for root in self.local[:3]] + (["..."] if len(self.local) > 3 else [])
+        if self.hub_dataset:
+            places.append(f"in the Hub dataset {self.hub_dataset}")
+        return "; ".join(places) if places else "nowhere: this source's images must carry their bytes"
+
+
+def image_paths_of_source(source: str, streaming: bool = True, cache_dir: str | None = None) -> ImagePaths:
+    """The `ImagePaths` a source named by the user allows (see `load_image_stream`): a local folder -> paths
+    below it; image files or a glob of them (an imagefolder) -> exactly those files; parquet / webdataset / arrow
+    files -> none; a Hub dataset -> its own files (and, with `streaming=False`, the `datasets` download cache its
+    files were downloaded to)."""
+    expanded = os.path.expanduser(source[len("file://") :] if source.startswith("file://") else source)
+    if any(char in expanded for char in _GLOB_CHARS) and not os.path.exists(expanded):
+        files = sorted(path for path in glob.glob(expanded, recursive=True) if os.path.isfile(path))
+        return ImagePaths.of_folders(
+            *(f for f in files if os.path.splitext(f)[1].lower() in _IMAGE_EXTENSIONS)
+        )
+    if os.path.isfile(expanded):
+        is_image = os.path.splitext(expanded)[1].lower() in _IMAGE_EXTENSIONS
+        return ImagePaths.of_folders(expanded) if is_image else ImagePaths()
+    if os.path.isdir(expanded):
+        return ImagePaths.of_folders(expanded)
+    caches = () if streaming else tuple(c for c in (cache_dir, datasets.config.HF_DATASETS_CACHE) if c)
+    return ImagePaths(local=ImagePaths.of_folders(*caches).local, hub_dataset=source)
+
+
 def load_image_stream(
     source: str,
     split: str = "train",
@@ -275,6 +337,9 @@ def load_image_stream(
         num_shards: shards of the iterable made from a prepared dataset (`streaming=False` only); more shards let
             more DataLoader workers read in parallel.
         load_dataset_kwargs: passed to `datasets.load_dataset` (e.g. `name=` for a dataset config, `revision=`).
+
+    The returned dataset's `image_paths` (an `ImagePaths`) says where image entries given only as a path may be
+    read from: inside `source` only (`image_paths_of_source`), never at a URL.
     """
     if not isinstance(source, str) or not source:
         raise TypeError(f"source must be a dataset name or a path, got {source!r}.")
@@ -285,7 +350,10 @@ def load_image_stream(
         raise ValueError(
             "num_shards only applies with streaming=False (a streamed dataset keeps its files' shards)."
         )
-    return as_raw_image_stream(dataset, image_column)
+    dataset, column = as_raw_image_stream(dataset, image_column)
+    # travels with the dataset to MultiCropDataLoader, which reads images by path only where this allows
+    dataset.image_paths = image_paths_of_source(source, streaming, load_dataset_kwargs.get("cache_dir"))
+    return dataset, column
 
 
 def as_raw_image_stream(
@@ -318,8 +386,11 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
-def _read_bytes(value: Any, download_config: Any = None) -> tuple[bytes | None, str | None]:
-    """(bytes, path) of a column value; reads the file when only a path is given."""
+def _read_bytes(
+    value: Any, download_config: Any = None, image_paths: ImagePaths | None = None
+) -> tuple[bytes | None, str | None]:
+    """(bytes, path) of a column value; reads the file when only a path is given and `image_paths` allows it
+    (`None`: local files only, for values a caller passes directly)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value), None
     if isinstance(value, (str, os.PathLike)):
@@ -328,13 +399,22 @@ def _read_bytes(value: Any, download_config: Any = None) -> tuple[bytes | None, 
         raise ImageDecodeError("unreadable", f"unexpected image value of type {type(value).__name__}")
     data, path = value.get("bytes"), value.get("path")
     if data is None:
-        if not path:
+        if not path or not isinstance(path, str):
             raise ImageDecodeError("unreadable", "image value has neither bytes nor a path")
+        remote = "://" in path and not path.startswith("file://")
+        allowed = image_paths.allows(path) if image_paths is not None else not remote
+        if not allowed:
+            where = image_paths.describe() if image_paths is not None else "local files only"
+            raise ImageDecodeError(
+                "unreadable",
+                f"refused to follow the image path {path!r}: image entries without bytes are read only from the "
+                f"source you named ({where}), never from URLs",
+            )
         try:
-            if os.path.exists(path):
-                with open(path, "rb") as file:
+            if not remote:
+                with open(path[len("file://") :] if path.startswith("file://") else path, "rb") as file:
                     data = file.read()
-            else:  # remote file of a streamed imagefolder (hf://, zip://..., https://)
+            else:  # a file of the streamed Hub dataset (hf://..., zip://...::hf://...)
                 from datasets.utils.file_utils import xopen
 
                 with xopen(path, "rb", download_config=download_config) as file:
@@ -369,12 +449,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(value: Any, min_size: int = 16, download_config: Any = None) -> Image.Image:
-    """Decode one image value to an upright RGB PIL image, or raise `ImageDecodeError`."""
+def decode_image(
+    value: Any, min_size: int = 16, download_config: Any = None, image_paths: ImagePaths | None = None
+) -> Image.Image:
+    """Decode one image value to an upright RGB PIL image, or raise `ImageDecodeError`.
+
+    A value that is only a path is read if `image_paths` allows it (the data loader passes the source's
+    `ImagePaths`); with the default `None` local files are read and URLs refused."""
     if isinstance(value, Image.Image):
         image = value.copy()  # the orientation fix below works in place; leave the caller's image alone
     else:
-        data, path = _read_bytes(value, download_config)
+        data, path = _read_bytes(value, download_config, image_paths)
         where = f" ({path})" if path else ""
         try:
             with warnings.catch_warnings():
@@ -464,6 +549,7 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
         min_image_size: int,
         download_config: Any,
         photometric_on_device: bool = False,
+        image_paths: ImagePaths | None = None,
     ):
         self.dataset = dataset
         self.image_column = image_column
@@ -479,6 +565,7 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
         self.min_image_size = min_image_size
         self.download_config = download_config
         self.photometric_on_device = photometric_on_device
+        self.image_paths = image_paths if image_paths is not None else ImagePaths()
 
     def _examples(self, worker: int, num_workers: int, state: dict) -> tuple[IterableDataset, Iterator[Any]]:
         """(dataset whose state_dict tracks the stream, iterator over this worker's raw image values)."""
@@ -580,7 +667,7 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
                 index = state["consumed"]
                 state["consumed"] = index + 1
                 try:
-                    image = decode_image(value, self.min_image_size, self.download_config)
+                    image = decode_image(value, self.min_image_size, self.download_config, self.image_paths)
                 except ImageDecodeError as error:
                     skipped[error.reason] += 1
                     if len(skip_messages) < _MAX_SKIP_MESSAGES:
@@ -637,6 +724,9 @@ class MultiCropDataLoader:
             photometric parameters from the same per-image generator; colour jitter, grayscale, blur, solarisation
             and normalisation then run batched on `device` (`selfpatch_hf.data.batched_photometric`), which frees
             most of the workers' CPU time when `device` is a GPU.
+        image_paths: where image entries given only as a path may be read from (`ImagePaths`); default: what
+            `load_image_stream` allowed for its source (`dataset.image_paths`), else nowhere. URLs are never
+            followed, so a crafted dataset cannot make training read other files or send requests.
     """
 
     def __init__(
@@ -658,6 +748,7 @@ class MultiCropDataLoader:
         token: str | bool | None = None,
         device: str | torch.device | None = None,
         augmentation_device: str = "workers",
+        image_paths: ImagePaths | None = None,
     ):
         if augmentation_device not in ("workers", "device"):
             raise ValueError(
@@ -688,6 +779,8 @@ class MultiCropDataLoader:
         self.prefetch_factor = prefetch_factor
         self.augmentation_device = augmentation_device
         self.download_config = datasets.DownloadConfig(token=token) if token is not None else None
+        # image entries given only as a path are read where the source allows (see ImagePaths), else nowhere
+        self.image_paths = image_paths or getattr(dataset, "image_paths", None) or ImagePaths()
 
         if self.shuffle_buffer_size:
             dataset = dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
@@ -849,6 +942,7 @@ class MultiCropDataLoader:
             self.min_image_size,
             self.download_config,
             photometric_on_device=self.augmentation_device == "device",
+            image_paths=self.image_paths,
         )
         loader = torch.utils.data.DataLoader(
             stream,
@@ -913,7 +1007,7 @@ def build_pretraining_dataloader(
     """
     if augmentation is None or isinstance(augmentation, str):
         augmentation = MultiCropAugmentation.from_recipe(augmentation or "selfpatch")
-    if isinstance(source, IterableDataset):
+    if isinstance(source, IterableDataset):  # opened by the caller: paths only where `image_paths=` allows
         dataset, column = as_raw_image_stream(source, image_column)
     else:
         dataset, column = load_image_stream(
@@ -925,11 +1019,13 @@ def build_pretraining_dataloader(
 __all__ = [
     "SKIP_REASONS",
     "ImageDecodeError",
+    "ImagePaths",
     "MultiCropBatch",
     "MultiCropDataLoader",
     "as_raw_image_stream",
     "build_pretraining_dataloader",
     "decode_image",
     "hub_dataset_id",
+    "image_paths_of_source",
     "load_image_stream",
 ]
