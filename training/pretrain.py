@@ -49,7 +49,6 @@ if __name__ == "__main__":
         sys.exit(status)
 
 # ruff: noqa: E402 -- the heavy imports come after that early answer
-import json
 import logging
 import math
 import os
@@ -75,7 +74,7 @@ from selfpatch_hf.data.augmentation import MultiCropAugmentation
 from selfpatch_hf.data.streaming import MultiCropDataLoader, load_image_stream
 from selfpatch_hf.file_permissions import apply_default_permissions
 from selfpatch_hf.model_card import BackboneCardInfo
-from selfpatch_hf.training.checkpointing import CHECKPOINTS_DIRNAME, CheckpointManager
+from selfpatch_hf.training.checkpointing import CHECKPOINTS_DIRNAME, CheckpointManager, DamagedCheckpointError
 from selfpatch_hf.training.host_memory import keep_freed_host_memory
 from selfpatch_hf.training.hub_uploads import AsyncHubUploader
 from selfpatch_hf.training.metrics_log import METRICS_FILENAME, MetricsLog, WindowMeans
@@ -86,14 +85,13 @@ from selfpatch_hf.training.optimization import (
     clip_gradients_per_parameter,
 )
 from selfpatch_hf.training.preemption import StopRequest
+from selfpatch_hf.training.resume import check_resumable, config_snapshot
 from selfpatch_hf.training.schedules import PretrainingSchedule, ScheduleValues, optimizer_steps_per_epoch
 
 logger = get_logger(__name__)
 
 BACKBONE_DIRNAME = "backbone"
 PRETRAINING_MODEL_DIRNAME = "pretraining_model"  # written last: its presence marks a finished run
-# arguments a checkpoint's per-process data positions depend on (each worker's stream is cut into micro-batches)
-DATA_STREAM_ARGUMENTS = ("per_device_train_batch_size", "num_workers", "seed", "shuffle_buffer_size")
 # library objects check their own settings; their ValueErrors are argument mistakes of this script
 LIBRARY_ARGUMENT_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
@@ -229,62 +227,6 @@ def configure_cpu_training(
         logger.warning(
             "bf16 on a CPU without bf16 units is far slower than fp32; consider --mixed_precision no."
         )
-
-
-def check_resumable(
-    trainer_state: dict[str, Any],
-    checkpoint: Path,
-    config: SelfPatchConfig,
-    data_args: DataArguments,
-    training_args: PretrainingArguments,
-    global_batch_size: int,
-) -> None:
-    """Refuses a checkpoint of another model, global batch or data stream: the schedules are defined per step of
-    the global batch, and each process's data position counts micro-batches of each worker."""
-    saved_batch = trainer_state["global_batch_size"]
-    if saved_batch != global_batch_size:
-        raise UsageError(
-            f"{checkpoint} was trained with a global batch of {saved_batch}, this run has {global_batch_size}: the "
-            "schedules are defined per optimiser step of that batch. Resume with the same processes x per-device "
-            "batch x accumulation."
-        )
-    saved_arguments = trainer_state.get("arguments", {})
-    now = {**asdict(data_args), **asdict(training_args)}
-    changed = [
-        f"--{name} {saved_arguments[name]} (now {now[name]})"
-        for name in DATA_STREAM_ARGUMENTS
-        if name in saved_arguments and saved_arguments[name] != now[name]
-    ]
-    if changed:
-        raise UsageError(
-            f"{checkpoint} saved each process's data position for {', '.join(changed)}; resume with those values "
-            "(the same global batch through other accumulation steps cuts the stream differently)."
-        )
-    if "model_config" in trainer_state:
-        differences = _config_differences(trainer_state["model_config"], _config_dict(config))
-        if differences:
-            raise UsageError(
-                f"{checkpoint} was trained with another model configuration ({'; '.join(differences)}). Resume with "
-                "the recipe's config_overrides, or start a new run (another --output_dir, or --overwrite_output_dir)."
-            )
-
-
-def _config_dict(config: SelfPatchConfig) -> dict[str, Any]:
-    values = json.loads(config.to_json_string(use_diff=False))
-    values.pop("transformers_version", None)
-    values.get("backbone_config", {}).pop("transformers_version", None)
-    return values
-
-
-def _config_differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    differences = []
-    for key in sorted(set(saved) | set(now)):
-        old, new = saved.get(key), now.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            differences += _config_differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            differences.append(f"{prefix}{key}: saved {old!r}, now {new!r}")
-    return differences
 
 
 def endless_batches(loader: MultiCropDataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -511,6 +453,8 @@ def train(
         try:
             last_checkpoint = checkpoints.resolve(training_args.resume_from_checkpoint)
             loaded = checkpoints.load(last_checkpoint) if last_checkpoint is not None else None
+        except DamagedCheckpointError as error:  # its files do not match its manifest
+            raise CommandFailure(f"Cannot resume: {error}") from None
         except (FileNotFoundError, ValueError) as error:  # no such checkpoint, or not one of this model/run
             raise UsageError(f"Cannot resume: {error}") from None
         if loaded is None:
@@ -518,12 +462,19 @@ def train(
         else:
             trainer_state, rank_state = loaded
             check_resumable(
-                trainer_state, last_checkpoint, config, data_args, training_args, global_batch_size
+                trainer_state,
+                last_checkpoint,
+                global_batch_size=global_batch_size,
+                arguments={**asdict(data_args), **asdict(training_args)},
+                model_config=config_snapshot(config),
             )
             changed = schedule.differences(PretrainingSchedule.from_dict(trainer_state["schedule"]))
             if changed:
                 logger.warning("Schedules differ from the checkpoint's (now, saved): %s", changed)
-            train_loader.load_state_dict(rank_state["data"])
+            try:
+                train_loader.load_state_dict(rank_state["data"])
+            except ValueError as error:  # a data-stream setting check_resumable does not know
+                raise UsageError(f"Cannot resume from {last_checkpoint}: {error}") from None
             global_step = trainer_state["step"]
             if global_step >= total_steps and (output_dir / PRETRAINING_MODEL_DIRNAME).is_dir():
                 logger.info(
@@ -547,7 +498,7 @@ def train(
             "global_batch_size": global_batch_size,
             "num_processes": accelerator.num_processes,
             "schedule": schedule.to_dict(),
-            "model_config": _config_dict(config),
+            "model_config": config_snapshot(config),
             "config_overrides": config_overrides,
             "arguments": {**asdict(model_args), **asdict(data_args), **training_args.public_dict()},
         }
