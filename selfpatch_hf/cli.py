@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .command_line import CommandFailure, UsageError, run_command
+from .command_line import CommandFailure, HelpFormatter, UsageError, run_command
 
 # subcommand -> (module with a `main(argv)`, one-line help); imported only when used, so `--help` stays fast
 DELEGATES: dict[str, tuple[str, str]] = {
@@ -34,13 +34,17 @@ def _export(argv: Sequence[str] | None = None) -> int:
         prog="selfpatch export",
         description="Export the backbone of a saved SelfPatchViTForPretraining as a plain ViTModel folder "
         "(safetensors + image processor) that AutoModel loads without this package.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "pretraining_dir", help="folder or Hub id of a SelfPatchViTForPretraining (save_pretrained)"
     )
     parser.add_argument("output_dir", help="where to write the backbone folder")
     parser.add_argument(
-        "--source", choices=("teacher", "student"), default="teacher", help="default: teacher"
+        "--source",
+        choices=("teacher", "student"),
+        default="teacher",
+        help="network whose backbone is exported (the teacher is what the paper evaluates)",
     )
     args = parser.parse_args(argv)
     if Path(args.output_dir).is_file():

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .command_line import CommandFailure, UsageError, run_command
+from .command_line import CommandFailure, HelpFormatter, UsageError, run_command
 
 # torch and transformers are imported inside the functions that use them, so `selfpatch-convert --help` is fast.
 if TYPE_CHECKING:
@@ -1309,14 +1309,23 @@ def _convert_moby(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfpatch-convert",
-        description="Convert a reference SelfPatch, DINO or MoBY checkpoint (.pth) into Hugging Face folders: "
-        "OUTPUT_DIR/backbone (AutoModel-loadable, exact features, image processor, model card) and, for DINO, "
-        "OUTPUT_DIR/pretraining (SelfPatchViTForPretraining for continued training).",
+        description="Convert a reference SelfPatch, DINO or MoBY checkpoint (.pth) into Hugging Face folders:\n"
+        "OUTPUT_DIR/backbone (AutoModel-loadable, exact features, image processor, model card) and, for DINO,\n"
+        "OUTPUT_DIR/pretraining (SelfPatchViTForPretraining for continued training). Both are written beside\n"
+        "OUTPUT_DIR first and moved into place only after the self-check passed: a failed conversion leaves an\n"
+        "earlier export untouched.",
+        epilog="examples:\n"
+        "  selfpatch-convert dino_deitsmall16_pretrain_full_checkpoint.pth converted/dino-vits16\n"
+        "  selfpatch-convert selfpatch_vits16.pth converted/selfpatch-vits16 --arch vit_small\n"
+        "  selfpatch-convert backbone_only.pth converted/sp --output-norm-from checkpoint.pth",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "checkpoint", type=Path, help="reference .pth file (read with torch.load(weights_only=True))"
     )
-    parser.add_argument("output_dir", type=Path)
+    parser.add_argument(
+        "output_dir", type=Path, help="folder that receives backbone/ (and pretraining/); created if missing"
+    )
     parser.add_argument(
         "--network",
         choices=("teacher", "student"),
@@ -1326,10 +1335,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--arch", choices=sorted(REFERENCE_ARCHS), help="reference architecture (sets the head count)"
     )
-    parser.add_argument("--num-heads", type=int, help="number of attention heads (weights do not show it)")
+    parser.add_argument(
+        "--num-heads", type=int, metavar="N", help="number of attention heads (weights do not show it)"
+    )
     parser.add_argument(
         "--output-norm-from",
         type=Path,
+        metavar="CHECKPOINT",
         help="SelfPatch training checkpoint whose ca_head.norm completes a backbone-only file",
     )
     parser.add_argument(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .command_line import CommandFailure, UsageError, run_command
+from .command_line import CommandFailure, HelpFormatter, UsageError, run_command
 from .hub_requests import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
@@ -278,6 +278,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfpatch-push",
         description="Publish a backbone folder (from training's export or selfpatch-convert) to the Hugging Face Hub.",
+        epilog="examples:\n"
+        "  selfpatch-push output/demo/backbone your-name/selfpatch-vit-small-demo\n"
+        "  selfpatch-push converted/dino-vits16/backbone your-name/dino-vits16 \\\n"
+        "      --pretraining-folder converted/dino-vits16/pretraining --private",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "folder",
@@ -288,6 +293,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--pretraining-folder",
         type=Path,
+        metavar="FOLDER",
         help="also publish this SelfPatchViTForPretraining checkpoint folder",
     )
     parser.add_argument(
@@ -296,8 +302,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--private", action="store_true", default=None, help="create the repo(s) private")
     parser.add_argument("--revision", help="branch to commit to (created if missing; default main)")
-    parser.add_argument("--commit-message")
-    parser.add_argument("--commit-description")
+    parser.add_argument("--commit-message", help="first line of the commit (default: a generic message)")
+    parser.add_argument("--commit-description", help="longer description of the commit")
     parser.add_argument(
         "--token", help="Hub token (default: HF_TOKEN or the token stored by `hf auth login`)"
     )
@@ -307,7 +313,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_READ_TIMEOUT,
         help="seconds to wait for the Hub to answer (or to accept more data) before giving up; "
-        f"connecting waits at most {DEFAULT_CONNECT_TIMEOUT:g} s",
+        f"connecting waits at most {DEFAULT_CONNECT_TIMEOUT:g} s (default: %(default)g)",
     )
     return parser
 
