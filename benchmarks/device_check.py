@@ -522,8 +522,15 @@ def section_pretrain(report: Report, device: torch.device, args, results: dict) 
             ["--max_steps", str(first), "--checkpointing_steps", str(every), "--overwrite_output_dir"],
         ),
         (
-            f"resume to step {second}, export",
-            ["--max_steps", str(second), "--resume_from_checkpoint", "latest"],
+            f"resume to {second}, photometric ops on the device, export",
+            [
+                "--max_steps",
+                str(second),
+                "--resume_from_checkpoint",
+                "latest",
+                "--augmentation_device",
+                "device",
+            ],
         ),
     ):
         start = time.perf_counter()

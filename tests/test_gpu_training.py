@@ -4,6 +4,7 @@ networks (agreement with eager, no recompilation after the first step), and the 
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,46 @@ def test_a_step_skipped_by_the_loss_scaler_moves_neither_weights_nor_teacher_nor
     guard = ScalerSkipGuard(model, enabled=False)
     guard.before_forward()
     assert guard.snapshot is None and guard.after_step(skipped=False) is False
+
+
+def test_the_scripts_train_step_leaves_teacher_and_centres_alone_on_a_scaler_skipped_step():
+    """training/pretrain.py's `train_step` with accelerate's loss-scaler plumbing (a CPU GradScaler stands in for
+    the CUDA one, which accelerate creates only on GPUs): an overflowing step is reported as skipped and moves no
+    weight, no teacher parameter and no centre; the next step at a sane scale trains."""
+    import importlib.util
+    import sys
+
+    from accelerate import Accelerator
+
+    from selfpatch_hf.training.schedules import ScheduleValues
+
+    spec = importlib.util.spec_from_file_location("pretrain", REPO_ROOT / "training" / "pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    sys.modules["pretrain"] = pretrain
+    spec.loader.exec_module(pretrain)
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW([p for p in model.student.parameters() if p.requires_grad], lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    values = ScheduleValues(0, 0.0, 1e-3, 0.04, 0.9, 0.04, freeze_last_layer=False)
+
+    def state():
+        return [t.detach().clone() for t in (*model.parameters(), model.image_center, model.patch_center)]
+
+    before = state()
+    result = pretrain.train_step(accelerator, model, optimizer, [crops()], values, clip_grad=3.0)
+    assert result.skipped and math.isfinite(result.loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, state()))
+    accelerator.scaler.update(1.0)  # what the halvings would reach in time
+    result = pretrain.train_step(accelerator, model, optimizer, [crops()], values, clip_grad=3.0)
+    assert not result.skipped
+    after = state()
+    student, teacher = len(list(model.student.parameters())), len(list(model.teacher.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before[:student], after[:student]))
+    assert any(not torch.equal(a, b) for a, b in zip(before[student : student + teacher], after[student:]))
+    assert not torch.equal(before[-2], after[-2])  # the image centre moved
 
 
 # ------------------------------------------------------------------------------------------------- compile

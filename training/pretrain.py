@@ -64,7 +64,7 @@ import torch
 import transformers
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -75,9 +75,16 @@ from selfpatch_hf.data.streaming import MultiCropDataLoader, load_image_stream
 from selfpatch_hf.file_permissions import apply_default_permissions
 from selfpatch_hf.model_card import BackboneCardInfo
 from selfpatch_hf.training.checkpointing import CHECKPOINTS_DIRNAME, CheckpointManager, DamagedCheckpointError
+from selfpatch_hf.training.compilation import compile_for_training
+from selfpatch_hf.training.cuda_setup import adamw_kwargs, ddp_kwargs, enable_tf32
 from selfpatch_hf.training.host_memory import keep_freed_host_memory
 from selfpatch_hf.training.hub_uploads import AsyncHubUploader
 from selfpatch_hf.training.metrics_log import METRICS_FILENAME, MetricsLog, WindowMeans
+from selfpatch_hf.training.mixed_precision import (
+    MAX_CONSECUTIVE_SKIPPED_STEPS,
+    ScalerSkipGuard,
+    step_was_skipped,
+)
 from selfpatch_hf.training.optimization import (
     apply_schedule,
     build_optimizer,
@@ -181,6 +188,7 @@ def build_dataloader(
             min_image_size=data_args.min_image_size,
             token=training_args.hub_token,
             device=accelerator.device,  # workers hand over uint8 crops, normalised on the training device
+            augmentation_device=data_args.augmentation_device,
         )
     except LIBRARY_ARGUMENT_ERRORS as error:
         raise UsageError(_message(error)) from None
@@ -276,6 +284,7 @@ class StepResult:
     image_loss: float
     patch_loss: float | None
     stop_requested: bool
+    skipped: bool = False  # the fp16 loss scaler skipped the optimiser step (inf/NaN gradients)
 
 
 def train_step(
@@ -295,6 +304,9 @@ def train_step(
     a non-finite loss raises `NonFiniteLossError` before it can reach the weights.
     """
     unwrapped = accelerator.unwrap_model(model)
+    # fp16: a step the loss scaler skips must leave the centres as they were (selfpatch_hf.training.mixed_precision)
+    guard = ScalerSkipGuard(unwrapped, enabled=accelerator.scaler is not None)
+    guard.before_forward()
     totals = torch.zeros(3, device=accelerator.device)
     micro_steps = 0
     for global_crops, local_crops in micro_batches:
@@ -326,12 +338,15 @@ def train_step(
                     cancel_gradients(unwrapped.get_last_layer_parameters())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    unwrapped.update_teacher(values.teacher_momentum)
+    skipped = guard.after_step(step_was_skipped(optimizer))
+    if not skipped:  # the student did not move: neither does the teacher
+        unwrapped.update_teacher(values.teacher_momentum)
     return StepResult(
         loss=loss,
         image_loss=image_loss,
         patch_loss=patch_value if outputs.patch_loss is not None else None,
         stop_requested=stop_share > 0,
+        skipped=skipped,
     )
 
 
@@ -371,10 +386,17 @@ def train(
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
         ),
-        # the centres are all-reduced inside forward; the model has no other buffers worth broadcasting
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if training_args.torch_compile else None,
+        # no buffer broadcast (the centres are all-reduced inside forward); on CUDA also bucket views, static graph
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(
+                **ddp_kwargs(
+                    "cpu" if training_args.cpu or not torch.cuda.is_available() else "cuda",
+                    training_args.gradient_accumulation_steps,
+                )
+            )
+        ],
     )
+    enable_tf32(accelerator.device)  # CUDA only: TF32 for what runs in fp32
     if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
         raise UsageError("Several processes but no distributed setup: launch with `accelerate launch`.")
     level = logging.INFO if accelerator.is_main_process else logging.WARNING
@@ -439,7 +461,9 @@ def train(
     model = SelfPatchViTForPretraining(config)
     if training_args.gradient_checkpointing:
         model.student.backbone.activation_checkpointing_enable()
-    optimizer = build_optimizer(model.student)
+    if training_args.torch_compile:  # in place: parameter names, checkpoints and exports are unchanged
+        compile_for_training(model)
+    optimizer = build_optimizer(model.student, **adamw_kwargs(accelerator.device))  # fused AdamW on CUDA
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     unwrapped = accelerator.unwrap_model(model)
@@ -582,6 +606,7 @@ def train(
         total=total_steps, initial=global_step, disable=not accelerator.is_main_process, desc="pretraining"
     )
     window = WindowMeans()
+    skipped_steps = consecutive_skips = 0
     stopped_by = None
     export_dir = None
     try:
@@ -613,6 +638,20 @@ def train(
                         f"{error.losses}); {good}. Lower --learning_rate, lengthen --warmup_epochs, lower --clip_grad "
                         "or train in fp32, then continue with --resume_from_checkpoint."
                     ) from None
+                if result.skipped:
+                    # fp16 overflow: the scaler halved its scale and no weight moved; the same schedule step runs
+                    # again on the next batch (selfpatch_hf.training.mixed_precision)
+                    skipped_steps += 1
+                    consecutive_skips += 1
+                    metrics_log.event("skipped_step", global_step, loss_scale=accelerator.scaler.get_scale())
+                    if consecutive_skips >= MAX_CONSECUTIVE_SKIPPED_STEPS:
+                        raise CommandFailure(
+                            f"the fp16 loss scaler skipped {consecutive_skips} optimiser steps in a row at step "
+                            f"{global_step}: the gradients are not finite at any scale. Train with --mixed_precision "
+                            "bf16 or no, or lower --learning_rate, then continue with --resume_from_checkpoint."
+                        )
+                    continue
+                consecutive_skips = 0
                 global_step += 1
 
                 # log
@@ -647,6 +686,7 @@ def train(
                             "images_per_second": window.images_per_second,
                             "samples_seen": global_step * global_batch_size,
                             "skipped_images": int(skipped),
+                            "skipped_steps": skipped_steps,  # by the fp16 loss scaler, in this process's run
                         },
                     )
                     window.reset()
