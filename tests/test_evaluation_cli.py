@@ -267,6 +267,9 @@ def test_bad_visualize_arguments_are_one_line_errors(workspace, tmp_path, run_cl
     code, lines = run_cli("visualize", "--image", "skimage:chelsea", "--query", "1", *out)
     assert code == 2
     assert_one_line_error(lines, "give exactly one of --model")
+    code, lines = run_cli(*base, "--query", "1", "--layer", "2", *out)
+    assert code == 2
+    assert_one_line_error(lines, "layer 2 is outside the 2 layers of vit0 (0..1, or -1..-2 from the last)")
     code, lines = run_cli(*base, "--query", "1", "--fraction", "0", *out)
     assert code == 2
     assert_one_line_error(lines, "--fraction must lie in (0, 1]")

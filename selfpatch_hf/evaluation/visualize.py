@@ -313,9 +313,14 @@ def attention_figure(
     for name, model in models.items():
         grid = grids[name]
         indices = [resolve_query(q, grid) for q in queries]
+        depth = getattr(model.model.config, "num_hidden_layers", None)
+        if depth and not -depth <= layer < depth:
+            raise ValueError(
+                f"layer {layer} is outside the {depth} layers of {name} (0..{depth - 1}, or -1..-{depth} from the "
+                "last)."
+            )
         attention = query_attention(model, pixel_values, indices, layer)  # (Q, heads, h, w)
         heads[name] = attention.shape[1]
-        depth = getattr(model.model.config, "num_hidden_layers", None)
         layers[name] = (layer % depth + 1 if depth else layer, depth)
         maps = [attention.mean(dim=1)] + (
             [attention[:, i] for i in range(attention.shape[1])] if per_head else []
