@@ -245,3 +245,22 @@ def test_device_check_exits_non_zero_on_a_failed_correctness_check(tmp_path, mon
     report = json.loads(output.read_text())
     failed = [row["check"] for row in report["rows"] if row["status"] == "FAIL"]
     assert "bf16 autocast loss vs fp32" in failed and not report["passed"]
+
+
+def test_a_compiled_model_exports_and_saves_like_an_eager_one(tmp_path):
+    """Compilation is in place and lazy: the exported backbone, `save_pretrained` and the state dict are the
+    eager model's (nothing is traced here: compiled modules compile at their first call)."""
+    from transformers import AutoModel
+
+    from selfpatch_hf.export import export_backbone
+
+    model = tiny_model()
+    compile_for_training(model, backend="aot_eager")
+    path = export_backbone(model, tmp_path / "backbone", source="teacher")
+    backbone = AutoModel.from_pretrained(path)
+    assert not is_compiled(backbone)
+    for name, tensor in model.teacher.backbone.state_dict().items():
+        torch.testing.assert_close(backbone.state_dict()[name], tensor, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "model")
+    reloaded = SelfPatchViTForPretraining.from_pretrained(tmp_path / "model")
+    assert set(reloaded.state_dict()) == set(model.state_dict())

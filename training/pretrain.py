@@ -460,7 +460,10 @@ def train(
     set_seed(training_args.seed)
     model = SelfPatchViTForPretraining(config)
     if training_args.gradient_checkpointing:
-        model.student.backbone.activation_checkpointing_enable()
+        backbone = model.student.backbone
+        # older transformers 5 releases (e.g. 5.17) have only the older name; both checkpoint non-reentrantly
+        enable_checkpointing = getattr(backbone, "activation_checkpointing_enable", None)
+        (enable_checkpointing or backbone.gradient_checkpointing_enable)()
     if training_args.torch_compile:  # in place: parameter names, checkpoints and exports are unchanged
         compile_for_training(model)
     optimizer = build_optimizer(model.student, **adamw_kwargs(accelerator.device))  # fused AdamW on CUDA
