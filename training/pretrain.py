@@ -43,9 +43,15 @@ def parse_arguments(argv: list[str] | None = None):
     return parse_pretraining_arguments(sys.argv[1:] if argv is None else argv, description=__doc__)
 
 
+def check_arguments(argv: list[str] | None = None) -> None:
+    """Parses and checks the arguments, nothing else: `--help` and argument mistakes are answered here."""
+    _, data_args, training_args, _ = parse_arguments(argv)
+    validate_arguments(data_args, training_args)
+
+
 if __name__ == "__main__":
-    # Answer --help and argument mistakes before the imports below load torch, transformers and datasets (seconds).
-    if status := run_command(PROG, lambda argv: validate_arguments(*parse_arguments(argv)[1:3])):
+    # answer --help and argument mistakes before the imports below load torch, transformers and datasets (seconds)
+    if status := run_command(PROG, check_arguments):
         sys.exit(status)
 
 # ruff: noqa: E402 -- the heavy imports come after that early answer

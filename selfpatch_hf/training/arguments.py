@@ -2,8 +2,8 @@
 but the arguments.
 
 `parse_pretraining_arguments(["recipe.yaml", "--learning_rate", "1e-3"])` reads a recipe file (YAML or JSON, a
-mapping of option: value) and the command line after it, the command line winning, through `HfArgumentParser`: every
-value of the file is typed and checked exactly like the same option on the command line. `config_overrides`
+mapping of option: value) and the command line after it, the command line winning (see `recipes`): every value of
+the file is typed and checked exactly like the same option on the command line. `config_overrides`
 (`key=value` pairs on the command line; a mapping or a list of `key=value` strings in a file) set fields of
 `SelfPatchConfig` or of its backbone's `ViTConfig`; both sources merge, the command line winning.
 
@@ -16,7 +16,6 @@ Importing this module loads no torch, datasets or model code, so `--help` and ar
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -24,28 +23,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from transformers.hf_argparser import HfArgumentParser
 
 from ..command_line import UsageError
+from .recipes import option, parse_recipe_and_command_line, yaml_problem
 from .schedules import ScheduleRecipe
 
-OFFLINE_SAMPLE = (
-    "offline-sample"  # photographs bundled with scikit-image (selfpatch_hf.data.sample_photographs)
-)
+# the photographs bundled with scikit-image (selfpatch_hf.data.sample_photographs)
+OFFLINE_SAMPLE = "offline-sample"
 IMAGENET_TRAIN_SIZE = 1_281_167
-RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+SCRIPT = "training/pretrain.py"
 _SCHEDULE_DEFAULTS = ScheduleRecipe()  # the schedules' defaults are written once, in `ScheduleRecipe`
-
-
-def option(default: Any = None, help: str = "", *, default_factory: Any = dataclasses.MISSING) -> Any:  # noqa: A002
-    """A dataclass field with its help text; the default is appended to the help unless it is None or the text
-    already says what the default means."""
-    shown = default_factory() if default_factory is not dataclasses.MISSING else default
-    if shown is not None and "default" not in help:
-        help = f"{help} (default: {shown})"
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -200,64 +187,6 @@ class PretrainingArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainingArguments)
 
 
-class _ArgumentParser(HfArgumentParser):
-    """`HfArgumentParser` whose mistakes raise `UsageError` (argparse's documented `error` hook) instead of exiting,
-    so that a recipe file's mistakes can name the file."""
-
-    def error(self, message: str):
-        raise UsageError(message)
-
-
-def build_parser(description: str | None = None) -> HfArgumentParser:
-    # raw description: the usage examples keep their line breaks; each option's help states its own default
-    return _ArgumentParser(
-        ARGUMENT_CLASSES, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-
-
-def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """The mapping of a YAML or JSON recipe file (YAML is a superset of JSON)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise UsageError(f"cannot read the recipe file {path}: {error.strerror or error}.") from None
-    try:
-        recipe = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UsageError(
-            f"{path} is not valid YAML/JSON{where}: {problem}. Fix the file (a mapping of option: value)."
-        ) from None
-    if recipe is None:
-        return {}
-    if not isinstance(recipe, dict):
-        raise UsageError(
-            f"{path} holds a {type(recipe).__name__}, not a mapping of option: value (e.g. `learning_rate: 5e-4`)."
-        )
-    return recipe
-
-
-def _recipe_tokens(recipe: dict[str, Any], path: str) -> list[str]:
-    """A recipe mapping as command-line tokens, so that argparse types and checks every value."""
-    known = {item.name for group in ARGUMENT_CLASSES for item in dataclasses.fields(group)}
-    unknown = sorted(set(recipe) - known)
-    if unknown:
-        raise UsageError(f"{path}: unknown option(s) {unknown}. See `python training/pretrain.py --help`.")
-    tokens = []
-    for key, value in recipe.items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            raise UsageError(f"{path}: option {key!r} takes a value or a list, not a mapping.")
-        if isinstance(value, bool):
-            value = str(value).lower()
-        values = value if isinstance(value, (list, tuple)) else [value]
-        tokens += [f"--{key}", *(str(item) for item in values)]
-    return tokens
-
-
 def parse_config_overrides(overrides: list[str] | dict[str, Any] | None, source: str) -> dict[str, Any]:
     """`["key=value", ...]` (values read as YAML) or a mapping -> `{key: value}`. The config checks the keys and
     values when it is built."""
@@ -278,10 +207,9 @@ def parse_config_overrides(overrides: list[str] | dict[str, Any] | None, source:
         try:
             parsed[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as error:
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
             raise UsageError(
-                f"{source}: config_overrides {item!r}: the value is not valid YAML ({problem}). Write numbers, "
-                "true/false, words or lists like [224,160]."
+                f"{source}: config_overrides {item!r}: the value is not valid YAML ({yaml_problem(error)}). Write "
+                "numbers, true/false, words or lists like [224,160]."
             ) from None
     return parsed
 
@@ -291,27 +219,12 @@ def parse_pretraining_arguments(
 ) -> tuple[ModelArguments, DataArguments, PretrainingArguments, dict[str, Any]]:
     """Parses `[RECIPE.yaml|json] [--option value ...]`; returns the three argument groups and the merged config
     overrides. `--help` prints the options and exits (SystemExit 0); mistakes raise `UsageError`."""
-    parser = build_parser(description)
-    argv = list(argv)
-    recipe_overrides: dict[str, Any] = {}
-    recipe_tokens: list[str] = []
-    if argv and argv[0].endswith(RECIPE_SUFFIXES):
-        path = argv.pop(0)
-        recipe = read_recipe(path)
-        recipe_overrides = parse_config_overrides(recipe.pop("config_overrides", None), path)
-        recipe_tokens = _recipe_tokens(recipe, path)
-        try:  # the file alone first, so that its mistakes name it
-            parser.parse_args_into_dataclasses(args=recipe_tokens, look_for_args_file=False)
-        except UsageError as error:
-            raise UsageError(f"{path}: {error}") from None
-    try:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-            args=recipe_tokens + argv, look_for_args_file=False
-        )
-    except ValueError as error:  # unknown options
-        raise UsageError(f"{error}. See `python training/pretrain.py --help`.") from None
+    parsed = parse_recipe_and_command_line(
+        ARGUMENT_CLASSES, argv, script=SCRIPT, description=description, set_aside=("config_overrides",)
+    )
+    model_args, data_args, training_args = parsed.groups
     overrides = {
-        **recipe_overrides,
+        **parse_config_overrides(parsed.set_aside.get("config_overrides"), str(parsed.recipe_path)),
         **parse_config_overrides(model_args.config_overrides, "--config_overrides"),
     }
     return model_args, data_args, training_args, overrides
@@ -361,8 +274,9 @@ def validate_arguments(data_args: DataArguments, training_args: PretrainingArgum
         try:
             validate_repo_id(training_args.hub_model_id)
         except HFValidationError as error:
+            reason = str(error).replace(" Use `repo_type` argument if needed.", "")  # not an option of ours
             raise UsageError(
-                f"--hub_model_id {training_args.hub_model_id!r} is not a valid Hub repository id ({error}). Use "
+                f"--hub_model_id {training_args.hub_model_id!r} is not a valid Hub repository id ({reason}). Use "
                 "`user-or-org/name`."
             ) from None
     for tracker, module in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
@@ -392,9 +306,7 @@ __all__ = [
     "DataArguments",
     "ModelArguments",
     "PretrainingArguments",
-    "build_parser",
     "parse_config_overrides",
     "parse_pretraining_arguments",
-    "read_recipe",
     "validate_arguments",
 ]

@@ -11,134 +11,120 @@ Importing this module loads no torch, datasets or model code, so `--help` and ar
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from transformers.hf_argparser import HfArgumentParser
-
 from ..command_line import UsageError
+from .recipes import option, parse_recipe_and_command_line
 
-RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 RANDOM_BACKBONE_PREFIX = "random:"
-
-
-def _option(default: Any = None, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
-    if "default_factory" in kwargs:
-        return field(default_factory=kwargs["default_factory"], metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class SegmentationModelArguments:
-    backbone: str | None = _option(
+    backbone: str | None = option(
         None,
         "The pretrained backbone (required): a ViTModel folder or Hub id (our export, a converted DINO), a converted "
         "CLS-free SelfPatch SiglipVisionModel, a SelfPatch pretraining folder, a Dinov2Backbone folder, or "
         f"`{RANDOM_BACKBONE_PREFIX}PRESET` (a randomly initialised ViT, e.g. {RANDOM_BACKBONE_PREFIX}vit-tiny-patch16).",
     )
-    out_indices: list[int] | None = _option(
+    out_indices: list[int] | None = option(
         None, "Blocks whose outputs feed the head (default: a third, half, two thirds and all of the depth)."
     )
-    decoder_hidden_size: int = _option(512, "UperNet's channel width.")
-    use_auxiliary_head: bool = _option(True, "Train UperNet's auxiliary FCN head on the third feature map.")
-    auxiliary_loss_weight: float = _option(0.4, "Weight of the auxiliary head's loss.")
-    drop_path_rate: float = _option(0.1, "Stochastic depth in the backbone (ViT backbones).")
+    decoder_hidden_size: int = option(512, "UperNet's channel width.")
+    use_auxiliary_head: bool = option(True, "Train UperNet's auxiliary FCN head on the third feature map.")
+    auxiliary_loss_weight: float = option(0.4, "Weight of the auxiliary head's loss.")
+    drop_path_rate: float = option(0.1, "Stochastic depth in the backbone (ViT backbones).")
 
 
 @dataclass
 class SegmentationDataArguments:
-    dataset_name: str | None = _option(
+    dataset_name: str | None = option(
         None,
         "A `datasets` dataset with an image and a mask column (required): a Hub id (scene_parse_150 = ADE20K, with "
         "--reduce_labels), a local folder, or `offline-scenes` (the synthetic set, built under --offline_data_dir).",
     )
-    dataset_config_name: str | None = _option(None, "Configuration of the Hub dataset.")
-    dataset_revision: str | None = _option(
+    dataset_config_name: str | None = option(None, "Configuration of the Hub dataset.")
+    dataset_revision: str | None = option(
         None,
         "Revision of the Hub dataset, e.g. `refs/convert/parquet` (the Hub's parquet conversion of a dataset that "
         "still ships a loading script, which `datasets` 4+ no longer runs).",
     )
-    train_split: str = _option("train", "Split to train on.")
-    eval_split: str | None = _option("validation", "Split to evaluate on (none: no evaluation).")
-    image_column: str | None = _option(None, "Image column (default: `image`).")
-    mask_column: str | None = _option(
+    train_split: str = option("train", "Split to train on.")
+    eval_split: str | None = option("validation", "Split to evaluate on (none: no evaluation).")
+    image_column: str | None = option(None, "Image column (default: `image`).")
+    mask_column: str | None = option(
         None, "Mask column (default: mask / annotation / ... among Image columns)."
     )
-    label_names: str | None = _option(
+    label_names: str | None = option(
         None, "Class names: `ade20k`, `offline-scenes` or a JSON file (default: known from the dataset name)."
     )
-    reduce_labels: bool = _option(False, "Label 0 is 'other' (ignored) and l becomes l - 1 (ADE20K).")
-    ignore_index: int = _option(255, "Label value that is not trained on or scored.")
-    offline_data_dir: str = _option("data/offline", "Where `offline-scenes` is built (segmentation/ inside).")
-    max_train_samples: int | None = _option(None, "Use only the first N training images.")
-    max_eval_samples: int | None = _option(None, "Evaluate on the first N evaluation images only.")
-    crop_size: list[int] = _option(help="Training crop (height width).", default_factory=lambda: [512, 512])
-    scale: list[int] = _option(
+    reduce_labels: bool = option(False, "Label 0 is 'other' (ignored) and l becomes l - 1 (ADE20K).")
+    ignore_index: int = option(255, "Label value that is not trained on or scored.")
+    offline_data_dir: str = option("data/offline", "Where `offline-scenes` is built (segmentation/ inside).")
+    max_train_samples: int | None = option(None, "Use only the first N training images.")
+    max_eval_samples: int | None = option(None, "Evaluate on the first N evaluation images only.")
+    crop_size: list[int] = option(help="Training crop (height width).", default_factory=lambda: [512, 512])
+    scale: list[int] = option(
         help="Long and short side bounds of the rescale before the random ratio, and of evaluation.",
         default_factory=lambda: [2048, 512],
     )
-    ratio_range: list[float] = _option(help="Random rescale ratio range.", default_factory=lambda: [0.5, 2.0])
-    cat_max_ratio: float = _option(0.75, "Redraw a crop (up to 10 times) when one class covers more of it.")
-    flip_prob: float = _option(0.5, "Horizontal flip probability.")
-    photometric: bool = _option(True, "Photometric distortion (brightness, contrast, saturation, hue).")
-    num_workers: int = _option(2, "Data loading worker processes per training process.")
+    ratio_range: list[float] = option(help="Random rescale ratio range.", default_factory=lambda: [0.5, 2.0])
+    cat_max_ratio: float = option(0.75, "Redraw a crop (up to 10 times) when one class covers more of it.")
+    flip_prob: float = option(0.5, "Horizontal flip probability.")
+    photometric: bool = option(True, "Photometric distortion (brightness, contrast, saturation, hue).")
+    num_workers: int = option(2, "Data loading worker processes per training process.")
 
 
 @dataclass
 class SegmentationTrainingArguments:
-    output_dir: str | None = _option(None, "Where metrics, checkpoints and the model go (required).")
-    overwrite_output_dir: bool = _option(False, "Start afresh even if output_dir holds checkpoints of a run.")
-    seed: int = _option(0, "Seed of the head initialisation, data order and augmentation.")
-    per_device_train_batch_size: int = _option(
-        4, "Images per process per micro-batch (>= 2: UperNet has BN)."
-    )
-    gradient_accumulation_steps: int = _option(1, "Micro-batches per optimiser step.")
-    max_steps: int = _option(40000, "Training length in optimiser steps (iterations).")
-    learning_rate: float = _option(6e-5, "Peak learning rate (not scaled with the batch).")
-    layer_decay: float = _option(1.0, "Layer-wise learning-rate decay of the backbone (1: none; BEiT 0.65).")
-    weight_decay: float = _option(0.01, "AdamW weight decay (none on biases, norms, position embeddings).")
-    lr_scheduler: Literal["poly", "cosine"] = _option("poly", "Decay after the warm-up.")
-    poly_power: float = _option(1.0, "Power of the poly decay.")
-    min_learning_rate: float = _option(0.0, "Learning rate at the end.")
-    warmup_steps: int = _option(1500, "Linear warm-up steps.")
-    warmup_ratio: float = _option(1e-6, "Warm-up starts at this fraction of the learning rate.")
-    max_grad_norm: float = _option(0.0, "Clip the global gradient norm (0: no clipping, as the reference).")
-    inference_mode: Literal["whole", "slide"] = _option(
+    output_dir: str | None = option(None, "Where metrics, checkpoints and the model go (required).")
+    overwrite_output_dir: bool = option(False, "Start afresh even if output_dir holds checkpoints of a run.")
+    seed: int = option(0, "Seed of the head initialisation, data order and augmentation.")
+    per_device_train_batch_size: int = option(4, "Images per process per micro-batch (>= 2: UperNet has BN).")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimiser step.")
+    max_steps: int = option(40000, "Training length in optimiser steps (iterations).")
+    learning_rate: float = option(6e-5, "Peak learning rate (not scaled with the batch).")
+    layer_decay: float = option(1.0, "Layer-wise learning-rate decay of the backbone (1: none; BEiT 0.65).")
+    weight_decay: float = option(0.01, "AdamW weight decay (none on biases, norms, position embeddings).")
+    lr_scheduler: Literal["poly", "cosine"] = option("poly", "Decay after the warm-up.")
+    poly_power: float = option(1.0, "Power of the poly decay.")
+    min_learning_rate: float = option(0.0, "Learning rate at the end.")
+    warmup_steps: int = option(1500, "Linear warm-up steps.")
+    warmup_ratio: float = option(1e-6, "Warm-up starts at this fraction of the learning rate.")
+    max_grad_norm: float = option(0.0, "Clip the global gradient norm (0: no clipping, as the reference).")
+    inference_mode: Literal["whole", "slide"] = option(
         "whole", "Evaluation on whole images or sliding windows."
     )
-    slide_stride: list[int] | None = _option(
+    slide_stride: list[int] | None = option(
         None, "Sliding-window stride (height width; default: two thirds of --crop_size, mmseg's 341 for 512)."
     )
-    eval_steps: int = _option(0, "Evaluate every N steps (0: only at the end).")
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = _option(
+    eval_steps: int = option(0, "Evaluate every N steps (0: only at the end).")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
         None, "Autocast precision (default: accelerate launch's setting). The CPU stays fp32 by default."
     )
-    cpu: bool = _option(False, "Train on the CPU even if an accelerator is present.")
-    sync_batch_norm: bool = _option(True, "SyncBatchNorm in the heads with several GPUs (mmseg's SyncBN).")
-    gradient_checkpointing: bool = _option(
-        False, "Recompute the backbone's activations in the backward pass."
-    )
-    logging_steps: int = _option(50, "Log metrics every N optimiser steps.")
-    report_to: Literal["none", "tensorboard", "wandb", "all"] = _option(
+    cpu: bool = option(False, "Train on the CPU even if an accelerator is present.")
+    sync_batch_norm: bool = option(True, "SyncBatchNorm in the heads with several GPUs (mmseg's SyncBN).")
+    gradient_checkpointing: bool = option(False, "Recompute the backbone's activations in the backward pass.")
+    logging_steps: int = option(50, "Log metrics every N optimiser steps.")
+    report_to: Literal["none", "tensorboard", "wandb", "all"] = option(
         "none", "Trackers for the metrics (metrics.jsonl is always written)."
     )
-    run_name: str = _option("selfpatch-segmentation", "Tracker project / run name.")
-    checkpointing_steps: int = _option(
+    run_name: str = option("selfpatch-segmentation", "Tracker project / run name.")
+    checkpointing_steps: int = option(
         4000, "Write a checkpoint every N optimiser steps (0: only at the end)."
     )
-    checkpoints_total_limit: int | None = _option(2, "Keep at most this many checkpoints.")
-    resume_from_checkpoint: str | None = _option(
+    checkpoints_total_limit: int | None = option(2, "Keep at most this many checkpoints.")
+    resume_from_checkpoint: str | None = option(
         None, "`latest` (of output_dir; starts afresh when there is none) or a checkpoint-<step> folder."
     )
-    push_to_hub: bool = _option(False, "Upload the final model folder to the Hub.")
-    hub_model_id: str | None = _option(None, "Hub repository to push to (user/name).")
-    hub_private: bool = _option(False, "Create the Hub repository private.")
-    hub_token: str | None = _option(
+    push_to_hub: bool = option(False, "Upload the final model folder to the Hub.")
+    hub_model_id: str | None = option(None, "Hub repository to push to (user/name).")
+    hub_private: bool = option(False, "Create the Hub repository private.")
+    hub_token: str | None = option(
         None, "Hub token for pushing and gated datasets (default: HF_TOKEN / login)."
     )
 
@@ -152,67 +138,13 @@ class SegmentationTrainingArguments:
 ARGUMENT_CLASSES = (SegmentationModelArguments, SegmentationDataArguments, SegmentationTrainingArguments)
 
 
-class _ArgumentParser(HfArgumentParser):
-    def error(
-        self, message: str
-    ):  # argparse's hook: raise instead of exiting, so recipe mistakes name the file
-        raise UsageError(message)
-
-
-def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    try:
-        recipe = yaml.safe_load(Path(path).read_text())
-    except OSError as error:
-        raise UsageError(f"cannot read the recipe file {path}: {error.strerror or error}.") from None
-    except yaml.YAMLError as error:
-        raise UsageError(f"{path} is not valid YAML/JSON: {str(error).splitlines()[0]}.") from None
-    if recipe is None:
-        return {}
-    if not isinstance(recipe, dict):
-        raise UsageError(f"{path} holds a {type(recipe).__name__}, not a mapping of option: value.")
-    return recipe
-
-
-def _recipe_tokens(recipe: dict[str, Any], path: str) -> list[str]:
-    known = {item.name for group in ARGUMENT_CLASSES for item in dataclasses.fields(group)}
-    unknown = sorted(set(recipe) - known)
-    if unknown:
-        raise UsageError(
-            f"{path}: unknown option(s) {unknown}. See `python training/finetune_segmentation.py --help`."
-        )
-    tokens: list[str] = []
-    for key, value in recipe.items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            raise UsageError(f"{path}: option {key!r} takes a value or a list, not a mapping.")
-        if isinstance(value, bool):
-            value = str(value).lower()
-        values = value if isinstance(value, (list, tuple)) else [value]
-        tokens += [f"--{key}", *(str(item) for item in values)]
-    return tokens
-
-
 def parse_finetuning_arguments(
     argv: list[str], description: str | None = None
 ) -> tuple[SegmentationModelArguments, SegmentationDataArguments, SegmentationTrainingArguments]:
     """`[RECIPE.yaml|json] [--option value ...]` -> the three argument groups (checked by `validate_arguments`)."""
-    parser = _ArgumentParser(
-        ARGUMENT_CLASSES, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    argv = list(argv)
-    recipe_tokens: list[str] = []
-    if argv and argv[0].endswith(RECIPE_SUFFIXES):
-        path = argv.pop(0)
-        recipe_tokens = _recipe_tokens(read_recipe(path), path)
-        try:  # the file alone first, so that its mistakes name it
-            parser.parse_args_into_dataclasses(args=recipe_tokens, look_for_args_file=False)
-        except UsageError as error:
-            raise UsageError(f"{path}: {error}") from None
-    try:
-        groups = parser.parse_args_into_dataclasses(args=recipe_tokens + argv, look_for_args_file=False)
-    except ValueError as error:  # unknown options
-        raise UsageError(f"{error}. See `python training/finetune_segmentation.py --help`.") from None
+    groups = parse_recipe_and_command_line(
+        ARGUMENT_CLASSES, argv, script="training/finetune_segmentation.py", description=description
+    ).groups
     model_args, data_args, training_args = groups
     validate_arguments(model_args, data_args, training_args)
     return model_args, data_args, training_args

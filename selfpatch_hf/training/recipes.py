@@ -1,0 +1,149 @@
+"""Recipe files and command lines of the training scripts, parsed into argument dataclasses by `HfArgumentParser`.
+
+A script's command line is `[RECIPE.yaml|json] [--option value ...]`. The recipe (a mapping of option: value; YAML
+is a superset of JSON) is turned into command-line tokens, so that every value of the file is typed and checked
+exactly like the same option on the command line; options after it override the file. Mistakes raise
+`selfpatch_hf.command_line.UsageError` (exit status 2, one line naming the file or option and the fix).
+
+Importing this module loads no torch, datasets or model code (only `transformers.hf_argparser`), so that `--help`
+and argument mistakes answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers.hf_argparser import HfArgumentParser
+
+from ..command_line import UsageError
+
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def option(default: Any = None, help: str = "", *, default_factory: Any = dataclasses.MISSING) -> Any:  # noqa: A002
+    """A dataclass field with its help text; the default is appended to the help unless it is None or the text
+    already says what the default means (so `--help` states each default once)."""
+    shown = default_factory() if default_factory is not dataclasses.MISSING else default
+    if shown is not None and "default" not in help:
+        help = f"{help} (default: {shown})"
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+class RecipeArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose mistakes raise `UsageError` (argparse's documented `error` hook) instead of exiting,
+    so that a recipe file's mistakes can name the file. The description keeps its line breaks (usage examples)."""
+
+    def __init__(self, argument_classes: Sequence[type], description: str | None = None):
+        super().__init__(
+            argument_classes, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """`at line L, column C: PROBLEM` (or the first line of the message) of a YAML / JSON syntax error."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"at line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(error, "problem", None) or str(error).splitlines()[0])
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of a YAML or JSON recipe file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise UsageError(f"cannot read the recipe file {path}: {error.strerror or error}.") from None
+    try:
+        recipe = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UsageError(
+            f"{path} is not valid YAML/JSON {yaml_problem(error)}. Fix the file (a mapping of option: value)."
+        ) from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise UsageError(
+            f"{path} holds a {type(recipe).__name__}, not a mapping of option: value (e.g. `learning_rate: 5e-4`)."
+        )
+    return recipe
+
+
+def recipe_tokens(
+    recipe: dict[str, Any], argument_classes: Sequence[type], path: str, script: str
+) -> list[str]:
+    """A recipe mapping as command-line tokens (booleans as true/false, lists as several values)."""
+    known = {item.name for group in argument_classes for item in dataclasses.fields(group)}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise UsageError(f"{path}: unknown option(s) {unknown}. See `python {script} --help`.")
+    tokens: list[str] = []
+    for key, value in recipe.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            raise UsageError(f"{path}: option {key!r} takes a value or a list, not a mapping.")
+        if isinstance(value, bool):
+            value = str(value).lower()
+        values = value if isinstance(value, (list, tuple)) else [value]
+        tokens += [f"--{key}", *(str(item) for item in values)]
+    return tokens
+
+
+@dataclasses.dataclass
+class ParsedCommandLine:
+    groups: tuple[Any, ...]  # one instance per argument class, in order
+    recipe_path: str | None = None
+    set_aside: dict[str, Any] = dataclasses.field(default_factory=dict)  # recipe entries parsed by the caller
+
+
+def parse_recipe_and_command_line(
+    argument_classes: Sequence[type],
+    argv: Sequence[str],
+    *,
+    script: str,
+    description: str | None = None,
+    set_aside: Sequence[str] = (),
+) -> ParsedCommandLine:
+    """Parses `[RECIPE.yaml|json] [--option value ...]` into `argument_classes`. Recipe entries named in
+    `set_aside` (values with a richer form in a file, e.g. a mapping) are returned as they are, for the caller.
+    `--help` prints the options and exits (SystemExit 0)."""
+    parser = RecipeArgumentParser(argument_classes, description)
+    argv = list(argv)
+    parsed = ParsedCommandLine(groups=())
+    tokens: list[str] = []
+    if argv and argv[0].endswith(RECIPE_SUFFIXES):
+        parsed.recipe_path = argv.pop(0)
+        recipe = read_recipe(parsed.recipe_path)
+        parsed.set_aside = {key: recipe.pop(key) for key in set_aside if key in recipe}
+        tokens = recipe_tokens(recipe, argument_classes, parsed.recipe_path, script)
+        try:  # the file alone first, so that its mistakes name it
+            parser.parse_args_into_dataclasses(args=tokens, look_for_args_file=False)
+        except UsageError as error:
+            raise UsageError(f"{parsed.recipe_path}: {error}") from None
+    try:
+        parsed.groups = parser.parse_args_into_dataclasses(args=tokens + argv, look_for_args_file=False)
+    except ValueError as error:  # unknown options
+        raise UsageError(f"{error}. See `python {script} --help`.") from None
+    return parsed
+
+
+__all__ = [
+    "RECIPE_SUFFIXES",
+    "ParsedCommandLine",
+    "RecipeArgumentParser",
+    "option",
+    "parse_recipe_and_command_line",
+    "read_recipe",
+    "recipe_tokens",
+    "yaml_problem",
+]
