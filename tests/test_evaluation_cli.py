@@ -248,6 +248,9 @@ def test_an_annotated_frame_without_its_image_is_announced(workspace, tmp_path, 
         str(tmp_path / "out"), "--short-side", "48", "--size-multiple", "16", "--sequences", sequence,
     )  # fmt: skip
     assert code == 0 and "(00002.png); they are not propagated and not scored" in caplog.text
+    (root / "JPEGImages/480p" / sequence / "00000.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"first annotated frame's image .*00000\.jpg is missing"):
+        load_sequence(root, sequence)
 
 
 def test_bad_visualize_arguments_are_one_line_errors(workspace, tmp_path, run_cli):

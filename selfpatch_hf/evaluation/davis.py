@@ -101,12 +101,17 @@ def load_sequence(root: str | Path, name: str, resolution: str = "480p") -> Davi
     annotations = sorted(annotation_dir.glob("*.png"))
     if not frames:
         raise FileNotFoundError(f"No frames (*.jpg) in {frame_dir}.")
+    frame_names = {frame.stem for frame in frames}
+    if annotations and annotations[0].stem < frames[0].stem:
+        raise FileNotFoundError(
+            f"The first annotated frame's image {frame_dir / (annotations[0].stem + '.jpg')} is missing: its mask "
+            f"({annotations[0].name}) is what the propagation starts from."
+        )
     if not annotations or annotations[0].stem != frames[0].stem:
         raise FileNotFoundError(
             f"The first frame's annotation {annotation_dir / (frames[0].stem + '.png')} is missing."
         )
     # An annotation whose frame image is missing can be neither propagated nor scored: say so, and leave it out.
-    frame_names = {frame.stem for frame in frames}
     orphans = [path for path in annotations if path.stem not in frame_names]
     if orphans:
         shown = ", ".join(path.name for path in orphans[:5]) + (", ..." if len(orphans) > 5 else "")
