@@ -264,3 +264,29 @@ def test_a_compiled_model_exports_and_saves_like_an_eager_one(tmp_path):
     model.save_pretrained(tmp_path / "model")
     reloaded = SelfPatchViTForPretraining.from_pretrained(tmp_path / "model")
     assert set(reloaded.state_dict()) == set(model.state_dict())
+
+
+def test_device_check_runs_without_datasets_and_says_what_is_missing(tmp_path):
+    """GPU images may lack `datasets` and `albumentations`: the model-side sections still run, the others are
+    reported as skipped with the install line, and the exit status stays 0."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    output = tmp_path / "report.json"
+    script = (
+        "import runpy, sys\n"
+        "for name in ('datasets', 'albumentations'):\n"
+        "    sys.modules[name] = None  # importing them fails, as where they are not installed\n"
+        f"sys.argv = ['device_check.py', '--cpu', '--sections', 'correctness', 'data', '--output', {str(output)!r}]\n"
+        f"runpy.run_path({str(REPO_ROOT / 'benchmarks' / 'device_check.py')!r}, run_name='__main__')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads(output.read_text())["rows"]
+    assert {row["status"] for row in rows if row["section"] == "correctness"} <= {"ok", "info"}
+    (data_row,) = [row for row in rows if row["section"] == "data"]
+    assert data_row["status"] == "skipped" and "pip install datasets albumentations" in data_row["note"]
+    assert "skipped sections (missing packages): data" in run.stdout
