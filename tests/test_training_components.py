@@ -592,15 +592,27 @@ def test_help_keeps_the_examples_and_states_each_default_once(capsys):
     assert "(default: 0.0005)" in " ".join(text.split())  # the schedules' own default, shown once
 
 
-def test_help_and_argument_mistakes_answer_before_the_heavy_imports(tmp_path):
-    """`--help` and a wrong option are answered before torch, transformers' models or datasets are imported."""
+HEAVY_MODULES = (
+    "torch",
+    "transformers",
+    "datasets",
+    "accelerate",
+    "huggingface_hub",
+    "selfpatch_hf.modeling_selfpatch",
+)
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune_segmentation.py"])
+def test_help_and_argument_mistakes_answer_before_the_heavy_imports(tmp_path, script):
+    """`--help` and a wrong option are answered before torch, transformers, datasets, accelerate or the Hub client
+    are imported (HfArgumentParser is loaded from its own file)."""
     probe = (
         "import runpy, sys\n"
-        f"sys.argv = [{str(REPO_ROOT / 'training' / 'pretrain.py')!r}, *sys.argv[1:]]\n"
+        f"sys.argv = [{str(REPO_ROOT / 'training' / script)!r}, *sys.argv[1:]]\n"
         "try:\n"
         "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
         "except SystemExit as exit:\n"
-        "    heavy = sorted(m for m in ('torch', 'datasets', 'selfpatch_hf.modeling_selfpatch') if m in sys.modules)\n"
+        f"    heavy = sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)\n"
         "    print('EXIT', exit.code, 'HEAVY', heavy)\n"
     )
     for argv, status in ((["--help"], 0), (["--learning_rate", "fast", "--output_dir", str(tmp_path)], 2)):
@@ -608,6 +620,18 @@ def test_help_and_argument_mistakes_answer_before_the_heavy_imports(tmp_path):
             [sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
         )
         assert f"EXIT {status} HEAVY []" in result.stdout, (result.stdout[-2000:], result.stderr[-2000:])
+
+
+def test_the_argument_parser_is_transformers_own():
+    """The recipes module loads `HfArgumentParser` from transformers' own file, not from a copy."""
+    import importlib.util
+    import inspect
+
+    from selfpatch_hf.training.recipes import HfArgumentParser
+
+    package = Path(importlib.util.find_spec("transformers").origin).parent
+    assert HfArgumentParser.__name__ == "HfArgumentParser"
+    assert Path(inspect.getfile(HfArgumentParser)) == package / "hf_argparser.py"
 
 
 def test_resume_reports_a_finished_run_and_refuses_other_data_cuts_or_models(tmp_path, capsys, caplog):

@@ -5,23 +5,51 @@ is a superset of JSON) is turned into command-line tokens, so that every value o
 exactly like the same option on the command line; options after it override the file. Mistakes raise
 `selfpatch_hf.command_line.UsageError` (exit status 2, one line naming the file or option and the fix).
 
-Importing this module loads no torch, datasets or model code (only `transformers.hf_argparser`), so that `--help`
-and argument mistakes answer at once.
+Importing this module loads no torch, transformers, datasets or model code (`HfArgumentParser` is loaded from its
+own file, see `_load_hf_argument_parser`), so that `--help` and argument mistakes answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers.hf_argparser import HfArgumentParser
 
 from ..command_line import UsageError
+
+
+def _load_hf_argument_parser() -> type:
+    """transformers' `HfArgumentParser`, without running the `transformers` package's `__init__` where possible.
+
+    That `__init__` indexes every model of the library (about a second of CPU, several on a busy machine), while
+    `hf_argparser.py` itself needs only the standard library and yaml: loading that one file keeps `--help` at a
+    few tenths of a second. Should a release give the file other imports, the ordinary import is used.
+    """
+    name = "selfpatch_hf.training._hf_argparser"
+    if name in sys.modules:
+        return sys.modules[name].HfArgumentParser
+    try:
+        package = importlib.util.find_spec("transformers")
+        spec = importlib.util.spec_from_file_location(name, Path(package.origin).parent / "hf_argparser.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module.HfArgumentParser
+    except Exception:  # noqa: BLE001 -- any surprise: the ordinary, slower import
+        sys.modules.pop(name, None)
+        from transformers.hf_argparser import HfArgumentParser
+
+        return HfArgumentParser
+
+
+HfArgumentParser = _load_hf_argument_parser()
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 
