@@ -289,4 +289,4 @@ def test_device_check_runs_without_datasets_and_says_what_is_missing(tmp_path):
     assert {row["status"] for row in rows if row["section"] == "correctness"} <= {"ok", "info"}
     (data_row,) = [row for row in rows if row["section"] == "data"]
     assert data_row["status"] == "skipped" and "pip install datasets albumentations" in data_row["note"]
-    assert "skipped sections (missing packages): data" in run.stdout
+    assert "skipped: data (missing datasets, albumentations" in run.stdout
