@@ -107,6 +107,11 @@ class SegmentationTrainingArguments:
         None, "Autocast precision (default: accelerate launch's setting). The CPU stays fp32 by default."
     )
     cpu: bool = option(False, "Train on the CPU even if an accelerator is present.")
+    cpu_threads: int | None = option(
+        None,
+        "Torch threads per process on the CPU (default: the cores left after the data workers; oversubscribed "
+        "cores make every step several times slower).",
+    )
     sync_batch_norm: bool = option(True, "SyncBatchNorm in the heads with several GPUs (mmseg's SyncBN).")
     gradient_checkpointing: bool = option(False, "Recompute the backbone's activations in the backward pass.")
     logging_steps: int = option(50, "Log metrics every N optimiser steps.")
@@ -174,6 +179,10 @@ def validate_arguments(
     ):
         if getattr(owner, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(owner, name)}.")
+    if training_args.cpu_threads is not None and training_args.cpu_threads < 1:
+        raise UsageError(
+            f"--cpu_threads must be >= 1 (or unset: automatic), got {training_args.cpu_threads}."
+        )
     for name in ("warmup_steps", "eval_steps", "checkpointing_steps", "num_workers"):
         owner = data_args if hasattr(data_args, name) else training_args
         if getattr(owner, name) < 0:
