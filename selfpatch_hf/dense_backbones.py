@@ -220,7 +220,11 @@ def _load_source_model(source: str | os.PathLike) -> PreTrainedModel:
         return SiglipVisionModel.from_pretrained(str(source))
     if model_type in ("dinov2", SelfPatchSiglipBackboneConfig.model_type):
         return load_dense_backbone(source)
-    if model_type == "selfpatch":
+    from .configuration_selfpatch import SelfPatchConfig
+
+    if (
+        model_type == SelfPatchConfig.model_type
+    ):  # a pretraining folder: its teacher, what the paper evaluates
         from .export import extract_backbone
         from .modeling_selfpatch import SelfPatchViTForPretraining
 

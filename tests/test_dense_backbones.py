@@ -175,3 +175,19 @@ def test_dpt_depth_model_on_the_vit_backbone(tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match="class token"):
         build_dpt(tower)
+
+
+def test_a_pretraining_folder_gives_its_teachers_backbone(tmp_path):
+    torch.manual_seed(0)
+    model = SelfPatchViTForPretraining(tiny_config(num_hidden_layers=4))
+    model.save_pretrained(tmp_path / "pretraining")
+    from_folder = load_dense_backbone(
+        export_dense_backbone(tmp_path / "pretraining", tmp_path / "dense-a")
+    ).eval()
+    from_export = load_dense_backbone(
+        export_dense_backbone(export_backbone(model, tmp_path / "vit"), tmp_path / "dense-b")
+    ).eval()
+    pixels = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        for a, b in zip(from_folder(pixels).feature_maps, from_export(pixels).feature_maps):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
