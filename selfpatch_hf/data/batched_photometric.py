@@ -253,8 +253,10 @@ def _reflect_pad(pixels: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
 
 
 def gaussian_blur(pixels: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Separable blur with PIL's kernel of radius `sigma`, one kernel per image, reflected border."""
-    kernels = pil_gaussian_kernels(sigmas).to(pixels.device, pixels.dtype)  # (n, K)
+    """Separable blur with PIL's kernel of radius `sigma`, one kernel per image, reflected border.
+
+    Pass `sigmas` on the CPU for a GPU batch: the kernels' common length is read from them (a sync on a GPU)."""
+    kernels = pil_gaussian_kernels(sigmas).to(pixels.device, pixels.dtype, non_blocking=True)  # (n, K)
     taps = kernels.shape[1]
     pad = taps // 2
     height, width = pixels.shape[-2:]
@@ -272,29 +274,35 @@ _JITTER_COLUMNS = (BRIGHTNESS, CONTRAST, SATURATION, HUE)
 
 
 def _apply_where(pixels: torch.Tensor, mask: torch.Tensor, op, *args: torch.Tensor) -> torch.Tensor:
-    """`op` on the images selected by `mask` (per-image arguments indexed alike); the others unchanged."""
+    """`op` on the images selected by the CPU `mask` (per-image arguments, on any device, indexed alike); the
+    others unchanged. The selection is made on the host, so a GPU batch never waits for a device-to-host copy."""
     index = mask.nonzero().squeeze(1)
     if index.numel() == 0:
         return pixels
     if index.numel() == pixels.shape[0]:
         return op(pixels, *args)
-    pixels = pixels.clone() if pixels.requires_grad else pixels
-    pixels[index] = op(pixels[index], *(arg[index] for arg in args))
+    on_device = index.to(pixels.device, non_blocking=True)
+    selected_args = (arg[index if arg.device == index.device else on_device] for arg in args)
+    pixels[on_device] = op(pixels[on_device], *selected_args)
     return pixels
 
 
 def photometric_ops(pixels: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
-    """Colour jitter (own random order per image), grayscale, blur, solarisation on `(n, 3, H, W)` in [0, 1]."""
-    parameters = parameters.to(pixels.device)
-    jitter = parameters[:, JITTER] > 0.5
-    order = parameters[:, ORDER].round().long()
+    """Colour jitter (own random order per image), grayscale, blur, solarisation on `(n, 3, H, W)` in [0, 1].
+
+    `parameters` `(n, 13)` may be on the CPU (as the data loader leaves them) or on the device; the decisions are
+    read on the CPU either way, the factors used on the device."""
+    decisions = parameters.detach().cpu()
+    values = parameters.to(pixels.device, non_blocking=True)
+    jitter = decisions[:, JITTER] > 0.5
+    order = decisions[:, ORDER].round().long()
     for position in range(4):
         for op_index, (op, column) in enumerate(zip(_JITTER_OPS, _JITTER_COLUMNS)):
             selected = jitter & (order[:, position] == op_index)
-            pixels = _apply_where(pixels, selected, op, parameters[:, column])
-    pixels = _apply_where(pixels, parameters[:, GRAYSCALE] > 0.5, to_grayscale)
-    pixels = _apply_where(pixels, parameters[:, BLUR] > 0.5, gaussian_blur, parameters[:, SIGMA])
-    return _apply_where(pixels, parameters[:, SOLARIZE] > 0.5, solarize)
+            pixels = _apply_where(pixels, selected, op, values[:, column])
+    pixels = _apply_where(pixels, decisions[:, GRAYSCALE] > 0.5, to_grayscale)
+    pixels = _apply_where(pixels, decisions[:, BLUR] > 0.5, gaussian_blur, decisions[:, SIGMA])
+    return _apply_where(pixels, decisions[:, SOLARIZE] > 0.5, solarize)
 
 
 def apply_photometric(

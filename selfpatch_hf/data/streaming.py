@@ -900,10 +900,12 @@ class MultiCropDataLoader:
     def _finish_batch(self, crops: tuple[torch.Tensor, ...]) -> MultiCropBatch:
         if self.augmentation_device == "workers":
             return MultiCropBatch(self._normalize(crops[0]), self._normalize(crops[1]))
-        global_crops, local_crops, parameters = (
+        # the crops go to the device; the parameters stay on the host, where the per-crop decisions are read
+        global_crops, local_crops = (
             tensor.to(self.device, non_blocking=True) if self.device is not None else tensor
-            for tensor in crops
+            for tensor in crops[:2]
         )
+        parameters = crops[2]
         mean, std = self.augmentation.mean, self.augmentation.std
         return MultiCropBatch(
             apply_photometric(global_crops, parameters[:, :2], mean, std),
