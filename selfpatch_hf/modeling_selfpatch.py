@@ -144,6 +144,12 @@ def build_neighbor_table(
         raise ValueError(f'window must be an odd int >= 3 or "all", got {window!r}.')
     if height < 1 or width < 1:
         raise ValueError(f"Empty patch grid {height}x{width}.")
+    return _neighbor_table_on(height, width, window, torch.device(device if device is not None else "cpu"))
+
+
+@lru_cache(maxsize=64)
+def _neighbor_table_on(height: int, width: int, window: int | str, device: torch.device) -> torch.Tensor:
+    # one copy per device: a host-to-GPU copy every step would make the host wait for the GPU's queue
     return _neighbor_table_cpu(height, width, window).to(device)
 
 
@@ -484,8 +490,9 @@ class DINOPatchLoss(nn.Module):
 def ema_center_update(center: torch.Tensor, logits: Sequence[torch.Tensor], momentum: float) -> None:
     """`center <- m * center + (1 - m) * mean(logits)`, the mean over every row of every tensor and every process."""
     total = torch.stack([x.reshape(-1, x.shape[-1]).float().sum(0) for x in logits]).sum(0, keepdim=True)
-    count = torch.tensor(
-        float(sum(x.reshape(-1, x.shape[-1]).shape[0] for x in logits)), device=center.device
+    # a fill on the device, not a copy of a host scalar (which would wait for the GPU's queue)
+    count = torch.full(
+        (), float(sum(x.reshape(-1, x.shape[-1]).shape[0] for x in logits)), device=center.device
     )
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
