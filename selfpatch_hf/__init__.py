@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BACKBONE_PRESETS": "configuration_selfpatch",
     "SelfPatchConfig": "configuration_selfpatch",
+    "SelfPatchForPretraining": "modeling_selfpatch",
     "SelfPatchNetwork": "modeling_selfpatch",
     "SelfPatchPreTrainedModel": "modeling_selfpatch",
     "SelfPatchPretrainingOutput": "modeling_selfpatch",
@@ -30,6 +31,7 @@ _EXPORTS = {
 __all__ = [
     "BACKBONE_PRESETS",
     "SelfPatchConfig",
+    "SelfPatchForPretraining",
     "SelfPatchNetwork",
     "SelfPatchPreTrainedModel",
     "SelfPatchPretrainingOutput",
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from .dense_heads import build_upernet
     from .export import export_backbone
     from .modeling_selfpatch import (
+        SelfPatchForPretraining,
         SelfPatchNetwork,
         SelfPatchPreTrainedModel,
         SelfPatchPretrainingOutput,

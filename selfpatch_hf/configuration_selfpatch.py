@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoConfig, PreTrainedConfig, ViTConfig
+from transformers import AutoConfig, PreTrainedConfig, SwinConfig, ViTConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .image_conventions import as_height_width
@@ -61,12 +61,66 @@ BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
         "patch_size": 8,
     },
 }
-BACKBONE_PRESETS = {name: {**_VIT_COMMON, **values} for name, values in BACKBONE_PRESETS.items()}
+BACKBONE_PRESETS = {
+    name: {"model_type": "vit", **_VIT_COMMON, **values} for name, values in BACKBONE_PRESETS.items()
+}
+# Swin Transformer backbones (Liu et al. 2021; the paper's Table 5 uses Swin-T). No CLS token and no absolute position
+# embeddings, so every input size works; `drop_path_rate` stays 0 here: SelfPatchConfig.drop_path_rate is the
+# student's (the teacher has none). LayerNorm eps 1e-5 as in the reference Swin.
+BACKBONE_PRESETS["swin-tiny-patch4-window7"] = {
+    "model_type": "swin",
+    "image_size": 224,
+    "patch_size": 4,
+    "embed_dim": 96,
+    "depths": [2, 2, 6, 2],
+    "num_heads": [3, 6, 12, 24],
+    "window_size": 7,
+    "mlp_ratio": 4.0,
+    "qkv_bias": True,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "drop_path_rate": 0.0,
+    "use_absolute_embeddings": False,
+    "layer_norm_eps": 1e-5,
+}
+_BACKBONE_CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {"vit": ViTConfig, "swin": SwinConfig}
 # `vit-small-patch16` is the paper's main model; it is also what `SelfPatchConfig()` builds.
 DEFAULT_PRESET = "vit-small-patch16"
 # Every image gives exactly 2 global crops (the teacher's image-level views, with the recipe's per-crop blur and
 # solarisation probabilities); only the number of local crops is a setting.
 NUM_GLOBAL_CROPS = 2
+
+# Settings that only one image-level objective reads. Setting one (to anything but its default) with the other
+# objective is refused: it would silently do nothing.
+DINO_ONLY_FIELDS = (
+    "image_out_dim",
+    "patch_out_dim",
+    "head_hidden_dim",
+    "head_bottleneck_dim",
+    "head_num_layers",
+    "norm_last_layer",
+    "student_temperature",
+    "center_momentum",
+    "local_crop_size",
+    "local_crops_scale",
+)
+MOBY_ONLY_FIELDS = (
+    "moby_projection_dim",
+    "moby_projector_hidden_dim",
+    "moby_predictor_hidden_dim",
+    "moby_temperature",
+    "moby_queue_size",
+    "moby_momentum",
+    "patch_negatives",
+)
+# Defaults that depend on the objective (the field's default is None = "the objective's default").
+OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # SelfPatch's multi-crop recipe and student drop-path (docs/method.md sections 9-10)
+    "dino": {"num_local_crops": 8, "global_crops_scale": (0.25, 1.0), "drop_path_rate": 0.1},
+    # MoBY: two 224 px views of BYOL's augmentation (scale 0.08-1), no local crops, online drop-path 0.2
+    "moby": {"num_local_crops": 0, "global_crops_scale": (0.08, 1.0), "drop_path_rate": 0.2},
+}
 
 
 class SelfPatchConfigError(StrictDataclassError, ValueError):
@@ -107,6 +161,10 @@ _COUNT_FIELDS = (
     "num_aggregation_blocks",
     "num_positives",
     "num_local_crops",
+    "moby_projection_dim",
+    "moby_projector_hidden_dim",
+    "moby_predictor_hidden_dim",
+    "moby_queue_size",
 )
 _REAL_FIELDS = (
     "aggregation_mlp_ratio",
@@ -115,6 +173,8 @@ _REAL_FIELDS = (
     "center_momentum",
     "drop_path_rate",
     "initializer_range",
+    "moby_temperature",
+    "moby_momentum",
 )
 
 
@@ -122,12 +182,23 @@ _REAL_FIELDS = (
 @strict
 class SelfPatchConfig(PreTrainedConfig):
     r"""
-    Configuration of [`SelfPatchViTForPretraining`]: a `transformers.ViTModel` backbone (held as a real `ViTConfig`
-    in `backbone_config`, so that exported backbones save `model_type: "vit"`) plus every knob of the SelfPatch
-    method. Defaults follow the reference ViT-S/16 ImageNet run (docs/method.md section 10).
+    Configuration of [`SelfPatchForPretraining`] (alias `SelfPatchViTForPretraining`): a backbone, an image-level
+    objective and the SelfPatch patch-level objective, chosen independently:
 
-    backbone_config (`ViTConfig` or `dict`, *optional*):
-        The ViT backbone. Defaults to ViT-S/16 with DINO conventions (exact GELU, LayerNorm eps 1e-6).
+    - backbone: a `transformers.ViTModel` or `SwinModel`, held as a real `ViTConfig` / `SwinConfig` in
+      `backbone_config` (so exported backbones save `model_type: "vit"` / `"swin"`);
+    - `image_objective`: `"dino"` (self-distillation with centred softmax heads) or `"moby"` (contrastive, with
+      predictor, momentum encoder and two key queues);
+    - the patch objective: on with `patch_loss_weight > 0`.
+
+    Defaults follow the reference ViT-S/16 ImageNet run (docs/method.md section 10); `docs/moby_swin.md` gives MoBY
+    and Swin. Settings that only one objective reads (`DINO_ONLY_FIELDS`, `MOBY_ONLY_FIELDS`) are refused with the
+    other one.
+
+    backbone_config (`ViTConfig`, `SwinConfig` or `dict`, *optional*):
+        The backbone. Defaults to ViT-S/16 with DINO conventions (exact GELU, LayerNorm eps 1e-6).
+    image_objective (`"dino"` or `"moby"`, *optional*, defaults to `"dino"`):
+        The image-level self-supervised method the patch objective is added to.
     image_out_dim (`int`, *optional*, defaults to 65536):
         Output dimension K of the image-level projection head g.
     patch_out_dim (`int`, *optional*, defaults to 4096):
@@ -151,30 +222,49 @@ class SelfPatchConfig(PreTrainedConfig):
         other patch of the view (the paper's ablation).
     neighbor_aggregation (`"attention"` or `"mean"`, *optional*, defaults to `"attention"`):
         How the teacher summarises the positives: the aggregation module h, or average pooling (ablation).
-    image_representation (`"aggregation"` or `"cls"`, *optional*, defaults to `"aggregation"`):
+    image_representation (`"aggregation"`, `"cls"` or `"average_pool"`, *optional*, defaults to `"aggregation"`):
         The image-level representation fed to the image head: the aggregation module over all patch tokens
-        (SelfPatch), or the backbone's CLS token after the final norm (plain DINO).
+        (SelfPatch), the ViT's CLS token after the final norm (plain DINO, plain MoBY on a ViT), or the average of
+        the normalised patch tokens (plain MoBY on a Swin, which has no CLS token).
     patch_loss_weight (`float`, *optional*, defaults to 0.1):
         lambda in `loss = image_loss + lambda * patch_loss`. With 0 the whole patch path is skipped.
     student_temperature (`float`, *optional*, defaults to 0.1):
         Temperature of the student's softmax (both losses).
     center_momentum (`float`, *optional*, defaults to 0.9):
         EMA momentum of the image and patch centres.
-    drop_path_rate (`float`, *optional*, defaults to 0.1):
+    drop_path_rate (`float`, *optional*, defaults to 0.1 for DINO, 0.2 for MoBY):
         Stochastic depth of the student backbone, linearly increasing with depth up to this rate. The teacher has
         none.
     global_crop_size (`int` or `(height, width)`, *optional*, defaults to 224):
         Size of the global crops of the training recipe (also the image processor size of exported backbones).
     local_crop_size (`int` or `(height, width)`, *optional*, defaults to 96):
         Size of the local crops of the training recipe.
-    num_local_crops (`int`, *optional*, defaults to 8):
-        Number of local crops per image (every image also has exactly 2 global crops, `NUM_GLOBAL_CROPS`).
-    global_crops_scale (`(float, float)`, *optional*, defaults to `(0.25, 1.0)`):
-        Area range (fraction of the image) of the global crops' random resized crop (SelfPatch; DINO uses 0.4-1.0).
+    num_local_crops (`int`, *optional*, defaults to 8 for DINO, 0 for MoBY):
+        Number of local crops per image (every image also has exactly 2 global crops, `NUM_GLOBAL_CROPS`; MoBY
+        trains on those two views only).
+    global_crops_scale (`(float, float)`, *optional*, defaults to `(0.25, 1.0)` for DINO, `(0.08, 1.0)` for MoBY):
+        Area range (fraction of the image) of the global crops' random resized crop (SelfPatch; DINO uses 0.4-1.0;
+        MoBY's two views 0.08-1.0).
     local_crops_scale (`(float, float)`, *optional*, defaults to `(0.05, 0.25)`):
         Area range of the local crops (SelfPatch; DINO uses 0.05-0.4).
     initializer_range (`float`, *optional*, defaults to 0.02):
         Standard deviation of the truncated-normal initialisation of the heads and the aggregation module.
+    moby_projection_dim (`int`, *optional*, defaults to 256):
+        MoBY: output size of the projectors and predictors (the contrasted vectors, and the queue's keys).
+    moby_projector_hidden_dim (`int`, *optional*, defaults to 4096):
+        MoBY: hidden width of the projectors (Linear - BatchNorm - ReLU - Linear).
+    moby_predictor_hidden_dim (`int`, *optional*, defaults to 4096):
+        MoBY: hidden width of the predictors.
+    moby_temperature (`float`, *optional*, defaults to 0.2):
+        MoBY: temperature of the InfoNCE losses (image level, and patch level with negatives).
+    moby_queue_size (`int`, *optional*, defaults to 4096):
+        MoBY: keys per queue (one queue per view), the negatives of the image-level loss.
+    moby_momentum (`float`, *optional*, defaults to 0.99):
+        MoBY: the target momentum at the start of training; the training loop raises it to 1 on a cosine over
+        all steps and passes each step's value to `forward(teacher_momentum=...)`.
+    patch_negatives (`bool`, *optional*, defaults to `True`):
+        MoBY + SelfPatch: the patch loss is an InfoNCE whose negatives are the other images' target image
+        representations (the paper's Table 5 "Negative"); `False`: BYOL's `2 - 2 cos` without negatives.
 
     Example:
 
@@ -184,6 +274,7 @@ class SelfPatchConfig(PreTrainedConfig):
     >>> config = SelfPatchConfig.from_preset("vit-small-patch16")
     >>> dino = SelfPatchConfig.from_preset("vit-small-patch16", image_representation="cls", patch_loss_weight=0.0)
     >>> model = SelfPatchViTForPretraining(config)
+    >>> moby_swin = SelfPatchConfig.from_preset("swin-tiny-patch4-window7", image_objective="moby")
     ```
     """
 
@@ -192,7 +283,8 @@ class SelfPatchConfig(PreTrainedConfig):
         "backbone_config": SubConfigSpec(config_class=ViTConfig, init_kwargs=BACKBONE_PRESETS[DEFAULT_PRESET])
     }
 
-    backbone_config: dict | ViTConfig | None = None
+    backbone_config: dict | ViTConfig | SwinConfig | None = None
+    image_objective: Literal["dino", "moby"] = "dino"
     image_out_dim: int = 65536
     patch_out_dim: int = 4096
     head_hidden_dim: int = 2048
@@ -204,27 +296,56 @@ class SelfPatchConfig(PreTrainedConfig):
     num_positives: int = 4
     neighborhood_size: int | str = 3
     neighbor_aggregation: Literal["attention", "mean"] = "attention"
-    image_representation: Literal["aggregation", "cls"] = "aggregation"
+    image_representation: Literal["aggregation", "cls", "average_pool"] = "aggregation"
     patch_loss_weight: float | int = 0.1
     student_temperature: float = 0.1
     center_momentum: float = 0.9
-    drop_path_rate: float | int = 0.1
+    drop_path_rate: float | int | None = None
     global_crop_size: int | list[int] | tuple[int, int] = 224
     local_crop_size: int | list[int] | tuple[int, int] = 96
-    num_local_crops: int = 8
-    global_crops_scale: list[float] | tuple[float, float] = (0.25, 1.0)
+    num_local_crops: int | None = None
+    global_crops_scale: list[float] | tuple[float, float] | None = None
     local_crops_scale: list[float] | tuple[float, float] = (0.05, 0.25)
     initializer_range: float = 0.02
+    moby_projection_dim: int = 256
+    moby_projector_hidden_dim: int = 4096
+    moby_predictor_hidden_dim: int = 4096
+    moby_temperature: float = 0.2
+    moby_queue_size: int = 4096
+    moby_momentum: float = 0.99
+    patch_negatives: bool = True
 
     # ------------------------------------------------------------------ derived properties
     @property
+    def backbone_type(self) -> str:
+        """`"vit"` or `"swin"`."""
+        return self.backbone_config.model_type
+
+    @property
     def patch_size(self) -> int:
+        """Pixels per side of one token of f, the tokens the patch objective works on: the ViT's patch size; for a
+        Swin, the last stage's stride (patch size x 2 per patch merging, 32 for Swin-T)."""
         patch = self.backbone_config.patch_size
-        return patch if isinstance(patch, int) else int(patch[0])
+        patch = patch if isinstance(patch, int) else int(patch[0])
+        if self.backbone_type == "swin":
+            return patch * 2 ** (len(self.backbone_config.depths) - 1)
+        return patch
 
     @property
     def hidden_size(self) -> int:
+        """D, the width of f (a Swin's last stage)."""
         return self.backbone_config.hidden_size
+
+    @property
+    def num_attention_heads(self) -> int:
+        """Heads of the backbone's last layer, used by the aggregation module."""
+        if self.backbone_type == "swin":
+            return self.backbone_config.num_heads[-1]
+        return self.backbone_config.num_attention_heads
+
+    @property
+    def layer_norm_eps(self) -> float:
+        return self.backbone_config.layer_norm_eps
 
     @property
     def use_patch_objective(self) -> bool:
@@ -246,6 +367,19 @@ class SelfPatchConfig(PreTrainedConfig):
                 'backbone_config given as a dict needs its "model_type" (e.g. {"model_type": "vit", ...}), or pass a '
                 f"ViTConfig; got the keys {sorted(self.backbone_config)}."
             )
+        if (
+            isinstance(self.backbone_config, dict)
+            and self.backbone_config["model_type"] not in _BACKBONE_CONFIG_CLASSES
+        ):
+            raise SelfPatchConfigError(
+                f"backbone_config has model_type {self.backbone_config['model_type']!r}; SelfPatch supports "
+                f"{', '.join(_BACKBONE_CONFIG_CLASSES)}."
+            )
+        # objective-dependent defaults (None = the objective's default); an unknown objective is reported by
+        # validate_method
+        for name, value in OBJECTIVE_DEFAULTS.get(self.image_objective, OBJECTIVE_DEFAULTS["dino"]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         super().__post_init__(**kwargs)
 
     def validate_all_field_types(self) -> None:
@@ -267,6 +401,13 @@ class SelfPatchConfig(PreTrainedConfig):
 
     def validate_backbone(self) -> None:
         backbone = self.backbone_config
+        if self.backbone_type not in _BACKBONE_CONFIG_CLASSES:
+            raise ValueError(
+                f"backbone_config is a {type(backbone).__name__}; SelfPatch supports ViTConfig and SwinConfig."
+            )
+        if self.backbone_type == "swin":
+            self._validate_swin()
+            return
         if backbone.hidden_size % backbone.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({backbone.hidden_size}) must be divisible by num_attention_heads "
@@ -290,6 +431,29 @@ class SelfPatchConfig(PreTrainedConfig):
             raise ValueError(
                 "drop_path_rate > 0 replaces the backbone's hidden dropout by stochastic depth; set "
                 "backbone_config.hidden_dropout_prob=0 (as DINO does) or drop_path_rate=0."
+            )
+
+    def _validate_swin(self) -> None:
+        backbone = self.backbone_config
+        if len(backbone.num_heads) != len(backbone.depths):
+            raise ValueError(
+                f"backbone_config.num_heads {list(backbone.num_heads)} needs one entry per stage of depths "
+                f"{list(backbone.depths)}."
+            )
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"The Swin's last stage is {self.hidden_size} wide, not divisible by its {self.num_attention_heads} "
+                "heads (which the aggregation module also uses); pick num_heads that divide the stage widths."
+            )
+        if backbone.use_absolute_embeddings:
+            raise ValueError(
+                "use_absolute_embeddings=True fixes a Swin to one input size, but the crops come in several; set "
+                "use_absolute_embeddings=False (as Swin-T and MoBY do)."
+            )
+        if backbone.drop_path_rate > 0:
+            raise ValueError(
+                "Set backbone_config.drop_path_rate=0: the student's stochastic depth is SelfPatchConfig.drop_path_rate "
+                "(the teacher has none, and exported backbones keep the backbone config)."
             )
 
     def validate_crops(self) -> None:
@@ -316,7 +480,8 @@ class SelfPatchConfig(PreTrainedConfig):
 
     def validate_method(self) -> None:
         for name, allowed in (
-            ("image_representation", ("aggregation", "cls")),
+            ("image_objective", ("dino", "moby")),
+            ("image_representation", ("aggregation", "cls", "average_pool")),
             ("neighbor_aggregation", ("attention", "mean")),
         ):
             if getattr(self, name) not in allowed:
@@ -350,35 +515,78 @@ class SelfPatchConfig(PreTrainedConfig):
         for name in ("image_out_dim", "patch_out_dim", "head_hidden_dim", "head_bottleneck_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.image_representation == "cls" and self.backbone_type == "swin":
+            raise ValueError(
+                'A Swin has no CLS token: use image_representation="average_pool" (plain MoBY on Swin) or '
+                '"aggregation" (SelfPatch).'
+            )
         if (
-            self.image_representation == "cls"
+            self.image_representation != "aggregation"
             and self.use_patch_objective
             and self.neighbor_aggregation == "attention"
         ):
             # The student never runs the neighbour path (spec section 4): h only learns through the image-level
             # path. With a CLS image representation it would stay at its random initialisation forever.
             raise ValueError(
-                'image_representation="cls" with patch_loss_weight > 0 and neighbor_aggregation="attention" leaves '
-                "the aggregation module untrained (it only learns through the image-level path). Use "
-                'image_representation="aggregation" (SelfPatch) or neighbor_aggregation="mean".'
+                f'image_representation="{self.image_representation}" with patch_loss_weight > 0 and '
+                'neighbor_aggregation="attention" leaves the aggregation module untrained (it only learns through the '
+                'image-level path). Use image_representation="aggregation" (SelfPatch) or neighbor_aggregation="mean".'
             )
+
+    def validate_objective(self) -> None:
+        """Refuses the other objective's settings (they would do nothing) and checks MoBY's own."""
+        other = DINO_ONLY_FIELDS if self.image_objective == "moby" else MOBY_ONLY_FIELDS
+        fields = self.__dataclass_fields__
+        for name in other:
+            default = fields[name].default
+            value = getattr(self, name)
+            same = list(value) == list(default) if isinstance(default, tuple) else value == default
+            if not same:
+                owner = "DINO" if self.image_objective == "moby" else "MoBY"
+                raise ValueError(
+                    f"{name}={value!r} is a {owner} setting, but image_objective={self.image_objective!r} does not use "
+                    f'it: remove it, or set image_objective="{owner.lower()}".'
+                )
+        if self.image_objective != "moby":
+            return
+        if self.num_local_crops != 0:
+            raise ValueError(
+                f"num_local_crops={self.num_local_crops}: MoBY trains on two views (the 2 global crops) without local "
+                'crops; set num_local_crops=0 or use image_objective="dino".'
+            )
+        if not 0 < self.moby_temperature:
+            raise ValueError(f"moby_temperature must be > 0, got {self.moby_temperature}.")
+        if not 0 <= self.moby_momentum <= 1:
+            raise ValueError(f"moby_momentum must be in [0, 1], got {self.moby_momentum}.")
+        for name in (
+            "moby_projection_dim",
+            "moby_projector_hidden_dim",
+            "moby_predictor_hidden_dim",
+            "moby_queue_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not isinstance(self.patch_negatives, bool):
+            raise ValueError(f"patch_negatives must be True or False, got {self.patch_negatives!r}.")
 
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SelfPatchConfig:
         """Builds the config of a named backbone preset; keyword overrides go to whichever config owns the field.
 
-        Presets: `vit-tiny-patch16`, `vit-tiny-patch8`, `vit-small-patch16`, `vit-small-patch8`, `vit-base-patch16`.
-        `SelfPatchConfig` fields (e.g. `patch_loss_weight=0`) and `ViTConfig` fields (e.g. `num_hidden_layers=4`)
-        may be mixed; `initializer_range` goes to both.
+        Presets: `vit-tiny-patch16`, `vit-tiny-patch8`, `vit-small-patch16`, `vit-small-patch8`, `vit-base-patch16`,
+        `swin-tiny-patch4-window7`; each works with either `image_objective`. `SelfPatchConfig` fields (e.g.
+        `patch_loss_weight=0`, `image_objective="moby"`) and the backbone config's fields (e.g. `num_hidden_layers=4`
+        for a ViT, `depths=[1, 1, 1, 1]` for a Swin) may be mixed; `initializer_range` goes to both.
         """
         if name not in BACKBONE_PRESETS:
             raise ValueError(
                 f"Unknown preset {name!r}. Available presets: {', '.join(sorted(BACKBONE_PRESETS))}."
             )
         own_fields = set(cls.__dataclass_fields__)
-        backbone_fields = set(ViTConfig.__dataclass_fields__)
         backbone_kwargs = dict(BACKBONE_PRESETS[name])
+        backbone_class = _BACKBONE_CONFIG_CLASSES[backbone_kwargs.pop("model_type")]
+        backbone_fields = set(backbone_class.__dataclass_fields__)
         config_kwargs: dict[str, Any] = {}
         for key, value in overrides.items():
             if key == "initializer_range":
@@ -390,8 +598,16 @@ class SelfPatchConfig(PreTrainedConfig):
                 config_kwargs[key] = value
             else:
                 raise ValueError(
-                    f"Unknown config field {key!r}: it is neither a SelfPatchConfig nor a ViTConfig field."
+                    f"Unknown config field {key!r}: it is neither a SelfPatchConfig nor a {backbone_class.__name__} "
+                    "field."
                 )
+        if backbone_class is SwinConfig:
+            if "image_size" not in overrides and "global_crop_size" in config_kwargs:
+                # a Swin has no position grid; image_size is only what its config reports
+                height, width = as_height_width(config_kwargs["global_crop_size"], "global_crop_size")
+                if height == width:
+                    backbone_kwargs["image_size"] = height
+            return cls(backbone_config=SwinConfig(**backbone_kwargs), **config_kwargs)
         if "global_crop_size" in config_kwargs and "image_size" not in overrides:
             height, width = as_height_width(config_kwargs["global_crop_size"], "global_crop_size")
             patch = backbone_kwargs["patch_size"]

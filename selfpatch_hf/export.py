@@ -1,7 +1,9 @@
-"""Export of a pretrained SelfPatch backbone as a plain `ViTModel` folder (weights, config, image processor, card).
+"""Export of a pretrained SelfPatch backbone as a plain `ViTModel` or `SwinModel` folder (weights, config, image
+processor, card).
 
 The exported folder needs neither this package nor remote code: `AutoModel.from_pretrained(folder)` builds a
-`ViTModel` whose `last_hidden_state[:, 1:]` is exactly the per-patch representation the patch loss trained
+`ViTModel` whose `last_hidden_state[:, 1:]` (a `SwinModel` whose `last_hidden_state`: the last stage's tokens) is
+exactly the per-patch representation the patch loss trained
 (the output norm is the ViT's final `layernorm`, docs/method.md section 2).
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from transformers import ViTModel
+from transformers import SwinModel, ViTModel
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import PILImageResampling
 
@@ -25,7 +27,7 @@ from .image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
 
 if TYPE_CHECKING:
     from .model_card import BackboneCardInfo
-    from .modeling_selfpatch import SelfPatchViTForPretraining
+    from .modeling_selfpatch import SelfPatchForPretraining
 
 
 def build_image_processor(size: int | Sequence[int], model_type: str = "vit") -> BaseImageProcessor:
@@ -62,33 +64,43 @@ def build_image_processor(size: int | Sequence[int], model_type: str = "vit") ->
 
 
 def extract_backbone(
-    model: SelfPatchViTForPretraining, source: Literal["teacher", "student"] = "teacher"
-) -> ViTModel:
-    """A standalone `ViTModel` with the weights of the teacher's or student's backbone (no drop-path).
+    model: SelfPatchForPretraining, source: Literal["teacher", "student"] = "teacher"
+) -> ViTModel | SwinModel:
+    """A standalone `ViTModel` or `SwinModel` with the weights of the teacher's or student's backbone (no
+    drop-path).
 
-    Its pooler is the identity (`pooler_act="linear"`, identity weights, zero bias): SelfPatch trains no pooler,
-    and plain `AutoModel.from_pretrained` would otherwise add a randomly initialised one. `pooler_output` is thus
-    the normalised CLS token, which also makes `pipeline(..., pool=True)` meaningful.
+    ViT: its pooler is the identity (`pooler_act="linear"`, identity weights, zero bias): SelfPatch trains no
+    pooler, and plain `AutoModel.from_pretrained` would otherwise add a randomly initialised one. `pooler_output` is
+    thus the normalised CLS token, which also makes `pipeline(..., pool=True)` meaningful.
+    Swin: its pooler is Swin's average pool (no weights), so `pooler_output` is the mean of `last_hidden_state`,
+    MoBY's image representation.
     """
     if source not in ("teacher", "student"):
         raise ValueError(f'source must be "teacher" or "student", got {source!r}.')
     network = model.teacher if source == "teacher" else model.student
     backbone_config = copy.deepcopy(model.config.backbone_config)
-    backbone_config.architectures = ["ViTModel"]
-    backbone_config.pooler_act = "linear"
-    backbone_config.pooler_output_size = backbone_config.hidden_size
     # building a model initialises its weights from the global RNG; the export must not move the caller's (a
     # training run's drop-path stream, saved in its checkpoints) or a resumed run would no longer be exact
-    with torch.random.fork_rng(devices=[]):
-        backbone = ViTModel(backbone_config, add_pooling_layer=True)
-    with torch.no_grad():
-        backbone.pooler.dense.weight.copy_(torch.eye(backbone_config.hidden_size))
-        backbone.pooler.dense.bias.zero_()
+    if model.config.backbone_type == "swin":
+        backbone_config.architectures = ["SwinModel"]
+        with torch.random.fork_rng(devices=[]):
+            backbone = SwinModel(backbone_config, add_pooling_layer=True)
+        expected_missing: set[str] = set()
+    else:
+        backbone_config.architectures = ["ViTModel"]
+        backbone_config.pooler_act = "linear"
+        backbone_config.pooler_output_size = backbone_config.hidden_size
+        with torch.random.fork_rng(devices=[]):
+            backbone = ViTModel(backbone_config, add_pooling_layer=True)
+        with torch.no_grad():
+            backbone.pooler.dense.weight.copy_(torch.eye(backbone_config.hidden_size))
+            backbone.pooler.dense.bias.zero_()
+        expected_missing = {"pooler.dense.weight", "pooler.dense.bias"}
     # live module names on both sides: a plain strict copy (no file-format renaming involved)
     missing, unexpected = backbone.load_state_dict(network.backbone.state_dict(), strict=False)
-    if unexpected or set(missing) != {"pooler.dense.weight", "pooler.dense.bias"}:
+    if unexpected or set(missing) != expected_missing:
         raise RuntimeError(
-            f"Backbone weights do not match a ViTModel: missing {missing}, unexpected {unexpected}."
+            f"Backbone weights do not match a {type(backbone).__name__}: missing {missing}, unexpected {unexpected}."
         )
     return backbone.float().eval()
 
@@ -105,14 +117,15 @@ def _replace_directory(staging: Path, target: Path) -> None:
 
 
 def export_backbone(
-    model: SelfPatchViTForPretraining,
+    model: SelfPatchForPretraining,
     output_dir: str | os.PathLike,
     source: Literal["teacher", "student"] = "teacher",
     card_info: BackboneCardInfo | None = None,
 ) -> Path:
-    """Writes the teacher's (default; what the paper evaluates) or student's backbone as a plain `ViTModel` folder.
+    """Writes the teacher's (default; what the paper evaluates) or student's backbone as a plain `ViTModel` or
+    `SwinModel` folder.
 
-    The folder holds `config.json` (`model_type: "vit"`), `model.safetensors`, `preprocessor_config.json` and, when
+    The folder holds `config.json` (`model_type: "vit"` or `"swin"`), `model.safetensors`, `preprocessor_config.json` and, when
     `card_info` is given, a model card `README.md`. It is written next to `output_dir` and swapped in atomically:
     a crash mid-export leaves the previous export intact. Files get the user's normal permissions (umask), and the
     global RNG is left as it was.

@@ -122,23 +122,40 @@ class BackboneCardInfo:
         backbone = config.backbone_config
         image_size = backbone.image_size if isinstance(backbone.image_size, int) else backbone.image_size[0]
         patch_size = backbone.patch_size if isinstance(backbone.patch_size, int) else backbone.patch_size[0]
+        use_patch = config.patch_loss_weight > 0
+        image_objective = getattr(config, "image_objective", "dino")
         values: dict[str, Any] = {
-            "architecture": f"vit-h{backbone.hidden_size}-l{backbone.num_hidden_layers}-patch{patch_size}",
             "patch_size": patch_size,
-            "hidden_size": backbone.hidden_size,
-            "num_hidden_layers": backbone.num_hidden_layers,
-            "num_attention_heads": backbone.num_attention_heads,
+            "hidden_size": config.hidden_size,
             "image_size": image_size,
-            "objective": "selfpatch" if config.patch_loss_weight > 0 else "dino",
+            "objective": "selfpatch" if use_patch else image_objective,
             "patch_loss_weight": config.patch_loss_weight,
-            "num_positives": config.num_positives if config.patch_loss_weight > 0 else None,
-            "neighborhood_size": config.neighborhood_size if config.patch_loss_weight > 0 else None,
+            "num_positives": config.num_positives if use_patch else None,
+            "neighborhood_size": config.neighborhood_size if use_patch else None,
             "image_representation": config.image_representation,
             "global_crop_size": config.global_crop_size,
-            "local_crop_size": config.local_crop_size,
+            "local_crop_size": config.local_crop_size if config.num_local_crops else None,
             "num_global_crops": NUM_GLOBAL_CROPS,
             "num_local_crops": config.num_local_crops,
         }
+        if use_patch and image_objective != "dino":
+            values["notes"] = "Image-level objective: MoBY, with SelfPatch's patch-level loss."
+        if config.backbone_type == "swin":
+            depths = "-".join(str(depth) for depth in backbone.depths)
+            values |= {
+                "architecture": f"swin-e{backbone.embed_dim}-d{depths}-patch{patch_size}-window{backbone.window_size}",
+                "num_hidden_layers": sum(backbone.depths),
+                "num_attention_heads": backbone.num_heads[-1],
+                "model_class": "SwinModel",
+                "num_prefix_tokens": 0,
+                "feature_stride": config.patch_size,
+            }
+        else:
+            values |= {
+                "architecture": f"vit-h{backbone.hidden_size}-l{backbone.num_hidden_layers}-patch{patch_size}",
+                "num_hidden_layers": backbone.num_hidden_layers,
+                "num_attention_heads": backbone.num_attention_heads,
+            }
         values.update(fields)
         return cls(**values)
 
