@@ -356,7 +356,12 @@ class MultiCropAugmentation:
         flat = crops.reshape(-1, height, width, 3).permute(0, 3, 1, 2)
         pin_memory = pin_memory and crops.device.type == "cpu"
         out = torch.empty(flat.shape, dtype=torch.float32, device=crops.device, pin_memory=pin_memory)
-        out.copy_(flat).sub_(self._shift.to(out.device)).mul_(self._scale.to(out.device))
+        # non_blocking: constant host tensors, so the copy need not wait for the GPU's queue
+        shift, scale = (
+            self._shift.to(out.device, non_blocking=True),
+            self._scale.to(out.device, non_blocking=True),
+        )
+        out.copy_(flat).sub_(shift).mul_(scale)
         return out.reshape(*leading, 3, height, width)
 
     def __call__(

@@ -30,6 +30,7 @@ about 10 on strongly saturated pixels.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -139,9 +140,15 @@ def crops_with_parameters(
 # Each op takes float pixels `(n, 3, H, W)` in [0, 1] and per-image factors `(n,)`, and returns new pixels.
 
 
+@lru_cache(maxsize=32)
+def _channel_constants(values: tuple[float, float, float], device: torch.device) -> torch.Tensor:
+    """`(1, 3, 1, 1)` float32 constants on `device`, copied there once (a copy per batch would wait for the GPU)."""
+    return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+
+
 def _gray(pixels: torch.Tensor) -> torch.Tensor:
     """`(n, 3, H, W)` -> `(n, 1, H, W)` luma."""
-    weights = pixels.new_tensor(_LUMA).view(1, 3, 1, 1)
+    weights = _channel_constants(_LUMA, pixels.device)
     return (pixels * weights).sum(dim=1, keepdim=True)
 
 
@@ -322,8 +329,8 @@ def apply_photometric(
         )
     pixels = crops.reshape(-1, height, width, 3).permute(0, 3, 1, 2).float().div_(255.0)
     pixels = photometric_ops(pixels.contiguous(), parameters.reshape(-1, NUM_PARAMETERS).float())
-    shift = pixels.new_tensor(mean).view(1, 3, 1, 1)
-    scale = 1.0 / pixels.new_tensor(std).view(1, 3, 1, 1)
+    shift = _channel_constants(tuple(float(m) for m in mean), pixels.device)
+    scale = _channel_constants(tuple(1.0 / float(s) for s in std), pixels.device)
     return pixels.sub_(shift).mul_(scale).reshape(*leading, 3, height, width)
 
 
