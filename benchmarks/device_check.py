@@ -397,6 +397,21 @@ def peak_matmul_macs(device: torch.device, dtype: torch.dtype, size: int) -> flo
     return size**3 / best
 
 
+def synchronizing_calls(step) -> list[str]:
+    """The warnings of `torch.cuda.set_sync_debug_mode("warn")` during one step: each is a call that makes the host
+    wait for the GPU (a device-to-host copy, `.item()`, `nonzero`, a pageable host-to-device copy...)."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(warning.message) for warning in caught if "synchroniz" in str(warning.message).lower()]
+
+
 def step_macs(shapes: dict, variant: str, device: torch.device) -> float:
     """Multiply-accumulates of one step, counted on an eager-attention copy (benchmarks/bench_model_step.py)."""
     sys.path.insert(0, str(BENCHMARKS))
@@ -456,6 +471,14 @@ def section_model(report: Report, device: torch.device, args, results: dict) -> 
                 + (f"{peak_memory:.2f} GiB" if peak_memory is not None else "n/a on CPU")
                 + f"; {time.perf_counter() - start:.0f} s with warm-up",
             )
+            if device.type == "cuda" and precision == "bf16":
+                syncs = synchronizing_calls(step)
+                report.add(
+                    "model",
+                    f"{label} step: calls that wait for the GPU",
+                    len(syncs),
+                    note=(syncs[0][:150] if syncs else "none: the host queues the whole step ahead"),
+                )
             results[label] = {
                 "step_seconds": seconds,
                 "images_per_second": images / seconds,
