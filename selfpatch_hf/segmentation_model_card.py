@@ -76,8 +76,8 @@ def render_segmentation_card(info: SegmentationCardInfo) -> ModelCard:
             f"| mIoU | mAcc | aAcc |\n|---|---|---|\n| {100 * info.scores['mean_iou']:.2f} | "
             f"{100 * info.scores['mean_accuracy']:.2f} | {100 * info.scores['overall_accuracy']:.2f} |\n\n"
             f"On the `{info.eval_split}` split, {info.inference_mode}-image inference "
-            f"({'sliding windows' if info.inference_mode == 'slide' else 'one pass per image'} after resizing as in "
-            "training), scored at the ground truth's resolution."
+            f"({'sliding windows' if info.inference_mode == 'slide' else 'one pass per image'} after resizing the "
+            "image to fit the training scale, aspect ratio kept), scored at the ground truth's resolution."
         )
     else:
         scores = "Not evaluated (no evaluation split was given)."
@@ -86,7 +86,7 @@ def render_segmentation_card(info: SegmentationCardInfo) -> ModelCard:
         "the backbone is a native `Dinov2Backbone` holding the ViT's weights."
         if info.backbone_class == "Dinov2Backbone"
         else "Its backbone is `SelfPatchSiglipBackbone` (the CLS-free SelfPatch ViT, not a transformers class): "
-        "`pip install selfpatch-hf` and `import selfpatch_hf.siglip_backbone` before loading. No remote code is used."
+        "install selfpatch-hf and `import selfpatch_hf.siglip_backbone` before loading. No remote code is used."
     )
     data_line = info.data_description or f"`{info.dataset}`"
     content = f"""---
