@@ -175,3 +175,46 @@ def test_shipped_recipes_parse(recipe, tmp_path):
     )
     assert model_args.backbone and data_args.dataset_name
     assert training_args.warmup_steps < training_args.max_steps
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_batches_and_the_evaluation(inputs, tmp_path):
+    """2 CPU processes (DDP over gloo): a global batch of 2 x 4, every rank's checkpoint state, and a sharded
+    evaluation whose summed confusion matrix gives the scores of evaluating the saved model in one process."""
+    import socket
+
+    from transformers import AutoModelForSemanticSegmentation
+
+    from selfpatch_hf.data.segmentation_augmentation import SegmentationEvalTransform
+    from selfpatch_hf.data.segmentation_data import find_columns, load_segmentation_splits
+    from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    output_dir = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port)]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    arguments = _arguments(inputs, output_dir, "--max_steps", "3", "--checkpointing_steps", "3")
+    completed = subprocess.run(
+        [*launcher, str(SCRIPT), *arguments], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-6000:]
+
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_batch_size"] for r in records if r.get("event") == "start"] == [8]
+    checkpoint = output_dir / "checkpoints" / "checkpoint-3"
+    assert json.loads((checkpoint / "COMPLETE").read_text())["num_processes"] == 2
+    assert (checkpoint / "random_states_1.pkl").is_file() and (checkpoint / "rank_state_1.json").is_file()
+    reported = [r for r in records if r.get("event") == "end"][-1]["scores"]
+
+    model = AutoModelForSemanticSegmentation.from_pretrained(output_dir / "model")
+    _, evaluation = load_segmentation_splits(str(inputs["data"]), "train", "validation")
+    image_column, mask_column = find_columns(evaluation, None, None)
+    transform = SegmentationEvalTransform(scale=(64, 48))
+    examples = (transform(row[image_column], row[mask_column]) for row in evaluation)
+    scores = evaluate_segmentation(model, examples, 12, patch_size=8).compute()
+    assert scores.mean_iou == pytest.approx(reported["mean_iou"], abs=1e-6)
+    assert scores.overall_accuracy == pytest.approx(reported["overall_accuracy"], abs=1e-6)

@@ -251,6 +251,14 @@ def evaluate(
     from selfpatch_hf.data.segmentation_data import SegmentationEvalSet
     from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
 
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.num_processes > 1:
+        # DDP keeps the weights equal but not the BatchNorm running statistics (each rank updates them with its own
+        # batch after rank 0's were broadcast): evaluate every shard with rank 0's, the model that is saved
+        import torch.distributed as dist
+
+        for buffer in unwrapped.buffers():
+            dist.broadcast(buffer.data, src=0)
     indices = range(accelerator.process_index, len(evaluation), accelerator.num_processes)
     examples = torch.utils.data.DataLoader(
         SegmentationEvalSet(evaluation, image_column, mask_column, transform, indices),
@@ -259,7 +267,6 @@ def evaluate(
         worker_init_fn=_single_thread_worker,
         generator=torch.Generator(),  # leaves the global torch RNG (drop-path masks) alone
     )
-    unwrapped = accelerator.unwrap_model(model)
     confusion = evaluate_segmentation(
         unwrapped,
         ((pixels.numpy(), labels.numpy()) for pixels, labels in examples),
