@@ -362,7 +362,7 @@ def train(
     backbone_class = type(model.backbone).__name__
     num_layers = model.backbone.config.num_hidden_layers
     if training_args.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable()
+        model.backbone.activation_checkpointing_enable()
     if training_args.sync_batch_norm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     if max(model.backbone.config.out_indices) < num_layers:  # later blocks get no gradient
