@@ -451,6 +451,7 @@ def section_model(report: Report, device: torch.device, args, results: dict) -> 
             model = build_model(shapes, variant).to(device)
             compiled = precision.endswith("+compile")
             if compiled:
+                torch._dynamo.reset()  # each variant starts with dynamo's per-function graph cache empty
                 compile_for_training(model, backend=args.compile_backend)
             step = make_step(model, shapes, device, precision.split("+")[0])
             start = time.perf_counter()
