@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import re
 import shutil
 import sys
@@ -971,9 +970,11 @@ def dino_to_pretraining_model(
 
 
 def _use_default_permissions(folder: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    """The staged folders and files get the user's normal permissions (mkdtemp makes the folder 0700 and
+    save_pretrained writes model.safetensors 0600)."""
+    from .file_permissions import apply_default_permissions
+
+    apply_default_permissions(folder)
 
 
 @dataclass
@@ -1209,6 +1210,7 @@ def convert_checkpoint(
 
         from .export import _replace_directory
 
+        _use_default_permissions(staging)
         backbone_dir = output_dir / "backbone"
         _replace_directory(staged_backbone, backbone_dir)
         pretraining_dir = None
@@ -1287,6 +1289,7 @@ def _convert_moby(
                     f"(tolerance {VERIFY_TOLERANCE}); nothing was written to {output_dir}. The input weights are "
                     "finite and well shaped, so the conversion itself is wrong: please report it."
                 )
+        _use_default_permissions(staging)
         backbone_dir = output_dir / "backbone"
         _replace_directory(staged, backbone_dir)
     finally:

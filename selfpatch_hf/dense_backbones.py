@@ -276,6 +276,7 @@ def export_dense_backbone(
     a SigLIP source gives a `SelfPatchSiglipBackbone` folder (import `selfpatch_hf.siglip_backbone` to load it).
     """
     from .export import _replace_directory
+    from .file_permissions import apply_default_permissions
 
     backbone = dense_backbone(source, out_indices)
     processor = image_processor if image_processor is not None else _source_image_processor(source)
@@ -286,6 +287,7 @@ def export_dense_backbone(
         backbone.save_pretrained(staging)
         if processor is not None:
             processor.save_pretrained(staging)
+        apply_default_permissions(staging)  # mkdtemp's 0700 and save_pretrained's 0600 -> the user's umask
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -440,6 +440,8 @@ def test_non_finite_weights_are_named_and_an_earlier_export_survives(tmp_path, m
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "out/backbone").stat().st_mode & 0o777 == 0o777 & ~umask
+    for file in (tmp_path / "out/backbone").iterdir():  # model.safetensors included (save_pretrained: 0600)
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file.name
 
 
 @pytest.mark.parametrize(

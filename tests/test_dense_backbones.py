@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -70,6 +71,11 @@ def test_dinov2_export_equals_the_vit_export(tmp_path, transformers_warnings):
     assert transformers_warnings == []
     assert (dense_dir / "preprocessor_config.json").is_file()
     assert backbone.config.out_features == ["stage1", "stage3", "stage4"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert dense_dir.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    for file in dense_dir.iterdir():  # not save_pretrained's 0600
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file.name
     vit = AutoModel.from_pretrained(vit_dir).eval()
     backbone.eval()
 

@@ -127,6 +127,11 @@ print(json.dumps({
 
 def test_saved_model_loads_with_plain_transformers(uninterrupted, tmp_path):
     result, output_dir = uninterrupted
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (output_dir / "model").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    for file in (output_dir / "model").iterdir():  # not save_pretrained's 0600
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file.name
     pixels = torch.randn(2, 3, 32, 48)
     np.save(tmp_path / "pixels.npy", pixels.numpy())
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
