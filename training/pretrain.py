@@ -79,10 +79,17 @@ from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining, export_bac
 from selfpatch_hf.data.augmentation import MultiCropAugmentation
 from selfpatch_hf.data.streaming import MultiCropDataLoader, load_image_stream
 from selfpatch_hf.file_permissions import apply_default_permissions
+from selfpatch_hf.hub_requests import DEFAULT_CONNECT_TIMEOUT, bound_hub_requests
 from selfpatch_hf.model_card import BackboneCardInfo
-from selfpatch_hf.training.checkpointing import CHECKPOINTS_DIRNAME, CheckpointManager, DamagedCheckpointError
+from selfpatch_hf.training.checkpointing import (
+    CHECKPOINTS_DIRNAME,
+    CheckpointManager,
+    CheckpointWriteError,
+    DamagedCheckpointError,
+)
 from selfpatch_hf.training.compilation import compile_for_training
 from selfpatch_hf.training.cuda_setup import adamw_kwargs, ddp_kwargs, enable_tf32
+from selfpatch_hf.training.divergence import DivergenceMonitor, gradient_norm, weight_norm
 from selfpatch_hf.training.host_memory import keep_freed_host_memory
 from selfpatch_hf.training.hub_uploads import AsyncHubUploader
 from selfpatch_hf.training.metrics_log import METRICS_FILENAME, MetricsLog, WindowMeans
@@ -105,6 +112,7 @@ logger = get_logger(__name__)
 
 BACKBONE_DIRNAME = "backbone"
 PRETRAINING_MODEL_DIRNAME = "pretraining_model"  # written last: its presence marks a finished run
+UPLOADS_INCOMPLETE = 3  # exit status: trained to the end, but the last export did not reach the Hub
 # library objects check their own settings; their ValueErrors are argument mistakes of this script
 LIBRARY_ARGUMENT_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
@@ -291,6 +299,7 @@ class StepResult:
     patch_loss: float | None
     stop_requested: bool
     skipped: bool = False  # the fp16 loss scaler skipped the optimiser step (inf/NaN gradients)
+    grad_norm: float = math.nan  # of the student's gradients before clipping (the divergence check reads it)
 
 
 def train_step(
@@ -337,8 +346,9 @@ def train_step(
                     raise NonFiniteLossError(
                         values.step, {"loss": loss, "image_loss": image_loss, "patch_loss": patch_value}
                     )
+                accelerator.unscale_gradients(optimizer)  # fp16: measure and clip the true gradients
+                grad_norm = gradient_norm(unwrapped.student.parameters())
                 if clip_grad > 0:
-                    accelerator.unscale_gradients(optimizer)  # fp16: clip the true gradients
                     clip_gradients_per_parameter(unwrapped.student.parameters(), clip_grad)
                 if values.freeze_last_layer:
                     cancel_gradients(unwrapped.get_last_layer_parameters())
@@ -353,6 +363,7 @@ def train_step(
         patch_loss=patch_value if outputs.patch_loss is not None else None,
         stop_requested=stop_share > 0,
         skipped=skipped,
+        grad_norm=grad_norm,
     )
 
 
@@ -372,6 +383,7 @@ class PretrainingResult:
     stopped_by: str | None  # signal name when pre-empted
     export_dir: Path | None
     upload_report: list[str] = field(default_factory=list)
+    uploads_complete: bool = True  # False: --push_to_hub, but the last export is not on the Hub
 
 
 def train(
@@ -482,11 +494,12 @@ def train(
     # ---- resume
     global_step = 0
     last_checkpoint: Path | None = None
+    monitor = DivergenceMonitor() if training_args.divergence_check else None
     if training_args.resume_from_checkpoint:
         try:
             last_checkpoint = checkpoints.resolve(training_args.resume_from_checkpoint)
             loaded = checkpoints.load(last_checkpoint) if last_checkpoint is not None else None
-        except DamagedCheckpointError as error:  # its files do not match its manifest
+        except DamagedCheckpointError as error:  # its files do not match its manifest: a failure, not usage
             raise CommandFailure(f"Cannot resume: {error}") from None
         except (FileNotFoundError, ValueError) as error:  # no such checkpoint, or not one of this model/run
             raise UsageError(f"Cannot resume: {error}") from None
@@ -509,6 +522,8 @@ def train(
             except ValueError as error:  # a data-stream setting check_resumable does not know
                 raise UsageError(f"Cannot resume from {last_checkpoint}: {error}") from None
             global_step = trainer_state["step"]
+            if monitor is not None and trainer_state.get("divergence"):
+                monitor.load_state_dict(trainer_state["divergence"])
             if global_step >= total_steps and (output_dir / PRETRAINING_MODEL_DIRNAME).is_dir():
                 logger.info(
                     "The run in %s is already complete (optimiser step %d of %d); its backbone is in %s. Nothing to "
@@ -534,15 +549,26 @@ def train(
             "model_config": config_snapshot(config),
             "config_overrides": config_overrides,
             "arguments": {**asdict(model_args), **asdict(data_args), **training_args.public_dict()},
+            "divergence": monitor.state_dict() if monitor is not None else None,
         }
         rank_state = {"rank": accelerator.process_index, "data": train_loader.state_dict()}
-        path = checkpoints.save(step, trainer_state, rank_state)
+        try:
+            path = checkpoints.save(
+                step, trainer_state, rank_state, health=monitor.health() if monitor is not None else None
+            )
+        except CheckpointWriteError as error:  # the partial checkpoint is gone, the earlier ones untouched
+            metrics_log.event("checkpoint_failed", step, error=str(error))
+            raise CommandFailure(str(error)) from None
         metrics_log.event("checkpoint", step, path=str(path))
         return path
 
     # ---- publishing (main process; uploads in the background)
     uploader = None
     if training_args.push_to_hub and accelerator.is_main_process:
+        # huggingface_hub gives uploads no timeout: a silent server would hold them (and the final wait) forever
+        bound_hub_requests(
+            min(DEFAULT_CONNECT_TIMEOUT, training_args.hub_request_timeout), training_args.hub_request_timeout
+        )
         uploader = AsyncHubUploader(
             training_args.hub_model_id,
             output_dir / ".hub_uploads",
@@ -610,6 +636,8 @@ def train(
     metrics_log.event("start", global_step, total_steps=total_steps, global_batch_size=global_batch_size)
 
     # ---- the loop: step, log, checkpoint, export
+    if monitor is not None:
+        monitor.start(weight_norm(unwrapped.student.parameters()))
     batches = endless_batches(train_loader)
     progress = tqdm(
         total=total_steps, initial=global_step, disable=not accelerator.is_main_process, desc="pretraining"
@@ -637,11 +665,7 @@ def train(
                     )
                 except NonFiniteLossError as error:
                     metrics_log.event("non_finite_loss", error.step, **error.losses)
-                    good = (
-                        f"the last good checkpoint is {last_checkpoint}"
-                        if last_checkpoint
-                        else "no checkpoint yet"
-                    )
+                    good = _last_healthy(checkpoints)
                     raise CommandFailure(
                         f"non-finite loss at optimiser step {error.step} (epoch {error.step / steps_per_epoch:.2f}; "
                         f"{error.losses}); {good}. Lower --learning_rate, lengthen --warmup_epochs, lower --clip_grad "
@@ -662,6 +686,31 @@ def train(
                     continue
                 consecutive_skips = 0
                 global_step += 1
+
+                # divergence: judged before anything is saved, so that a diverging state never becomes a checkpoint
+                # (steps the fp16 loss scaler skipped went back above: they moved nothing)
+                if monitor is not None:
+                    previous = monitor.last.status if monitor.last is not None else "ok"
+                    verdict = monitor.update(
+                        global_step,
+                        result.loss,
+                        result.grad_norm,
+                        weight_norm(unwrapped.student.parameters()),
+                    )
+                    if verdict.status == "diverged":
+                        metrics_log.event("diverged", global_step, reasons=verdict.reasons)
+                        raise CommandFailure(
+                            f"training diverged at optimiser step {global_step} ({'; '.join(verdict.reasons)}); "
+                            f"nothing was saved from this state; {_last_healthy(checkpoints)}. Lower "
+                            "--learning_rate, lengthen --warmup_epochs or lower --clip_grad, then continue with "
+                            "--resume_from_checkpoint PATH."
+                        )
+                    if verdict.status == "suspect" and previous != "suspect":
+                        logger.warning(
+                            "Step %d looks unhealthy (%s): checkpoints are marked unhealthy until it passes.",
+                            global_step,
+                            "; ".join(verdict.reasons),
+                        )
 
                 # log
                 losses = {
@@ -740,11 +789,15 @@ def train(
     finally:
         progress.close()
         # ---- uploads: wait for them (not for retries when pre-empted: the grace period is short) and report
+        # (at most --hub_upload_timeout; SIGTERM / Ctrl-C end the wait with the same report)
         upload_report = []
         if uploader is not None:
-            if uploader.pending:
-                logger.info("Waiting for the pending Hub upload(s)...")
-            uploader.wait(timeout=0 if stopped_by else None)
+            if uploader.pending and not stopped_by:
+                logger.info(
+                    "Waiting for the pending Hub upload(s), at most %g s (--hub_upload_timeout)...",
+                    training_args.hub_upload_timeout,
+                )
+            uploader.finish(timeout=0 if stopped_by else training_args.hub_upload_timeout)
             upload_report = uploader.report()
             for outcome in uploader.outcomes:
                 metrics_log.event("upload", outcome.step, status=outcome.status, url=outcome.commit_url)
@@ -754,8 +807,21 @@ def train(
         "end", global_step, stopped_by=stopped_by, export=str(export_dir) if export_dir else None
     )
     return PretrainingResult(
-        accelerator, unwrapped, global_step, total_steps, stopped_by, export_dir, upload_report
+        accelerator,
+        unwrapped,
+        global_step,
+        total_steps,
+        stopped_by,
+        export_dir,
+        upload_report,
+        uploads_complete=uploader is None or uploader.complete,
     )
+
+
+def _last_healthy(checkpoints: CheckpointManager) -> str:
+    """Where to continue from after a failure: the newest checkpoint written while training was healthy."""
+    healthy = checkpoints.last_healthy()
+    return f"the last healthy checkpoint is {healthy}" if healthy else "there is no healthy checkpoint yet"
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -763,11 +829,21 @@ def run(argv: list[str] | None = None) -> int:
     result.accelerator.end_training()
     if result.stopped_by is not None:
         return 128 + {"SIGTERM": 15, "SIGINT": 2}.get(result.stopped_by, 15)
+    if not result.uploads_complete:
+        missing = sum(1 for line in result.upload_report if "FAILED" in line or "NOT uploaded" in line)
+        print(
+            f"{PROG}: training finished, but {missing} export(s) did not reach the Hub; their snapshots are kept "
+            "(see the upload report above): push them with the `hf upload` command given there instead of "
+            "training again.",
+            file=sys.stderr,
+        )
+        return UPLOADS_INCOMPLETE
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The script's exit status: 0 done, 2 wrong arguments, 1 failed, 128 + signal when pre-empted."""
+    """The script's exit status: 0 done, 2 wrong arguments, 1 failed, 3 trained but the last export is not on the
+    Hub (docs/reliability.md), 128 + signal when pre-empted."""
     return run_command(PROG, run, argv)
 
 

@@ -169,6 +169,19 @@ class PretrainingArguments:
     )
     hub_upload_attempts: int = option(3, "Attempts per upload before giving up.")
     hub_retry_delay: float = option(30.0, "Seconds before retrying a failed upload (doubled each time).")
+    hub_request_timeout: float = option(
+        60.0, "Seconds a Hub request may go without any data before it fails (and is retried)."
+    )
+    hub_upload_timeout: float = option(
+        900.0,
+        "At the end, wait at most this many seconds for the uploads; what is not on the Hub by then is reported and "
+        "kept under output_dir/.hub_uploads (exit status 3).",
+    )
+    divergence_check: bool = option(
+        True,
+        "Stop before saving when the weights, gradients or loss explode (docs/reliability.md); checkpoints record "
+        "whether training was healthy.",
+    )
 
     def schedule_recipe(self) -> ScheduleRecipe:
         """The schedule settings of these arguments (in epochs; the schedules check them when built)."""
@@ -267,6 +280,9 @@ def validate_arguments(data_args: DataArguments, training_args: PretrainingArgum
         )
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise UsageError("--push_to_hub needs --hub_model_id (e.g. your-name/selfpatch-vit-small-patch16).")
+    for name in ("hub_request_timeout", "hub_upload_timeout"):
+        if not getattr(training_args, name) > 0:  # also NaN
+            raise UsageError(f"--{name} must be > 0 seconds, got {getattr(training_args, name)}.")
     if training_args.hub_model_id is not None:
         from huggingface_hub.errors import HFValidationError
         from huggingface_hub.utils import validate_repo_id
