@@ -830,11 +830,10 @@ def run(argv: list[str] | None = None) -> int:
     if result.stopped_by is not None:
         return 128 + {"SIGTERM": 15, "SIGINT": 2}.get(result.stopped_by, 15)
     if not result.uploads_complete:
-        missing = sum(1 for line in result.upload_report if "FAILED" in line or "NOT uploaded" in line)
         print(
-            f"{PROG}: training finished, but {missing} export(s) did not reach the Hub; their snapshots are kept "
-            "(see the upload report above): push them with the `hf upload` command given there instead of "
-            "training again.",
+            f"{PROG}: training finished, but its last export did not reach the Hub; the snapshots that are not on "
+            "the Hub are kept (see the upload report above): push them with the `hf upload` command given there "
+            "instead of training again.",
             file=sys.stderr,
         )
         return UPLOADS_INCOMPLETE
