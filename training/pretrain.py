@@ -81,6 +81,7 @@ from selfpatch_hf.data.streaming import MultiCropDataLoader, load_image_stream
 from selfpatch_hf.file_permissions import apply_default_permissions
 from selfpatch_hf.hub_requests import DEFAULT_CONNECT_TIMEOUT, bound_hub_requests
 from selfpatch_hf.model_card import BackboneCardInfo
+from selfpatch_hf.modeling_selfpatch import sync_batch_norm
 from selfpatch_hf.training.checkpointing import (
     CHECKPOINTS_DIRNAME,
     CheckpointManager,
@@ -188,6 +189,8 @@ def build_dataloader(
             num_local_crops=config.num_local_crops,
             global_crops_scale=config.global_crops_scale,
             local_crops_scale=config.local_crops_scale,
+            # MoBY keeps torchvision's default bilinear resampling for its two views (DINO/SelfPatch: bicubic)
+            interpolation="bilinear" if config.image_objective == "moby" else "bicubic",
         )
         return MultiCropDataLoader(
             dataset,
@@ -310,8 +313,10 @@ def train_step(
     values: ScheduleValues,
     clip_grad: float,
     stop_requested: bool = False,
+    clip_grad_mode: str = "per_parameter",
 ) -> StepResult:
-    """One optimiser step over `gradient_accumulation_steps` micro-batches, then the teacher's EMA update.
+    """One optimiser step over `gradient_accumulation_steps` micro-batches, then the teacher's EMA update (MoBY:
+    the target's momentum update runs inside the first micro-batch's forward, before its keys, as MoBY does).
 
     `model` is the prepared (DDP-wrapped) model, so gradients are averaged over processes; the centres are
     all-reduced inside its forward. Losses are averaged over micro-batches and processes, and the stop flag is
@@ -324,11 +329,18 @@ def train_step(
     guard.before_forward()
     totals = torch.zeros(3, device=accelerator.device)
     micro_steps = 0
+    moby = unwrapped.config.image_objective == "moby"
     for global_crops, local_crops in micro_batches:
         global_crops = global_crops.to(accelerator.device, non_blocking=True)
         local_crops = local_crops.to(accelerator.device, non_blocking=True)
+        # MoBY: two views, no local crops; the target's momentum step once per optimiser step (first micro-batch)
+        if moby:
+            inputs = {"teacher_momentum": values.teacher_momentum if micro_steps == 0 else None}
+            local_crops = None
+        else:
+            inputs = {"teacher_temperature": values.teacher_temperature}
         with accelerator.accumulate(model):
-            outputs = model(global_crops, local_crops, teacher_temperature=values.teacher_temperature)
+            outputs = model(global_crops, local_crops, **inputs)
             accelerator.backward(outputs.loss)
             patch_loss = (
                 outputs.patch_loss if outputs.patch_loss is not None else torch.full_like(outputs.loss, -1)
@@ -349,13 +361,18 @@ def train_step(
                 accelerator.unscale_gradients(optimizer)  # fp16: measure and clip the true gradients
                 grad_norm = gradient_norm(unwrapped.student.parameters())
                 if clip_grad > 0:
-                    clip_gradients_per_parameter(unwrapped.student.parameters(), clip_grad)
+                    if clip_grad_mode == "global":  # MoBY: one norm over all trained parameters
+                        torch.nn.utils.clip_grad_norm_(
+                            [p for p in unwrapped.student.parameters() if p.requires_grad], clip_grad
+                        )
+                    else:
+                        clip_gradients_per_parameter(unwrapped.student.parameters(), clip_grad)
                 if values.freeze_last_layer:
                     cancel_gradients(unwrapped.get_last_layer_parameters())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     skipped = guard.after_step(step_was_skipped(optimizer))
-    if not skipped:  # the student did not move: neither does the teacher
+    if not skipped and not moby:  # the student did not move: neither does the teacher
         unwrapped.update_teacher(values.teacher_momentum)
     return StepResult(
         loss=loss,
@@ -434,6 +451,7 @@ def train(
 
     # ---- model configuration, data and schedules: every mistake in them is found before anything is written
     config = build_config(model_args, config_overrides)
+    training_args.apply_objective_defaults(config.image_objective)  # unset options: the objective's defaults
     dataset, image_column = open_image_stream(data_args, training_args)
     train_loader = build_dataloader(dataset, image_column, data_args, training_args, config, accelerator)
     global_batch_size = (
@@ -477,6 +495,8 @@ def train(
     # ---- model and optimiser; the same seed on every process gives the same initial weights
     set_seed(training_args.seed)
     model = SelfPatchViTForPretraining(config)
+    if config.image_objective == "moby" and accelerator.num_processes > 1:
+        model = sync_batch_norm(model, accelerator.device)  # MoBY's BatchNorm over the global batch (GPUs)
     if training_args.gradient_checkpointing:
         backbone = model.student.backbone
         # older transformers 5 releases (e.g. 5.17) have only the older name; both checkpoint non-reentrantly
@@ -662,6 +682,7 @@ def train(
                         values,
                         training_args.clip_grad,
                         stop.requested,
+                        clip_grad_mode=training_args.clip_grad_mode,
                     )
                 except NonFiniteLossError as error:
                     metrics_log.event("non_finite_loss", error.step, **error.losses)

@@ -33,6 +33,36 @@ OFFLINE_SAMPLE = "offline-sample"
 IMAGENET_TRAIN_SIZE = 1_281_167
 SCRIPT = "training/pretrain.py"
 _SCHEDULE_DEFAULTS = ScheduleRecipe()  # the schedules' defaults are written once, in `ScheduleRecipe`
+# The options whose default depends on the image-level objective (`SelfPatchConfig.image_objective`): left unset
+# (None) on the command line and in the recipe, they take these values. DINO: `ScheduleRecipe`'s (the reference
+# ViT-S/16 run) and DINO's per-tensor clipping. MoBY (its public code, Transformer-SSL): lr 1e-3 per 512 images
+# (= 5e-4 per 256; min 5e-6), 5 warm-up epochs, constant weight decay 0.05, momentum 0.99 -> 1 (cosine), the
+# gradient clipped to a global norm of 5.0 over all parameters, no last layer to freeze.
+OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dino": {
+        **{name: getattr(_SCHEDULE_DEFAULTS, name) for name in ("min_learning_rate", "warmup_epochs")},
+        **{name: getattr(_SCHEDULE_DEFAULTS, name) for name in ("weight_decay", "weight_decay_end")},
+        "teacher_momentum": _SCHEDULE_DEFAULTS.teacher_momentum,
+        "freeze_last_layer_epochs": _SCHEDULE_DEFAULTS.freeze_last_layer_epochs,
+        "clip_grad": 3.0,
+        "clip_grad_mode": "per_parameter",
+    },
+    "moby": {
+        "min_learning_rate": 5e-6,
+        "warmup_epochs": 5.0,
+        "weight_decay": 0.05,
+        "weight_decay_end": 0.05,
+        "teacher_momentum": 0.99,
+        "freeze_last_layer_epochs": 0.0,
+        "clip_grad": 5.0,
+        "clip_grad_mode": "global",
+    },
+}
+
+
+def _by_objective(name: str) -> str:
+    dino, moby = OBJECTIVE_DEFAULTS["dino"][name], OBJECTIVE_DEFAULTS["moby"][name]
+    return f" Default: the image objective's (DINO {dino}, MoBY {moby})."
 
 
 @dataclass
@@ -96,16 +126,22 @@ class PretrainingArguments:
         _SCHEDULE_DEFAULTS.learning_rate,
         "Peak learning rate for a global batch of 256; scaled linearly with the global batch.",
     )
-    min_learning_rate: float = option(
-        _SCHEDULE_DEFAULTS.min_learning_rate, "Learning rate at the end of the cosine."
+    min_learning_rate: float | None = option(
+        None, "Learning rate at the end of the cosine." + _by_objective("min_learning_rate")
     )
-    warmup_epochs: float = option(_SCHEDULE_DEFAULTS.warmup_epochs, "Linear learning-rate warm-up from 0.")
-    weight_decay: float = option(
-        _SCHEDULE_DEFAULTS.weight_decay, "Weight decay at the start (cosine schedule)."
+    warmup_epochs: float | None = option(
+        None, "Linear learning-rate warm-up from 0." + _by_objective("warmup_epochs")
     )
-    weight_decay_end: float = option(_SCHEDULE_DEFAULTS.weight_decay_end, "Weight decay at the end.")
-    teacher_momentum: float = option(
-        _SCHEDULE_DEFAULTS.teacher_momentum, "Teacher EMA momentum at the start (cosine)."
+    weight_decay: float | None = option(
+        None, "Weight decay at the start (cosine schedule)." + _by_objective("weight_decay")
+    )
+    weight_decay_end: float | None = option(
+        None, "Weight decay at the end." + _by_objective("weight_decay_end")
+    )
+    teacher_momentum: float | None = option(
+        None,
+        "Teacher (MoBY: target) EMA momentum at the start, cosine to teacher_momentum_end."
+        + _by_objective("teacher_momentum"),
     )
     teacher_momentum_end: float = option(
         _SCHEDULE_DEFAULTS.teacher_momentum_end, "Teacher EMA momentum at the end."
@@ -120,11 +156,19 @@ class PretrainingArguments:
         _SCHEDULE_DEFAULTS.warmup_teacher_temperature_epochs,
         "Linear teacher-temperature warm-up (DINO ViT-S: 0.04 -> 0.07 over 30).",
     )
-    freeze_last_layer_epochs: float = option(
-        _SCHEDULE_DEFAULTS.freeze_last_layer_epochs,
-        "Epochs during which the heads' last layers get no update.",
+    freeze_last_layer_epochs: float | None = option(
+        None,
+        "Epochs during which the heads' last layers get no update."
+        + _by_objective("freeze_last_layer_epochs"),
     )
-    clip_grad: float = option(3.0, "Clip EACH parameter's gradient to this L2 norm (0 disables).")
+    clip_grad: float | None = option(
+        None, "Gradient clipping threshold, an L2 norm (0 disables)." + _by_objective("clip_grad")
+    )
+    clip_grad_mode: Literal["per_parameter", "global"] | None = option(
+        None,
+        "per_parameter: each parameter tensor's gradient clipped to clip_grad (DINO); global: one norm over all "
+        "parameters (MoBY, torch.nn.utils.clip_grad_norm_)." + _by_objective("clip_grad_mode"),
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
         None, "Autocast precision (default: accelerate launch's setting). fp16 uses loss scaling."
     )
@@ -182,6 +226,12 @@ class PretrainingArguments:
         "Stop before saving when the weights, gradients or loss explode (docs/reliability.md); checkpoints record "
         "whether training was healthy.",
     )
+
+    def apply_objective_defaults(self, image_objective: str) -> None:
+        """Fills the options left unset with `image_objective`'s defaults (`OBJECTIVE_DEFAULTS`), in place."""
+        for name, value in OBJECTIVE_DEFAULTS[image_objective].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def schedule_recipe(self) -> ScheduleRecipe:
         """The schedule settings of these arguments (in epochs; the schedules check them when built)."""
@@ -317,6 +367,7 @@ def _importable(module: str) -> bool:
 
 __all__ = [
     "ARGUMENT_CLASSES",
+    "OBJECTIVE_DEFAULTS",
     "IMAGENET_TRAIN_SIZE",
     "OFFLINE_SAMPLE",
     "DataArguments",
