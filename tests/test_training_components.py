@@ -688,3 +688,16 @@ def test_resume_reports_a_finished_run_and_refuses_other_data_cuts_or_models(tmp
 
     assert pretrain.main([*TINY_ARGS, *rest, "--max_steps", "3"]) == 0  # a longer run continues
     assert [r["step"] for r in read_metrics(output / "metrics.jsonl") if "event" not in r] == [1, 2, 3]
+
+    # --overwrite_output_dir starts afresh although the command says `--resume_from_checkpoint latest` (as a recipe
+    # that always resumes does); with a checkpoint of the folder it would delete, it is refused
+    inside = str(output / "checkpoints" / "checkpoint-3")
+    assert (
+        pretrain.main([*TINY_ARGS, *rest, "--overwrite_output_dir", "--resume_from_checkpoint", inside]) == 2
+    )
+    assert "--overwrite_output_dir deletes the checkpoints" in capsys.readouterr().err
+    assert pretrain.main([*TINY_ARGS, *rest, "--overwrite_output_dir"]) == 0
+    records = read_metrics(output / "metrics.jsonl")
+    assert [r["step"] for r in records if "event" not in r] == [1, 2]
+    assert not any(r.get("event") == "resumed" for r in records)
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]

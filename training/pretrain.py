@@ -484,7 +484,7 @@ def train(
     configure_cpu_training(accelerator, data_args, training_args)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
+        if training_args.overwrite_output_dir:
             # an earlier run's checkpoints would otherwise be taken for this run's by `latest`
             shutil.rmtree(output_dir / CHECKPOINTS_DIRNAME, ignore_errors=True)
             shutil.rmtree(output_dir / PRETRAINING_MODEL_DIRNAME, ignore_errors=True)
@@ -515,9 +515,9 @@ def train(
     global_step = 0
     last_checkpoint: Path | None = None
     monitor = DivergenceMonitor() if training_args.divergence_check else None
-    if training_args.resume_from_checkpoint:
+    if training_args.checkpoint_to_resume():
         try:
-            last_checkpoint = checkpoints.resolve(training_args.resume_from_checkpoint)
+            last_checkpoint = checkpoints.resolve(training_args.checkpoint_to_resume())
             loaded = checkpoints.load(last_checkpoint) if last_checkpoint is not None else None
         except DamagedCheckpointError as error:  # its files do not match its manifest: a failure, not usage
             raise CommandFailure(f"Cannot resume: {error}") from None

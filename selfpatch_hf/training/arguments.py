@@ -114,7 +114,9 @@ class DataArguments:
 class PretrainingArguments:
     output_dir: str | None = option(None, "Where metrics, checkpoints and exports go (required).")
     overwrite_output_dir: bool = option(
-        False, "Start afresh even if output_dir holds checkpoints of an earlier run."
+        False,
+        "Start afresh even if output_dir holds checkpoints of an earlier run (they are deleted; it overrides "
+        "--resume_from_checkpoint latest).",
     )
     seed: int = option(0, "Seed of the initialisation, data order and crops.")
     per_device_train_batch_size: int = option(64, "Images per process per micro-batch.")
@@ -233,6 +235,14 @@ class PretrainingArguments:
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
+    def checkpoint_to_resume(self) -> str | None:
+        """`resume_from_checkpoint`, or None when the run starts afresh: none given, or `latest` together with
+        `overwrite_output_dir` (whose earlier checkpoints are deleted), e.g. a recipe that always resumes run with
+        --overwrite_output_dir."""
+        if self.overwrite_output_dir and self.resume_from_checkpoint == "latest":
+            return None
+        return self.resume_from_checkpoint or None
+
     def schedule_recipe(self) -> ScheduleRecipe:
         """The schedule settings of these arguments (in epochs; the schedules check them when built)."""
         return ScheduleRecipe(
@@ -350,8 +360,16 @@ def validate_arguments(data_args: DataArguments, training_args: PretrainingArgum
             raise UsageError(f"--report_to {tracker} needs `pip install {module}`.")
     from .checkpointing import CHECKPOINTS_DIRNAME, list_checkpoints  # not needed for --help
 
-    checkpoints = list_checkpoints(Path(output_dir) / CHECKPOINTS_DIRNAME)
-    if checkpoints and not training_args.resume_from_checkpoint and not training_args.overwrite_output_dir:
+    checkpoints_dir = Path(output_dir) / CHECKPOINTS_DIRNAME
+    resume = training_args.checkpoint_to_resume()
+    if training_args.overwrite_output_dir and resume is not None:
+        if Path(resume).resolve().is_relative_to(checkpoints_dir.resolve()):
+            raise UsageError(
+                f"--overwrite_output_dir deletes the checkpoints in {checkpoints_dir}, including "
+                f"--resume_from_checkpoint {resume}: drop one of the two (or copy the checkpoint elsewhere first)."
+            )
+    checkpoints = list_checkpoints(checkpoints_dir)
+    if checkpoints and not resume and not training_args.overwrite_output_dir:
         raise UsageError(
             f"{output_dir} already holds checkpoints of a run (latest: {checkpoints[-1].name}). Pass "
             "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start afresh, or another "
