@@ -139,6 +139,27 @@ def test_the_scripts_train_step_leaves_teacher_and_centres_alone_on_a_scaler_ski
     assert not torch.equal(before[-2], after[-2])  # the image centre moved
 
 
+def test_cuda_defaults_apply_on_cuda_only():
+    from selfpatch_hf.training.cuda_setup import adamw_kwargs, ddp_kwargs, enable_tf32
+
+    assert adamw_kwargs("cpu") == {} and adamw_kwargs("cuda:0") == {"fused": True}
+    assert ddp_kwargs("cpu", 1) == {"broadcast_buffers": False}  # what the CPU runs always had
+    assert ddp_kwargs("cuda", 1) == {
+        "broadcast_buffers": False,
+        "gradient_as_bucket_view": True,
+        "static_graph": True,
+    }
+    assert ddp_kwargs("cuda", 4)["static_graph"] is False  # accumulation's no_sync micro-steps
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        assert enable_tf32("cpu") is False and not torch.backends.cuda.matmul.allow_tf32
+        assert enable_tf32("cuda") is True and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 # ------------------------------------------------------------------------------------------------- compile
 
 
