@@ -214,6 +214,48 @@ def test_a_metrics_file_cut_mid_line_is_repaired_on_append_and_readable_meanwhil
         read_metrics(log.path)
 
 
+def test_a_failed_metrics_write_leaves_no_partial_line_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    import builtins
+
+    from selfpatch_hf.training.metrics_log import MetricsLog, read_metrics
+
+    log = MetricsLog(_MainProcess(), tmp_path)
+    log.metrics(1, {"loss": 1.0})
+    real_open = builtins.open
+
+    class FillingFile:  # writes half the line, then the disk is full
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(
+        builtins,
+        "open",
+        lambda path, mode="r", *a, **k: (
+            FillingFile(real_open(path, mode, *a, **k))
+            if str(path) == str(log.path) and "a" in mode
+            else real_open(path, mode, *a, **k)
+        ),
+    )
+    with caplog.at_level(logging.WARNING):
+        log.metrics(2, {"loss": 0.5})  # no exception: the run goes on
+        log.metrics(3, {"loss": 0.4})
+    assert caplog.text.count("metrics are not recorded") == 1
+    monkeypatch.undo()
+    log.metrics(4, {"loss": 0.3})
+    assert [r["step"] for r in read_metrics(log.path)] == [1, 4]
+
+
 def test_a_complete_last_record_without_its_newline_is_kept(tmp_path):
     from selfpatch_hf.training.metrics_log import MetricsLog, read_metrics
 

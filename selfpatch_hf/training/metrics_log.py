@@ -42,6 +42,7 @@ class MetricsLog:
         self.accelerator = accelerator
         self.path = Path(output_dir) / METRICS_FILENAME
         self._checked = False
+        self._write_failed = False
 
     def _append(self, record: Mapping[str, Any]) -> None:
         if not self.accelerator.is_main_process:
@@ -63,9 +64,27 @@ class MetricsLog:
         self._write(record)
 
     def _write(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps({key: _json_safe(value) for key, value in record.items()}) + "\n"
-        with open(self.path, "a") as handle:
-            handle.write(line)  # one write of a whole line: a kill cuts at most this line
+        line = (json.dumps({key: _json_safe(value) for key, value in record.items()}) + "\n").encode()
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "ab") as handle:
+                handle.write(line)  # one write of a whole line: a kill cuts at most this line
+        except OSError as error:
+            # e.g. a full disk: undo a partial line (the next record must start on its own line) and go on; the
+            # metrics are a record of the run, not its state (a checkpoint write fails with its own message)
+            try:
+                os.truncate(self.path, size)
+            except OSError:
+                pass
+            if not self._write_failed:
+                logger.warning(
+                    "Cannot write to %s (%s): metrics are not recorded until it works again.",
+                    self.path,
+                    error,
+                )
+            self._write_failed = True
+        else:
+            self._write_failed = False
 
     def metrics(self, step: int, values: Mapping[str, float | int | None]) -> None:
         """A metrics record: written to the file and, prefixed `train/`, to the trackers."""
