@@ -212,3 +212,37 @@ def test_moby_step_clips_the_global_norm_and_moves_the_target_once(pretrain, mon
         assert unwrapped.queue_ptr.item() == 6  # both micro-batches enqueued their 3 keys
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+COCO_RECIPES = sorted((Path(__file__).resolve().parents[1] / "training" / "configs" / "coco").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", COCO_RECIPES, ids=lambda path: path.stem)
+def test_coco_recipes_build_the_rows_they_name(pretrain, recipe, tmp_path):
+    """training/configs/coco/{dino,moby}[_selfpatch[_no_negatives]]_{vit,swin}_tiny.yaml: the paper's COCO rows."""
+    model_args, data_args, training_args, overrides = pretrain.parse_arguments([str(recipe)])
+    config = pretrain.build_config(model_args, overrides)
+    training_args.output_dir = str(tmp_path)
+    pretrain.validate_arguments(data_args, training_args)
+    name = recipe.stem
+    objective = name.split("_")[0]
+    assert config.image_objective == objective
+    assert config.backbone_type == ("swin" if name.endswith("swin_tiny") else "vit")
+    if config.backbone_type == "vit":
+        assert (config.backbone_config.hidden_size, config.patch_size) == (192, 16)  # ViT-Ti/16
+    else:
+        assert (config.backbone_config.embed_dim, list(config.backbone_config.depths)) == (96, [2, 2, 6, 2])
+    assert config.use_patch_objective == ("selfpatch" in name)
+    if "selfpatch" in name:
+        assert config.image_representation == "aggregation" and config.patch_loss_weight == 0.1
+    if objective == "moby":
+        assert config.num_local_crops == 0 and tuple(config.global_crops_scale) == (0.08, 1.0)
+        assert config.drop_path_rate == 0.2
+        if "selfpatch" in name:
+            assert config.patch_negatives == ("no_negatives" not in name)
+    else:
+        assert config.num_local_crops == 8
+    assert data_args.samples_per_epoch == 118287 and training_args.epochs == 200
+    # the recipe states the objective's training defaults explicitly (nothing left to fill in)
+    before = {name: getattr(training_args, name) for name in OBJECTIVE_DEFAULTS[objective]}
+    assert before == OBJECTIVE_DEFAULTS[objective]
