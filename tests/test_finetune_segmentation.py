@@ -223,3 +223,20 @@ def test_two_processes_share_the_batches_and_the_evaluation(inputs, tmp_path):
     scores = evaluate_segmentation(model, examples, 12, patch_size=8).compute()
     assert scores.mean_iou == pytest.approx(reported["mean_iou"], abs=1e-6)
     assert scores.overall_accuracy == pytest.approx(reported["overall_accuracy"], abs=1e-6)
+
+
+def test_push_to_hub_uploads_the_model_folder(inputs, tmp_path, hub_server):
+    output_dir = tmp_path / "pushed"
+    arguments = _arguments(inputs, output_dir, "--max_steps", "2", "--checkpointing_steps", "0")
+    arguments += ["--push_to_hub", "--hub_model_id", "loopback-user/tiny-upernet"]
+    env = {**os.environ, **hub_server.client_env(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), *arguments], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    files = hub_server.files("loopback-user/tiny-upernet")
+    local = output_dir / "model"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        assert files[name] == (local / name).read_bytes(), name
+    assert b"pipeline_tag: image-segmentation" in files["README.md"]

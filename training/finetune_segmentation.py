@@ -632,10 +632,15 @@ def push_model(
         private=training_args.hub_private,
     )
     uploader.submit(model_dir, step, commit_message=f"UperNet fine-tuned for {step} steps")
-    uploader.wait()
+    outcomes = uploader.finish(timeout=None)  # Ctrl-C ends the wait; the report says what is not on the Hub
     report = uploader.report()
     for line in report:
         logger.info("Hub upload %s", line)
+    failed = [outcome for outcome in outcomes if outcome.status != "uploaded"]
+    if failed:  # the model is saved locally; say so and how to push it later
+        raise CommandFailure(
+            f"the Hub upload did not finish: {failed[-1].describe(training_args.hub_model_id)}"
+        )
     return report
 
 

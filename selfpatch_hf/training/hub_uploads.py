@@ -316,8 +316,10 @@ class AsyncHubUploader:
             self.wait(timeout, should_stop=lambda: stop.requested)
         if stop.requested:
             reason = f"the wait was interrupted by {stop.signal_name}"
-        else:
+        elif timeout is not None:
             reason = f"not finished within the final wait of {timeout:g} s (--hub_upload_timeout)"
+        else:
+            reason = "not finished"  # unreachable without a signal: an unlimited wait ends when nothing is pending
         for job in self.jobs:
             if job.outcome.status == "pending":
                 job.outcome.status = "unfinished"
