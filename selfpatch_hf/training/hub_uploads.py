@@ -319,7 +319,9 @@ class AsyncHubUploader:
         elif timeout is not None:
             reason = f"not finished within the final wait of {timeout:g} s (--hub_upload_timeout)"
         else:
-            reason = "not finished"  # unreachable without a signal: an unlimited wait ends when nothing is pending
+            reason = (
+                "not finished"  # unreachable without a signal: an unlimited wait ends when nothing is pending
+            )
         for job in self.jobs:
             if job.outcome.status == "pending":
                 job.outcome.status = "unfinished"
