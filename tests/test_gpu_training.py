@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_config, tiny_dino_config
+from tiny_models import TINY_BACKBONE, tiny_config, tiny_dino_config
 
-from selfpatch_hf import SelfPatchViTForPretraining
+from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
 from selfpatch_hf.training.compilation import compile_for_training, compiled_modules, is_compiled
 from selfpatch_hf.training.mixed_precision import ScalerSkipGuard
 
@@ -99,7 +99,8 @@ def test_a_step_skipped_by_the_loss_scaler_moves_neither_weights_nor_teacher_nor
     assert guard.snapshot is None and guard.after_step(skipped=False) is False
 
 
-def test_the_scripts_train_step_leaves_teacher_and_centres_alone_on_a_scaler_skipped_step():
+@pytest.mark.parametrize("objective", ["dino", "moby"])
+def test_the_scripts_train_step_leaves_teacher_and_centres_alone_on_a_scaler_skipped_step(objective):
     """training/pretrain.py's `train_step` with accelerate's loss-scaler plumbing (a CPU GradScaler stands in for
     the CUDA one, which accelerate creates only on GPUs): an overflowing step is reported as skipped and moves no
     weight, no teacher parameter and no centre; the next step at a sane scale trains."""
@@ -117,13 +118,28 @@ def test_the_scripts_train_step_leaves_teacher_and_centres_alone_on_a_scaler_ski
 
     accelerator = Accelerator(cpu=True)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1)
-    model = tiny_model()
+    if objective == "moby":  # the target's momentum step and the key queues are updated inside the forward
+        moby = {"moby_projection_dim": 8, "moby_projector_hidden_dim": 16, "moby_predictor_hidden_dim": 12}
+        config = SelfPatchConfig.from_preset(
+            "vit-tiny-patch16",
+            image_objective="moby",
+            global_crop_size=32,
+            moby_queue_size=12,
+            **TINY_BACKBONE,
+            **moby,
+        )
+        model = tiny_model(config)
+    else:
+        model = tiny_model()
+    with torch.no_grad():  # a teacher unlike the student: its momentum step moves it even before training
+        for p in model.teacher.parameters():
+            p.add_(0.02 * torch.randn_like(p))
     optimizer = torch.optim.AdamW([p for p in model.student.parameters() if p.requires_grad], lr=1e-3)
     model, optimizer = accelerator.prepare(model, optimizer)
     values = ScheduleValues(0, 0.0, 1e-3, 0.04, 0.9, 0.04, freeze_last_layer=False)
 
     def state():
-        return [t.detach().clone() for t in (*model.parameters(), model.image_center, model.patch_center)]
+        return [t.detach().clone() for t in (*model.parameters(), *model.buffers(recurse=False))]
 
     before = state()
     result = pretrain.train_step(accelerator, model, optimizer, [crops()], values, clip_grad=3.0)
@@ -136,7 +152,8 @@ def test_the_scripts_train_step_leaves_teacher_and_centres_alone_on_a_scaler_ski
     student, teacher = len(list(model.student.parameters())), len(list(model.teacher.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(before[:student], after[:student]))
     assert any(not torch.equal(a, b) for a, b in zip(before[student : student + teacher], after[student:]))
-    assert not torch.equal(before[-2], after[-2])  # the image centre moved
+    buffers = len(list(model.buffers(recurse=False)))
+    assert any(not torch.equal(a, b) for a, b in zip(before[-buffers:], after[-buffers:]))  # centres / queues
 
 
 def test_cuda_defaults_apply_on_cuda_only():

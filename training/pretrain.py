@@ -324,12 +324,13 @@ def train_step(
     a non-finite loss raises `NonFiniteLossError` before it can reach the weights.
     """
     unwrapped = accelerator.unwrap_model(model)
-    # fp16: a step the loss scaler skips must leave the centres as they were (selfpatch_hf.training.mixed_precision)
-    guard = ScalerSkipGuard(unwrapped, enabled=accelerator.scaler is not None)
+    moby = unwrapped.config.image_objective == "moby"
+    # fp16: a step the loss scaler skips leaves centres, queues and (MoBY) the target as they were
+    # (selfpatch_hf.training.mixed_precision)
+    guard = ScalerSkipGuard(unwrapped, enabled=accelerator.scaler is not None, include_teacher=moby)
     guard.before_forward()
     totals = torch.zeros(3, device=accelerator.device)
     micro_steps = 0
-    moby = unwrapped.config.image_objective == "moby"
     for global_crops, local_crops in micro_batches:
         global_crops = global_crops.to(accelerator.device, non_blocking=True)
         local_crops = local_crops.to(accelerator.device, non_blocking=True)

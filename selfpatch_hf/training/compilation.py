@@ -1,7 +1,8 @@
 """`torch.compile` for pretraining: the parts of each network that pay, compiled in place (`--torch_compile`).
 
-What is compiled, for the student AND the teacher (each `SelfPatchNetwork`): the backbone (`ViTModel`: patch
-embedding, position-embedding interpolation, encoder, output norm) and the projection heads. These hold nearly all
+What is compiled, for the student AND the teacher (each `SelfPatchNetwork`): the backbone (`ViTModel` or
+`SwinModel`: patch embedding, position-embedding interpolation, encoder, output norm) and the heads (DINO's
+projection heads; MoBY's projectors and predictors). These hold nearly all
 of a step's multiply-accumulates. The glue between them (grouping views by resolution, positive matching, the
 neighbour path of the aggregation module, losses, centres) stays eager: it is cheap, and its shapes vary between
 views.
@@ -26,11 +27,12 @@ from torch import nn
 
 
 def compiled_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules `compile_for_training` compiles: each network's backbone and heads."""
+    """The modules `compile_for_training` compiles: each network's backbone and heads (whichever exist)."""
+    heads = ("image_head", "patch_head", "projector", "patch_projector", "predictor", "patch_predictor")
     modules = []
     for network in (model.student, model.teacher):
         modules.append(network.backbone)
-        modules += [head for head in (network.image_head, network.patch_head) if head is not None]
+        modules += [head for name in heads if (head := getattr(network, name, None)) is not None]
     return modules
 
 

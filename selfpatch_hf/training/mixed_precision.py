@@ -11,7 +11,8 @@ not happen: the student did not move, so
 
 - the teacher is NOT updated (an EMA toward an unchanged student would still pull the teacher; the reference code
   does so, which makes the teacher depend on how often fp16 overflows);
-- the centres, which the forward already moved, are restored (`ScalerSkipGuard`);
+- the state the forward already moved is restored (`ScalerSkipGuard`): DINO's centres, MoBY's key queues and
+  their pointer, and, for MoBY, whose target takes its momentum step inside the forward, the target's weights;
 - the schedules do not advance: the loop does not count the step, so the next batch is trained at the same
   learning rate, weight decay, momentum and temperature. The batch itself is consumed (the data stream moves on).
 
@@ -29,30 +30,32 @@ MAX_CONSECUTIVE_SKIPPED_STEPS = 25
 
 
 class ScalerSkipGuard:
-    """Keeps the centres of `model` (its `image_center` / `patch_center` buffers) across one step, to restore them
-    if the loss scaler skips the step. Disabled (no copies) when there is no scaler."""
+    """Keeps what a forward moves across one step, to restore it if the loss scaler skips the step: the model's
+    own buffers (DINO's `image_center` / `patch_center`, MoBY's `queue1` / `queue2` / `queue_ptr`) and, with
+    `include_teacher` (MoBY: the target's momentum step runs in the forward), the teacher's parameters. Disabled
+    (no copies) when there is no scaler."""
 
-    def __init__(self, model: nn.Module, enabled: bool = True):
+    def __init__(self, model: nn.Module, enabled: bool = True, include_teacher: bool = False):
         self.model = model
         self.enabled = enabled
+        self.include_teacher = include_teacher
         self.snapshot: list[torch.Tensor] | None = None
 
-    def _centers(self) -> list[torch.Tensor]:
-        return [
-            buffer
-            for name in ("image_center", "patch_center")
-            if (buffer := getattr(self.model, name, None)) is not None
-        ]
+    def _state(self) -> list[torch.Tensor]:
+        state = list(self.model.buffers(recurse=False))
+        if self.include_teacher:
+            state += list(self.model.teacher.parameters())
+        return state
 
     def before_forward(self) -> None:
-        self.snapshot = [center.detach().clone() for center in self._centers()] if self.enabled else None
+        self.snapshot = [tensor.detach().clone() for tensor in self._state()] if self.enabled else None
 
     def after_step(self, skipped: bool) -> bool:
-        """Restores the centres if the step was skipped; returns `skipped`."""
+        """Restores the kept state if the step was skipped; returns `skipped`."""
         if skipped and self.snapshot is not None:
             with torch.no_grad():
-                for center, saved in zip(self._centers(), self.snapshot, strict=True):
-                    center.copy_(saved)
+                for tensor, saved in zip(self._state(), self.snapshot, strict=True):
+                    tensor.copy_(saved)
         return bool(skipped)
 
 
