@@ -40,7 +40,12 @@ DINO_CITATION = """\
   year      = {2021}
 }"""
 
-METHOD_NAMES = {"selfpatch": "SelfPatch", "dino": "DINO", "moby": "MoBY"}
+METHOD_NAMES = {
+    "selfpatch": "SelfPatch",
+    "selfpatch_moby": "SelfPatch (MoBY)",
+    "dino": "DINO",
+    "moby": "MoBY",
+}
 
 # Short keys accepted in `BackboneCardInfo.eval_results` -> `huggingface_hub.EvalResult` fields.
 _EVAL_KEY_ALIASES = {
@@ -77,7 +82,7 @@ class BackboneCardInfo:
     source: Literal["trained", "converted"] = "trained"
     converted_from: str | None = None  # file name / URL of a converted checkpoint
     # the pretraining objective that produced the weights
-    objective: Literal["selfpatch", "dino", "moby"] = "selfpatch"
+    objective: Literal["selfpatch", "selfpatch_moby", "dino", "moby"] = "selfpatch"
     exported_network: Literal["teacher", "student"] = "teacher"
     warnings: list[str] = field(default_factory=list)  # stated prominently at the top of the card
     # ---- training recipe
@@ -128,7 +133,11 @@ class BackboneCardInfo:
             "patch_size": patch_size,
             "hidden_size": config.hidden_size,
             "image_size": image_size,
-            "objective": "selfpatch" if use_patch else image_objective,
+            "objective": (
+                ("selfpatch" if image_objective == "dino" else f"selfpatch_{image_objective}")
+                if use_patch
+                else image_objective
+            ),
             "patch_loss_weight": config.patch_loss_weight,
             "num_positives": config.num_positives if use_patch else None,
             "neighborhood_size": config.neighborhood_size if use_patch else None,
@@ -138,8 +147,6 @@ class BackboneCardInfo:
             "num_global_crops": NUM_GLOBAL_CROPS,
             "num_local_crops": config.num_local_crops,
         }
-        if use_patch and image_objective != "dino":
-            values["notes"] = "Image-level objective: MoBY, with SelfPatch's patch-level loss."
         if config.backbone_type == "swin":
             depths = "-".join(str(depth) for depth in backbone.depths)
             values |= {
@@ -267,7 +274,11 @@ def _recipe_rows(info: BackboneCardInfo) -> list[tuple[str, str]]:
     rows: list[tuple[str, Any]] = [
         (
             "objective",
-            {"selfpatch": "SelfPatch (DINO + patch-level loss)", "moby": "MoBY"}.get(info.objective, "DINO"),
+            {
+                "selfpatch": "SelfPatch (DINO + patch-level loss)",
+                "selfpatch_moby": "SelfPatch (MoBY + patch-level loss)",
+                "moby": "MoBY",
+            }.get(info.objective, "DINO"),
         ),
         ("training data", _training_data(info)),
         ("epochs", info.epochs),
@@ -336,7 +347,7 @@ def render_backbone_card(info: BackboneCardInfo) -> ModelCard:
     ]
     citations = (
         [SELFPATCH_CITATION, DINO_CITATION]
-        if info.objective == "selfpatch"
+        if info.objective.startswith("selfpatch")
         else [DINO_CITATION, SELFPATCH_CITATION]
     )
     return ModelCard.from_template(

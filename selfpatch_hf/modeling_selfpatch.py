@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import AutoModelForPreTraining, PreTrainedModel, SwinModel, ViTModel
 from transformers import initialization as init
-from transformers.models.swin.modeling_swin import SwinEmbeddings, SwinRelativePositionBias
+from transformers.models.swin.modeling_swin import SwinEmbeddings
 from transformers.models.vit.modeling_vit import ViTEmbeddings
 from transformers.utils import ModelOutput
 
@@ -972,10 +972,13 @@ class SelfPatchPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SwinEmbeddings):
             if module.mask_token is not None:
                 init.zeros_(module.mask_token)
-        elif isinstance(module, SwinRelativePositionBias):
+        elif isinstance(getattr(module, "relative_position_bias_table", None), nn.Parameter):
+            # Swin's relative position bias (its own module in recent transformers releases, part of the attention
+            # in older ones: found by the attribute)
             init.trunc_normal_(module.relative_position_bias_table, std=std)  # as the reference Swin
-            # a non-persistent buffer: recomputed here when the model is loaded
-            init.copy_(module.relative_position_index, module._create_relative_position_index().view(-1))
+            if hasattr(module, "_create_relative_position_index"):
+                # a non-persistent buffer: recomputed here when the model is loaded
+                init.copy_(module.relative_position_index, module._create_relative_position_index().view(-1))
         elif isinstance(module, SelfPatchAggregation):
             init.trunc_normal_(module.cls_token, std=std)
         elif isinstance(module, SelfPatchForPretraining):

@@ -405,7 +405,13 @@ def test_swin_export_round_trip_in_a_process_that_never_imports_selfpatch(tmp_pa
     config = tiny("swin", "moby", drop_path_rate=0.0)
     model = make_model(config)
     model(torch.randn(2, 2, 3, 32, 32), teacher_momentum=0.5)  # a step: queues, BatchNorm statistics move
-    folder = export_backbone(model, tmp_path / "backbone")
+    from selfpatch_hf.model_card import BackboneCardInfo
+
+    folder = export_backbone(
+        model, tmp_path / "backbone", card_info=BackboneCardInfo.from_selfpatch_config(config)
+    )
+    card = (folder / "README.md").read_text()
+    assert "SelfPatch (MoBY + patch-level loss)" in card and "`SwinModel`" in card and "no CLS token" in card
     saved = json.loads((folder / "config.json").read_text())
     assert (
         saved["model_type"] == "swin" and saved["architectures"] == ["SwinModel"] and "auto_map" not in saved
