@@ -412,6 +412,11 @@ def train(
 ) -> PretrainingResult:
     validate_arguments(data_args, training_args)
     output_dir = Path(training_args.output_dir)
+    # huggingface_hub gives uploads (and some dataset calls) no timeout: a silent server would hold them, and the
+    # final wait for the uploads, forever
+    bound_hub_requests(
+        min(DEFAULT_CONNECT_TIMEOUT, training_args.hub_request_timeout), training_args.hub_request_timeout
+    )
 
     # ---- accelerator and logging
     accelerator = Accelerator(
@@ -586,10 +591,6 @@ def train(
     # ---- publishing (main process; uploads in the background)
     uploader = None
     if training_args.push_to_hub and accelerator.is_main_process:
-        # huggingface_hub gives uploads no timeout: a silent server would hold them (and the final wait) forever
-        bound_hub_requests(
-            min(DEFAULT_CONNECT_TIMEOUT, training_args.hub_request_timeout), training_args.hub_request_timeout
-        )
         uploader = AsyncHubUploader(
             training_args.hub_model_id,
             output_dir / ".hub_uploads",

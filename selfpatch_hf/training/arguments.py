@@ -216,7 +216,8 @@ class PretrainingArguments:
     hub_upload_attempts: int = option(3, "Attempts per upload before giving up.")
     hub_retry_delay: float = option(30.0, "Seconds before retrying a failed upload (doubled each time).")
     hub_request_timeout: float = option(
-        60.0, "Seconds a Hub request may go without any data before it fails (and is retried)."
+        60.0,
+        "Seconds a Hub request (uploads, dataset reads) may go without any data before it fails (and is retried).",
     )
     hub_upload_timeout: float = option(
         900.0,
