@@ -57,3 +57,13 @@ def test_readme_states_one_demo_command():
     assert quick_start.startswith("pip install torch==") and " && pip install -e . && " in quick_start
     (command,) = demo
     assert command.startswith("accelerate launch") and sum(line.endswith(command) for line in commands) >= 2
+
+
+def test_readme_links_every_document_in_docs():
+    linked = {target.partition("#")[0] for target in LINK.findall((REPO_ROOT / "README.md").read_text())}
+    missing = sorted(
+        path.relative_to(REPO_ROOT).as_posix()
+        for path in (REPO_ROOT / "docs").glob("*.md")
+        if path.relative_to(REPO_ROOT).as_posix() not in linked
+    )
+    assert not missing, f"README.md does not link {missing}: a newcomer would not find them"
