@@ -231,3 +231,16 @@ def test_sigterm_during_the_final_wait_still_reports(tmp_path, stalled_endpoint)
         process.kill()
     assert "REPORT step 7: NOT uploaded (the wait was interrupted by SIGTERM)" in output, output
     assert "interrupted by SIGTERM" in output
+
+
+def test_a_preempted_run_reports_its_uploads_at_once(tmp_path, stalled_endpoint):
+    uploader = AsyncHubUploader("me/tiny", tmp_path / "staging", endpoint=stalled_endpoint, token="hf_x")
+    uploader.submit(_backbone_folder(tmp_path / "backbone"), step=9)
+    started = time.monotonic()
+    (outcome,) = uploader.finish(0, why_not_waiting="not waited for: the run was stopped by SIGTERM")
+    assert time.monotonic() - started < 5
+    assert outcome.status == "unfinished" and not uploader.complete
+    assert uploader.report() == [
+        f"step 9: NOT uploaded (not waited for: the run was stopped by SIGTERM). The export is kept at "
+        f"{outcome.folder}; push it later with `hf upload me/tiny {outcome.folder} .`"
+    ]

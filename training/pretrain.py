@@ -820,7 +820,10 @@ def train(
                     "Waiting for the pending Hub upload(s), at most %g s (--hub_upload_timeout)...",
                     training_args.hub_upload_timeout,
                 )
-            uploader.finish(timeout=0 if stopped_by else training_args.hub_upload_timeout)
+            if stopped_by:  # the grace period before SIGKILL is short: report at once, no retries
+                uploader.finish(0, why_not_waiting=f"not waited for: the run was stopped by {stopped_by}")
+            else:
+                uploader.finish(training_args.hub_upload_timeout)
             upload_report = uploader.report()
             for outcome in uploader.outcomes:
                 metrics_log.event("upload", outcome.step, status=outcome.status, url=outcome.commit_url)

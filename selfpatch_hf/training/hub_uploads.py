@@ -308,14 +308,17 @@ class AsyncHubUploader:
         self.poll()
         return self.outcomes
 
-    def finish(self, timeout: float | None) -> list[UploadOutcome]:
+    def finish(self, timeout: float | None, why_not_waiting: str | None = None) -> list[UploadOutcome]:
         """The end of a run: waits for the uploads at most `timeout` seconds (None: no limit), stopping early on
         SIGTERM / SIGINT, then marks what is not on the Hub as `unfinished` (its local snapshot stays) and returns
-        all outcomes. The report is complete however the wait ended."""
+        all outcomes. The report is complete however the wait ended. `why_not_waiting` is the reason reported for
+        the unfinished uploads when the caller chose not to wait (timeout 0, e.g. a pre-empted run)."""
         with StopRequest(action="ending the wait for the Hub uploads and reporting them") as stop:
             self.wait(timeout, should_stop=lambda: stop.requested)
         if stop.requested:
             reason = f"the wait was interrupted by {stop.signal_name}"
+        elif why_not_waiting is not None:
+            reason = why_not_waiting
         elif timeout is not None:
             reason = f"not finished within the final wait of {timeout:g} s (--hub_upload_timeout)"
         else:
