@@ -1073,13 +1073,14 @@ def convert_checkpoint(
     num_heads: int | None = None,
     output_norm_from: str | Path | None = None,
     pretraining: bool = True,
-    pretraining_recipe: Literal["selfpatch", "dino"] = "selfpatch",
+    pretraining_recipe: Literal["selfpatch", "dino", "moby"] = "selfpatch",
     verify: bool = True,
 ) -> ConversionResult:
     """Converts a SelfPatch or DINO checkpoint into `output_dir/backbone` (+ `output_dir/pretraining` for DINO).
 
     MoBY checkpoints (Transformer-SSL, Swin or DeiT encoders) are detected by their keys and converted by
-    `convert_moby`: only the backbone is written (no pretraining checkpoint), the heads and queues are validated.
+    `convert_moby`: the backbone, and a `SelfPatchForPretraining` (image_objective "moby") with both networks, the
+    heads and the queues.
 
     Args:
         network: side of a training checkpoint that becomes the backbone; default: the side the method's own
@@ -1088,7 +1089,9 @@ def convert_checkpoint(
         arch / num_heads: the head count, when neither the checkpoint's `args` nor the width tell it.
         output_norm_from: a SelfPatch training checkpoint whose `ca_head.norm` supplies the output norm of a
             backbone-only SelfPatch file (which has none).
-        pretraining: also write the `SelfPatchViTForPretraining` checkpoint (DINO inputs).
+        pretraining: also write the `SelfPatchViTForPretraining` checkpoint (DINO and MoBY inputs).
+        pretraining_recipe: what that checkpoint continues with: "selfpatch" (the patch objective added to the
+            checkpoint's method), or the method alone ("dino" for DINO inputs, "moby" for MoBY inputs).
         verify: compare the saved folder, reloaded with `AutoModel`, with the reference forward pass on random
             input, and fail above `VERIFY_TOLERANCE`.
     """
@@ -1108,6 +1111,11 @@ def convert_checkpoint(
             num_heads,
             pretraining,
             verify,
+            pretraining_recipe,
+        )
+    if pretraining_recipe == "moby":
+        raise ConversionError(
+            "--pretraining-recipe moby is for MoBY checkpoints; a DINO checkpoint continues as 'dino' or 'selfpatch'."
         )
     network = network or "teacher"
     checkpoint = _reference_checkpoint(loaded, checkpoint_path, network=network)
@@ -1244,11 +1252,18 @@ def _convert_moby(
     num_heads: int | None,
     pretraining: bool,
     verify: bool,
+    pretraining_recipe: str | None = None,
 ) -> ConversionResult:
     import torch
     from transformers import AutoModel
 
-    from .convert_moby import moby_backbone, moby_card_info, read_moby_checkpoint
+    from .convert_moby import (
+        moby_backbone,
+        moby_card_info,
+        moby_to_pretraining_model,
+        read_moby_checkpoint,
+        write_moby_pretraining_card,
+    )
     from .export import _replace_directory, build_image_processor
     from .model_card import write_backbone_card
 
@@ -1259,11 +1274,18 @@ def _convert_moby(
     if bad:
         raise ConversionError(f"{path.name} holds non-finite weights (NaN or infinity) in {_listing(bad)}.")
     notes: list[str] = []
-    if pretraining:
-        notes.append(
-            "No pretraining checkpoint: converting MoBY's heads and queues for continued training is not supported "
-            "yet; only the backbone was written."
+    if pretraining_recipe == "dino":
+        raise ConversionError(
+            "--pretraining-recipe dino is for DINO checkpoints; a MoBY checkpoint continues as 'moby' (plain MoBY) "
+            "or 'selfpatch' (MoBY + SelfPatch, the default)."
         )
+    recipe = "selfpatch" if pretraining_recipe is None else pretraining_recipe
+    if pretraining and getattr(backbone.architecture, "absolute_embedding", False):
+        notes.append(
+            "No pretraining checkpoint: this Swin has absolute position embeddings, which fix it to one input size; "
+            "SelfPatchForPretraining trains Swins without them (as Swin-T and MoBY do)."
+        )
+        pretraining = False
     # staged beside OUTPUT_DIR and moved into place after the self-check, as for the other formats
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
@@ -1289,9 +1311,18 @@ def _convert_moby(
                     f"(tolerance {VERIFY_TOLERANCE}); nothing was written to {output_dir}. The input weights are "
                     "finite and well shaped, so the conversion itself is wrong: please report it."
                 )
+        staged_pretraining = None
+        if pretraining:
+            staged_pretraining = staging / "pretraining"
+            moby_to_pretraining_model(checkpoint, backbone, recipe).save_pretrained(staged_pretraining)
+            write_moby_pretraining_card(staged_pretraining, checkpoint, recipe)
         _use_default_permissions(staging)
         backbone_dir = output_dir / "backbone"
         _replace_directory(staged, backbone_dir)
+        pretraining_dir = None
+        if staged_pretraining is not None:
+            pretraining_dir = output_dir / "pretraining"
+            _replace_directory(staged_pretraining, pretraining_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ConversionResult(
@@ -1300,6 +1331,7 @@ def _convert_moby(
         backbone_dir=backbone_dir,
         model_type="swin" if backbone.model_type == "swin" else "vit",
         max_abs_difference=difference,
+        pretraining_dir=pretraining_dir,
         notes=notes,
     )
 
@@ -1355,9 +1387,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--pretraining-recipe",
-        choices=("selfpatch", "dino"),
+        choices=("selfpatch", "dino", "moby"),
         default="selfpatch",
-        help="objective the pretraining checkpoint is set up for (default: selfpatch)",
+        help="objective the pretraining checkpoint is set up for (default: selfpatch; dino continues a DINO "
+        "checkpoint as plain DINO, moby a MoBY checkpoint as plain MoBY)",
     )
     parser.add_argument(
         "--no-verify",

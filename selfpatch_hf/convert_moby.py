@@ -644,6 +644,121 @@ def moby_card_info(checkpoint: MoBYCheckpoint, backbone: MoBYBackbone, network: 
     )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Pretraining checkpoint (continued training)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mlp_widths(state: Mapping[str, torch.Tensor], where: str) -> tuple[int, int]:
+    """(hidden, out) of a two-layer MoBYMLP; other depths have no counterpart in `SelfPatchConfig`."""
+    linears = _stage_ids(state, r"linear_hidden\.(\d+)\.weight$")
+    if linears != [1, 2]:  # Linear at 1, BatchNorm at 2
+        raise ConversionError(
+            f"{where} is not a two-layer MoBYMLP (Linear - BatchNorm - ReLU - Linear), the only depth "
+            "SelfPatchConfig builds; convert with --no-pretraining."
+        )
+    return state["linear_hidden.1.weight"].shape[0], state["linear_out.weight"].shape[0]
+
+
+def moby_to_pretraining_model(
+    checkpoint: MoBYCheckpoint,
+    backbone: MoBYBackbone,
+    recipe: Literal["selfpatch", "moby"] = "selfpatch",
+):
+    """A `SelfPatchForPretraining` (image_objective "moby") initialised from a MoBY checkpoint.
+
+    - Online encoder, projector and predictor -> the student; momentum encoder and projector -> the teacher; the
+      queues and their pointer as they were. Temperature, momentum, queue size and drop-path come from the
+      checkpoint's config where it has them.
+    - `recipe="moby"`: plain MoBY (`patch_loss_weight=0`; the CLS token on a ViT, the average pool on a Swin as the
+      image representation): an exact restart.
+    - `recipe="selfpatch"` (default): the SelfPatch objective (`image_representation="aggregation"`, lambda 0.1);
+      the aggregation modules and patch projectors/predictor start fresh, and the projectors now read the aggregation
+      module's summary instead of the representation they were trained on.
+    """
+    from . import SelfPatchConfig, SelfPatchForPretraining
+    from .convert import dino_backbone_to_vit, vit_config
+
+    arch = backbone.architecture
+    hidden, out_dim = _mlp_widths(checkpoint.parts["projector"], "projector")
+    predictor_hidden, _ = _mlp_widths(checkpoint.parts["predictor"], "predictor")
+    swin = backbone.model_type == "swin"
+    overrides: dict[str, Any] = {
+        "image_objective": "moby",
+        "global_crop_size": arch.image_size,
+        "moby_projection_dim": out_dim,
+        "moby_projector_hidden_dim": hidden,
+        "moby_predictor_hidden_dim": predictor_hidden,
+        "moby_queue_size": checkpoint.buffers["queue1"].shape[1],
+    }
+    for field_name, key in (
+        ("moby_temperature", "CONTRAST_TEMPERATURE"),
+        ("moby_momentum", "CONTRAST_MOMENTUM"),
+        ("drop_path_rate", "ONLINE_DROP_PATH_RATE"),
+    ):
+        value = checkpoint.config_value("MODEL", "MOBY", key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            overrides[field_name] = float(value)
+    if recipe == "moby":
+        overrides.update(patch_loss_weight=0.0, image_representation="average_pool" if swin else "cls")
+    else:
+        overrides.update(patch_loss_weight=0.1, image_representation="aggregation")
+    backbone_config = swin_config(arch) if swin else vit_config(arch)
+    config = SelfPatchConfig(backbone_config=backbone_config, **overrides)
+    model = SelfPatchForPretraining(config).eval()
+    with torch.no_grad():
+        for network, side, projector in (
+            (model.student, "encoder", "projector"),
+            (model.teacher, "encoder_k", "projector_k"),
+        ):
+            state = checkpoint.parts[side]
+            converted = swin_backbone_to_hf(state, arch) if swin else dino_backbone_to_vit(state, arch, False)
+            # our backbones have no pooler (a Swin's is parameter-free): the same parameters either way
+            network.backbone.load_state_dict(converted.state_dict(), strict=True)
+            network.projector.load_state_dict(
+                {
+                    k: v.float() if v.is_floating_point() else v
+                    for k, v in checkpoint.parts[projector].items()
+                },
+                strict=True,
+            )
+        model.student.predictor.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in checkpoint.parts["predictor"].items()},
+            strict=True,
+        )
+        model.queue1.copy_(checkpoint.buffers["queue1"])
+        model.queue2.copy_(checkpoint.buffers["queue2"])
+        model.queue_ptr.copy_(checkpoint.buffers["queue_ptr"].reshape(1) % config.moby_queue_size)
+    model.teacher.requires_grad_(False)  # the target only moves by momentum
+    return model
+
+
+def write_moby_pretraining_card(folder: Path, checkpoint: MoBYCheckpoint, recipe: str) -> None:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        license="apache-2.0", tags=["selfpatch", "moby", "self-supervised", "pretraining-checkpoint"]
+    )
+    if recipe == "selfpatch":
+        plan = (
+            'It is set up to continue with the SelfPatch objective (`image_representation="aggregation"`, '
+            "`patch_loss_weight=0.1`): the aggregation modules and the patch projectors and predictor are freshly "
+            "initialised, and MoBY's projectors now read the aggregation module's summary."
+        )
+    else:
+        plan = "It is set up to continue plain MoBY training (`patch_loss_weight=0`), an exact restart."
+    content = (
+        f"---\n{data.to_yaml()}\n---\n\n# SelfPatch pretraining checkpoint converted from `{checkpoint.path.name}`\n\n"
+        "Online network (encoder, projector, predictor), momentum network (encoder, projector) and the two key "
+        'queues of `selfpatch_hf.SelfPatchForPretraining` with `image_objective="moby"`, converted from a MoBY '
+        f"checkpoint. {plan}\n\n"
+        "```python\nimport selfpatch_hf  # registers the model with the Auto classes\n"
+        "from selfpatch_hf import SelfPatchForPretraining\n\n"
+        'model = SelfPatchForPretraining.from_pretrained("path/or/repo")\n```\n'
+    )
+    ModelCard(content).save(folder / "README.md")
+
+
 __all__ = [
     "MoBYBackbone",
     "MoBYCheckpoint",
@@ -652,6 +767,7 @@ __all__ = [
     "infer_swin_architecture",
     "is_moby_checkpoint",
     "moby_backbone",
+    "moby_to_pretraining_model",
     "read_moby_checkpoint",
     "reference_swin_forward",
     "swin_backbone_to_hf",

@@ -16,6 +16,7 @@ from reference_moby import (
 )
 from transformers import AutoImageProcessor, AutoModel, SwinModel, ViTModel
 
+from selfpatch_hf import SelfPatchForPretraining
 from selfpatch_hf.convert import ConversionError, convert_checkpoint, main
 
 TOLERANCE = 1e-4
@@ -51,7 +52,10 @@ def test_moby_swin_converts_to_an_exact_swin_model(tmp_path, overrides):
 
     assert result.format == "moby-swin-training" and result.model_type == "swin"
     assert result.max_abs_difference is not None and result.max_abs_difference <= TOLERANCE
-    assert result.pretraining_dir is None and "No pretraining checkpoint" in result.notes[0]
+    if overrides.get("absolute_embedding"):  # a fixed input size: no SelfPatchForPretraining for it
+        assert result.pretraining_dir is None and "absolute position embeddings" in result.notes[0]
+    else:
+        assert result.pretraining_dir is not None and result.notes == []
     model = AutoModel.from_pretrained(result.backbone_dir).eval()
     assert type(model) is SwinModel
     assert json.loads((result.backbone_dir / "config.json").read_text())["model_type"] == "swin"
@@ -76,7 +80,7 @@ def test_moby_swin_converts_to_an_exact_swin_model(tmp_path, overrides):
 
     # the momentum encoder on request
     teacher = convert_checkpoint(path, tmp_path / "target", network="teacher", pretraining=False)
-    assert teacher.notes == []
+    assert teacher.notes == [] and teacher.pretraining_dir is None
     with torch.no_grad():
         ours = AutoModel.from_pretrained(teacher.backbone_dir).eval()(pixel_values=x).last_hidden_state
         assert_close(ours, target(x)[0])
@@ -180,3 +184,79 @@ def test_command_line(tmp_path, capsys):
     save_with_yacs_config(bad, tmp_path / "bad.pth")
     assert main([str(tmp_path / "bad.pth"), str(tmp_path / "bad")]) == 1
     assert "missing keys (1): norm.weight" in capsys.readouterr().err
+
+
+def _mlp(state: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """MoBYMLP in eval mode: Linear - BatchNorm1d (running statistics) - ReLU - Linear."""
+    p = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    h = F.linear(x, p["linear_hidden.1.weight"], p["linear_hidden.1.bias"])
+    h = F.batch_norm(
+        h, p["linear_hidden.2.running_mean"], p["linear_hidden.2.running_var"], p["linear_hidden.2.weight"],
+        p["linear_hidden.2.bias"], training=False, eps=1e-5,
+    )  # fmt: skip
+    return F.linear(F.relu(h), p["linear_out.weight"], p["linear_out.bias"])
+
+
+def _info_nce(
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2
+) -> torch.Tensor:
+    logits = torch.cat([(query * key).sum(1, keepdim=True), query @ queue], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long))
+
+
+@pytest.mark.parametrize("backbone", ["swin", "deit"])
+def test_moby_pretraining_checkpoint_restarts_moby_exactly(tmp_path, backbone):
+    """`--pretraining-recipe moby`: SelfPatchForPretraining with MoBY's online/target encoders, projectors, predictor
+    and queues; its loss equals MoBY's computed here from the checkpoint's tensors and the reference encoders."""
+    if backbone == "swin":
+        checkpoint, online, target = moby_swin_checkpoint()
+        represent = {"online": lambda x: online(x)[1], "target": lambda x: target(x)[1]}  # average pool
+        kwargs = {}
+    else:
+        checkpoint, online_state, target_state = moby_deit_checkpoint()
+        arch = {"hidden": 32, "layers": 2, "heads": 2, "mlp": 64, "patch": 8, "grid": 4}
+
+        def cls_token(state):
+            vit = reference_vit(state, cls=True, **arch)
+            return lambda x: F.layer_norm(vit(x), (32,), state["norm.weight"], state["norm.bias"], 1e-6)[:, 0]
+
+        represent = {"online": cls_token(online_state), "target": cls_token(target_state)}
+        kwargs = {"num_heads": 2}
+    save_with_yacs_config(checkpoint, tmp_path / "moby.pth")
+    result = convert_checkpoint(tmp_path / "moby.pth", tmp_path / "out", pretraining_recipe="moby", **kwargs)
+
+    model = SelfPatchForPretraining.from_pretrained(result.pretraining_dir).eval()
+    config = model.config
+    assert (config.image_objective, config.patch_loss_weight, config.moby_queue_size) == ("moby", 0.0, 32)
+    assert config.image_representation == ("average_pool" if backbone == "swin" else "cls")
+    state = checkpoint["model"]
+    torch.testing.assert_close(model.queue1, state["queue1"])
+    torch.testing.assert_close(model.queue2, state["queue2"])
+    assert model.queue_ptr.item() == 16
+    views = pixels(3, 2, 3, 32, 32)
+    with torch.no_grad():
+        output = model(views, None, update_centers=False)
+        queries, keys = [], []
+        for v in range(2):
+            x = views[:, v]
+            queries.append(
+                F.normalize(
+                    _mlp(state, "predictor.", _mlp(state, "projector.", represent["online"](x))), dim=1
+                )
+            )
+            keys.append(F.normalize(_mlp(state, "projector_k.", represent["target"](x)), dim=1))
+        expected = _info_nce(queries[0], keys[1], state["queue2"]) + _info_nce(
+            queries[1], keys[0], state["queue1"]
+        )
+    assert_close(output.image_loss, expected)
+    assert_close(output.loss, expected)
+
+    # the default recipe adds SelfPatch: same networks and queues, fresh aggregation and patch heads
+    selfpatch = convert_checkpoint(tmp_path / "moby.pth", tmp_path / "sp", **kwargs)
+    model = SelfPatchForPretraining.from_pretrained(selfpatch.pretraining_dir)
+    assert model.config.patch_loss_weight == 0.1 and model.config.image_representation == "aggregation"
+    for name, value in model.student.projector.state_dict().items():
+        assert torch.equal(value, state[f"projector.{name}"].to(value.dtype))
+    torch.testing.assert_close(model.queue2, state["queue2"])
+    with pytest.raises(ConversionError, match="--pretraining-recipe dino is for DINO checkpoints"):
+        convert_checkpoint(tmp_path / "moby.pth", tmp_path / "bad", pretraining_recipe="dino", **kwargs)
