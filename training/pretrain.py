@@ -123,6 +123,24 @@ LIBRARY_ARGUMENT_ERRORS = (ValueError, TypeError, StrictDataclassError)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def setup_logging(accelerator: Accelerator) -> None:
+    """Our progress on the main process, warnings elsewhere; the libraries' own chatter kept to warnings."""
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        level=level,
+    )
+    logging.getLogger("selfpatch_hf").setLevel(level)
+    # a line per data pass is noise; skipped images still show (warnings)
+    logging.getLogger("selfpatch_hf.data.streaming").setLevel(logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    datasets.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    logger.info(accelerator.state, main_process_only=False)
+
+
 def _message(error: Exception) -> str:
     """One line for a library's argument error (a strict dataclass wraps the validator's own error)."""
     while isinstance(error, StrictDataclassError) and error.__cause__ is not None:
@@ -252,6 +270,18 @@ def configure_cpu_training(
         logger.warning(
             "bf16 on a CPU without bf16 units is far slower than fp32; consider --mixed_precision no."
         )
+
+
+def enable_activation_checkpointing(backbone: torch.nn.Module) -> None:
+    """Recompute the backbone's activations in the backward pass. Older transformers 5 releases (e.g. 5.17) have
+    only the older method name; both checkpoint non-reentrantly."""
+    enable = getattr(backbone, "activation_checkpointing_enable", None)
+    (enable or backbone.gradient_checkpointing_enable)()
+
+
+def _tracker_values(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """Trackers take numbers, strings and booleans: anything else (lists, None) as its text."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hyperparameters.items()}
 
 
 def endless_batches(loader: MultiCropDataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -440,20 +470,7 @@ def train(
     enable_tf32(accelerator.device)  # CUDA only: TF32 for what runs in fp32
     if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
         raise UsageError("Several processes but no distributed setup: launch with `accelerate launch`.")
-    level = logging.INFO if accelerator.is_main_process else logging.WARNING
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        level=level,
-    )
-    logging.getLogger("selfpatch_hf").setLevel(level)
-    # a line per data pass is noise; skipped images still show (warnings)
-    logging.getLogger("selfpatch_hf.data.streaming").setLevel(logging.WARNING)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    datasets.utils.logging.set_verbosity_warning()
-    transformers.utils.logging.set_verbosity_warning()
-    transformers.utils.logging.disable_progress_bar()
-    logger.info(accelerator.state, main_process_only=False)
+    setup_logging(accelerator)
 
     # ---- model configuration, data and schedules: every mistake in them is found before anything is written
     config = build_config(model_args, config_overrides)
@@ -504,10 +521,7 @@ def train(
     if config.image_objective == "moby" and accelerator.num_processes > 1:
         model = sync_batch_norm(model, accelerator.device)  # MoBY's BatchNorm over the global batch (GPUs)
     if training_args.gradient_checkpointing:
-        backbone = model.student.backbone
-        # older transformers 5 releases (e.g. 5.17) have only the older name; both checkpoint non-reentrantly
-        enable_checkpointing = getattr(backbone, "activation_checkpointing_enable", None)
-        (enable_checkpointing or backbone.gradient_checkpointing_enable)()
+        enable_activation_checkpointing(model.student.backbone)
     if training_args.torch_compile:  # in place: parameter names, checkpoints and exports are unchanged
         compile_for_training(model)
     optimizer = build_optimizer(model.student, **adamw_kwargs(accelerator.device))  # fused AdamW on CUDA
@@ -633,12 +647,7 @@ def train(
             **training_args.public_dict(),
             **{f"config.{k}": v for k, v in config_overrides.items()},
         }
-        accelerator.init_trackers(
-            training_args.run_name,
-            config={
-                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hyperparameters.items()
-            },
-        )
+        accelerator.init_trackers(training_args.run_name, config=_tracker_values(hyperparameters))
 
     logger.info(
         "Training %s on %s: %d optimiser steps (%.2f epochs of %d images), global batch %d = %d processes x %d x %d "
