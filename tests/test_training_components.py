@@ -701,3 +701,29 @@ def test_resume_reports_a_finished_run_and_refuses_other_data_cuts_or_models(tmp
     assert [r["step"] for r in records if "event" not in r] == [1, 2]
     assert not any(r.get("event") == "resumed" for r in records)
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_cpu_threads_leave_cores_to_data_workers_and_say_why_or_follow_cpu_threads(monkeypatch, caplog):
+    """accelerate launch sets OMP_NUM_THREADS (2 on a 2-core machine); with 2 data workers the script uses 1 torch
+    thread and says why once, naming the setting it overrides; --cpu_threads is followed as given."""
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # accelerate's logger needs it
+    pretrain = load_pretrain_script()
+    previous = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    caplog.set_level("INFO")
+    try:
+        torch.set_num_threads(2)
+        pretrain.set_cpu_threads(SimpleNamespace(num_processes=1), num_workers=2, requested=None)
+        assert torch.get_num_threads() == 1
+        (line,) = [r.getMessage() for r in caplog.records if "torch thread" in r.getMessage()]
+        assert "instead of OMP_NUM_THREADS=2" in line and "--cpu_threads" in line
+        pretrain.set_cpu_threads(SimpleNamespace(num_processes=1), num_workers=2, requested=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
