@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -65,8 +66,13 @@ def main() -> None:
         for key, (model, optimizer) in variants.items():
             start = time.perf_counter()
             step(model, optimizer, views)
+            seconds = time.perf_counter() - start
             if round_index >= args.warmup:
-                times[key].append(time.perf_counter() - start)
+                times[key].append(seconds)
+            print(
+                f"round {round_index}: {key[0]} {'MoBY + SelfPatch' if key[1] else 'MoBY'} {seconds:.2f} s",
+                file=sys.stderr,
+            )
     print(
         f"# MoBY steps, batch {args.batch} x 2 views of {args.size} px, fp32, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}\n"
