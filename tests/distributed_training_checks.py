@@ -9,6 +9,8 @@ With 2 processes (gloo on the CPU) it writes into OUT:
 - `data_split.json`: the raw examples each rank's data loader reads;
 - `train.json`: after a real `train()` run of the script (gradient accumulation and activation checkpointing on),
   the largest differences between the ranks' student, teacher and centres, and the world size / DDP facts;
+- `moby_rank{0,1}.pt`: the same for MoBY + SelfPatch on a tiny Swin (3 steps, resumed from step 2): the whole state
+  (both networks, queues and pointer) of each run, and the names of the tensors that differ between the ranks;
 - `resume_rank{0,1}.pt`: per rank, the final step and state (student, teacher, centres) of a 5-step run and of a
   second run that resumed from the first one's step-3 checkpoint (each rank's data position and RNG restored).
 With 1 process it writes `fixed_step.pt` for ONE step pair over the concatenation A+B (the reference).
@@ -183,6 +185,48 @@ def final_state(model: SelfPatchViTForPretraining) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+MOBY_SWIN_OVERRIDES = [
+    "image_objective=moby", "embed_dim=8", "depths=[1,1,2]", "num_heads=[1,2,4]", "patch_size=2", "window_size=2",
+    "global_crop_size=32", "moby_projection_dim=8", "moby_projector_hidden_dim=16", "moby_predictor_hidden_dim=12",
+    "moby_queue_size=24",
+]  # fmt: skip
+
+
+def moby_check(data_dir: Path, out: Path) -> None:
+    """MoBY + SelfPatch (Swin) through the script on 2 processes: 3 steps, and a run resumed from step 2."""
+
+    def run(output_dir: Path, *extra: str):
+        argv = [
+            "--preset", "swin-tiny-patch4-window7", "--dataset_name", str(data_dir), "--output_dir", str(output_dir),
+            "--config_overrides", *MOBY_SWIN_OVERRIDES, "--per_device_train_batch_size", "2",
+            "--samples_per_epoch", "16", "--max_steps", "3", "--checkpointing_steps", "2", "--num_workers", "1",
+            "--shuffle_buffer_size", "0", "--logging_steps", "1", "--learning_rate", "0.05", *extra,
+        ]  # fmt: skip
+        return pretrain.train(*pretrain.parse_arguments(argv))
+
+    reference = run(out / "moby_reference")
+    reference_state = final_state(reference.model)
+    # per tensor: which ones differ between the ranks
+    differing = [
+        name
+        for name, value in reference.model.state_dict().items()
+        if max_difference_between_ranks({name: value.float()}) > 0
+    ]
+    resumed = run(
+        out / "moby_resumed", "--resume_from_checkpoint", str(out / "moby_reference/checkpoints/checkpoint-2")
+    )
+    torch.save(
+        {
+            "world": reference.accelerator.num_processes,
+            "differing_between_ranks": differing,
+            "steps": [reference.global_step, resumed.global_step],
+            "reference": reference_state,
+            "resumed": final_state(resumed.model),
+        },
+        out / f"moby_rank{reference.accelerator.process_index}.pt",
+    )
+
+
 def resume_check(data_dir: Path, out: Path) -> None:
     """An uninterrupted 2-process run vs one resumed from its step-3 checkpoint (no shuffle buffer: exact)."""
 
@@ -224,6 +268,7 @@ def main() -> None:
     fixed_step_check(accelerator, out)
     data_split_check(accelerator, data_dir, out)
     train_check(data_dir, out)
+    moby_check(data_dir, out)
     resume_check(data_dir, out)
 
 

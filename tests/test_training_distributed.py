@@ -134,3 +134,28 @@ def test_a_two_process_run_resumed_from_a_checkpoint_ends_where_the_uninterrupte
     assert (two / "resume_reference" / "checkpoints" / "checkpoint-3").is_dir()
     metrics = [json.loads(line) for line in (two / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert any(record.get("event") == "resumed" for record in metrics)
+
+
+def test_moby_on_two_processes_fills_the_queues_with_both_ranks_keys_and_resumes_exactly(runs):
+    """MoBY + SelfPatch on a tiny Swin through the script with DDP: identical replicas (both networks' parameters,
+    queues and pointer), each step's keys of both ranks in the queues, and a run resumed from step 2 bit-identical on
+    each rank."""
+    two, _, _ = runs
+    results = [torch.load(two / f"moby_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for rank, result in enumerate(results):
+        assert result["world"] == 2
+        # every parameter, queue and pointer is the same on both ranks; only MoBY's BatchNorm running statistics
+        # differ: torch's SyncBatchNorm needs GPUs, so on CPUs each process normalises with its own batch
+        differing = result["differing_between_ranks"]
+        assert differing and all(".linear_hidden.2.running_" in name for name in differing), differing
+        assert result["steps"] == [3, 3]
+        reference, resumed = result["reference"], result["resumed"]
+        assert reference.keys() == resumed.keys()
+        different = [name for name in reference if not torch.equal(reference[name], resumed[name])]
+        # a checkpoint holds rank 0's model, so rank 1 resumes with rank 0's running statistics (training reads
+        # batch statistics, so nothing else changes)
+        assert not different if rank == 0 else set(different) <= set(differing), (rank, different)
+    state = results[0]["reference"]
+    # 3 steps x 2 processes x 2 images: 12 keys per queue (6 if the ranks' keys were not gathered)
+    assert state["queue_ptr"].item() == 12
+    assert not torch.equal(state["queue1"], state["queue2"])
