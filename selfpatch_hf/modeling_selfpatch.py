@@ -786,7 +786,8 @@ class SelfPatchNetwork(nn.Module):
         no shift once the grid fits in one window), so the exported backbone computes the same features. Where it is
         smaller (e.g. the 3x3 last stage of a 96 px crop on Swin-T), transformers' Swin shrinks the window below its
         relative-position table and fails; here the window keeps its size and the grid is padded into it, without
-        shift, as the reference Swin does. The blocks are set on every call because transformers' Swin changes them
+        shift (the reference Swin shrinks the window with its table instead, so such grids differ from it; see
+        docs/moby_swin.md). The blocks are set on every call because transformers' Swin changes them
         in place."""
         height, width = grid
         resolutions = []
