@@ -129,7 +129,7 @@ def test_unset_training_options_take_the_objectives_defaults(pretrain, objective
         training_args.clip_grad is None and training_args.weight_decay is None
     )  # unset until the objective is known
     config = pretrain.build_config(model_args, overrides)
-    training_args.apply_objective_defaults(config.image_objective)
+    training_args.apply_objective_defaults(config)
     expected = {
         "dino": (3.0, "per_parameter", 0.04, 0.4, 10, 0.996, 1e-6),
         "moby": (5.0, "global", 0.05, 0.05, 5, 0.99, 5e-6),
@@ -146,10 +146,17 @@ def test_unset_training_options_take_the_objectives_defaults(pretrain, objective
     # MoBY's 1e-3 per 512 images is the script's 5e-4 per 256 (the linear scaling rule), momentum cosine to 1
     assert training_args.learning_rate == 5e-4 and training_args.teacher_momentum_end == 1.0
     assert set(OBJECTIVE_DEFAULTS["dino"]) == set(OBJECTIVE_DEFAULTS["moby"])
+    # MoBY's starting momentum has one home, the model config (a converted checkpoint's momentum is kept)
+    if objective == "moby":
+        model_args, data_args, training_args, overrides = pretrain.parse_arguments(
+            [*argv[:1], f"image_objective={objective}", "moby_momentum=0.95", *argv[2:]]
+        )
+        training_args.apply_objective_defaults(pretrain.build_config(model_args, overrides))
+        assert training_args.teacher_momentum == 0.95
 
     # an option given explicitly wins over the objective's default
     model_args, data_args, training_args, overrides = pretrain.parse_arguments([*argv, "--clip_grad", "1.5"])
-    training_args.apply_objective_defaults(objective)
+    training_args.apply_objective_defaults(config)
     assert training_args.clip_grad == 1.5
 
 

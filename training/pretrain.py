@@ -474,7 +474,7 @@ def train(
 
     # ---- model configuration, data and schedules: every mistake in them is found before anything is written
     config = build_config(model_args, config_overrides)
-    training_args.apply_objective_defaults(config.image_objective)  # unset options: the objective's defaults
+    training_args.apply_objective_defaults(config)  # unset options: the objective's defaults
     dataset, image_column = open_image_stream(data_args, training_args)
     train_loader = build_dataloader(dataset, image_column, data_args, training_args, config, accelerator)
     global_batch_size = (

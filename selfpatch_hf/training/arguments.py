@@ -20,13 +20,16 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from ..command_line import UsageError
 from .recipes import option, parse_recipe_and_command_line, yaml_problem
 from .schedules import ScheduleRecipe
+
+if TYPE_CHECKING:
+    from ..configuration_selfpatch import SelfPatchConfig
 
 # the photographs bundled with scikit-image (selfpatch_hf.data.sample_photographs)
 OFFLINE_SAMPLE = "offline-sample"
@@ -52,7 +55,7 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup_epochs": 5.0,
         "weight_decay": 0.05,
         "weight_decay_end": 0.05,
-        "teacher_momentum": 0.99,
+        "teacher_momentum": None,  # the model config's `moby_momentum` (one home: converted checkpoints set it)
         "freeze_last_layer_epochs": 0.0,
         "clip_grad": 5.0,
         "clip_grad_mode": "global",
@@ -62,6 +65,7 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def _by_objective(name: str) -> str:
     dino, moby = OBJECTIVE_DEFAULTS["dino"][name], OBJECTIVE_DEFAULTS["moby"][name]
+    moby = "the config's moby_momentum, 0.99 by default" if moby is None else moby
     return f" Default: the image objective's (DINO {dino}, MoBY {moby})."
 
 
@@ -230,11 +234,12 @@ class PretrainingArguments:
         "whether training was healthy.",
     )
 
-    def apply_objective_defaults(self, image_objective: str) -> None:
-        """Fills the options left unset with `image_objective`'s defaults (`OBJECTIVE_DEFAULTS`), in place."""
-        for name, value in OBJECTIVE_DEFAULTS[image_objective].items():
+    def apply_objective_defaults(self, config: SelfPatchConfig) -> None:
+        """Fills the options left unset with the defaults of `config.image_objective` (`OBJECTIVE_DEFAULTS`), in
+        place; MoBY's starting momentum is the config's `moby_momentum`."""
+        for name, value in OBJECTIVE_DEFAULTS[config.image_objective].items():
             if getattr(self, name) is None:
-                setattr(self, name, value)
+                setattr(self, name, config.moby_momentum if value is None else value)
 
     def checkpoint_to_resume(self) -> str | None:
         """`resume_from_checkpoint`, or None when the run starts afresh: none given, or `latest` together with
