@@ -416,7 +416,7 @@ def train_step(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training
+# Training: `train` runs these phases in order
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -434,21 +434,53 @@ class PretrainingResult:
     uploads_complete: bool = True  # False: --push_to_hub, but the last export is not on the Hub
 
 
-def train(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: PretrainingArguments,
-    config_overrides: dict[str, Any],
-) -> PretrainingResult:
-    validate_arguments(data_args, training_args)
-    output_dir = Path(training_args.output_dir)
-    # huggingface_hub gives uploads (and some dataset calls) no timeout: a silent server would hold them, and the
-    # final wait for the uploads, forever
+@dataclass
+class StepPlan:
+    """The run's length in optimiser steps of the GLOBAL batch, and the schedules along those steps."""
+
+    global_batch_size: int  # processes x per-device batch x accumulation
+    steps_per_epoch: int
+    total_steps: int
+    schedule: PretrainingSchedule
+
+
+@dataclass
+class TrainingRun:
+    """What the phases of one run share, built by `train` before the loop starts."""
+
+    accelerator: Accelerator
+    model_args: ModelArguments
+    data_args: DataArguments
+    training_args: PretrainingArguments
+    config_overrides: dict[str, Any]
+    config: SelfPatchConfig
+    train_loader: MultiCropDataLoader
+    plan: StepPlan
+    checkpoints: CheckpointManager
+    metrics_log: MetricsLog
+    model: torch.nn.Module  # prepared (DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    unwrapped: SelfPatchViTForPretraining
+    monitor: DivergenceMonitor | None  # None: --no_divergence_check
+    uploader: AsyncHubUploader | None = None  # main process with --push_to_hub only; started after the resume
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training_args.output_dir)
+
+
+def limit_hub_requests(training_args: PretrainingArguments) -> None:
+    """huggingface_hub gives uploads (and some dataset calls) no timeout: a silent server would hold them, and the
+    final wait for the uploads, forever."""
     bound_hub_requests(
         min(DEFAULT_CONNECT_TIMEOUT, training_args.hub_request_timeout), training_args.hub_request_timeout
     )
 
-    # ---- accelerator and logging
+
+def create_accelerator(training_args: PretrainingArguments) -> Accelerator:
+    """The accelerator (device, processes, mixed precision, accumulation, trackers) and the logging set-up. DDP
+    broadcasts no buffers: the centres are all-reduced inside forward (on CUDA also bucket views, static graph)."""
+    output_dir = Path(training_args.output_dir)
     accelerator = Accelerator(
         cpu=training_args.cpu,
         mixed_precision=training_args.mixed_precision,
@@ -457,7 +489,6 @@ def train(
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
         ),
-        # no buffer broadcast (the centres are all-reduced inside forward); on CUDA also bucket views, static graph
         kwargs_handlers=[
             DistributedDataParallelKwargs(
                 **ddp_kwargs(
@@ -471,12 +502,14 @@ def train(
     if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
         raise UsageError("Several processes but no distributed setup: launch with `accelerate launch`.")
     setup_logging(accelerator)
+    return accelerator
 
-    # ---- model configuration, data and schedules: every mistake in them is found before anything is written
-    config = build_config(model_args, config_overrides)
-    training_args.apply_objective_defaults(config)  # unset options: the objective's defaults
-    dataset, image_column = open_image_stream(data_args, training_args)
-    train_loader = build_dataloader(dataset, image_column, data_args, training_args, config, accelerator)
+
+def plan_steps(
+    accelerator: Accelerator, data_args: DataArguments, training_args: PretrainingArguments
+) -> tuple[StepPlan, CheckpointManager]:
+    """The global batch, the run's length and its schedules, and the checkpoint folder's manager; a setting that
+    cannot work is an argument mistake naming the batch arithmetic, found before anything is written."""
     global_batch_size = (
         accelerator.num_processes
         * training_args.per_device_train_batch_size
@@ -495,27 +528,36 @@ def train(
             total_steps=total_steps,
             global_batch_size=global_batch_size,
         )
-        checkpoints = CheckpointManager(accelerator, output_dir, training_args.checkpoints_total_limit)
+        checkpoints = CheckpointManager(
+            accelerator, training_args.output_dir, training_args.checkpoints_total_limit
+        )
     except ValueError as error:
         raise UsageError(
             f"{error} (samples_per_epoch {data_args.samples_per_epoch}, global batch {global_batch_size} = "
             f"{accelerator.num_processes} processes x {training_args.per_device_train_batch_size} per device x "
             f"{training_args.gradient_accumulation_steps} accumulation steps)"
         ) from None
+    return StepPlan(global_batch_size, steps_per_epoch, total_steps, schedule), checkpoints
 
-    # ---- the output folder
-    configure_cpu_training(accelerator, data_args, training_args)
+
+def prepare_output_dir(accelerator: Accelerator, training_args: PretrainingArguments) -> None:
+    """Creates the output folder; with --overwrite_output_dir removes an earlier run's checkpoints, final model and
+    metrics, which `--resume_from_checkpoint latest` would otherwise take for this run's."""
+    output_dir = Path(training_args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         if training_args.overwrite_output_dir:
-            # an earlier run's checkpoints would otherwise be taken for this run's by `latest`
             shutil.rmtree(output_dir / CHECKPOINTS_DIRNAME, ignore_errors=True)
             shutil.rmtree(output_dir / PRETRAINING_MODEL_DIRNAME, ignore_errors=True)
             (output_dir / METRICS_FILENAME).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    metrics_log = MetricsLog(accelerator, output_dir)
 
-    # ---- model and optimiser; the same seed on every process gives the same initial weights
+
+def build_model_and_optimizer(
+    accelerator: Accelerator, config: SelfPatchConfig, training_args: PretrainingArguments
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and its AdamW, prepared by the accelerator. The same seed on every process gives the same initial
+    weights; afterwards each process gets its own seed, so that drop-path masks differ between processes."""
     set_seed(training_args.seed)
     model = SelfPatchViTForPretraining(config)
     if config.image_objective == "moby" and accelerator.num_processes > 1:
@@ -527,336 +569,466 @@ def train(
     optimizer = build_optimizer(model.student, **adamw_kwargs(accelerator.device))  # fused AdamW on CUDA
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    unwrapped = accelerator.unwrap_model(model)
-    # drop-path masks differ between processes (the initial weights were drawn above with the shared seed)
     set_seed(training_args.seed, device_specific=True)
+    return model, optimizer
 
-    # ---- resume
-    global_step = 0
-    last_checkpoint: Path | None = None
-    monitor = DivergenceMonitor() if training_args.divergence_check else None
-    if training_args.checkpoint_to_resume():
-        try:
-            last_checkpoint = checkpoints.resolve(training_args.checkpoint_to_resume())
-            loaded = checkpoints.load(last_checkpoint) if last_checkpoint is not None else None
-        except DamagedCheckpointError as error:  # its files do not match its manifest: a failure, not usage
-            raise CommandFailure(f"Cannot resume: {error}") from None
-        except (FileNotFoundError, ValueError) as error:  # no such checkpoint, or not one of this model/run
-            raise UsageError(f"Cannot resume: {error}") from None
-        if loaded is None:
-            logger.info("No checkpoint in %s yet: starting from scratch.", checkpoints.directory)
-        else:
-            trainer_state, rank_state = loaded
-            check_resumable(
-                trainer_state,
-                last_checkpoint,
-                global_batch_size=global_batch_size,
-                arguments={**asdict(data_args), **asdict(training_args)},
-                model_config=config_snapshot(config),
-            )
-            changed = schedule.differences(PretrainingSchedule.from_dict(trainer_state["schedule"]))
-            if changed:
-                logger.warning("Schedules differ from the checkpoint's (now, saved): %s", changed)
-            try:
-                train_loader.load_state_dict(rank_state["data"])
-            except ValueError as error:  # a data-stream setting check_resumable does not know
-                raise UsageError(f"Cannot resume from {last_checkpoint}: {error}") from None
-            global_step = trainer_state["step"]
-            if monitor is not None and trainer_state.get("divergence"):
-                monitor.load_state_dict(trainer_state["divergence"])
-            if global_step >= total_steps and (output_dir / PRETRAINING_MODEL_DIRNAME).is_dir():
-                logger.info(
-                    "The run in %s is already complete (optimiser step %d of %d); its backbone is in %s. Nothing to "
-                    "do: pass a larger --max_steps / --epochs to train on, or --overwrite_output_dir to start again.",
-                    output_dir,
-                    global_step,
-                    total_steps,
-                    output_dir / BACKBONE_DIRNAME,
-                )
-                return PretrainingResult(
-                    accelerator, unwrapped, global_step, total_steps, None, output_dir / BACKBONE_DIRNAME
-                )
-            logger.info("Resumed from %s at optimiser step %d.", last_checkpoint, global_step)
-            metrics_log.event("resumed", global_step, checkpoint=str(last_checkpoint))
 
-    def save_checkpoint(step: int) -> Path:
-        trainer_state = {
-            "step": step,
-            "epoch": step / steps_per_epoch,
-            "global_batch_size": global_batch_size,
-            "num_processes": accelerator.num_processes,
-            "schedule": schedule.to_dict(),
-            "model_config": config_snapshot(config),
-            "config_overrides": config_overrides,
-            "arguments": {**asdict(model_args), **asdict(data_args), **training_args.public_dict()},
-            "divergence": monitor.state_dict() if monitor is not None else None,
-        }
-        rank_state = {"rank": accelerator.process_index, "data": train_loader.state_dict()}
-        try:
-            path = checkpoints.save(
-                step, trainer_state, rank_state, health=monitor.health() if monitor is not None else None
-            )
-        except CheckpointWriteError as error:  # the partial checkpoint is gone, the earlier ones untouched
-            metrics_log.event("checkpoint_failed", step, error=str(error))
-            raise CommandFailure(str(error)) from None
-        metrics_log.event("checkpoint", step, path=str(path))
-        return path
+def run_is_complete(run: TrainingRun, step: int) -> bool:
+    """A run resumed at its last step whose final model was written (`pretraining_model/` is written last)."""
+    return step >= run.plan.total_steps and (run.output_dir / PRETRAINING_MODEL_DIRNAME).is_dir()
 
-    # ---- publishing (main process; uploads in the background)
-    uploader = None
-    if training_args.push_to_hub and accelerator.is_main_process:
-        uploader = AsyncHubUploader(
-            training_args.hub_model_id,
-            output_dir / ".hub_uploads",
-            token=training_args.hub_token,
-            private=training_args.hub_private,
-            max_attempts=training_args.hub_upload_attempts,
-            retry_delay=training_args.hub_retry_delay,
-        )
 
-    def export(step: int) -> Path | None:
-        """The teacher's backbone as a plain ViTModel folder, queued for upload. Draws nothing from the training
-        RNG (export_backbone leaves it as it was), so that a resumed run stays exact."""
-        path = None
-        if accelerator.is_main_process:
-            card = BackboneCardInfo.from_selfpatch_config(
-                config,
-                architecture=model_args.preset,
-                source="trained",
-                **card_training_data(data_args.dataset_name),
-                epochs=round(step / steps_per_epoch, 4),
-                steps=step,
-                global_batch_size=global_batch_size,
-                learning_rate=schedule.learning_rate,
-                repo_id=training_args.hub_model_id if training_args.push_to_hub else None,
-            )
-            path = export_backbone(unwrapped, output_dir / BACKBONE_DIRNAME, source="teacher", card_info=card)
-            metrics_log.event("export", step, path=str(path))
-            if uploader is not None:
-                uploader.submit(
-                    path, step, commit_message=f"Teacher backbone at step {step} of {total_steps}"
-                )
-        accelerator.wait_for_everyone()
-        return path
+def resume(run: TrainingRun) -> int:
+    """Loads the checkpoint named by --resume_from_checkpoint (weights, optimiser, RNGs, data positions, divergence
+    history) after checking it belongs to this model and run; returns the optimiser step to continue from (0: no
+    checkpoint yet). A damaged checkpoint is a failure; a missing or foreign one an argument mistake."""
+    which = run.training_args.checkpoint_to_resume()
+    if not which:
+        return 0
+    try:
+        checkpoint = run.checkpoints.resolve(which)
+        loaded = run.checkpoints.load(checkpoint) if checkpoint is not None else None
+    except DamagedCheckpointError as error:  # its files do not match its manifest: a failure, not usage
+        raise CommandFailure(f"Cannot resume: {error}") from None
+    except (FileNotFoundError, ValueError) as error:  # no such checkpoint, or not one of this model/run
+        raise UsageError(f"Cannot resume: {error}") from None
+    if loaded is None:
+        logger.info("No checkpoint in %s yet: starting from scratch.", run.checkpoints.directory)
+        return 0
+    trainer_state, rank_state = loaded
+    check_resumable(
+        trainer_state,
+        checkpoint,
+        global_batch_size=run.plan.global_batch_size,
+        arguments={**asdict(run.data_args), **asdict(run.training_args)},
+        model_config=config_snapshot(run.config),
+    )
+    changed = run.plan.schedule.differences(PretrainingSchedule.from_dict(trainer_state["schedule"]))
+    if changed:
+        logger.warning("Schedules differ from the checkpoint's (now, saved): %s", changed)
+    try:
+        run.train_loader.load_state_dict(rank_state["data"])
+    except ValueError as error:  # a data-stream setting check_resumable does not know
+        raise UsageError(f"Cannot resume from {checkpoint}: {error}") from None
+    step = trainer_state["step"]
+    if run.monitor is not None and trainer_state.get("divergence"):
+        run.monitor.load_state_dict(trainer_state["divergence"])
+    if not run_is_complete(run, step):
+        logger.info("Resumed from %s at optimiser step %d.", checkpoint, step)
+        run.metrics_log.event("resumed", step, checkpoint=str(checkpoint))
+    return step
 
-    # ---- trackers
+
+def report_complete_run(run: TrainingRun, step: int) -> PretrainingResult:
+    """A second run of a finished command: says so and where the backbone is, trains nothing."""
+    logger.info(
+        "The run in %s is already complete (optimiser step %d of %d); its backbone is in %s. Nothing to "
+        "do: pass a larger --max_steps / --epochs to train on, or --overwrite_output_dir to start again.",
+        run.output_dir,
+        step,
+        run.plan.total_steps,
+        run.output_dir / BACKBONE_DIRNAME,
+    )
+    return PretrainingResult(
+        run.accelerator, run.unwrapped, step, run.plan.total_steps, None, run.output_dir / BACKBONE_DIRNAME
+    )
+
+
+def start_uploader(training_args: PretrainingArguments, accelerator: Accelerator) -> AsyncHubUploader | None:
+    """With --push_to_hub, the main process's background uploader of the exported backbones (retries included)."""
+    if not (training_args.push_to_hub and accelerator.is_main_process):
+        return None
+    return AsyncHubUploader(
+        training_args.hub_model_id,
+        Path(training_args.output_dir) / ".hub_uploads",
+        token=training_args.hub_token,
+        private=training_args.hub_private,
+        max_attempts=training_args.hub_upload_attempts,
+        retry_delay=training_args.hub_retry_delay,
+    )
+
+
+def announce_start(run: TrainingRun, step: int) -> None:
+    """The hyperparameters to the trackers, the run's size to the log, a `start` event to metrics.jsonl."""
+    accelerator, training_args, plan = run.accelerator, run.training_args, run.plan
     if accelerator.is_main_process and training_args.report_to != "none":
         hyperparameters = {
-            **asdict(model_args),
-            **asdict(data_args),
+            **asdict(run.model_args),
+            **asdict(run.data_args),
             **training_args.public_dict(),
-            **{f"config.{k}": v for k, v in config_overrides.items()},
+            **{f"config.{k}": v for k, v in run.config_overrides.items()},
         }
         accelerator.init_trackers(training_args.run_name, config=_tracker_values(hyperparameters))
-
     logger.info(
         "Training %s on %s: %d optimiser steps (%.2f epochs of %d images), global batch %d = %d processes x %d x %d "
         "accumulation, peak lr %.3g, %d student parameters.",
-        model_args.preset,
-        data_args.dataset_name,
-        total_steps,
-        total_steps / steps_per_epoch,
-        data_args.samples_per_epoch,
-        global_batch_size,
+        run.model_args.preset,
+        run.data_args.dataset_name,
+        plan.total_steps,
+        plan.total_steps / plan.steps_per_epoch,
+        run.data_args.samples_per_epoch,
+        plan.global_batch_size,
         accelerator.num_processes,
         training_args.per_device_train_batch_size,
         training_args.gradient_accumulation_steps,
-        schedule.learning_rate,
-        sum(p.numel() for p in unwrapped.student.parameters() if p.requires_grad),
+        plan.schedule.learning_rate,
+        sum(p.numel() for p in run.unwrapped.student.parameters() if p.requires_grad),
     )
-    metrics_log.event("start", global_step, total_steps=total_steps, global_batch_size=global_batch_size)
+    run.metrics_log.event(
+        "start", step, total_steps=plan.total_steps, global_batch_size=plan.global_batch_size
+    )
 
-    # ---- the loop: step, log, checkpoint, export
-    if monitor is not None:
-        monitor.start(weight_norm(unwrapped.student.parameters()))
-    batches = endless_batches(train_loader)
-    progress = tqdm(
-        total=total_steps, initial=global_step, disable=not accelerator.is_main_process, desc="pretraining"
-    )
-    window = WindowMeans()
-    skipped_steps = consecutive_skips = 0
-    stopped_by = None
-    export_dir = None
+
+def save_checkpoint(run: TrainingRun, step: int) -> Path:
+    """A checkpoint of `step` (accelerate state + this process's data position + what resuming checks), marked
+    healthy or not by the divergence check. A failed write ends the run; the earlier checkpoints are untouched."""
+    trainer_state = {
+        "step": step,
+        "epoch": step / run.plan.steps_per_epoch,
+        "global_batch_size": run.plan.global_batch_size,
+        "num_processes": run.accelerator.num_processes,
+        "schedule": run.plan.schedule.to_dict(),
+        "model_config": config_snapshot(run.config),
+        "config_overrides": run.config_overrides,
+        "arguments": {**asdict(run.model_args), **asdict(run.data_args), **run.training_args.public_dict()},
+        "divergence": run.monitor.state_dict() if run.monitor is not None else None,
+    }
+    rank_state = {"rank": run.accelerator.process_index, "data": run.train_loader.state_dict()}
     try:
-        with StopRequest() as stop, logging_redirect_tqdm():
-            while global_step < total_steps:
-                started = time.perf_counter()
-                values = schedule.at(global_step)
-                apply_schedule(optimizer, values)
-                micro_batches = _take(batches, training_args.gradient_accumulation_steps)
-                try:
-                    result = train_step(
-                        accelerator,
-                        model,
-                        optimizer,
-                        micro_batches,
-                        values,
-                        training_args.clip_grad,
-                        stop.requested,
-                        clip_grad_mode=training_args.clip_grad_mode,
-                    )
-                except NonFiniteLossError as error:
-                    metrics_log.event("non_finite_loss", error.step, **error.losses)
-                    good = _last_healthy(checkpoints)
-                    raise CommandFailure(
-                        f"non-finite loss at optimiser step {error.step} (epoch {error.step / steps_per_epoch:.2f}; "
-                        f"{error.losses}); {good}. Lower --learning_rate, lengthen --warmup_epochs, lower --clip_grad "
-                        "or train in fp32, then continue with --resume_from_checkpoint."
-                    ) from None
-                if result.skipped:
-                    # fp16 overflow: the scaler halved its scale and no weight moved; the same schedule step runs
-                    # again on the next batch (selfpatch_hf.training.mixed_precision)
-                    skipped_steps += 1
-                    consecutive_skips += 1
-                    metrics_log.event("skipped_step", global_step, loss_scale=accelerator.scaler.get_scale())
-                    if consecutive_skips >= MAX_CONSECUTIVE_SKIPPED_STEPS:
-                        raise CommandFailure(
-                            f"the fp16 loss scaler skipped {consecutive_skips} optimiser steps in a row at step "
-                            f"{global_step}: the gradients are not finite at any scale. Train with --mixed_precision "
-                            "bf16 or no, or lower --learning_rate, then continue with --resume_from_checkpoint."
-                        )
-                    continue
-                consecutive_skips = 0
-                global_step += 1
+        path = run.checkpoints.save(
+            step, trainer_state, rank_state, health=run.monitor.health() if run.monitor is not None else None
+        )
+    except CheckpointWriteError as error:  # the partial checkpoint is gone, the earlier ones untouched
+        run.metrics_log.event("checkpoint_failed", step, error=str(error))
+        raise CommandFailure(str(error)) from None
+    run.metrics_log.event("checkpoint", step, path=str(path))
+    return path
 
-                # divergence: judged before anything is saved, so that a diverging state never becomes a checkpoint
-                # (steps the fp16 loss scaler skipped went back above: they moved nothing)
-                if monitor is not None:
-                    previous = monitor.last.status if monitor.last is not None else "ok"
-                    verdict = monitor.update(
-                        global_step,
-                        result.loss,
-                        result.grad_norm,
-                        weight_norm(unwrapped.student.parameters()),
-                    )
-                    if verdict.status == "diverged":
-                        metrics_log.event("diverged", global_step, reasons=verdict.reasons)
-                        raise CommandFailure(
-                            f"training diverged at optimiser step {global_step} ({'; '.join(verdict.reasons)}); "
-                            f"nothing was saved from this state; {_last_healthy(checkpoints)}. Lower "
-                            "--learning_rate, lengthen --warmup_epochs or lower --clip_grad, then continue with "
-                            "--resume_from_checkpoint PATH."
-                        )
-                    if verdict.status == "suspect" and previous != "suspect":
-                        logger.warning(
-                            "Step %d looks unhealthy (%s): checkpoints are marked unhealthy until it passes.",
-                            global_step,
-                            "; ".join(verdict.reasons),
-                        )
 
-                # log
-                losses = {
-                    "loss": result.loss,
-                    "image_loss": result.image_loss,
-                    "patch_loss": result.patch_loss,
-                }
-                window.add(losses, global_batch_size, time.perf_counter() - started)
-                progress.update(1)
-                progress.set_postfix(
-                    loss=f"{result.loss:.4f}",
-                    img=f"{result.image_loss:.4f}",
-                    patch="-" if result.patch_loss is None else f"{result.patch_loss:.4f}",
-                    lr=f"{values.learning_rate:.2e}",
-                    ips=f"{window.images_per_second or 0:.1f}",
-                    refresh=False,
-                )
-                if global_step % training_args.logging_steps == 0 or global_step == total_steps:
-                    skipped = accelerator.reduce(
-                        torch.tensor(train_loader.skipped_images, device=accelerator.device), reduction="sum"
-                    ).item()
-                    metrics_log.metrics(
-                        global_step,
-                        {
-                            **window.means(),
-                            "epoch": round(global_step / steps_per_epoch, 6),
-                            "learning_rate": values.learning_rate,
-                            "weight_decay": values.weight_decay,
-                            "teacher_momentum": values.teacher_momentum,
-                            "teacher_temperature": values.teacher_temperature,
-                            "images_per_second": window.images_per_second,
-                            "samples_seen": global_step * global_batch_size,
-                            "skipped_images": int(skipped),
-                            "skipped_steps": skipped_steps,  # by the fp16 loss scaler, in this process's run
-                        },
-                    )
-                    window.reset()
-                if uploader is not None:
-                    for outcome in uploader.poll():
-                        metrics_log.event(
-                            "upload", outcome.step, status=outcome.status, url=outcome.commit_url
-                        )
-
-                # checkpoint (at once when a process got SIGTERM / SIGINT)
-                if result.stop_requested:
-                    stopped_by = stop.signal_name or "another process's signal"
-                    last_checkpoint = save_checkpoint(global_step)
-                    metrics_log.event(
-                        "stopped", global_step, signal=stopped_by, checkpoint=str(last_checkpoint)
-                    )
-                    logger.warning(
-                        "Stopped by %s at step %d; checkpoint %s. Continue with --resume_from_checkpoint latest.",
-                        stopped_by,
-                        global_step,
-                        last_checkpoint,
-                    )
-                    break
-                periodic = (
-                    training_args.checkpointing_steps and global_step % training_args.checkpointing_steps == 0
-                )
-                if periodic or global_step == total_steps:
-                    last_checkpoint = save_checkpoint(global_step)
-
-                # export
-                if training_args.export_steps and global_step % training_args.export_steps == 0:
-                    if global_step < total_steps:
-                        export(global_step)
-
-            # ---- final export
-            if stopped_by is None:
-                export_dir = export(global_step)
-                if accelerator.is_main_process:
-                    unwrapped.save_pretrained(output_dir / PRETRAINING_MODEL_DIRNAME)
-                    apply_default_permissions(output_dir / PRETRAINING_MODEL_DIRNAME)
-                    logger.info("Done: %d steps; teacher backbone in %s", global_step, export_dir)
-    finally:
-        progress.close()
-        # ---- uploads: wait for them (not for retries when pre-empted: the grace period is short) and report
-        # (at most --hub_upload_timeout; SIGTERM / Ctrl-C end the wait with the same report)
-        upload_report = []
-        if uploader is not None:
-            if uploader.pending and not stopped_by:
-                logger.info(
-                    "Waiting for the pending Hub upload(s), at most %g s (--hub_upload_timeout)...",
-                    training_args.hub_upload_timeout,
-                )
-            if stopped_by:  # the grace period before SIGKILL is short: report at once, no retries
-                uploader.finish(0, why_not_waiting=f"not waited for: the run was stopped by {stopped_by}")
-            else:
-                uploader.finish(training_args.hub_upload_timeout)
-            upload_report = uploader.report()
-            for outcome in uploader.outcomes:
-                metrics_log.event("upload", outcome.step, status=outcome.status, url=outcome.commit_url)
-            for line in upload_report:
-                logger.info("Hub upload %s", line)
-    metrics_log.event(
-        "end", global_step, stopped_by=stopped_by, export=str(export_dir) if export_dir else None
-    )
-    return PretrainingResult(
-        accelerator,
-        unwrapped,
-        global_step,
-        total_steps,
-        stopped_by,
-        export_dir,
-        upload_report,
-        uploads_complete=uploader is None or uploader.complete,
-    )
+def export(run: TrainingRun, step: int) -> Path | None:
+    """The teacher's backbone as a plain ViTModel folder with its model card, queued for upload (main process).
+    Draws nothing from the training RNG (export_backbone leaves it as it was), so that a resumed run stays exact."""
+    path = None
+    if run.accelerator.is_main_process:
+        training_args, plan = run.training_args, run.plan
+        card = BackboneCardInfo.from_selfpatch_config(
+            run.config,
+            architecture=run.model_args.preset,
+            source="trained",
+            **card_training_data(run.data_args.dataset_name),
+            epochs=round(step / plan.steps_per_epoch, 4),
+            steps=step,
+            global_batch_size=plan.global_batch_size,
+            learning_rate=plan.schedule.learning_rate,
+            repo_id=training_args.hub_model_id if training_args.push_to_hub else None,
+        )
+        path = export_backbone(
+            run.unwrapped, run.output_dir / BACKBONE_DIRNAME, source="teacher", card_info=card
+        )
+        run.metrics_log.event("export", step, path=str(path))
+        if run.uploader is not None:
+            run.uploader.submit(
+                path, step, commit_message=f"Teacher backbone at step {step} of {plan.total_steps}"
+            )
+    run.accelerator.wait_for_everyone()
+    return path
 
 
 def _last_healthy(checkpoints: CheckpointManager) -> str:
     """Where to continue from after a failure: the newest checkpoint written while training was healthy."""
     healthy = checkpoints.last_healthy()
     return f"the last healthy checkpoint is {healthy}" if healthy else "there is no healthy checkpoint yet"
+
+
+# ---- the loop body: step, log, checkpoint, export
+
+
+def optimiser_step(
+    run: TrainingRun, batches: Iterator, values: ScheduleValues, stop_requested: bool
+) -> StepResult:
+    """`train_step` on the next micro-batches with the schedules' values of this step. A non-finite loss ends the
+    run before it reaches the weights, naming the checkpoint to continue from."""
+    apply_schedule(run.optimizer, values)
+    micro_batches = _take(batches, run.training_args.gradient_accumulation_steps)
+    try:
+        return train_step(
+            run.accelerator,
+            run.model,
+            run.optimizer,
+            micro_batches,
+            values,
+            run.training_args.clip_grad,
+            stop_requested,
+            clip_grad_mode=run.training_args.clip_grad_mode,
+        )
+    except NonFiniteLossError as error:
+        run.metrics_log.event("non_finite_loss", error.step, **error.losses)
+        raise CommandFailure(
+            f"non-finite loss at optimiser step {error.step} (epoch {error.step / run.plan.steps_per_epoch:.2f}; "
+            f"{error.losses}); {_last_healthy(run.checkpoints)}. Lower --learning_rate, lengthen --warmup_epochs, "
+            "lower --clip_grad or train in fp32, then continue with --resume_from_checkpoint."
+        ) from None
+
+
+def record_skipped_step(run: TrainingRun, step: int, in_a_row: int) -> None:
+    """fp16 overflow: the scaler halved its scale and no weight moved; the same schedule step runs again on the
+    next batch (selfpatch_hf.training.mixed_precision). Too many in a row end the run."""
+    run.metrics_log.event("skipped_step", step, loss_scale=run.accelerator.scaler.get_scale())
+    if in_a_row >= MAX_CONSECUTIVE_SKIPPED_STEPS:
+        raise CommandFailure(
+            f"the fp16 loss scaler skipped {in_a_row} optimiser steps in a row at step {step}: the gradients "
+            "are not finite at any scale. Train with --mixed_precision bf16 or no, or lower --learning_rate, then "
+            "continue with --resume_from_checkpoint."
+        )
+
+
+def check_divergence(run: TrainingRun, step: int, result: StepResult) -> None:
+    """Judges the step before anything is saved, so that a diverging state never becomes a checkpoint: a diverged
+    run ends naming the last healthy checkpoint; a suspect step is said once and marks checkpoints unhealthy."""
+    if run.monitor is None:
+        return
+    previous = run.monitor.last.status if run.monitor.last is not None else "ok"
+    verdict = run.monitor.update(
+        step, result.loss, result.grad_norm, weight_norm(run.unwrapped.student.parameters())
+    )
+    if verdict.status == "diverged":
+        run.metrics_log.event("diverged", step, reasons=verdict.reasons)
+        raise CommandFailure(
+            f"training diverged at optimiser step {step} ({'; '.join(verdict.reasons)}); "
+            f"nothing was saved from this state; {_last_healthy(run.checkpoints)}. Lower "
+            "--learning_rate, lengthen --warmup_epochs or lower --clip_grad, then continue with "
+            "--resume_from_checkpoint PATH."
+        )
+    if verdict.status == "suspect" and previous != "suspect":
+        logger.warning(
+            "Step %d looks unhealthy (%s): checkpoints are marked unhealthy until it passes.",
+            step,
+            "; ".join(verdict.reasons),
+        )
+
+
+def log_step(
+    run: TrainingRun,
+    step: int,
+    result: StepResult,
+    values: ScheduleValues,
+    window: WindowMeans,
+    progress: tqdm,
+    seconds: float,
+    skipped_steps: int,
+) -> None:
+    """The step on the progress bar; every --logging_steps (and at the end) the window's means, the schedules'
+    values and the data's skipped images (summed over processes) to metrics.jsonl and the trackers; finished
+    uploads to metrics.jsonl."""
+    window.add(
+        {"loss": result.loss, "image_loss": result.image_loss, "patch_loss": result.patch_loss},
+        run.plan.global_batch_size,
+        seconds,
+    )
+    progress.update(1)
+    progress.set_postfix(
+        loss=f"{result.loss:.4f}",
+        img=f"{result.image_loss:.4f}",
+        patch="-" if result.patch_loss is None else f"{result.patch_loss:.4f}",
+        lr=f"{values.learning_rate:.2e}",
+        ips=f"{window.images_per_second or 0:.1f}",
+        refresh=False,
+    )
+    if step % run.training_args.logging_steps == 0 or step == run.plan.total_steps:
+        skipped = run.accelerator.reduce(
+            torch.tensor(run.train_loader.skipped_images, device=run.accelerator.device), reduction="sum"
+        ).item()
+        run.metrics_log.metrics(
+            step,
+            {
+                **window.means(),
+                "epoch": round(step / run.plan.steps_per_epoch, 6),
+                "learning_rate": values.learning_rate,
+                "weight_decay": values.weight_decay,
+                "teacher_momentum": values.teacher_momentum,
+                "teacher_temperature": values.teacher_temperature,
+                "images_per_second": window.images_per_second,
+                "samples_seen": step * run.plan.global_batch_size,
+                "skipped_images": int(skipped),
+                "skipped_steps": skipped_steps,  # by the fp16 loss scaler, in this process's run
+            },
+        )
+        window.reset()
+    if run.uploader is not None:
+        for outcome in run.uploader.poll():
+            run.metrics_log.event("upload", outcome.step, status=outcome.status, url=outcome.commit_url)
+
+
+def checkpoint_when_stopped(run: TrainingRun, step: int, stopped_by: str) -> None:
+    """A process got SIGTERM / SIGINT: a checkpoint at once, and how to continue."""
+    checkpoint = save_checkpoint(run, step)
+    run.metrics_log.event("stopped", step, signal=stopped_by, checkpoint=str(checkpoint))
+    logger.warning(
+        "Stopped by %s at step %d; checkpoint %s. Continue with --resume_from_checkpoint latest.",
+        stopped_by,
+        step,
+        checkpoint,
+    )
+
+
+def checkpoint_and_export(run: TrainingRun, step: int) -> None:
+    """A checkpoint every --checkpointing_steps and at the last step; a backbone export every --export_steps
+    (the last step's export is the final one, after the loop)."""
+    every = run.training_args.checkpointing_steps
+    if (every and step % every == 0) or step == run.plan.total_steps:
+        save_checkpoint(run, step)
+    every = run.training_args.export_steps
+    if every and step % every == 0 and step < run.plan.total_steps:
+        export(run, step)
+
+
+def final_export(run: TrainingRun, step: int) -> Path | None:
+    """The last backbone export, then the whole pretraining model (written last: its presence marks a finished
+    run)."""
+    export_dir = export(run, step)
+    if run.accelerator.is_main_process:
+        run.unwrapped.save_pretrained(run.output_dir / PRETRAINING_MODEL_DIRNAME)
+        apply_default_permissions(run.output_dir / PRETRAINING_MODEL_DIRNAME)
+        logger.info("Done: %d steps; teacher backbone in %s", step, export_dir)
+    return export_dir
+
+
+def wait_for_uploads(run: TrainingRun, stopped_by: str | None) -> list[str]:
+    """Waits for the pending Hub uploads (at most --hub_upload_timeout; SIGTERM / Ctrl-C end the wait with the same
+    report) and reports them. A pre-empted run does not wait: the grace period before SIGKILL is short."""
+    uploader = run.uploader
+    if uploader is None:
+        return []
+    if uploader.pending and not stopped_by:
+        logger.info(
+            "Waiting for the pending Hub upload(s), at most %g s (--hub_upload_timeout)...",
+            run.training_args.hub_upload_timeout,
+        )
+    if stopped_by:
+        uploader.finish(0, why_not_waiting=f"not waited for: the run was stopped by {stopped_by}")
+    else:
+        uploader.finish(run.training_args.hub_upload_timeout)
+    upload_report = uploader.report()
+    for outcome in uploader.outcomes:
+        run.metrics_log.event("upload", outcome.step, status=outcome.status, url=outcome.commit_url)
+    for line in upload_report:
+        logger.info("Hub upload %s", line)
+    return upload_report
+
+
+def training_loop(run: TrainingRun, global_step: int) -> PretrainingResult:
+    """Optimiser steps from `global_step` to the last (step, log, checkpoint, export), or to a stop signal; then
+    the final export. The uploads are waited for and reported whatever happened."""
+    if run.monitor is not None:
+        run.monitor.start(weight_norm(run.unwrapped.student.parameters()))
+    total_steps = run.plan.total_steps
+    batches = endless_batches(run.train_loader)
+    progress = tqdm(
+        total=total_steps,
+        initial=global_step,
+        disable=not run.accelerator.is_main_process,
+        desc="pretraining",
+    )
+    window = WindowMeans()
+    skipped_steps = skips_in_a_row = 0
+    stopped_by = None
+    export_dir = None
+    try:
+        with StopRequest() as stop, logging_redirect_tqdm():
+            while global_step < total_steps:
+                started = time.perf_counter()
+                values = run.plan.schedule.at(global_step)
+                result = optimiser_step(run, batches, values, stop.requested)
+                if result.skipped:
+                    skipped_steps += 1
+                    skips_in_a_row += 1
+                    record_skipped_step(run, global_step, skips_in_a_row)
+                    continue
+                skips_in_a_row = 0
+                global_step += 1
+                check_divergence(run, global_step, result)
+                log_step(
+                    run,
+                    global_step,
+                    result,
+                    values,
+                    window,
+                    progress,
+                    time.perf_counter() - started,
+                    skipped_steps,
+                )
+                if result.stop_requested:
+                    stopped_by = stop.signal_name or "another process's signal"
+                    checkpoint_when_stopped(run, global_step, stopped_by)
+                    break
+                checkpoint_and_export(run, global_step)
+            if stopped_by is None:
+                export_dir = final_export(run, global_step)
+    finally:
+        progress.close()
+        upload_report = wait_for_uploads(run, stopped_by)
+    run.metrics_log.event(
+        "end", global_step, stopped_by=stopped_by, export=str(export_dir) if export_dir else None
+    )
+    return PretrainingResult(
+        run.accelerator,
+        run.unwrapped,
+        global_step,
+        total_steps,
+        stopped_by,
+        export_dir,
+        upload_report,
+        uploads_complete=run.uploader is None or run.uploader.complete,
+    )
+
+
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: PretrainingArguments,
+    config_overrides: dict[str, Any],
+) -> PretrainingResult:
+    """One pretraining run, in the order things happen: arguments, accelerator, then the model configuration, data
+    and schedules (every mistake in them is found before anything is written), the output folder, model and
+    optimiser, the resume, the loop and the final export with its uploads."""
+    validate_arguments(data_args, training_args)
+    limit_hub_requests(training_args)
+    accelerator = create_accelerator(training_args)
+
+    config = build_config(model_args, config_overrides)
+    training_args.apply_objective_defaults(config)  # unset options: the objective's defaults
+    dataset, image_column = open_image_stream(data_args, training_args)
+    train_loader = build_dataloader(dataset, image_column, data_args, training_args, config, accelerator)
+    plan, checkpoints = plan_steps(accelerator, data_args, training_args)
+
+    configure_cpu_training(accelerator, data_args, training_args)
+    prepare_output_dir(accelerator, training_args)
+    metrics_log = MetricsLog(accelerator, Path(training_args.output_dir))
+
+    model, optimizer = build_model_and_optimizer(accelerator, config, training_args)
+    run = TrainingRun(
+        accelerator,
+        model_args,
+        data_args,
+        training_args,
+        config_overrides,
+        config,
+        train_loader,
+        plan,
+        checkpoints,
+        metrics_log,
+        model,
+        optimizer,
+        unwrapped=accelerator.unwrap_model(model),
+        monitor=DivergenceMonitor() if training_args.divergence_check else None,
+    )
+
+    global_step = resume(run)
+    if run_is_complete(run, global_step):
+        return report_complete_run(run, global_step)
+    run.uploader = start_uploader(training_args, accelerator)
+    announce_start(run, global_step)
+    return training_loop(run, global_step)
 
 
 def run(argv: list[str] | None = None) -> int:
