@@ -13,7 +13,7 @@ its ten crops. With this module the work splits in two:
   Gaussian blur with PIL's kernel, solarisation and normalisation, as torch ops over the whole batch of one
   resolution (any device; CPU tensors in the tests).
 
-Distributions (SELFPATCH_SPEC section 9, identical to the CPU path): colour jitter with probability 0.8, brightness
+Distributions (docs/method.md section 9, identical to the CPU path): colour jitter with probability 0.8, brightness
 and contrast factors uniform in [0.6, 1.4], saturation in [0.8, 1.2], hue shift uniform in [-0.1, 0.1] turns, the
 four in a uniformly random order; grayscale with probability 0.2 (ITU-R 601 luma); Gaussian blur with PIL's
 `radius` uniform in [0.1, 2.0], with probability 1.0 on global crop 1, 0.1 on global crop 2 and 0.5 on local crops;
