@@ -33,7 +33,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -969,6 +969,30 @@ def dino_to_pretraining_model(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _verify_against_reference(
+    staged: Path, image_size: int, reference_forward: Callable[[torch.Tensor], torch.Tensor], output_dir: Path
+) -> float:
+    """Reloads the staged backbone folder with `AutoModel` (as a user would) and compares its `last_hidden_state`
+    on two fixed random images with the reference forward pass; returns the largest absolute difference, raising
+    `ConversionError` above `VERIFY_TOLERANCE`. The input weights are known to be finite and well shaped by then,
+    so a difference is a conversion bug."""
+    import torch
+    from transformers import AutoModel
+
+    reloaded = AutoModel.from_pretrained(staged).eval()
+    pixels = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = reloaded(pixel_values=pixels).last_hidden_state
+    difference = (ours - reference_forward(pixels)).abs().max().item()
+    if not difference <= VERIFY_TOLERANCE:
+        raise ConversionError(
+            f"The converted backbone differs from the reference forward pass by {difference:.3g} "
+            f"(tolerance {VERIFY_TOLERANCE}); nothing was written to {output_dir}. The input weights are "
+            "finite and well shaped, so the conversion itself is wrong: please report it."
+        )
+    return difference
+
+
 def _use_default_permissions(folder: Path) -> None:
     """The staged folders and files get the user's normal permissions (mkdtemp makes the folder 0700 and
     save_pretrained writes model.safetensors 0600)."""
@@ -1169,9 +1193,6 @@ def convert_checkpoint(
         model = selfpatch_backbone_to_siglip(checkpoint.backbone, architecture, output_norm)
         model_type = "siglip_vision_model"
 
-    import torch
-    from transformers import AutoModel
-
     from .export import build_image_processor
     from .model_card import write_backbone_card
 
@@ -1189,20 +1210,14 @@ def convert_checkpoint(
 
         difference = None
         if verify:
-            reloaded = AutoModel.from_pretrained(staged_backbone).eval()
-            generator = torch.Generator().manual_seed(0)
-            pixels = torch.randn(2, 3, architecture.image_size, architecture.image_size, generator=generator)
-            with torch.no_grad():
-                ours = reloaded(pixel_values=pixels).last_hidden_state
-            reference = reference_backbone_forward(checkpoint.backbone, architecture, pixels, output_norm)
-            difference = (ours - reference).abs().max().item()
-            if not difference <= VERIFY_TOLERANCE:
-                # the input weights are known to be finite here (validate_checkpoint), so this is on us
-                raise ConversionError(
-                    f"The converted backbone differs from the reference forward pass by {difference:.3g} "
-                    f"(tolerance {VERIFY_TOLERANCE}); nothing was written to {output_dir}. The input weights are "
-                    "finite and well shaped, so the conversion itself is wrong: please report it."
-                )
+            difference = _verify_against_reference(
+                staged_backbone,
+                architecture.image_size,
+                lambda pixels: reference_backbone_forward(
+                    checkpoint.backbone, architecture, pixels, output_norm
+                ),
+                output_dir,
+            )
 
         staged_pretraining = None
         if pretraining and checkpoint.family == "dino":
@@ -1216,15 +1231,15 @@ def convert_checkpoint(
                 "that the reference SelfPatch backbone never had (adding one would change every patch feature)."
             )
 
-        from .export import _replace_directory
+        from .file_permissions import replace_directory
 
         _use_default_permissions(staging)
         backbone_dir = output_dir / "backbone"
-        _replace_directory(staged_backbone, backbone_dir)
+        replace_directory(staged_backbone, backbone_dir)
         pretraining_dir = None
         if staged_pretraining is not None:
             pretraining_dir = output_dir / "pretraining"
-            _replace_directory(staged_pretraining, pretraining_dir)
+            replace_directory(staged_pretraining, pretraining_dir)
         elif (output_dir / "pretraining").exists():
             notes.append(
                 f"{output_dir / 'pretraining'} is left from an earlier conversion; it does not belong to this "
@@ -1254,8 +1269,6 @@ def _convert_moby(
     verify: bool,
     pretraining_recipe: str | None = None,
 ) -> ConversionResult:
-    import torch
-    from transformers import AutoModel
 
     from .convert_moby import (
         moby_backbone,
@@ -1264,7 +1277,8 @@ def _convert_moby(
         read_moby_checkpoint,
         write_moby_pretraining_card,
     )
-    from .export import _replace_directory, build_image_processor
+    from .export import build_image_processor
+    from .file_permissions import replace_directory
     from .model_card import write_backbone_card
 
     checkpoint = read_moby_checkpoint(loaded, path)
@@ -1299,18 +1313,9 @@ def _convert_moby(
         write_backbone_card(staged, moby_card_info(checkpoint, backbone, side, notes))
         difference = None
         if verify:
-            reloaded = AutoModel.from_pretrained(staged).eval()
-            size = backbone.architecture.image_size
-            pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                ours = reloaded(pixel_values=pixels).last_hidden_state
-            difference = (ours - backbone.reference_forward(pixels)).abs().max().item()
-            if not difference <= VERIFY_TOLERANCE:
-                raise ConversionError(
-                    f"The converted backbone differs from the reference forward pass by {difference:.3g} "
-                    f"(tolerance {VERIFY_TOLERANCE}); nothing was written to {output_dir}. The input weights are "
-                    "finite and well shaped, so the conversion itself is wrong: please report it."
-                )
+            difference = _verify_against_reference(
+                staged, backbone.architecture.image_size, backbone.reference_forward, output_dir
+            )
         staged_pretraining = None
         if pretraining:
             staged_pretraining = staging / "pretraining"
@@ -1318,11 +1323,11 @@ def _convert_moby(
             write_moby_pretraining_card(staged_pretraining, checkpoint, recipe)
         _use_default_permissions(staging)
         backbone_dir = output_dir / "backbone"
-        _replace_directory(staged, backbone_dir)
+        replace_directory(staged, backbone_dir)
         pretraining_dir = None
         if staged_pretraining is not None:
             pretraining_dir = output_dir / "pretraining"
-            _replace_directory(staged_pretraining, pretraining_dir)
+            replace_directory(staged_pretraining, pretraining_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ConversionResult(

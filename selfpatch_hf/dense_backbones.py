@@ -20,8 +20,6 @@ fails (`HFValidationError`); `load_dense_backbone` picks the class from the fold
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -275,23 +273,16 @@ def export_dense_backbone(
     A ViT source gives a `Dinov2Backbone` folder that `Dinov2Backbone.from_pretrained` loads with no code of ours;
     a SigLIP source gives a `SelfPatchSiglipBackbone` folder (import `selfpatch_hf.siglip_backbone` to load it).
     """
-    from .export import _replace_directory
-    from .file_permissions import apply_default_permissions
+    from .file_permissions import staged_folder
 
     backbone = dense_backbone(source, out_indices)
     processor = image_processor if image_processor is not None else _source_image_processor(source)
     target = Path(output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         backbone.save_pretrained(staging)
         if processor is not None:
             processor.save_pretrained(staging)
-        apply_default_permissions(staging)  # mkdtemp's 0700 and save_pretrained's 0600 -> the user's umask
-        _replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

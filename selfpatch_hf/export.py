@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -22,7 +20,7 @@ from transformers import SwinModel, ViTModel
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import PILImageResampling
 
-from .file_permissions import apply_default_permissions
+from .file_permissions import staged_folder
 from .image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
 
 if TYPE_CHECKING:
@@ -105,17 +103,6 @@ def extract_backbone(
     return backbone.float().eval()
 
 
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Moves `staging` to `target` so that `target` is always either the old or the new complete folder."""
-    if target.exists():
-        retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, retired)
-        os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-
-
 def export_backbone(
     model: SelfPatchForPretraining,
     output_dir: str | os.PathLike,
@@ -133,8 +120,7 @@ def export_backbone(
     target = Path(output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     backbone = extract_backbone(model, source)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         backbone.save_pretrained(staging)
         build_image_processor(model.config.global_crop_size, backbone.config.model_type).save_pretrained(
             staging
@@ -143,11 +129,6 @@ def export_backbone(
             from .model_card import write_backbone_card
 
             write_backbone_card(staging, card_info)
-        apply_default_permissions(staging)  # mkdtemp's 0700 and save_pretrained's 0600 -> the user's umask
-        _replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

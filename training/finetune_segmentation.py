@@ -27,7 +27,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -291,21 +290,14 @@ def evaluate(
 
 def save_model(model, processor, card_info, output_dir: Path) -> Path:
     """`output_dir/model`: config, safetensors, image processor, card; swapped in atomically."""
-    from selfpatch_hf.export import _replace_directory
-    from selfpatch_hf.file_permissions import apply_default_permissions
+    from selfpatch_hf.file_permissions import staged_folder
     from selfpatch_hf.segmentation_model_card import write_segmentation_card
 
     target = output_dir / MODEL_DIRNAME
-    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}.tmp-", dir=output_dir))
-    try:
+    with staged_folder(target) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         write_segmentation_card(staging, card_info)
-        apply_default_permissions(staging)  # mkdtemp's 0700 and save_pretrained's 0600 -> the user's umask
-        _replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
