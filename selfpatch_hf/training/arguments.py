@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 from ..command_line import UsageError
-from .recipes import option, parse_recipe_and_command_line, yaml_problem
+from .recipes import (
+    check_no_unresumed_run,
+    check_trackers_installed,
+    option,
+    parse_recipe_and_command_line,
+    yaml_problem,
+)
 from .schedules import ScheduleRecipe
 
 if TYPE_CHECKING:
@@ -361,10 +367,8 @@ def validate_arguments(data_args: DataArguments, training_args: PretrainingArgum
                 f"--hub_model_id {training_args.hub_model_id!r} is not a valid Hub repository id ({reason}). Use "
                 "`user-or-org/name`."
             ) from None
-    for tracker, module in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
-        if training_args.report_to == tracker and not _importable(module):
-            raise UsageError(f"--report_to {tracker} needs `pip install {module}`.")
-    from .checkpointing import CHECKPOINTS_DIRNAME, list_checkpoints  # not needed for --help
+    check_trackers_installed(training_args.report_to)
+    from .checkpointing import CHECKPOINTS_DIRNAME  # not needed for --help
 
     checkpoints_dir = Path(output_dir) / CHECKPOINTS_DIRNAME
     resume = training_args.checkpoint_to_resume()
@@ -374,19 +378,7 @@ def validate_arguments(data_args: DataArguments, training_args: PretrainingArgum
                 f"--overwrite_output_dir deletes the checkpoints in {checkpoints_dir}, including "
                 f"--resume_from_checkpoint {resume}: drop one of the two (or copy the checkpoint elsewhere first)."
             )
-    checkpoints = list_checkpoints(checkpoints_dir)
-    if checkpoints and not resume and not training_args.overwrite_output_dir:
-        raise UsageError(
-            f"{output_dir} already holds checkpoints of a run (latest: {checkpoints[-1].name}). Pass "
-            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start afresh, or another "
-            "--output_dir."
-        )
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
+    check_no_unresumed_run(output_dir, resume, training_args.overwrite_output_dir)
 
 
 __all__ = [

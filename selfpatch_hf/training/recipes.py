@@ -165,10 +165,35 @@ def parse_recipe_and_command_line(
     return parsed
 
 
+def check_trackers_installed(report_to: str) -> None:
+    """`--report_to wandb` / `tensorboard` needs that package: said before any model or data is loaded."""
+    for tracker in ("wandb", "tensorboard"):
+        if report_to == tracker and importlib.util.find_spec(tracker) is None:
+            raise UsageError(f"--report_to {tracker} needs `pip install {tracker}`.")
+
+
+def check_no_unresumed_run(
+    output_dir: str | os.PathLike, resume: str | None, overwrite_output_dir: bool
+) -> None:
+    """An `output_dir` that holds checkpoints of a run is continued (`--resume_from_checkpoint`) or started afresh
+    (`--overwrite_output_dir`) only when asked: never silently mixed with a new run."""
+    from .checkpointing import CHECKPOINTS_DIRNAME, list_checkpoints  # loads torch: not needed for --help
+
+    checkpoints = list_checkpoints(Path(output_dir) / CHECKPOINTS_DIRNAME)
+    if checkpoints and not resume and not overwrite_output_dir:
+        raise UsageError(
+            f"{output_dir} already holds checkpoints of a run (latest: {checkpoints[-1].name}). Pass "
+            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start afresh, or another "
+            "--output_dir."
+        )
+
+
 __all__ = [
     "RECIPE_SUFFIXES",
     "ParsedCommandLine",
     "RecipeArgumentParser",
+    "check_no_unresumed_run",
+    "check_trackers_installed",
     "option",
     "parse_recipe_and_command_line",
     "read_recipe",

@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from ..command_line import UsageError
-from .recipes import option, parse_recipe_and_command_line
+from .recipes import check_no_unresumed_run, check_trackers_installed, option, parse_recipe_and_command_line
 
 RANDOM_BACKBONE_PREFIX = "random:"
 
@@ -214,24 +213,10 @@ def validate_arguments(
         raise UsageError(
             "--push_to_hub needs --hub_model_id (e.g. your-name/upernet-selfpatch-vits16-ade20k)."
         )
-    for tracker in ("wandb", "tensorboard"):
-        if training_args.report_to == tracker and not _importable(tracker):
-            raise UsageError(f"--report_to {tracker} needs `pip install {tracker}`.")
-    from .checkpointing import CHECKPOINTS_DIRNAME, list_checkpoints
-
-    checkpoints = list_checkpoints(Path(training_args.output_dir) / CHECKPOINTS_DIRNAME)
-    if checkpoints and not training_args.resume_from_checkpoint and not training_args.overwrite_output_dir:
-        raise UsageError(
-            f"{training_args.output_dir} already holds checkpoints of a run (latest: {checkpoints[-1].name}). Pass "
-            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start afresh, or another "
-            "--output_dir."
-        )
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
+    check_trackers_installed(training_args.report_to)
+    check_no_unresumed_run(
+        training_args.output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir
+    )
 
 
 __all__ = [
