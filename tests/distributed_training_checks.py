@@ -41,6 +41,7 @@ from accelerate import Accelerator  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from selfpatch_hf import SelfPatchViTForPretraining  # noqa: E402
+from selfpatch_hf.training.compilation import is_compiled  # noqa: E402
 from selfpatch_hf.training.optimization import apply_schedule, build_optimizer  # noqa: E402
 from selfpatch_hf.training.schedules import PretrainingSchedule  # noqa: E402
 
@@ -181,6 +182,35 @@ def train_check(data_dir: Path, out: Path) -> None:
         )
 
 
+def compile_check(data_dir: Path, out: Path) -> None:
+    """--torch_compile (aot_eager: the graphs without code generation) with activation checkpointing under DDP:
+    3 steps end where the same eager run ends, with identical replicas."""
+
+    def run(output_dir: Path, *extra: str):
+        argv = [
+            "--dataset_name", str(data_dir), "--output_dir", str(output_dir), "--config_overrides", *TINY_OVERRIDES,
+            "--per_device_train_batch_size", "2", "--gradient_checkpointing", "--samples_per_epoch", "16",
+            "--max_steps", "3", "--checkpointing_steps", "0", "--export_steps", "0", "--num_workers", "0",
+            "--shuffle_buffer_size", "0", "--logging_steps", "1", "--learning_rate", "0.05", *extra,
+        ]  # fmt: skip
+        return pretrain.train(*pretrain.parse_arguments(argv))
+
+    eager = run(out / "eager")
+    compiled = run(out / "compiled", "--torch_compile", "--torch_compile_backend", "aot_eager")
+    eager_state, compiled_state = final_state(eager.model), final_state(compiled.model)
+    torch.save(
+        {
+            "compiled_modules": sum(is_compiled(m) for m in compiled.model.modules()),
+            "steps": [eager.global_step, compiled.global_step],
+            "rank_difference": max_difference_between_ranks(compiled_state),
+            "eager_difference": max(
+                (compiled_state[k] - v).abs().max().item() for k, v in eager_state.items()
+            ),
+        },
+        out / f"compile_rank{compiled.accelerator.process_index}.pt",
+    )
+
+
 def final_state(model: SelfPatchViTForPretraining) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -269,6 +299,7 @@ def main() -> None:
     data_split_check(accelerator, data_dir, out)
     train_check(data_dir, out)
     moby_check(data_dir, out)
+    compile_check(data_dir, out)
     resume_check(data_dir, out)
 
 

@@ -565,7 +565,7 @@ def build_model_and_optimizer(
     if training_args.gradient_checkpointing:
         enable_activation_checkpointing(model.student.backbone)
     if training_args.torch_compile:  # in place: parameter names, checkpoints and exports are unchanged
-        compile_for_training(model)
+        compile_for_training(model, backend=training_args.torch_compile_backend)
     optimizer = build_optimizer(model.student, **adamw_kwargs(accelerator.device))  # fused AdamW on CUDA
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()

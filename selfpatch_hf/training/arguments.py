@@ -203,6 +203,12 @@ class PretrainingArguments:
         "Compile the backbones and heads of student and teacher with torch.compile (inductor; one graph per crop "
         "resolution, compiled in the first step).",
     )
+    torch_compile_backend: str = option(
+        "inductor",
+        "The torch.compile backend for --torch_compile: inductor generates kernels (GPUs); aot_eager traces the same "
+        "graphs without generating code (a quick check of a set-up, e.g. on CPUs, where inductor compiles for "
+        "minutes).",
+    )
     logging_steps: int = option(10, "Log metrics every N optimiser steps.")
     report_to: Literal["none", "tensorboard", "wandb", "all"] = option(
         "none", "Trackers for the metrics (metrics.jsonl is always written)."
