@@ -1,4 +1,5 @@
-"""Shared fixtures. `hub_server`: a loopback Hugging Face Hub (tests/hub_server.py) for upload/download tests."""
+"""Shared fixtures. `hub_server`: a loopback Hugging Face Hub (tests/hub_server.py) for upload/download tests;
+`accelerator`: a CPU `Accelerator`, its global state reset afterwards."""
 
 from __future__ import annotations
 
@@ -16,3 +17,12 @@ def hub_server(tmp_path_factory: pytest.TempPathFactory):
     with LoopbackHub(tmp_path_factory.mktemp("loopback_hub")) as hub:
         yield hub
     assert not hub.server_errors, f"the loopback hub failed internally: {hub.server_errors}"
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import tiny_config, tiny_dino_config
+from training_runs import closed_port, prepared_model, train_a_bit
 
 from selfpatch_hf import SelfPatchViTForPretraining
 from selfpatch_hf.training.checkpointing import (
@@ -140,34 +141,11 @@ def test_cancelled_last_layer_gets_no_update():
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
-@pytest.fixture
-def accelerator():
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _prepared_model(accelerator):
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    return accelerator.prepare(model, optimizer)
-
-
-def _train_a_bit(model, optimizer):
-    loss = model(torch.randn(5, 4)).square().mean()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-
-
 def test_checkpoints_rotate_and_round_trip(tmp_path, accelerator):
-    model, optimizer = _prepared_model(accelerator)
+    model, optimizer = prepared_model(accelerator)
     manager = CheckpointManager(accelerator, tmp_path, total_limit=2)
     for step in (1, 2, 3):
-        _train_a_bit(model, optimizer)
+        train_a_bit(model, optimizer)
         manager.save(step, {"global_batch_size": 5, "num_processes": 1}, {"data": {"position": step}})
     assert [checkpoint_step(p) for p in list_checkpoints(manager.directory)] == [2, 3]
     assert sorted(p.name for p in manager.directory.iterdir()) == ["checkpoint-2", "checkpoint-3"]
@@ -176,7 +154,7 @@ def test_checkpoints_rotate_and_round_trip(tmp_path, accelerator):
     saved = model.weight.detach().clone()
     rng_after_save = torch.rand(3)
 
-    _train_a_bit(model, optimizer)  # move away, then come back
+    train_a_bit(model, optimizer)  # move away, then come back
     trainer_state, rank_state = manager.load(latest)
     assert torch.equal(model.weight, saved)
     assert trainer_state["step"] == 3 and rank_state == {"data": {"position": 3}}
@@ -187,7 +165,7 @@ def test_a_checkpoint_of_another_model_is_rejected_naming_the_mismatches(tmp_pat
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    _prepared_model(accelerator)  # Linear(4, 3)
+    prepared_model(accelerator)  # Linear(4, 3)
     path = CheckpointManager(accelerator, tmp_path).save(1, {"num_processes": 1}, {})
     AcceleratorState._reset_state(reset_partial_state=True)
     other = Accelerator(cpu=True)
@@ -199,7 +177,7 @@ def test_a_checkpoint_of_another_model_is_rejected_naming_the_mismatches(tmp_pat
 
 
 def test_a_half_written_checkpoint_is_never_picked(tmp_path, accelerator):
-    model, optimizer = _prepared_model(accelerator)
+    model, optimizer = prepared_model(accelerator)
     manager = CheckpointManager(accelerator, tmp_path, total_limit=3)
     manager.save(10, {}, {})
 
@@ -268,17 +246,11 @@ def test_upload_to_a_loopback_hub_is_asynchronous_and_succeeds(tmp_path, hub_ser
     assert "uploaded to loopback-user/tiny" in uploader.report()[1]
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_upload_to_a_dead_endpoint_is_retried_reported_and_keeps_the_local_copy(tmp_path):
     uploader = AsyncHubUploader(
         "me/tiny",
         tmp_path / "staging",
-        endpoint=f"http://127.0.0.1:{_closed_port()}",
+        endpoint=f"http://127.0.0.1:{closed_port()}",
         token="hf_x",
         max_attempts=2,
         retry_delay=0.05,

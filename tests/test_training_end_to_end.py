@@ -4,9 +4,7 @@ endpoint. The interrupted run must produce the same losses at every step as the 
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from tiny_images import write_parquet_images
+from training_runs import TINY_MODEL_RECIPE, closed_port, script_env
 
 from selfpatch_hf.training.metrics_log import last_metrics_per_step, read_metrics
 
@@ -26,21 +25,8 @@ pytestmark = pytest.mark.slow
 
 def _recipe(path: Path, data: Path) -> Path:
     path.write_text(
-        f"""
-preset: vit-tiny-patch16
-config_overrides:
-  hidden_size: 32
-  num_attention_heads: 2
-  intermediate_size: 64
-  num_hidden_layers: 2
-  patch_size: 8
-  global_crop_size: 32
-  local_crop_size: 16
-  num_local_crops: 2
-  image_out_dim: 64
-  patch_out_dim: 32
-  head_hidden_dim: 48
-  head_bottleneck_dim: 16
+        TINY_MODEL_RECIPE
+        + f"""
 dataset_name: {data}
 samples_per_epoch: 12
 per_device_train_batch_size: 3
@@ -60,17 +46,6 @@ hub_model_id: loopback-user/tiny-selfpatch
 """
     )
     return path
-
-
-def _env(hub_env: dict[str, str]) -> dict[str, str]:
-    return {
-        **os.environ,
-        **hub_env,
-        "OMP_NUM_THREADS": "1",
-        "NO_ALBUMENTATIONS_UPDATE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -101,12 +76,6 @@ def _wait_for_step(
     raise AssertionError(f"no step after {after} within {timeout} s")
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_parquet_images(tmp_path_factory.mktemp("images") / "data", num_images=14, num_shards=2)
@@ -120,7 +89,7 @@ def uninterrupted(tmp_path_factory, data):
     root = tmp_path_factory.mktemp("uninterrupted")
     recipe = _recipe(root / "recipe.yaml", data)
     with LoopbackHub(root / "hub") as hub:
-        env = _env(hub.client_env(root / "hf_home"))
+        env = script_env(**hub.client_env(root / "hf_home"))
         output = root / "run"
         result = subprocess.run(
             [
@@ -194,11 +163,11 @@ def test_killed_preempted_and_resumed_run_matches_the_uninterrupted_one(tmp_path
     reference_dir = uninterrupted[0]
     recipe = _recipe(tmp_path / "recipe.yaml", data)
     dead = {
-        "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
+        "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
         "HF_HUB_DISABLE_XET": "1",
         "HF_TOKEN": "hf_x",
     }
-    env = _env({**dead, "HF_HOME": str(tmp_path / "hf_home")})
+    env = script_env(**dead, HF_HOME=str(tmp_path / "hf_home"))
     output = tmp_path / "run"
     metrics = output / "metrics.jsonl"
     log = tmp_path / "log.txt"
@@ -273,7 +242,7 @@ def test_a_blown_up_run_stops_before_saving_and_names_no_damaged_checkpoint(tmp_
         [sys.executable, str(SCRIPT), str(recipe), "--output_dir", str(tmp_path / "run"), "--push_to_hub", "false",
          "--learning_rate", "1e30", "--warmup_epochs", "0", "--clip_grad", "0", "--max_steps", "12",
         "--checkpointing_steps", "1"],
-        env=_env({}), capture_output=True, text=True, timeout=300,
+        env=script_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-4000:]
     message = result.stderr.strip().splitlines()[-1]

@@ -6,7 +6,6 @@ checkpoints called "good"."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from tiny_images import write_parquet_images
+from training_runs import TINY_MODEL_RECIPE, script_env
 
 from selfpatch_hf.training.metrics_log import read_metrics
 
@@ -27,21 +27,9 @@ UPLOADS_INCOMPLETE = (
 
 pytestmark = pytest.mark.slow
 
-RECIPE = """
-preset: vit-tiny-patch16
-config_overrides:
-  hidden_size: 32
-  num_attention_heads: 2
-  intermediate_size: 64
-  num_hidden_layers: 2
-  patch_size: 8
-  global_crop_size: 32
-  local_crop_size: 16
-  num_local_crops: 2
-  image_out_dim: 64
-  patch_out_dim: 32
-  head_hidden_dim: 48
-  head_bottleneck_dim: 16
+RECIPE = (
+    TINY_MODEL_RECIPE
+    + """
 samples_per_epoch: 12
 per_device_train_batch_size: 3
 num_workers: 1
@@ -50,6 +38,7 @@ learning_rate: 0.05
 warmup_epochs: 1
 logging_steps: 1
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,23 +50,12 @@ def recipe(tmp_path_factory) -> Path:
     return path
 
 
-def _env(**extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "NO_ALBUMENTATIONS_UPDATE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "PYTHONUNBUFFERED": "1",
-        **extra,
-    }
-
-
 def _run(
     args: list[str], env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args],
-        env=env or _env(),
+        env=env or script_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -94,7 +72,7 @@ def stalled_hub(tmp_path):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(16)
-    yield _env(
+    yield script_env(
         HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}",
         HF_HUB_DISABLE_XET="1",
         HF_TOKEN="hf_x",

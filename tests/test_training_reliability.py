@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_runs import prepared_model, train_a_bit
 
 from selfpatch_hf.training.checkpointing import (
     COMPLETE_MARKER,
@@ -25,29 +26,6 @@ from selfpatch_hf.training.checkpointing import (
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
-@pytest.fixture
-def accelerator():
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _prepared_model(accelerator):
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    return accelerator.prepare(model, optimizer)
-
-
-def _train_a_bit(model, optimizer):
-    loss = model(torch.randn(5, 4)).square().mean()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-
-
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -66,9 +44,9 @@ def test_a_full_disk_during_a_checkpoint_write_removes_the_partial_one_and_keeps
 ):
     import accelerate.checkpointing
 
-    model, optimizer = _prepared_model(accelerator)
+    model, optimizer = prepared_model(accelerator)
     manager = CheckpointManager(accelerator, tmp_path, total_limit=1)
-    _train_a_bit(model, optimizer)
+    train_a_bit(model, optimizer)
     good = manager.save(1, {"num_processes": 1}, {"data": 1})
     before = _snapshot(good)
 
@@ -84,7 +62,7 @@ def test_a_full_disk_during_a_checkpoint_write_removes_the_partial_one_and_keeps
     if isinstance(failure, RuntimeError):
         usage = shutil.disk_usage(tmp_path)
         monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
-    _train_a_bit(model, optimizer)
+    train_a_bit(model, optimizer)
     with pytest.raises(CheckpointWriteError) as error:
         manager.save(2, {"num_processes": 1}, {"data": 2})
     message = str(error.value)
@@ -101,7 +79,7 @@ def test_a_full_disk_during_a_checkpoint_write_removes_the_partial_one_and_keeps
 def test_other_write_errors_are_named_without_blaming_the_disk(tmp_path, accelerator, monkeypatch):
     import accelerate.checkpointing
 
-    _prepared_model(accelerator)
+    prepared_model(accelerator)
     manager = CheckpointManager(accelerator, tmp_path)
 
     def failing_save(obj, path, *args, **kwargs):
@@ -138,10 +116,10 @@ def _flip_a_byte(file: Path) -> None:
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(
     tmp_path, accelerator, caplog, name, damage, expected
 ):
-    model, optimizer = _prepared_model(accelerator)
+    model, optimizer = prepared_model(accelerator)
     manager = CheckpointManager(accelerator, tmp_path, total_limit=3)
     for step in (1, 2):
-        _train_a_bit(model, optimizer)
+        train_a_bit(model, optimizer)
         manager.save(step, {"num_processes": 1, "step": step}, {"data": {"position": step}})
     marker = json.loads((manager.directory / "checkpoint-2" / COMPLETE_MARKER).read_text())
     assert (
@@ -167,7 +145,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(
 
 
 def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path, accelerator):
-    _prepared_model(accelerator)
+    prepared_model(accelerator)
     manager = CheckpointManager(accelerator, tmp_path)
     path = manager.save(1, {}, {})
     (path / COMPLETE_MARKER).write_text("{")  # the manifest itself

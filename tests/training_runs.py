@@ -1,0 +1,65 @@
+"""Helpers shared by the training tests: the tiny model recipe and the environment of a `training/pretrain.py`
+subprocess, a small model and optimiser prepared by accelerate with a few steps of training, and a loopback port
+that nobody listens on."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+# The model part of a pretraining recipe: a ViT-Ti/16 preset shrunk to 2 layers of width 32, 8-pixel patches, 32/16
+# pixel crops and small heads (a step takes a fraction of a second on one CPU thread).
+TINY_MODEL_RECIPE = """
+preset: vit-tiny-patch16
+config_overrides:
+  hidden_size: 32
+  num_attention_heads: 2
+  intermediate_size: 64
+  num_hidden_layers: 2
+  patch_size: 8
+  global_crop_size: 32
+  local_crop_size: 16
+  num_local_crops: 2
+  image_out_dim: 64
+  patch_out_dim: 32
+  head_hidden_dim: 48
+  head_bottleneck_dim: 16
+"""
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment of a training-script subprocess: one torch thread (the machine is shared), no update checks
+    or telemetry, unbuffered output (read while the run goes on); `extra` on top."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+def prepared_model(accelerator):
+    """A seeded `Linear(4, 3)` and its AdamW, through `accelerator.prepare` (what checkpoints save and load)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return accelerator.prepare(model, optimizer)
+
+
+def train_a_bit(model, optimizer) -> None:
+    """One optimiser step, so that the weights and AdamW's moments differ from the last checkpoint."""
+    loss = model(torch.randn(5, 4)).square().mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def closed_port() -> int:
+    """A loopback port that was free a moment ago: connecting to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
