@@ -35,6 +35,7 @@ from selfpatch_hf.evaluation.features import FrozenBackbone
 from selfpatch_hf.evaluation.knn import KnnConfig, run_knn
 from selfpatch_hf.evaluation.linear_probe import LinearProbeConfig, run_linear_probe
 from selfpatch_hf.evaluation.propagation import PropagationConfig
+from selfpatch_hf.evaluation.semseg_metrics import SegmentationScores
 
 METRICS = (
     ("jf", "J&F"),
@@ -72,6 +73,24 @@ def ensure_offline_data(data_dir: Path, seed: int = 0) -> dict:
     return json.loads(info_path.read_text())
 
 
+def probe_segmentation(backbone: FrozenBackbone, segmentation, settings: StudySettings) -> SegmentationScores:
+    """The study's linear segmentation probe: trained on the offline scenes' train split, scored on validation."""
+    return run_linear_probe(
+        backbone,
+        segmentation["train"],
+        segmentation["validation"],
+        LinearProbeConfig(
+            image_size=settings.probe_image_size,
+            epochs=settings.probe_epochs,
+            learning_rate=settings.probe_lr,
+            num_labels=len(SEGMENTATION_CLASSES),
+            seed=settings.probe_seed,
+        ),
+        image_column="image",
+        mask_column="mask",
+    ).scores
+
+
 def evaluate_backbone(path: str, data_dir: Path, settings: StudySettings, work_dir: Path) -> dict:
     """All dense metrics of one backbone (percentages) plus timings in seconds."""
     import datasets
@@ -96,21 +115,7 @@ def evaluate_backbone(path: str, data_dir: Path, settings: StudySettings, work_d
 
     start = time.perf_counter()
     segmentation = datasets.load_dataset(str(data_dir / "segmentation"))
-    probe = run_linear_probe(
-        backbone,
-        segmentation["train"],
-        segmentation["validation"],
-        LinearProbeConfig(
-            image_size=settings.probe_image_size,
-            epochs=settings.probe_epochs,
-            learning_rate=settings.probe_lr,
-            num_labels=len(SEGMENTATION_CLASSES),
-            seed=settings.probe_seed,
-        ),
-        image_column="image",
-        mask_column="mask",
-    )
-    scores = probe.scores
+    scores = probe_segmentation(backbone, segmentation, settings)
     row.update(
         miou=100 * scores.mean_iou, macc=100 * scores.mean_accuracy, aacc=100 * scores.overall_accuracy
     )

@@ -92,31 +92,14 @@ def finetune(name: str, backbone: Path, args) -> dict:
 def probe(backbone: Path, args) -> dict:
     import datasets
     import torch
-    from dense_study import StudySettings
+    from dense_study import StudySettings, probe_segmentation
 
-    from selfpatch_hf.data.synthetic_scenes import SEGMENTATION_CLASSES
     from selfpatch_hf.evaluation.features import FrozenBackbone
-    from selfpatch_hf.evaluation.linear_probe import LinearProbeConfig, run_linear_probe
 
-    settings = StudySettings()
     torch.manual_seed(0)
     start = time.perf_counter()
     segmentation = datasets.load_dataset(str(args.data_dir / "segmentation"))
-    result = run_linear_probe(
-        FrozenBackbone.from_pretrained(str(backbone)),
-        segmentation["train"],
-        segmentation["validation"],
-        LinearProbeConfig(
-            image_size=settings.probe_image_size,
-            epochs=settings.probe_epochs,
-            learning_rate=settings.probe_lr,
-            num_labels=len(SEGMENTATION_CLASSES),
-            seed=settings.probe_seed,
-        ),
-        image_column="image",
-        mask_column="mask",
-    )
-    scores = result.scores
+    scores = probe_segmentation(FrozenBackbone.from_pretrained(str(backbone)), segmentation, StudySettings())
     return {
         "probe_miou": 100 * scores.mean_iou,
         "probe_macc": 100 * scores.mean_accuracy,
