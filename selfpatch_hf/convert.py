@@ -1001,6 +1001,23 @@ def _use_default_permissions(folder: Path) -> None:
     apply_default_permissions(folder)
 
 
+def _move_into_place(
+    staging: Path, staged_backbone: Path, staged_pretraining: Path | None, output_dir: Path
+) -> tuple[Path, Path | None]:
+    """Gives the staged folders the user's permissions and swaps them in as OUTPUT_DIR/backbone and (when staged)
+    OUTPUT_DIR/pretraining, each atomically; returns the two folders (None: no pretraining folder written)."""
+    from .file_permissions import replace_directory
+
+    _use_default_permissions(staging)
+    backbone_dir = output_dir / "backbone"
+    replace_directory(staged_backbone, backbone_dir)
+    pretraining_dir = None
+    if staged_pretraining is not None:
+        pretraining_dir = output_dir / "pretraining"
+        replace_directory(staged_pretraining, pretraining_dir)
+    return backbone_dir, pretraining_dir
+
+
 @dataclass
 class ConversionResult:
     format: CheckpointFormat
@@ -1231,16 +1248,10 @@ def convert_checkpoint(
                 "that the reference SelfPatch backbone never had (adding one would change every patch feature)."
             )
 
-        from .file_permissions import replace_directory
-
-        _use_default_permissions(staging)
-        backbone_dir = output_dir / "backbone"
-        replace_directory(staged_backbone, backbone_dir)
-        pretraining_dir = None
-        if staged_pretraining is not None:
-            pretraining_dir = output_dir / "pretraining"
-            replace_directory(staged_pretraining, pretraining_dir)
-        elif (output_dir / "pretraining").exists():
+        backbone_dir, pretraining_dir = _move_into_place(
+            staging, staged_backbone, staged_pretraining, output_dir
+        )
+        if staged_pretraining is None and (output_dir / "pretraining").exists():
             notes.append(
                 f"{output_dir / 'pretraining'} is left from an earlier conversion; it does not belong to this "
                 "backbone."
@@ -1278,7 +1289,6 @@ def _convert_moby(
         write_moby_pretraining_card,
     )
     from .export import build_image_processor
-    from .file_permissions import replace_directory
     from .model_card import write_backbone_card
 
     checkpoint = read_moby_checkpoint(loaded, path)
@@ -1321,13 +1331,7 @@ def _convert_moby(
             staged_pretraining = staging / "pretraining"
             moby_to_pretraining_model(checkpoint, backbone, recipe).save_pretrained(staged_pretraining)
             write_moby_pretraining_card(staged_pretraining, checkpoint, recipe)
-        _use_default_permissions(staging)
-        backbone_dir = output_dir / "backbone"
-        replace_directory(staged, backbone_dir)
-        pretraining_dir = None
-        if staged_pretraining is not None:
-            pretraining_dir = output_dir / "pretraining"
-            replace_directory(staged_pretraining, pretraining_dir)
+        backbone_dir, pretraining_dir = _move_into_place(staging, staged, staged_pretraining, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ConversionResult(
