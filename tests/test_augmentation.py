@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from augmentation_probes import record_decisions
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from selfpatch_hf.data.augmentation import (
@@ -226,17 +227,7 @@ def test_decisions_are_independent_and_follow_the_recipe_probabilities(photo, mo
     """Count every apply / skip decision over many images (albumentations' per-transform seeding would correlate
     them: with identical streams, 'flipped' would imply 'colour-jittered')."""
     aug = MultiCropAugmentation(global_crop_size=8, local_crop_size=8, num_local_crops=8)
-    decisions: list[tuple[str, str, bool]] = []
-    for name, pipeline in zip(("global_1", "global_2", "local"), _pipelines(aug)):
-        for transform in pipeline.transforms:
-            original, op_name = transform.should_apply, type(transform).__name__
-
-            def record(force_apply=False, _original=original, _name=name, _op=op_name):
-                applied = _original(force_apply)
-                decisions.append((_name, _op, applied))
-                return applied
-
-            monkeypatch.setattr(transform, "should_apply", record)
+    decisions = record_decisions(monkeypatch, zip(("global_1", "global_2", "local"), _pipelines(aug)))
     small = photo.resize((24, 18))
     for seed in range(300):
         aug.crops_uint8(small, rng=seed)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from augmentation_probes import record_decisions
 from PIL import Image
 
 from selfpatch_hf.data import augmentation as augmentation_module
@@ -107,17 +108,7 @@ def test_moby_crop_areas_and_photometric_decisions_follow_the_recipe(photo, monk
     """Over many images: the crop area fraction spans (0.08, 1), and every op is applied at the recipe's rate (blur
     1.0 / 0.1, solarisation 0 / 0.2)."""
     aug = MultiCropAugmentation.from_recipe("moby", global_crop_size=8)
-    decisions: list[tuple[int, str, bool]] = []
-    for view, pipeline in enumerate(_pipelines(aug)):
-        for transform in pipeline.transforms:
-            original, name = transform.should_apply, type(transform).__name__
-
-            def record(force_apply=False, _original=original, _view=view, _name=name):
-                applied = _original(force_apply)
-                decisions.append((_view, _name, applied))
-                return applied
-
-            monkeypatch.setattr(transform, "should_apply", record)
+    decisions = record_decisions(monkeypatch, enumerate(_pipelines(aug)))
     fractions = []
     sample = augmentation_module.sample_crop_box
 
