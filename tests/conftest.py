@@ -1,10 +1,11 @@
 """Shared fixtures. `hub_server`: a loopback Hugging Face Hub (tests/hub_server.py) for upload/download tests;
-`accelerator`: a CPU `Accelerator`, its global state reset afterwards."""
+`accelerator`: a CPU `Accelerator`, its global state reset afterwards; `stalled_hub_endpoint`: the URL of a Hub that
+accepts connections and never answers."""
 
 from __future__ import annotations
 
 import pytest
-from hub_server import LoopbackHub
+from hub_server import LoopbackHub, stalled_endpoint
 
 
 @pytest.fixture
@@ -26,3 +27,9 @@ def accelerator():
 
     yield Accelerator(cpu=True)
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def stalled_hub_endpoint():
+    with stalled_endpoint() as endpoint:
+        yield endpoint

@@ -38,11 +38,14 @@ Usage::
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -55,6 +58,25 @@ REPO_TYPES = ("model", "dataset", "space")
 DEFAULT_BRANCH = "main"
 DEFAULT_USER = "loopback-user"
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+def closed_port() -> int:
+    """A loopback port that was free a moment ago: connecting to it is refused (a Hub that is down)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def stalled_endpoint() -> Iterator[str]:
+    """The URL of a server that accepts connections (the kernel completes them) and never answers: a Hub that hangs."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
 
 
 def git_blob_sha1(content: bytes) -> str:

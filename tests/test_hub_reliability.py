@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hub_server import closed_port
 
 from selfpatch_hf.hub import main as push_main
 from selfpatch_hf.hub_requests import bound_hub_requests, is_permanent_error, unbound_hub_requests
@@ -25,22 +25,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def _default_hub_client():
     yield
     unbound_hub_requests()  # bound_hub_requests changes the process-wide client
-
-
-@pytest.fixture
-def stalled_endpoint():
-    """A server that accepts connections (the kernel completes them) and never answers."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    server.close()
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _backbone_folder(path: Path) -> Path:
@@ -80,7 +64,7 @@ def test_push_to_a_refused_connection_is_one_line(tmp_path, capsys):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # noqa: F401 -- import outside the clock
 
     folder = _backbone_folder(tmp_path / "backbone")
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    endpoint = f"http://127.0.0.1:{closed_port()}"
     started = time.monotonic()
     assert push_main([str(folder), "me/model", "--endpoint", endpoint, "--token", "hf_x"]) == 1
     assert time.monotonic() - started < 30  # no retries with back-off
@@ -89,25 +73,25 @@ def test_push_to_a_refused_connection_is_one_line(tmp_path, capsys):
     assert f"cannot connect to the Hub at {endpoint}" in line
 
 
-def test_push_to_a_silent_server_gives_up_after_its_timeout(tmp_path, stalled_endpoint, capsys):
+def test_push_to_a_silent_server_gives_up_after_its_timeout(tmp_path, stalled_hub_endpoint, capsys):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # noqa: F401 -- import outside the clock
 
     folder = _backbone_folder(tmp_path / "backbone")
     started = time.monotonic()
-    argv = [str(folder), "me/model", "--endpoint", stalled_endpoint, "--token", "hf_x", "--timeout", "1"]
+    argv = [str(folder), "me/model", "--endpoint", stalled_hub_endpoint, "--token", "hf_x", "--timeout", "1"]
     assert push_main(argv) == 1
     assert time.monotonic() - started < 30
     line = _one_error_line(capsys.readouterr().err)
-    assert f"the Hub at {stalled_endpoint} stopped answering (no data within 1 s)" in line
+    assert f"the Hub at {stalled_hub_endpoint} stopped answering (no data within 1 s)" in line
 
 
-def test_push_as_a_program_hangs_never(tmp_path, stalled_endpoint):
+def test_push_as_a_program_hangs_never(tmp_path, stalled_hub_endpoint):
     folder = _backbone_folder(tmp_path / "backbone")
     done = subprocess.run(
         [sys.executable, "-m", "selfpatch_hf.hub", str(folder), "me/model", "--timeout", "1"],
         env={
             **os.environ,
-            "HF_ENDPOINT": stalled_endpoint,
+            "HF_ENDPOINT": stalled_hub_endpoint,
             "HF_TOKEN": "hf_x",
             "HF_HOME": str(tmp_path / "hf"),
         },
@@ -155,12 +139,12 @@ def test_error_classes():
     assert not is_permanent_error(httpx2.ReadTimeout("silent"))
 
 
-def test_a_silent_server_fails_each_attempt_after_the_request_timeout(tmp_path, stalled_endpoint):
+def test_a_silent_server_fails_each_attempt_after_the_request_timeout(tmp_path, stalled_hub_endpoint):
     bound_hub_requests(connect_timeout=1, read_timeout=0.5)
     uploader = AsyncHubUploader(
         "me/tiny",
         tmp_path / "staging",
-        endpoint=stalled_endpoint,
+        endpoint=stalled_hub_endpoint,
         token="hf_x",
         max_attempts=2,
         retry_delay=0.05,
@@ -201,10 +185,10 @@ def _final_wait(tmp_path: Path, endpoint: str, timeout: float) -> subprocess.Pop
     )
 
 
-def test_the_final_wait_has_a_deadline_and_the_process_exits(tmp_path, stalled_endpoint):
+def test_the_final_wait_has_a_deadline_and_the_process_exits(tmp_path, stalled_hub_endpoint):
     """No request timeout at all (the library's default): the deadline alone ends the wait, and the request still
     hanging on its thread does not keep the process alive."""
-    process = _final_wait(tmp_path, stalled_endpoint, timeout=2)
+    process = _final_wait(tmp_path, stalled_hub_endpoint, timeout=2)
     try:
         output, _ = process.communicate(timeout=60)
     finally:
@@ -220,8 +204,8 @@ def test_the_final_wait_has_a_deadline_and_the_process_exits(tmp_path, stalled_e
     )
 
 
-def test_sigterm_during_the_final_wait_still_reports(tmp_path, stalled_endpoint):
-    process = _final_wait(tmp_path, stalled_endpoint, timeout=300)
+def test_sigterm_during_the_final_wait_still_reports(tmp_path, stalled_hub_endpoint):
+    process = _final_wait(tmp_path, stalled_hub_endpoint, timeout=300)
     try:
         assert process.stdout.readline().strip() == "waiting"
         time.sleep(0.5)
@@ -233,8 +217,8 @@ def test_sigterm_during_the_final_wait_still_reports(tmp_path, stalled_endpoint)
     assert "interrupted by SIGTERM" in output
 
 
-def test_a_preempted_run_reports_its_uploads_at_once(tmp_path, stalled_endpoint):
-    uploader = AsyncHubUploader("me/tiny", tmp_path / "staging", endpoint=stalled_endpoint, token="hf_x")
+def test_a_preempted_run_reports_its_uploads_at_once(tmp_path, stalled_hub_endpoint):
+    uploader = AsyncHubUploader("me/tiny", tmp_path / "staging", endpoint=stalled_hub_endpoint, token="hf_x")
     uploader.submit(_backbone_folder(tmp_path / "backbone"), step=9)
     started = time.monotonic()
     (outcome,) = uploader.finish(0, why_not_waiting="not waited for: the run was stopped by SIGTERM")

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_server import closed_port, stalled_endpoint
 from tiny_models import tiny_config, tiny_dino_config
-from training_runs import closed_port, prepared_model, train_a_bit
+from training_runs import prepared_model, train_a_bit
 
 from selfpatch_hf import SelfPatchViTForPretraining
 from selfpatch_hf.training.checkpointing import (
@@ -270,13 +270,11 @@ def test_upload_to_a_dead_endpoint_is_retried_reported_and_keeps_the_local_copy(
 
 def test_a_stalled_endpoint_never_blocks_the_caller(tmp_path):
     """A server that accepts connections and never answers: submit and poll return at once."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    port = server.getsockname()[1]
-    try:
+    with (
+        stalled_endpoint() as endpoint
+    ):  # closed at the end: the pending request fails, the upload thread ends
         uploader = AsyncHubUploader(
-            "me/tiny", tmp_path / "staging", endpoint=f"http://127.0.0.1:{port}", token="hf_x", max_attempts=1
+            "me/tiny", tmp_path / "staging", endpoint=endpoint, token="hf_x", max_attempts=1
         )
         started = time.monotonic()
         uploader.submit(_export_folder(tmp_path / "backbone", b"w"), step=1)
@@ -284,8 +282,6 @@ def test_a_stalled_endpoint_never_blocks_the_caller(tmp_path):
             assert uploader.poll() == []
         assert time.monotonic() - started < 1.0
         assert uploader.pending and "still uploading" in uploader.report()[0]
-    finally:
-        server.close()  # the pending request fails; the upload thread ends
     (outcome,) = uploader.wait(timeout=60)
     assert outcome.status == "failed"
 

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from hub_server import closed_port
 from tiny_images import write_parquet_images
-from training_runs import TINY_MODEL_RECIPE, closed_port, script_env
+from training_runs import TINY_MODEL_RECIPE, script_env
 
 from selfpatch_hf.training.metrics_log import last_metrics_per_step, read_metrics
 

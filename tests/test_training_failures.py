@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -67,18 +66,14 @@ def _last_line(stderr: str) -> str:
 
 
 @pytest.fixture
-def stalled_hub(tmp_path):
-    """A Hub endpoint that accepts connections and never answers."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    yield script_env(
-        HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}",
+def stalled_hub(tmp_path, stalled_hub_endpoint):
+    """The environment of a run whose Hub endpoint accepts connections and never answers."""
+    return script_env(
+        HF_ENDPOINT=stalled_hub_endpoint,
         HF_HUB_DISABLE_XET="1",
         HF_TOKEN="hf_x",
         HF_HOME=str(tmp_path / "hf_home"),
     )
-    server.close()
 
 
 # ---------------------------------------------------------------------------------------------------------- divergence

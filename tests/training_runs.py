@@ -1,11 +1,9 @@
 """Helpers shared by the training tests: the tiny model recipe and the environment of a `training/pretrain.py`
-subprocess, a small model and optimiser prepared by accelerate with a few steps of training, and a loopback port
-that nobody listens on."""
+subprocess, and a small model and optimiser prepared by accelerate with a step of training."""
 
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 
@@ -56,10 +54,3 @@ def train_a_bit(model, optimizer) -> None:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-
-
-def closed_port() -> int:
-    """A loopback port that was free a moment ago: connecting to it is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
