@@ -238,7 +238,16 @@ def test_parameters_follow_the_recipe_distributions():
     assert chi_square < 60  # 23 degrees of freedom: p < 1e-4
 
 
-def test_device_and_cpu_paths_give_matching_crop_statistics(photos):
+@pytest.fixture
+def one_torch_thread():
+    """Thousands of tiny tensor ops: with two threads they spend their time handing work over (20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_device_and_cpu_paths_give_matching_crop_statistics(photos, one_torch_thread):
     """Over many images, the two paths give crops with the same statistics (grayscale share, solarised share,
     brightness, colourfulness, sharpness), per crop position."""
     aug = MultiCropAugmentation(global_crop_size=32, local_crop_size=16, num_local_crops=2)
