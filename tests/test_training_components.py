@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -32,6 +33,7 @@ from selfpatch_hf.training.optimization import (
     build_optimizer,
     build_param_groups,
     cancel_gradients,
+    clip_gradients,
     clip_gradients_per_parameter,
 )
 from selfpatch_hf.training.preemption import StopRequest
@@ -115,6 +117,31 @@ def test_per_parameter_clipping_matches_dino_clip_gradients():
             assert p.grad.norm().item() == pytest.approx(3.0, rel=1e-5)
     torch.testing.assert_close(norms, torch.stack([b.norm() for b in untouched]))
     assert p_none.grad is None
+
+
+@pytest.mark.parametrize("mode", ["per_parameter", "global", "none"])
+def test_clip_gradients_returns_the_norm_before_clipping(mode):
+    """The training step's clip reports the total gradient norm the divergence check reads: the norm of all
+    gradients before clipping, whichever clip runs (frozen parameters are left out)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(7, 5), (11,), (3, 3, 2)]]
+    for p, scale in zip(params, [10.0, 0.01, 3.0]):
+        p.grad = torch.randn_like(p) * scale
+    frozen = torch.nn.Parameter(torch.randn(4), requires_grad=False)
+    before = [p.grad.clone() for p in params]
+    expected = math.sqrt(sum(float(g.double().pow(2).sum()) for g in before))
+    max_norm = 0.0 if mode == "none" else 2.0
+    total = clip_gradients([*params, frozen], max_norm, "per_parameter" if mode == "none" else mode)
+    assert total == pytest.approx(expected, rel=1e-6)
+    after = [p.grad for p in params]
+    if mode == "none":
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+    elif mode == "global":
+        assert math.sqrt(sum(float(g.pow(2).sum()) for g in after)) == pytest.approx(2.0, rel=1e-5)
+    else:
+        assert max(g.norm().item() for g in after) == pytest.approx(2.0, rel=1e-5)
+    with pytest.raises(ValueError, match="mode"):
+        clip_gradients(params, 1.0, "layerwise")
 
 
 def test_cancelled_last_layer_gets_no_update():

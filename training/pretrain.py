@@ -90,7 +90,7 @@ from selfpatch_hf.training.checkpointing import (
 )
 from selfpatch_hf.training.compilation import compile_for_training
 from selfpatch_hf.training.cuda_setup import adamw_kwargs, ddp_kwargs, enable_tf32
-from selfpatch_hf.training.divergence import DivergenceMonitor, gradient_norm, weight_norm
+from selfpatch_hf.training.divergence import DivergenceMonitor, weight_norm
 from selfpatch_hf.training.host_memory import keep_freed_host_memory
 from selfpatch_hf.training.hub_uploads import AsyncHubUploader
 from selfpatch_hf.training.metrics_log import METRICS_FILENAME, MetricsLog, WindowMeans
@@ -103,7 +103,7 @@ from selfpatch_hf.training.optimization import (
     apply_schedule,
     build_optimizer,
     cancel_gradients,
-    clip_gradients_per_parameter,
+    clip_gradients,
 )
 from selfpatch_hf.training.preemption import StopRequest
 from selfpatch_hf.training.resume import check_resumable, config_snapshot
@@ -390,14 +390,8 @@ def train_step(
                         values.step, {"loss": loss, "image_loss": image_loss, "patch_loss": patch_value}
                     )
                 accelerator.unscale_gradients(optimizer)  # fp16: measure and clip the true gradients
-                grad_norm = gradient_norm(unwrapped.student.parameters())
-                if clip_grad > 0:
-                    if clip_grad_mode == "global":  # MoBY: one norm over all trained parameters
-                        torch.nn.utils.clip_grad_norm_(
-                            [p for p in unwrapped.student.parameters() if p.requires_grad], clip_grad
-                        )
-                    else:
-                        clip_gradients_per_parameter(unwrapped.student.parameters(), clip_grad)
+                # the norm before clipping feeds the divergence check; the clip measures it anyway
+                grad_norm = clip_gradients(unwrapped.student.parameters(), clip_grad, clip_grad_mode)
                 if values.freeze_last_layer:
                     cancel_gradients(unwrapped.get_last_layer_parameters())
             optimizer.step()

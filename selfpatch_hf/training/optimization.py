@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .divergence import gradient_norm
 from .schedules import ScheduleValues
 
 # Key marking the parameter group whose weight decay follows the schedule (the other group stays at 0).
@@ -73,6 +74,24 @@ def clip_gradients_per_parameter(parameters: Iterable[nn.Parameter], max_norm: f
     return norms
 
 
+def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float, mode: str = "per_parameter") -> float:
+    """Clips the gradients of the trainable `parameters` and returns their total L2 norm BEFORE clipping.
+
+    `mode="per_parameter"` clips each tensor (DINO, `clip_gradients_per_parameter`), `"global"` one norm over all
+    of them (MoBY, `torch.nn.utils.clip_grad_norm_`); `max_norm` 0 clips nothing. Either clip measures the norms
+    it needs anyway, so the total comes from them instead of a second pass over every gradient.
+    """
+    trained = [p for p in parameters if p.requires_grad]
+    if max_norm <= 0:
+        return gradient_norm(trained)
+    if mode == "global":
+        return float(torch.nn.utils.clip_grad_norm_(trained, max_norm))
+    if mode != "per_parameter":
+        raise ValueError(f"mode must be 'per_parameter' or 'global', got {mode!r}.")
+    norms = clip_gradients_per_parameter(trained, max_norm)
+    return 0.0 if norms is None else torch.linalg.vector_norm(norms.double()).item()
+
+
 def cancel_gradients(parameters: Iterable[nn.Parameter]) -> None:
     """Drops the gradients of `parameters` so that the optimiser leaves them untouched this step (no update, no
     weight decay): DINO's last-layer freeze during the first epoch."""
@@ -86,5 +105,6 @@ __all__ = [
     "build_optimizer",
     "build_param_groups",
     "cancel_gradients",
+    "clip_gradients",
     "clip_gradients_per_parameter",
 ]
