@@ -87,7 +87,8 @@ def run_bare(args, data_dir: Path) -> dict:
             script_arguments(args, data_dir, Path(scratch))
         )
     config = pretrain.build_config(model_args, overrides)
-    training_args.apply_objective_defaults(config)  # clipping, schedules: the objective's defaults, as the loop
+    # clipping and schedules: the objective's defaults, as in the loop
+    training_args.apply_objective_defaults(config)
     accelerator = Accelerator(cpu=True)
     # torch threads and host-memory reuse as the loop has them
     pretrain.configure_cpu_training(accelerator, data_args, training_args)
