@@ -39,7 +39,7 @@ def build_data(output_dir: Path, repeats: int) -> Path:
     """The offline sample photographs, each listed `repeats` times, as 2 parquet shards."""
     from datasets import concatenate_datasets, load_dataset
 
-    from selfpatch_hf.data.sample_photographs import sample_dataset_path
+    from selfpatch_hf.data.samples.photographs import sample_dataset_path
 
     photos = load_dataset("parquet", data_files=str(sample_dataset_path() / "*.parquet"), split="train")
     repeated = concatenate_datasets([photos] * repeats)

@@ -1,7 +1,7 @@
 """Dense-feature quality of frozen backbones on offline data: label propagation (J&F) and a linear probe.
 
 Evaluates each backbone folder (anything `AutoModel` loads) on the offline evaluation data of
-`selfpatch_hf.data.synthetic_scenes` -- SYNTHETIC COMPOSITIONS OF REAL PHOTOGRAPHS (real object cut-outs
+`selfpatch_hf.data.samples.synthetic_scenes` -- SYNTHETIC COMPOSITIONS OF REAL PHOTOGRAPHS (real object cut-outs
 with known masks moving over real background photographs; not DAVIS, not ADE20K) -- and prints markdown
 tables: one row per backbone, then mean +- std per name over seeds, then the difference between the first
 two names (paired over common seeds when seeds are given).
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from selfpatch_hf.data.synthetic_scenes import DATA_NOTE, SEGMENTATION_CLASSES, make_offline_data
+from selfpatch_hf.data.samples.synthetic_scenes import DATA_NOTE, SEGMENTATION_CLASSES, make_offline_data
 from selfpatch_hf.evaluation.davis import evaluate_davis, predict_davis
 from selfpatch_hf.evaluation.features import FrozenBackbone
 from selfpatch_hf.evaluation.knn import KnnConfig, run_knn

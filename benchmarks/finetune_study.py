@@ -35,8 +35,8 @@ def random_backbone(folder: Path, preset: str, seed: int, image_size: int) -> Pa
         return folder
     from transformers import ViTConfig, ViTModel, set_seed
 
-    from selfpatch_hf.configuration_selfpatch import BACKBONE_PRESETS
-    from selfpatch_hf.export import build_image_processor
+    from selfpatch_hf.export.backbone import build_image_processor
+    from selfpatch_hf.models.selfpatch.configuration import BACKBONE_PRESETS
 
     set_seed(seed)
     model = ViTModel(
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from selfpatch_hf.data.segmentation_data import offline_scenes_path
+    from selfpatch_hf.data.segmentation.loading import offline_scenes_path
 
     offline_scenes_path(
         args.data_dir

@@ -5,10 +5,10 @@ representation, lambda 0.1) and plain DINO (CLS representation, lambda 0) -- wit
 optimiser and everything else, then evaluates both frozen teacher backbones with `benchmarks/dense_study.py`
 (label propagation J&F on offline sequences, linear-probe mIoU, k-NN) and prints the tables.
 
-Pretraining data: the 13 offline sample photographs (`selfpatch_hf.data.sample_photographs`, real photographs shipped in the
+Pretraining data: the 13 offline sample photographs (`selfpatch_hf.data.samples.photographs`, real photographs shipped in the
 scikit-image wheel), each listed `--repeats` times per pass so that a pass is long enough for the loader's
 workers; the multi-crop augmentation makes every visit different. Evaluation data: synthetic compositions of
-real photographs with known masks (`selfpatch_hf.data.synthetic_scenes`). Both come from the same small photo
+real photographs with known masks (`selfpatch_hf.data.samples.synthetic_scenes`). Both come from the same small photo
 collection, so this measures how the two objectives shape dense features on identical inputs, not transfer.
 
     python benchmarks/selfpatch_vs_dino_study.py --seeds 0 1 2 --max_steps 400   # ~54 min on 2 cores
@@ -46,7 +46,7 @@ def build_pretraining_data(output_dir: Path, repeats: int) -> Path:
     """The offline sample photographs, each listed `repeats` times, as 2 parquet shards with an Image column."""
     from datasets import concatenate_datasets, load_dataset
 
-    from selfpatch_hf.data.sample_photographs import sample_dataset_path
+    from selfpatch_hf.data.samples.photographs import sample_dataset_path
 
     marker = output_dir / f".complete-{repeats}"
     if marker.exists():

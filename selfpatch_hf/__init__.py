@@ -14,18 +14,18 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _EXPORTS = {
-    "BACKBONE_PRESETS": "configuration_selfpatch",
-    "SelfPatchConfig": "configuration_selfpatch",
-    "SelfPatchForPretraining": "modeling_selfpatch",
-    "SelfPatchNetwork": "modeling_selfpatch",
-    "SelfPatchPreTrainedModel": "modeling_selfpatch",
-    "SelfPatchPretrainingOutput": "modeling_selfpatch",
-    "SelfPatchViTForPretraining": "modeling_selfpatch",
-    "build_neighbor_table": "modeling_selfpatch",
-    "select_positive_neighbors": "modeling_selfpatch",
-    "export_backbone": "export",
-    "export_dense_backbone": "dense_backbones",
-    "build_upernet": "dense_heads",
+    "BACKBONE_PRESETS": "models.selfpatch.configuration",
+    "SelfPatchConfig": "models.selfpatch.configuration",
+    "SelfPatchForPretraining": "models.selfpatch.modeling",
+    "SelfPatchNetwork": "models.selfpatch.modeling",
+    "SelfPatchPreTrainedModel": "models.selfpatch.modeling",
+    "SelfPatchPretrainingOutput": "models.selfpatch.modeling",
+    "SelfPatchViTForPretraining": "models.selfpatch.modeling",
+    "build_neighbor_table": "models.selfpatch.modeling",
+    "select_positive_neighbors": "models.selfpatch.modeling",
+    "export_backbone": "export.backbone",
+    "export_dense_backbone": "models.dense.backbones",
+    "build_upernet": "models.dense.heads",
 }
 
 __all__ = [
@@ -45,11 +45,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .configuration_selfpatch import BACKBONE_PRESETS, SelfPatchConfig
-    from .dense_backbones import export_dense_backbone
-    from .dense_heads import build_upernet
-    from .export import export_backbone
-    from .modeling_selfpatch import (
+    from selfpatch_hf.export.backbone import export_backbone
+    from selfpatch_hf.models.dense.backbones import export_dense_backbone
+    from selfpatch_hf.models.dense.heads import build_upernet
+    from selfpatch_hf.models.selfpatch.configuration import BACKBONE_PRESETS, SelfPatchConfig
+    from selfpatch_hf.models.selfpatch.modeling import (
         SelfPatchForPretraining,
         SelfPatchNetwork,
         SelfPatchPreTrainedModel,
@@ -64,12 +64,12 @@ def register_auto_classes() -> None:
     """Register `SelfPatchConfig` with `AutoConfig`, the pretraining model with `AutoModelForPreTraining`, and the
     CLS-free SelfPatch backbone (`SelfPatchSiglipBackbone`) with `AutoConfig` / `AutoBackbone`.
 
-    Importing `selfpatch_hf.modeling_selfpatch` / `selfpatch_hf.siglip_backbone` already does this; call it when
+    Importing `selfpatch_hf.models.selfpatch.modeling` / `selfpatch_hf.models.dense.siglip_backbone` already does this; call it when
     the first thing your code does with this package is `AutoModelForPreTraining.from_pretrained(...)` or loading a
     segmentation model fine-tuned from a converted SelfPatch checkpoint.
     """
-    import_module(".modeling_selfpatch", __name__)
-    import_module(".siglip_backbone", __name__)
+    import_module(".models.selfpatch.modeling", __name__)
+    import_module(".models.dense.siglip_backbone", __name__)
 
 
 def __getattr__(name: str):

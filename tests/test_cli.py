@@ -7,7 +7,7 @@ from tiny_models import tiny_config
 from transformers import AutoModel
 
 from selfpatch_hf import SelfPatchViTForPretraining
-from selfpatch_hf.cli import main
+from selfpatch_hf.cli.main import main
 
 
 def test_export_subcommand_writes_a_loadable_backbone(tmp_path, capsys):

@@ -25,12 +25,12 @@ print("LOADED", " ".join(name for name in {heavy!r} if name in sys.modules))
 @pytest.mark.parametrize(
     ("module", "argv"),
     [
-        ("selfpatch_hf.cli", ["--help"]),
-        ("selfpatch_hf.cli", ["export", "--help"]),
-        ("selfpatch_hf.cli", ["push", "--help"]),
-        ("selfpatch_hf.cli", ["convert", "--help"]),
-        ("selfpatch_hf.convert", ["--help"]),
-        ("selfpatch_hf.hub", ["--help"]),
+        ("selfpatch_hf.cli.main", ["--help"]),
+        ("selfpatch_hf.cli.main", ["export", "--help"]),
+        ("selfpatch_hf.cli.main", ["push", "--help"]),
+        ("selfpatch_hf.cli.main", ["convert", "--help"]),
+        ("selfpatch_hf.conversion.dino_selfpatch", ["--help"]),
+        ("selfpatch_hf.hub.publishing", ["--help"]),
         ("selfpatch_hf.evaluation.cli", ["--help"]),
         ("selfpatch_hf.evaluation.cli", ["davis", "--help"]),
         ("selfpatch_hf.evaluation.cli", ["visualize", "--help"]),

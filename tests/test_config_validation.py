@@ -9,7 +9,7 @@ from huggingface_hub.errors import StrictDataclassError
 from tiny_models import tiny_config
 
 from selfpatch_hf import SelfPatchConfig
-from selfpatch_hf.configuration_selfpatch import SelfPatchConfigError
+from selfpatch_hf.models.selfpatch.configuration import SelfPatchConfigError
 
 NAN = float("nan")
 

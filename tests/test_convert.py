@@ -25,7 +25,11 @@ from reference_checkpoints import (
 )
 from transformers import AutoImageProcessor, AutoModel, SiglipVisionModel, ViTModel
 
-from selfpatch_hf.convert import ConversionError, convert_checkpoint, load_reference_checkpoint
+from selfpatch_hf.conversion.dino_selfpatch import (
+    ConversionError,
+    convert_checkpoint,
+    load_reference_checkpoint,
+)
 
 TOLERANCE = 1e-4
 ARCH = {"hidden": 32, "layers": 2, "heads": 2, "mlp": 64, "patch": 8, "grid": 4}
@@ -102,7 +106,7 @@ def test_dino_training_checkpoint_teacher_by_default_student_on_request(tmp_path
 
 def test_dino_pretraining_checkpoint_holds_both_networks_heads_and_centre(tmp_path):
     from selfpatch_hf import SelfPatchViTForPretraining
-    from selfpatch_hf.convert import dino_to_pretraining_model, infer_architecture
+    from selfpatch_hf.conversion.dino_selfpatch import dino_to_pretraining_model, infer_architecture
 
     checkpoint = dino_training_checkpoint()
     path = tmp_path / "checkpoint.pth"
@@ -349,7 +353,7 @@ def test_command_line(tmp_path):
         [
             sys.executable,
             "-m",
-            "selfpatch_hf.convert",
+            "selfpatch_hf.conversion.dino_selfpatch",
             str(tmp_path / "checkpoint.pth"),
             str(tmp_path / "out"),
             "--num-heads",
@@ -374,7 +378,7 @@ def test_command_line(tmp_path):
         [
             sys.executable,
             "-m",
-            "selfpatch_hf.convert",
+            "selfpatch_hf.conversion.dino_selfpatch",
             str(tmp_path / "bad.pth"),
             str(tmp_path / "bad"),
             "--num-heads",
@@ -424,7 +428,7 @@ def test_non_finite_weights_are_named_and_an_earlier_export_survives(tmp_path, m
     assert _files(tmp_path / "out") == before
 
     # a self-check that fails after everything was written: still nothing of the earlier export is touched
-    monkeypatch.setattr("selfpatch_hf.convert.VERIFY_TOLERANCE", -1.0)
+    monkeypatch.setattr("selfpatch_hf.conversion.dino_selfpatch.VERIFY_TOLERANCE", -1.0)
     other = dino_training_checkpoint()
     other["teacher"]["backbone.norm.bias"] += 1.0
     torch.save(other, tmp_path / "other.pth")
@@ -434,7 +438,7 @@ def test_non_finite_weights_are_named_and_an_earlier_export_survives(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.pth", "nan.pth", "other.pth", "out"]
 
     # a successful conversion replaces the export, with the user's normal permissions
-    monkeypatch.setattr("selfpatch_hf.convert.VERIFY_TOLERANCE", 1e-4)
+    monkeypatch.setattr("selfpatch_hf.conversion.dino_selfpatch.VERIFY_TOLERANCE", 1e-4)
     convert_checkpoint(tmp_path / "other.pth", tmp_path / "out", num_heads=2)
     assert _files(tmp_path / "out") != before
     umask = os.umask(0)
@@ -480,11 +484,11 @@ def test_args_that_are_not_a_namespace_are_ignored_with_a_warning(tmp_path, capl
 
 
 def test_command_line_errors(tmp_path):
-    from selfpatch_hf.convert import main
+    from selfpatch_hf.conversion.dino_selfpatch import main
 
     def run(*argv):
         done = subprocess.run(
-            [sys.executable, "-m", "selfpatch_hf.convert", *map(str, argv)],
+            [sys.executable, "-m", "selfpatch_hf.conversion.dino_selfpatch", *map(str, argv)],
             capture_output=True,
             text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -17,7 +17,7 @@ from reference_moby import (
 from transformers import AutoImageProcessor, AutoModel, SwinModel, ViTModel
 
 from selfpatch_hf import SelfPatchForPretraining
-from selfpatch_hf.convert import ConversionError, convert_checkpoint, main
+from selfpatch_hf.conversion.dino_selfpatch import ConversionError, convert_checkpoint, main
 
 TOLERANCE = 1e-4
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from selfpatch_hf.data.augmentation import MultiCropAugmentation
-from selfpatch_hf.data.sample_photographs import SAMPLE_IMAGES, build_sample_dataset, sample_dataset_path
+from selfpatch_hf.data.samples.photographs import SAMPLE_IMAGES, build_sample_dataset, sample_dataset_path
 from selfpatch_hf.data.streaming import (
     ImageDecodeError,
     MultiCropDataLoader,

@@ -18,9 +18,9 @@ from transformers import (
 )
 
 from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
-from selfpatch_hf.dense_backbones import dense_out_indices, export_dense_backbone, load_dense_backbone
-from selfpatch_hf.dense_heads import build_dpt, build_upernet
-from selfpatch_hf.siglip_backbone import SelfPatchSiglipBackbone
+from selfpatch_hf.models.dense.backbones import dense_out_indices, export_dense_backbone, load_dense_backbone
+from selfpatch_hf.models.dense.heads import build_dpt, build_upernet
+from selfpatch_hf.models.dense.siglip_backbone import SelfPatchSiglipBackbone
 
 # square, larger than the training size, and non-square both ways (multiples of the 8-pixel patch)
 SIZES = [(32, 32), (48, 48), (32, 64), (56, 24)]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import ViTConfig, ViTModel
 
-from selfpatch_hf.data.synthetic_scenes import make_sequences
+from selfpatch_hf.data.samples.synthetic_scenes import make_sequences
 from selfpatch_hf.evaluation.davis import (
     DAVIS_PALETTE,
     evaluate_davis,

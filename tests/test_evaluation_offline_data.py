@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfpatch_hf.data.synthetic_scenes import (
+from selfpatch_hf.data.samples.synthetic_scenes import (
     IGNORE_INDEX,
     SEGMENTATION_CLASSES,
     STUFF_CLASSES,

@@ -150,7 +150,7 @@ def _modes(root) -> dict[str, int]:
 def test_export_and_its_upload_snapshot_follow_the_umask(tmp_path, umask):
     """The folder and files get the modes a plain mkdir / open gives under the umask (mkdtemp alone gives 0700 and
     save_pretrained 0600), and so does the snapshot the Hub uploader keeps of an export."""
-    from selfpatch_hf.training.hub_uploads import _snapshot
+    from selfpatch_hf.hub.uploads import _snapshot
 
     previous = os.umask(umask)
     try:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tiny_models import tiny_config
 
 from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
-from selfpatch_hf.data.synthetic_scenes import make_segmentation_dataset
+from selfpatch_hf.data.samples.synthetic_scenes import make_segmentation_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "finetune_segmentation.py"
@@ -157,7 +157,7 @@ def test_saved_model_loads_with_plain_transformers(uninterrupted, tmp_path):
 
 
 def test_argument_mistakes_are_one_line_errors(inputs, tmp_path, capsys):
-    from selfpatch_hf.command_line import run_command
+    from selfpatch_hf.cli.errors import run_command
 
     script = _script()
     recipe = tmp_path / "recipe.yaml"
@@ -190,8 +190,8 @@ def test_two_processes_share_the_batches_and_the_evaluation(inputs, tmp_path):
 
     from transformers import AutoModelForSemanticSegmentation
 
-    from selfpatch_hf.data.segmentation_augmentation import SegmentationEvalTransform
-    from selfpatch_hf.data.segmentation_data import find_columns, load_segmentation_splits
+    from selfpatch_hf.data.segmentation.augmentation import SegmentationEvalTransform
+    from selfpatch_hf.data.segmentation.loading import find_columns, load_segmentation_splits
     from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
 
     with socket.socket() as sock:

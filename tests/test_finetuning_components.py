@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
-from selfpatch_hf.dense_heads import build_upernet
 from selfpatch_hf.evaluation.segmentation_inference import predict_logits
+from selfpatch_hf.models.dense.heads import build_upernet
 from selfpatch_hf.training.finetuning_optimization import (
     FinetuningSchedule,
     apply_learning_rate,

@@ -290,7 +290,7 @@ def test_a_compiled_model_exports_and_saves_like_an_eager_one(tmp_path):
     eager model's (nothing is traced here: compiled modules compile at their first call)."""
     from transformers import AutoModel
 
-    from selfpatch_hf.export import export_backbone
+    from selfpatch_hf.export.backbone import export_backbone
 
     model = tiny_model()
     compile_for_training(model, backend="aot_eager")

@@ -19,15 +19,15 @@ from tiny_models import tiny_config
 from transformers import AutoImageProcessor
 
 from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
-from selfpatch_hf.convert import convert_checkpoint
-from selfpatch_hf.hub import PublishError, check_backbone_folder, push_backbone, push_folder
-from selfpatch_hf.model_card import (
+from selfpatch_hf.conversion.dino_selfpatch import convert_checkpoint
+from selfpatch_hf.hub.cards.backbone import (
     BASE_TAGS,
     REPO_ID_PLACEHOLDER,
     BackboneCardInfo,
     render_backbone_card,
     write_backbone_card,
 )
+from selfpatch_hf.hub.publishing import PublishError, check_backbone_folder, push_backbone, push_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EVAL = {
@@ -343,7 +343,7 @@ def test_command_line_push_to_a_branch_with_token_from_the_environment(trained, 
     command = [
         sys.executable,
         "-m",
-        "selfpatch_hf.hub",
+        "selfpatch_hf.hub.publishing",
         str(backbone),
         "me/cli-model",
         "--revision",
@@ -370,7 +370,7 @@ def test_command_line_push_to_a_branch_with_token_from_the_environment(trained, 
     assert pretraining_files["config.json"] == (pretraining / "config.json").read_bytes()
 
     # in process: a wrong token is refused with a clear message and exit code 1 ...
-    from selfpatch_hf.hub import main
+    from selfpatch_hf.hub.publishing import main
 
     arguments = [str(backbone), "me/cli-model", "--endpoint", hub_server.endpoint]
     assert main([*arguments, "--token", "hf_wrong"]) == 1

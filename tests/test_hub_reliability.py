@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from hub_server import closed_port
 
-from selfpatch_hf.hub import main as push_main
-from selfpatch_hf.hub_requests import bound_hub_requests, is_permanent_error, unbound_hub_requests
-from selfpatch_hf.training.hub_uploads import AsyncHubUploader
+from selfpatch_hf.hub.publishing import main as push_main
+from selfpatch_hf.hub.request_limits import bound_hub_requests, is_permanent_error, unbound_hub_requests
+from selfpatch_hf.hub.uploads import AsyncHubUploader
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_push_to_a_silent_server_gives_up_after_its_timeout(tmp_path, stalled_hu
 def test_push_as_a_program_hangs_never(tmp_path, stalled_hub_endpoint):
     folder = _backbone_folder(tmp_path / "backbone")
     done = subprocess.run(
-        [sys.executable, "-m", "selfpatch_hf.hub", str(folder), "me/model", "--timeout", "1"],
+        [sys.executable, "-m", "selfpatch_hf.hub.publishing", str(folder), "me/model", "--timeout", "1"],
         env={
             **os.environ,
             "HF_ENDPOINT": stalled_hub_endpoint,
@@ -160,7 +160,7 @@ def test_a_silent_server_fails_each_attempt_after_the_request_timeout(tmp_path, 
 _FINAL_WAIT = textwrap.dedent(
     """
     import sys
-    from selfpatch_hf.training.hub_uploads import AsyncHubUploader
+    from selfpatch_hf.hub.uploads import AsyncHubUploader
 
     endpoint, staging, folder, timeout = sys.argv[1:5]
     uploader = AsyncHubUploader("me/tiny", staging, endpoint=endpoint, token="hf_x")

@@ -21,7 +21,7 @@ from tiny_models import TINY_BACKBONE
 from transformers import AutoModelForPreTraining, SwinModel
 
 from selfpatch_hf import SelfPatchConfig, SelfPatchForPretraining, SelfPatchViTForPretraining, export_backbone
-from selfpatch_hf.modeling_selfpatch import MoBYPatchLoss, gather_across_processes, sync_batch_norm
+from selfpatch_hf.models.selfpatch.modeling import MoBYPatchLoss, gather_across_processes, sync_batch_norm
 
 # A tiny Swin: patch 2, three stages (last-stage stride 8, width 32, 4 heads), window 2.
 TINY_SWIN = {"embed_dim": 8, "depths": [1, 1, 2], "num_heads": [1, 2, 4], "patch_size": 2, "window_size": 2}
@@ -405,7 +405,7 @@ def test_swin_export_round_trip_in_a_process_that_never_imports_selfpatch(tmp_pa
     config = tiny("swin", "moby", drop_path_rate=0.0)
     model = make_model(config)
     model(torch.randn(2, 2, 3, 32, 32), teacher_momentum=0.5)  # a step: queues, BatchNorm statistics move
-    from selfpatch_hf.model_card import BackboneCardInfo
+    from selfpatch_hf.hub.cards.backbone import BackboneCardInfo
 
     folder = export_backbone(
         model, tmp_path / "backbone", card_info=BackboneCardInfo.from_selfpatch_config(config)

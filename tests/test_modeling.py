@@ -16,7 +16,7 @@ from selfpatch_hf import (
     build_neighbor_table,
     select_positive_neighbors,
 )
-from selfpatch_hf.modeling_selfpatch import SelfPatchAggregation
+from selfpatch_hf.models.selfpatch.modeling import SelfPatchAggregation
 
 # ----------------------------------------------------------------------------- independent reference implementations
 
@@ -375,7 +375,7 @@ def test_cls_representation_with_lambda_zero_is_plain_dino():
 
 
 def test_dino_loss_against_formula_with_manual_logits():
-    from selfpatch_hf.modeling_selfpatch import DINOImageLoss
+    from selfpatch_hf.models.selfpatch.modeling import DINOImageLoss
 
     torch.manual_seed(0)
     student, teacher, center = torch.randn(5, 3, 11), torch.randn(2, 3, 11), torch.randn(1, 11)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfpatch_hf.data.segmentation_augmentation import (
+from selfpatch_hf.data.segmentation.augmentation import (
     SegmentationEvalTransform,
     SegmentationTrainTransform,
     photometric_distortion,

@@ -20,6 +20,7 @@ from tiny_models import tiny_config, tiny_dino_config
 from training_runs import prepared_model, train_a_bit
 
 from selfpatch_hf import SelfPatchViTForPretraining
+from selfpatch_hf.hub.uploads import AsyncHubUploader
 from selfpatch_hf.training.checkpointing import (
     COMPLETE_MARKER,
     CheckpointManager,
@@ -27,7 +28,6 @@ from selfpatch_hf.training.checkpointing import (
     list_checkpoints,
     resolve_checkpoint,
 )
-from selfpatch_hf.training.hub_uploads import AsyncHubUploader
 from selfpatch_hf.training.optimization import (
     apply_schedule,
     build_optimizer,
@@ -593,7 +593,7 @@ HEAVY_MODULES = (
     "datasets",
     "accelerate",
     "huggingface_hub",
-    "selfpatch_hf.modeling_selfpatch",
+    "selfpatch_hf.models.selfpatch.modeling",
 )
 
 
@@ -622,7 +622,7 @@ def test_the_argument_parser_is_transformers_own():
     import importlib.util
     import inspect
 
-    from selfpatch_hf.training.recipes import HfArgumentParser
+    from selfpatch_hf.training.arguments.recipe_files import HfArgumentParser
 
     package = Path(importlib.util.find_spec("transformers").origin).parent
     assert HfArgumentParser.__name__ == "HfArgumentParser"

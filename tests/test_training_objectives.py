@@ -13,7 +13,7 @@ from test_training_components import load_pretrain_script
 from tiny_images import write_parquet_images
 from transformers import AutoModel, SwinModel, ViTModel
 
-from selfpatch_hf.training.arguments import OBJECTIVE_DEFAULTS
+from selfpatch_hf.training.arguments.pretraining import OBJECTIVE_DEFAULTS
 
 TINY_VIT = [
     "hidden_size=32",

@@ -10,7 +10,7 @@ transformers model folder that `AutoModelForSemanticSegmentation` and `pipeline(
 A recipe file (YAML or JSON, the first argument) sets any option below; options after it override the file.
 
 The data is any `datasets` dataset with an image and a mask column (`scene_parse_150` is ADE20K: pass
---reduce_labels; `offline-scenes` is the synthetic set of selfpatch_hf.data.synthetic_scenes). Training follows
+--reduce_labels; `offline-scenes` is the synthetic set of selfpatch_hf.data.samples.synthetic_scenes). Training follows
 mmsegmentation's ADE20K recipe (random rescale 0.5-2x, crop, flip, photometric distortion; AdamW with optional
 layer-wise learning-rate decay; linear warm-up then poly or cosine decay, per iteration). The head is transformers'
 UperNet on the backbone's selected blocks (the paper used a Semantic FPN in mmsegmentation, which transformers lacks).
@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from selfpatch_hf.command_line import CommandFailure, UsageError, run_command
-from selfpatch_hf.training.segmentation_arguments import (
+from selfpatch_hf.cli.errors import CommandFailure, UsageError, run_command
+from selfpatch_hf.training.arguments.segmentation import (
     RANDOM_BACKBONE_PREFIX,
     SegmentationDataArguments,
     SegmentationModelArguments,
@@ -103,7 +103,7 @@ def backbone_source(model_args: SegmentationModelArguments, crop_size: list[int]
         return model_args.backbone
     from transformers import ViTConfig, ViTModel
 
-    from selfpatch_hf.configuration_selfpatch import BACKBONE_PRESETS
+    from selfpatch_hf.models.selfpatch.configuration import BACKBONE_PRESETS
 
     preset = model_args.backbone[len(RANDOM_BACKBONE_PREFIX) :]
     if preset not in BACKBONE_PRESETS:
@@ -117,7 +117,7 @@ def backbone_source(model_args: SegmentationModelArguments, crop_size: list[int]
 def build_model(
     model_args: SegmentationModelArguments, data_args: SegmentationDataArguments, names: list[str]
 ):
-    from selfpatch_hf.dense_heads import build_upernet
+    from selfpatch_hf.models.dense.heads import build_upernet
 
     source = backbone_source(model_args, data_args.crop_size)
     try:
@@ -141,8 +141,8 @@ def load_data(
     """(train, eval or None, image column, mask column, class names), with the first training mask checked."""
     import numpy as np
 
-    from selfpatch_hf.data.segmentation_augmentation import prepare_mask
-    from selfpatch_hf.data.segmentation_data import find_columns, label_names, load_segmentation_splits
+    from selfpatch_hf.data.segmentation.augmentation import prepare_mask
+    from selfpatch_hf.data.segmentation.loading import find_columns, label_names, load_segmentation_splits
 
     try:
         with accelerator.main_process_first():  # one process builds / downloads, the others read its cache
@@ -174,7 +174,7 @@ def load_data(
 
 
 def transforms(data_args: SegmentationDataArguments):
-    from selfpatch_hf.data.segmentation_augmentation import (
+    from selfpatch_hf.data.segmentation.augmentation import (
         SegmentationEvalTransform,
         SegmentationTrainTransform,
     )
@@ -203,7 +203,7 @@ def train_batches(
     """This process's endless micro-batches, from optimiser step `start_step` on (moved to the device)."""
     import torch
 
-    from selfpatch_hf.data.segmentation_data import (
+    from selfpatch_hf.data.segmentation.loading import (
         SegmentationBatchSampler,
         SegmentationTrainSet,
         collate_segmentation,
@@ -247,7 +247,7 @@ def evaluate(
     """mIoU / mAcc / aAcc over the evaluation split; each process scores its share, the confusion matrices add up."""
     import torch
 
-    from selfpatch_hf.data.segmentation_data import SegmentationEvalSet
+    from selfpatch_hf.data.segmentation.loading import SegmentationEvalSet
     from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
 
     unwrapped = accelerator.unwrap_model(model)
@@ -290,8 +290,8 @@ def evaluate(
 
 def save_model(model, processor, card_info, output_dir: Path) -> Path:
     """`output_dir/model`: config, safetensors, image processor, card; swapped in atomically."""
-    from selfpatch_hf.file_permissions import staged_folder
-    from selfpatch_hf.segmentation_model_card import write_segmentation_card
+    from selfpatch_hf.atomic_folders import staged_folder
+    from selfpatch_hf.hub.cards.segmentation import write_segmentation_card
 
     target = output_dir / MODEL_DIRNAME
     with staged_folder(target) as staging:
@@ -315,8 +315,8 @@ def train(
     from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
 
-    from selfpatch_hf.dense_heads import build_segmentation_image_processor
-    from selfpatch_hf.segmentation_model_card import SegmentationCardInfo
+    from selfpatch_hf.hub.cards.segmentation import SegmentationCardInfo
+    from selfpatch_hf.models.dense.heads import build_segmentation_image_processor
     from selfpatch_hf.training.checkpointing import CHECKPOINTS_DIRNAME, CheckpointManager
     from selfpatch_hf.training.finetuning_optimization import (
         FinetuningSchedule,
@@ -560,7 +560,7 @@ def train(
             processor = build_segmentation_image_processor(
                 data_args.crop_size, reduce_labels=data_args.reduce_labels
             )
-            from selfpatch_hf.data.segmentation_data import OFFLINE_SCENES
+            from selfpatch_hf.data.segmentation.loading import OFFLINE_SCENES
 
             hub_dataset = None
             if data_args.dataset_name != OFFLINE_SCENES and not os.path.exists(data_args.dataset_name):
@@ -615,7 +615,7 @@ def _with_plain_batch_norm(model):
 def push_model(
     model_dir: Path, step: int, training_args: SegmentationTrainingArguments, output_dir: Path
 ) -> list[str]:
-    from selfpatch_hf.training.hub_uploads import AsyncHubUploader
+    from selfpatch_hf.hub.uploads import AsyncHubUploader
 
     uploader = AsyncHubUploader(
         training_args.hub_model_id,

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import sys
 
-from selfpatch_hf.command_line import CommandFailure, UsageError, run_command
-from selfpatch_hf.training.arguments import (
+from selfpatch_hf.cli.errors import CommandFailure, UsageError, run_command
+from selfpatch_hf.training.arguments.pretraining import (
     OFFLINE_SAMPLE,
     DataArguments,
     ModelArguments,
@@ -76,12 +76,13 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining, export_backbone
+from selfpatch_hf.atomic_folders import apply_default_permissions
 from selfpatch_hf.data.augmentation import MultiCropAugmentation
 from selfpatch_hf.data.streaming import MultiCropDataLoader, load_image_stream
-from selfpatch_hf.file_permissions import apply_default_permissions
-from selfpatch_hf.hub_requests import DEFAULT_CONNECT_TIMEOUT, bound_hub_requests
-from selfpatch_hf.model_card import BackboneCardInfo
-from selfpatch_hf.modeling_selfpatch import sync_batch_norm
+from selfpatch_hf.hub.cards.backbone import BackboneCardInfo
+from selfpatch_hf.hub.request_limits import DEFAULT_CONNECT_TIMEOUT, bound_hub_requests
+from selfpatch_hf.hub.uploads import AsyncHubUploader
+from selfpatch_hf.models.selfpatch.modeling import sync_batch_norm
 from selfpatch_hf.training.checkpointing import (
     CHECKPOINTS_DIRNAME,
     CheckpointManager,
@@ -92,7 +93,6 @@ from selfpatch_hf.training.compilation import compile_for_training
 from selfpatch_hf.training.cuda_setup import adamw_kwargs, ddp_kwargs, enable_tf32
 from selfpatch_hf.training.divergence import DivergenceMonitor, weight_norm
 from selfpatch_hf.training.host_memory import keep_freed_host_memory
-from selfpatch_hf.training.hub_uploads import AsyncHubUploader
 from selfpatch_hf.training.metrics_log import METRICS_FILENAME, MetricsLog, WindowMeans
 from selfpatch_hf.training.mixed_precision import (
     MAX_CONSECUTIVE_SKIPPED_STEPS,
@@ -159,7 +159,7 @@ def build_config(model_args: ModelArguments, overrides: dict[str, Any]) -> SelfP
 def card_training_data(dataset_name: str) -> dict[str, Any]:
     """How the model card names the training data: a Hub dataset id goes into its `datasets` metadata; the offline
     sample and local files are described in its body (they are no Hub datasets)."""
-    from selfpatch_hf.data.sample_photographs import SAMPLE_DATASET_DESCRIPTION
+    from selfpatch_hf.data.samples.photographs import SAMPLE_DATASET_DESCRIPTION
     from selfpatch_hf.data.streaming import hub_dataset_id
 
     if dataset_name == OFFLINE_SAMPLE:
@@ -173,7 +173,7 @@ def open_image_stream(data_args: DataArguments, training_args: PretrainingArgume
     dataset without images."""
     source = data_args.dataset_name
     if source == OFFLINE_SAMPLE:
-        from selfpatch_hf.data.sample_photographs import sample_dataset_path
+        from selfpatch_hf.data.samples.photographs import sample_dataset_path
 
         source = str(sample_dataset_path())  # built once, atomically (safe with several processes)
     kwargs = {"name": data_args.dataset_config_name} if data_args.dataset_config_name else {}

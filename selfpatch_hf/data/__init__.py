@@ -3,8 +3,8 @@
 - `augmentation`: the crop recipes (DINO multi-crop with SelfPatch's scales) on decoded RGB images;
 - `streaming`: image sources (Hub, parquet, imagefolder, webdataset) through `datasets`, robust decoding, per-rank
   sharding, resumable stream positions, and `build_pretraining_dataloader` that ties them together;
-- `sample_photographs`: the small offline pretraining dataset (freely licensed photographs from scikit-image);
-- `synthetic_scenes`: offline dense-evaluation data (DAVIS-layout sequences and a segmentation set composed from
+- `samples.photographs`: the small offline pretraining dataset (freely licensed photographs from scikit-image);
+- `samples.synthetic_scenes`: offline dense-evaluation data (DAVIS-layout sequences and a segmentation set composed from
   real photographs with known masks).
 
 Submodules are imported on first use.
@@ -19,8 +19,8 @@ _EXPORTS = {
     "build_pretraining_dataloader": "streaming",
     "decode_image": "streaming",
     "load_image_stream": "streaming",
-    "sample_dataset_path": "sample_photographs",
-    "make_offline_data": "synthetic_scenes",
+    "sample_dataset_path": "samples.photographs",
+    "make_offline_data": "samples.synthetic_scenes",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -73,7 +73,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..image_conventions import IMAGENET_MEAN, IMAGENET_STD, SizeLike, as_height_width
+from selfpatch_hf.image_conventions import IMAGENET_MEAN, IMAGENET_STD, SizeLike, as_height_width
 
 # albumentations asks PyPI for a newer version at import unless told not to (no network at run time).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

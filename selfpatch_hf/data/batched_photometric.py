@@ -35,7 +35,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .augmentation import (
+from selfpatch_hf.data.augmentation import (
     BLUR_PROBABILITY,
     BLUR_SIGMA_RANGE,
     COLOR_JITTER,

@@ -1,7 +1,7 @@
 """Image data for pretraining: sources -> decoded RGB images -> multi-crop batches, per rank, resumable.
 
 Public API (in data-flow order; the multi-crop recipe itself is `selfpatch_hf.data.augmentation`, the offline sample
-dataset `selfpatch_hf.data.sample_photographs`):
+dataset `selfpatch_hf.data.samples.photographs`):
 
 - `load_image_stream(source, split="train", image_column=None, token=None, streaming=True, num_shards=None,
   **load_dataset_kwargs) -> (IterableDataset, image_column)` and `as_raw_image_stream(dataset, image_column=None)`;
@@ -119,8 +119,8 @@ from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 from PIL import Image, ImageOps
 
-from .augmentation import MultiCropAugmentation
-from .batched_photometric import NUM_PARAMETERS, apply_photometric, crops_with_parameters
+from selfpatch_hf.data.augmentation import MultiCropAugmentation
+from selfpatch_hf.data.batched_photometric import NUM_PARAMETERS, apply_photometric, crops_with_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def _load(source: str, split: str, token: str | bool | None, streaming: bool, **
         raise ConnectionError(
             f"Could not reach the Hugging Face Hub to open {source!r} ({error}). Without network, use a local "
             "directory or glob of parquet / imagefolder / webdataset files (the offline sample dataset: "
-            "selfpatch_hf.data.sample_photographs.sample_dataset_path())."
+            "selfpatch_hf.data.samples.photographs.sample_dataset_path())."
         ) from error
 
 

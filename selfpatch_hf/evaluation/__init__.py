@@ -1,7 +1,7 @@
 """Dense evaluation of frozen vision transformers: DAVIS label propagation (J&F), linear-probe semantic
 segmentation (mIoU), k-NN classification, and the figures (attention maps, teacher positives).
 
-The offline evaluation data (synthetic scenes of real photographs) lives in `selfpatch_hf.data.synthetic_scenes`.
+The offline evaluation data (synthetic scenes of real photographs) lives in `selfpatch_hf.data.samples.synthetic_scenes`.
 
 Everything takes backbones that `AutoModel` loads (see `FrozenBackbone`); the command line is
 `python -m selfpatch_hf.evaluation --help`. Submodules are imported on first use to keep the CLI fast.

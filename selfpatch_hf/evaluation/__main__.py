@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from selfpatch_hf.evaluation.cli import main
 
 sys.exit(main())

@@ -7,7 +7,7 @@ Commands:
   visualize          top-10% attention of query patches for several backbones / teacher positives, as PNG
   make-offline-data  build the offline evaluation data (synthetic compositions of real photographs)
 
-Errors follow the project's command-line contract (`selfpatch_hf.command_line`): a wrong argument exits with
+Errors follow the project's command-line contract (`selfpatch_hf.cli.errors`): a wrong argument exits with
 status 2, a failed step (unreadable model, missing frames, mismatched masks) with status 1, each with one line.
 """
 
@@ -22,7 +22,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..command_line import CommandFailure, HelpFormatter, UsageError, run_command
+from selfpatch_hf.cli.errors import CommandFailure, HelpFormatter, UsageError, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def _add_stage_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args, path: str, option: str = "--model", **kwargs):
-    from .features import FrozenBackbone
+    from selfpatch_hf.evaluation.features import FrozenBackbone
 
     _check_exists(option, path)
     try:
@@ -410,8 +410,8 @@ def _write_json(path: str | None, payload: dict) -> None:
 
 
 def _run_davis(args) -> int:
-    from .davis import DavisDataError, evaluate_davis, predict_davis
-    from .propagation import PropagationConfig
+    from selfpatch_hf.evaluation.davis import DavisDataError, evaluate_davis, predict_davis
+    from selfpatch_hf.evaluation.propagation import PropagationConfig
 
     if not Path(args.davis_root).is_dir():
         raise UsageError(
@@ -476,7 +476,7 @@ def _run_davis(args) -> int:
 
 
 def _run_linear_probe(args) -> int:
-    from .linear_probe import LinearProbeConfig, run_linear_probe
+    from selfpatch_hf.evaluation.linear_probe import LinearProbeConfig, run_linear_probe
 
     config = LinearProbeConfig(
         image_size=args.image_size,
@@ -515,7 +515,7 @@ def _run_linear_probe(args) -> int:
 
 
 def _run_knn(args) -> int:
-    from .knn import KnnConfig, run_knn
+    from selfpatch_hf.evaluation.knn import KnnConfig, run_knn
 
     config = KnnConfig(
         k=args.k,
@@ -583,7 +583,7 @@ def _read_positives(path: str):
 
 
 def _run_visualize(args) -> int:
-    from .visualize import attention_figure, positives_figure, save_figure
+    from selfpatch_hf.evaluation.visualize import attention_figure, positives_figure, save_figure
 
     sources = [name for name, given in (("--model", args.model), ("--positives", args.positives),
                                         ("--pretraining", args.pretraining)) if given]  # fmt: skip
@@ -599,8 +599,8 @@ def _run_visualize(args) -> int:
     image = _read_image(args.image)
     try:
         if args.pretraining:
-            from ..modeling_selfpatch import SelfPatchViTForPretraining
-            from .visualize import teacher_positives
+            from selfpatch_hf.evaluation.visualize import teacher_positives
+            from selfpatch_hf.models.selfpatch.modeling import SelfPatchViTForPretraining
 
             _check_exists("--pretraining", args.pretraining)
             try:
@@ -658,7 +658,7 @@ def _run_visualize(args) -> int:
 
 
 def _run_make_offline_data(args) -> int:
-    from ..data.synthetic_scenes import DATA_NOTE, make_offline_data
+    from selfpatch_hf.data.samples.synthetic_scenes import DATA_NOTE, make_offline_data
 
     info = make_offline_data(
         args.output_dir,

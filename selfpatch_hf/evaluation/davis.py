@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .features import PatchFeatureExtractor
-from .propagation import PropagationConfig, iter_propagation
-from .vos_metrics import db_statistics, sequence_scores
+from selfpatch_hf.evaluation.features import PatchFeatureExtractor
+from selfpatch_hf.evaluation.propagation import PropagationConfig, iter_propagation
+from selfpatch_hf.evaluation.vos_metrics import db_statistics, sequence_scores
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from ..image_conventions import IMAGENET_MEAN, IMAGENET_STD
+from selfpatch_hf.image_conventions import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .features import FrozenBackbone, image_to_tensor
+from selfpatch_hf.evaluation.features import FrozenBackbone, image_to_tensor
 
 LABEL_COLUMNS = ("label", "labels", "class", "category", "fine_label")
 

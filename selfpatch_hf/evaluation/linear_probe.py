@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .features import PatchFeatureExtractor, resize_image
-from .semseg_metrics import ConfusionMatrix, SegmentationScores, reduce_zero_label
+from selfpatch_hf.evaluation.features import PatchFeatureExtractor, resize_image
+from selfpatch_hf.evaluation.semseg_metrics import ConfusionMatrix, SegmentationScores, reduce_zero_label
 
 logger = logging.getLogger(__name__)
 

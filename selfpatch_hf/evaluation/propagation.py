@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .features import PatchFeatureExtractor, image_to_tensor
+from selfpatch_hf.evaluation.features import PatchFeatureExtractor, image_to_tensor
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .semseg_metrics import ConfusionMatrix
+from selfpatch_hf.evaluation.semseg_metrics import ConfusionMatrix
 
 InferenceMode = Literal["whole", "slide"]
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
-from .features import FrozenBackbone, resize_image
+from selfpatch_hf.evaluation.features import FrozenBackbone, resize_image
+from selfpatch_hf.image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
 
 Query = int | tuple[float, float]
 
@@ -431,7 +431,7 @@ def teacher_positives(
     statistics, like a training crop. Returns the resized picture, its `(h, w)` patch grid and the
     teacher's `(N, k)` positive indices, ready for `positives_figure`.
     """
-    from ..modeling_selfpatch import select_positive_neighbors
+    from selfpatch_hf.models.selfpatch.modeling import select_positive_neighbors
 
     config = model.config
     patch = config.patch_size

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ..file_permissions import apply_default_permissions
+from selfpatch_hf.atomic_folders import apply_default_permissions
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .divergence import gradient_norm
-from .schedules import ScheduleValues
+from selfpatch_hf.training.divergence import gradient_norm
+from selfpatch_hf.training.schedules import ScheduleValues
 
 # Key marking the parameter group whose weight decay follows the schedule (the other group stays at 0).
 SCHEDULED_WEIGHT_DECAY = "scheduled_weight_decay"

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..command_line import UsageError
+from selfpatch_hf.cli.errors import UsageError
 
 # arguments a checkpoint's per-process data positions depend on
 DATA_STREAM_ARGUMENTS = ("per_device_train_batch_size", "num_workers", "seed", "shuffle_buffer_size")

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from transformers import SwinConfig, SwinModel
 
-from .convert import (
+from selfpatch_hf.conversion.dino_selfpatch import (
     BackboneArchitecture,
     ConversionError,
     ReferenceCheckpoint,
@@ -546,7 +546,7 @@ class MoBYBackbone:
 
     @torch.no_grad()
     def reference_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        from .convert import reference_backbone_forward
+        from selfpatch_hf.conversion.dino_selfpatch import reference_backbone_forward
 
         if self.model_type == "swin":
             return reference_swin_forward(self.state, self.architecture, pixel_values)
@@ -578,7 +578,7 @@ def moby_backbone(
         validate_moby_heads(checkpoint, architecture.num_features)
         return MoBYBackbone(swin_backbone_to_hf(state, architecture), architecture, state, "swin")
 
-    from .convert import dino_backbone_to_vit
+    from selfpatch_hf.conversion.dino_selfpatch import dino_backbone_to_vit
 
     encoder_name = checkpoint.config_value("MODEL", "MOBY", "ENCODER")
     args = {"arch": encoder_name} if isinstance(encoder_name, str) else {}
@@ -596,7 +596,7 @@ def moby_backbone(
 
 
 def moby_card_info(checkpoint: MoBYCheckpoint, backbone: MoBYBackbone, network: str, notes: list[str]):
-    from .model_card import BackboneCardInfo
+    from selfpatch_hf.hub.cards.backbone import BackboneCardInfo
 
     arch = backbone.architecture
     lr = checkpoint.config_value("TRAIN", "BASE_LR")
@@ -676,8 +676,8 @@ def moby_to_pretraining_model(
       the aggregation modules and patch projectors/predictor start fresh, and the projectors now read the aggregation
       module's summary instead of the representation they were trained on.
     """
-    from . import SelfPatchConfig, SelfPatchForPretraining
-    from .convert import dino_backbone_to_vit, vit_config
+    from selfpatch_hf import SelfPatchConfig, SelfPatchForPretraining
+    from selfpatch_hf.conversion.dino_selfpatch import dino_backbone_to_vit, vit_config
 
     arch = backbone.architecture
     hidden, out_dim = _mlp_widths(checkpoint.parts["projector"], "projector")

@@ -1,13 +1,13 @@
 """transformers' dense prediction models around a pretrained backbone: UperNet for semantic segmentation, DPT for
 depth, with the backbone's weights in place and the heads freshly initialised.
 
-    >>> from selfpatch_hf.dense_heads import build_upernet
+    >>> from selfpatch_hf.models.dense.heads import build_upernet
     >>> model = build_upernet("runs/selfpatch/backbone", {0: "wall", 1: "floor"})   # a ViTModel export
     >>> model.save_pretrained("upernet")   # AutoModelForSemanticSegmentation loads it, no code of ours needed
 
-The backbone source is anything `selfpatch_hf.dense_backbones.dense_backbone` takes (a ViTModel folder -> a native
+The backbone source is anything `selfpatch_hf.models.dense.backbones.dense_backbone` takes (a ViTModel folder -> a native
 `Dinov2Backbone`; a converted CLS-free SelfPatch `SiglipVisionModel` -> `SelfPatchSiglipBackbone`, whose models need
-`selfpatch_hf.siglip_backbone` imported to load).
+`selfpatch_hf.models.dense.siglip_backbone` imported to load).
 
 Deviation from the paper's protocol (Sec. 4.2, ADE20K): the paper fine-tunes a Semantic FPN (mmsegmentation) on
 features resampled to strides 4, 8, 16 and 32. transformers has no Semantic FPN and no ViT multi-scale neck, so this
@@ -29,8 +29,8 @@ from transformers import (
 )
 from transformers.image_utils import PILImageResampling
 
-from .dense_backbones import BackboneSource, DenseBackbone, dense_backbone
-from .image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
+from selfpatch_hf.image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
+from selfpatch_hf.models.dense.backbones import BackboneSource, DenseBackbone, dense_backbone
 
 if TYPE_CHECKING:
     from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil

@@ -11,7 +11,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedConfig, SwinConfig, ViTConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .image_conventions import as_height_width
+from selfpatch_hf.image_conventions import as_height_width
 
 # ViT backbones of the paper (docs/method.md section 2). DINO/timm conventions: exact GELU, LayerNorm eps 1e-6,
 # biased qkv. `image_size` is the resolution of the learned position grid (global crops); other crop sizes are

@@ -10,7 +10,7 @@ token). So:
   after the ViT's final LayerNorm, without the class token, reshaped to (batch, hidden, height / patch,
   width / patch); the last stage equals the ViT's `last_hidden_state[:, 1:]` exactly;
 - a CLS-free `SiglipVisionModel` (converted released SelfPatch checkpoints) -> `SelfPatchSiglipBackbone`
-  (`selfpatch_hf.siglip_backbone`), which needs this package imported to load.
+  (`selfpatch_hf.models.dense.siglip_backbone`), which needs this package imported to load.
 
 `out_indices` default to the blocks the ViT dense-prediction literature takes (4, 6, 8, 12 of 12; in general a
 third, half, two thirds and all of the depth). In transformers 5.24 `AutoBackbone.from_pretrained(local_folder)`
@@ -36,7 +36,7 @@ from transformers import (
     ViTModel,
 )
 
-from .siglip_backbone import SelfPatchSiglipBackbone, SelfPatchSiglipBackboneConfig
+from selfpatch_hf.models.dense.siglip_backbone import SelfPatchSiglipBackbone, SelfPatchSiglipBackboneConfig
 
 if TYPE_CHECKING:
     from transformers.image_processing_base import ImageProcessingMixin
@@ -218,13 +218,13 @@ def _load_source_model(source: str | os.PathLike) -> PreTrainedModel:
         return SiglipVisionModel.from_pretrained(str(source))
     if model_type in ("dinov2", SelfPatchSiglipBackboneConfig.model_type):
         return load_dense_backbone(source)
-    from .configuration_selfpatch import SelfPatchConfig
+    from selfpatch_hf.models.selfpatch.configuration import SelfPatchConfig
 
     if (
         model_type == SelfPatchConfig.model_type
     ):  # a pretraining folder: its teacher, what the paper evaluates
-        from .export import extract_backbone
-        from .modeling_selfpatch import SelfPatchViTForPretraining
+        from selfpatch_hf.export.backbone import extract_backbone
+        from selfpatch_hf.models.selfpatch.modeling import SelfPatchViTForPretraining
 
         return extract_backbone(SelfPatchViTForPretraining.from_pretrained(str(source)), "teacher")
     raise ValueError(
@@ -246,7 +246,7 @@ def dense_backbone(source: BackboneSource, out_indices: Sequence[int] | None = N
     if isinstance(source, SiglipVisionModel):
         return siglip_to_backbone(source, out_indices)
     if hasattr(source, "teacher") and hasattr(source.teacher, "backbone"):  # SelfPatchViTForPretraining
-        from .export import extract_backbone
+        from selfpatch_hf.export.backbone import extract_backbone
 
         return vit_to_dinov2_backbone(extract_backbone(source, "teacher"), out_indices)
     raise TypeError(f"Cannot make a dense backbone of a {type(source).__name__}.")
@@ -271,9 +271,9 @@ def export_dense_backbone(
     or the source folder, the image processor), swapped in atomically.
 
     A ViT source gives a `Dinov2Backbone` folder that `Dinov2Backbone.from_pretrained` loads with no code of ours;
-    a SigLIP source gives a `SelfPatchSiglipBackbone` folder (import `selfpatch_hf.siglip_backbone` to load it).
+    a SigLIP source gives a `SelfPatchSiglipBackbone` folder (import `selfpatch_hf.models.dense.siglip_backbone` to load it).
     """
-    from .file_permissions import staged_folder
+    from selfpatch_hf.atomic_folders import staged_folder
 
     backbone = dense_backbone(source, out_indices)
     processor = image_processor if image_processor is not None else _source_image_processor(source)

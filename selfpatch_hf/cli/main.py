@@ -16,12 +16,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .command_line import CommandFailure, HelpFormatter, UsageError, run_command
+from selfpatch_hf.cli.errors import CommandFailure, HelpFormatter, UsageError, run_command
 
 # subcommand -> (module with a `main(argv)`, one-line help); imported only when used, so `--help` stays fast
 DELEGATES: dict[str, tuple[str, str]] = {
-    "push": ("selfpatch_hf.hub", "publish a backbone or pretraining folder to the Hugging Face Hub"),
-    "convert": ("selfpatch_hf.convert", "convert reference SelfPatch / DINO / MoBY .pth checkpoints"),
+    "push": (
+        "selfpatch_hf.hub.publishing",
+        "publish a backbone or pretraining folder to the Hugging Face Hub",
+    ),
+    "convert": (
+        "selfpatch_hf.conversion.dino_selfpatch",
+        "convert reference SelfPatch / DINO / MoBY .pth checkpoints",
+    ),
     "eval": (
         "selfpatch_hf.evaluation.cli",
         "dense evaluation (DAVIS propagation, linear probe, k-NN), visualisation",
@@ -50,8 +56,8 @@ def _export(argv: Sequence[str] | None = None) -> int:
     if Path(args.output_dir).is_file():
         raise UsageError(f"output_dir {args.output_dir} is a file: give a folder (it is created if missing).")
 
-    from .export import export_backbone
-    from .modeling_selfpatch import SelfPatchViTForPretraining
+    from selfpatch_hf.export.backbone import export_backbone
+    from selfpatch_hf.models.selfpatch.modeling import SelfPatchViTForPretraining
 
     try:
         model = SelfPatchViTForPretraining.from_pretrained(args.pretraining_dir)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..evaluation.semseg_metrics import reduce_zero_label
-from ..image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
+from selfpatch_hf.evaluation.semseg_metrics import reduce_zero_label
+from selfpatch_hf.image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
 
 
 def _fit_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:

@@ -20,7 +20,7 @@ Outputs:
   centres, ready for continued training with the patch objective. Our pretraining model is built on `ViTModel`,
   so a CLS-free SelfPatch backbone cannot become one exactly.
 
-`selfpatch-convert CHECKPOINT OUTPUT_DIR` (or `python -m selfpatch_hf.convert`) runs it from the command line.
+`selfpatch-convert CHECKPOINT OUTPUT_DIR` (or `python -m selfpatch_hf.conversion.dino_selfpatch`) runs it from the command line.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .command_line import CommandFailure, HelpFormatter, UsageError, run_command
+from selfpatch_hf.cli.errors import CommandFailure, HelpFormatter, UsageError, run_command
 
 # torch and transformers are imported inside the functions that use them, so `selfpatch-convert --help` is fast.
 if TYPE_CHECKING:
     import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTModel
 
-    from .model_card import BackboneCardInfo
+    from selfpatch_hf.hub.cards.backbone import BackboneCardInfo
 
 logger = logging.getLogger(__name__)
 
@@ -911,7 +911,7 @@ def dino_to_pretraining_model(
     """
     import torch
 
-    from . import SelfPatchConfig, SelfPatchViTForPretraining
+    from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
 
     teacher = checkpoint if checkpoint.network in (None, "teacher") else checkpoint.other_network
     student = checkpoint.other_network if checkpoint.network == "teacher" else checkpoint
@@ -996,7 +996,7 @@ def _verify_against_reference(
 def _use_default_permissions(folder: Path) -> None:
     """The staged folders and files get the user's normal permissions (mkdtemp makes the folder 0700 and
     save_pretrained writes model.safetensors 0600)."""
-    from .file_permissions import apply_default_permissions
+    from selfpatch_hf.atomic_folders import apply_default_permissions
 
     apply_default_permissions(folder)
 
@@ -1006,7 +1006,7 @@ def _move_into_place(
 ) -> tuple[Path, Path | None]:
     """Gives the staged folders the user's permissions and swaps them in as OUTPUT_DIR/backbone and (when staged)
     OUTPUT_DIR/pretraining, each atomically; returns the two folders (None: no pretraining folder written)."""
-    from .file_permissions import replace_directory
+    from selfpatch_hf.atomic_folders import replace_directory
 
     _use_default_permissions(staging)
     backbone_dir = output_dir / "backbone"
@@ -1033,7 +1033,7 @@ class ConversionResult:
 def _card_info(
     checkpoint: ReferenceCheckpoint, arch: BackboneArchitecture, model_type: str, notes: list[str]
 ) -> BackboneCardInfo:
-    from .model_card import BackboneCardInfo
+    from selfpatch_hf.hub.cards.backbone import BackboneCardInfo
 
     args = checkpoint.args
     is_selfpatch = checkpoint.family == "selfpatch"
@@ -1138,7 +1138,7 @@ def convert_checkpoint(
     """
     checkpoint_path = Path(checkpoint_path)
     loaded = _torch_load(checkpoint_path)
-    from .convert_moby import is_moby_checkpoint
+    from selfpatch_hf.conversion.moby import is_moby_checkpoint
 
     if is_moby_checkpoint(loaded):
         if output_norm_from is not None:
@@ -1210,8 +1210,8 @@ def convert_checkpoint(
         model = selfpatch_backbone_to_siglip(checkpoint.backbone, architecture, output_norm)
         model_type = "siglip_vision_model"
 
-    from .export import build_image_processor
-    from .model_card import write_backbone_card
+    from selfpatch_hf.export.backbone import build_image_processor
+    from selfpatch_hf.hub.cards.backbone import write_backbone_card
 
     # Everything is written into a staging folder beside OUTPUT_DIR and moved into place only after the self-check
     # passed: a failed conversion never touches an earlier export in the same folder.
@@ -1281,15 +1281,15 @@ def _convert_moby(
     pretraining_recipe: str | None = None,
 ) -> ConversionResult:
 
-    from .convert_moby import (
+    from selfpatch_hf.conversion.moby import (
         moby_backbone,
         moby_card_info,
         moby_to_pretraining_model,
         read_moby_checkpoint,
         write_moby_pretraining_card,
     )
-    from .export import build_image_processor
-    from .model_card import write_backbone_card
+    from selfpatch_hf.export.backbone import build_image_processor
+    from selfpatch_hf.hub.cards.backbone import write_backbone_card
 
     checkpoint = read_moby_checkpoint(loaded, path)
     side = "online" if network == "student" else "target"

@@ -4,7 +4,7 @@ need nothing but the arguments.
 `parse_finetuning_arguments(["recipe.yaml", "--learning_rate", "1e-4"])` reads a recipe file (YAML or JSON, a
 mapping of option: value) and the command line after it, the command line winning, through `HfArgumentParser`, so
 every value of the file is typed and checked like the same option on the command line. Mistakes raise
-`selfpatch_hf.command_line.UsageError` (exit status 2, one line naming the option and the fix).
+`selfpatch_hf.cli.errors.UsageError` (exit status 2, one line naming the option and the fix).
 
 Importing this module loads no torch, datasets or model code, so `--help` and argument mistakes answer at once.
 """
@@ -16,8 +16,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..command_line import UsageError
-from .recipes import check_no_unresumed_run, check_trackers_installed, option, parse_recipe_and_command_line
+from selfpatch_hf.cli.errors import UsageError
+from selfpatch_hf.training.arguments.recipe_files import (
+    check_no_unresumed_run,
+    check_trackers_installed,
+    option,
+    parse_recipe_and_command_line,
+)
 
 RANDOM_BACKBONE_PREFIX = "random:"
 

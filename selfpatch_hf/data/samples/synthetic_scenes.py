@@ -353,7 +353,7 @@ def make_sequences(
     Every frame has a ground-truth mask (0 background, 1..K objects, K <= max_objects); all objects are
     visible in the first frame. frame_size is (height, width).
     """
-    from ..evaluation.davis import write_indexed_mask
+    from selfpatch_hf.evaluation.davis import write_indexed_mask
 
     if num_frames < 3:
         raise ValueError("num_frames must be at least 3 (the DAVIS protocol scores frames 1 .. T-2).")

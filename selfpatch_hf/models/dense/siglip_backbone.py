@@ -2,7 +2,7 @@
 checkpoints, so that dense heads (`UperNetForSemanticSegmentation`, `DPTForDepthEstimation`) can use them.
 
 The reference SelfPatch backbone has no class token (the paper's Sec. 3.2 aggregates the patch tokens instead), so
-its exact conversion is a `SiglipVisionModel` without a head (see `selfpatch_hf.convert`); it cannot be loaded into
+its exact conversion is a `SiglipVisionModel` without a head (see `selfpatch_hf.conversion.dino_selfpatch`); it cannot be loaded into
 `Dinov2Backbone`, whose sequence always starts with a class token. `SelfPatchSiglipBackbone` has the same modules
 and weight names as `SiglipVisionModel` and returns the hidden states after the selected blocks, normalised by the
 tower's output norm (`post_layernorm`, the aggregation module's final norm in the reference checkpoint) and
@@ -11,7 +11,7 @@ reshaped to `(batch, hidden_size, height / patch, width / patch)` feature maps, 
 It is not a transformers class: loading a model that contains it needs this module imported first, which
 registers it with `AutoConfig` and `AutoBackbone`:
 
-    >>> import selfpatch_hf.siglip_backbone  # or selfpatch_hf.register_auto_classes()
+    >>> import selfpatch_hf.models.dense.siglip_backbone  # or selfpatch_hf.register_auto_classes()
     >>> model = AutoModelForSemanticSegmentation.from_pretrained("runs/upernet-selfpatch")
 """
 

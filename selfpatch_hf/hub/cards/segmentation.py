@@ -10,7 +10,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .model_card import DINO_CITATION, SELFPATCH_CITATION
+from selfpatch_hf.hub.cards.backbone import DINO_CITATION, SELFPATCH_CITATION
 
 
 @dataclass
@@ -37,7 +37,9 @@ def _usage(info: SegmentationCardInfo) -> str:
     needs_import = info.backbone_class != "Dinov2Backbone"
     lines = ["```python", "from transformers import pipeline"]
     if needs_import:
-        lines.append("import selfpatch_hf.siglip_backbone  # registers the CLS-free SelfPatch backbone")
+        lines.append(
+            "import selfpatch_hf.models.dense.siglip_backbone  # registers the CLS-free SelfPatch backbone"
+        )
     lines += [
         "",
         'segmenter = pipeline("image-segmentation", model="<repo-id-or-local-folder>")',
@@ -86,7 +88,7 @@ def render_segmentation_card(info: SegmentationCardInfo) -> ModelCard:
         "the backbone is a native `Dinov2Backbone` holding the ViT's weights."
         if info.backbone_class == "Dinov2Backbone"
         else "Its backbone is `SelfPatchSiglipBackbone` (the CLS-free SelfPatch ViT, not a transformers class): "
-        "install selfpatch-hf and `import selfpatch_hf.siglip_backbone` before loading. No remote code is used."
+        "install selfpatch-hf and `import selfpatch_hf.models.dense.siglip_backbone` before loading. No remote code is used."
     )
     data_line = info.data_description or f"`{info.dataset}`"
     content = f"""---

@@ -13,7 +13,7 @@ Public API
 - `sample_dataset_path(cache_dir=None, num_shards=2) -> Path`: the cached copy, built once (atomically, safe with
   several processes) under `$SELFPATCH_HF_CACHE`, else `$XDG_CACHE_HOME/selfpatch_hf`, else
   `~/.cache/selfpatch_hf`.
-- `python -m selfpatch_hf.data.sample_photographs [--output-dir DIR] [--num-shards N]` prints the dataset folder.
+- `python -m selfpatch_hf.data.samples.photographs [--output-dir DIR] [--num-shards N]` prints the dataset folder.
 
 Only images whose licence scikit-image documents as public domain, CC0 or "no known copyright restrictions" are used
 (scikit-image's stereo `motorcycle` pair and `moon` are left out: scikit-image states no licence for them).
@@ -37,7 +37,7 @@ SAMPLE_DATASET_VERSION = 1
 # How model cards name this dataset (it is built locally, so it is no Hub dataset id for their metadata).
 SAMPLE_DATASET_DESCRIPTION = (
     "the offline sample: 13 photographs bundled with scikit-image (public domain, CC0 or no known copyright "
-    "restrictions), built locally by `selfpatch_hf.data.sample_photographs`"
+    "restrictions), built locally by `selfpatch_hf.data.samples.photographs`"
 )
 
 
@@ -102,7 +102,7 @@ def _dataset_card(num_rows: int) -> str:
         "# selfpatch-hf offline sample images",
         "",
         f"{num_rows} photographs bundled in the scikit-image wheel (`skimage.data`), re-encoded as JPEG and written",
-        "by `selfpatch_hf.data.sample_photographs.build_sample_dataset`. Columns: `image`, `name`, `license`, `source`.",
+        "by `selfpatch_hf.data.samples.photographs.build_sample_dataset`. Columns: `image`, `name`, `license`, `source`.",
         "",
         "| name | licence | source |",
         "|---|---|---|",

@@ -3,7 +3,7 @@ the offline synthetic set, and a resumable per-process batch order.
 
 - `load_segmentation_splits`: a Hub dataset (`scene_parse_150` is ADE20K: columns `image` / `annotation`, 0 =
   "other", use `reduce_labels`), a local folder of parquet / imagefolder files, or `offline-scenes` (the synthetic
-  set of `selfpatch_hf.data.synthetic_scenes`, built on first use; what `selfpatch eval make-offline-data` writes
+  set of `selfpatch_hf.data.samples.synthetic_scenes`, built on first use; what `selfpatch eval make-offline-data` writes
   under `segmentation/`).
 - `SegmentationBatchSampler`: epoch `e` visits the images in the order `default_rng([seed, e]).permutation`; each
   process takes its own slice of every global batch, and every image is augmented by `default_rng([seed, e, index])`.
@@ -64,7 +64,7 @@ def label_names(spec: str | None, dataset_name: str) -> list[str]:
     if spec == "ade20k":
         return list(ADE20K_CLASSES)
     if spec == OFFLINE_SCENES:
-        from .synthetic_scenes import SEGMENTATION_CLASSES
+        from selfpatch_hf.data.samples.synthetic_scenes import SEGMENTATION_CLASSES
 
         return list(SEGMENTATION_CLASSES)
     path = Path(spec)
@@ -90,7 +90,7 @@ def offline_scenes_path(
 ) -> Path:
     """The synthetic segmentation set under `data_dir/segmentation` (`selfpatch eval make-offline-data`'s layout),
     built atomically on first use (about 10 s for the default 240 + 80 images of 224 x 224)."""
-    from .synthetic_scenes import make_segmentation_dataset
+    from selfpatch_hf.data.samples.synthetic_scenes import make_segmentation_dataset
 
     target = Path(data_dir) / "segmentation"
     if (target / "data").is_dir():

@@ -20,12 +20,12 @@ from transformers import SwinModel, ViTModel
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import PILImageResampling
 
-from .file_permissions import staged_folder
-from .image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
+from selfpatch_hf.atomic_folders import staged_folder
+from selfpatch_hf.image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
 
 if TYPE_CHECKING:
-    from .model_card import BackboneCardInfo
-    from .modeling_selfpatch import SelfPatchForPretraining
+    from selfpatch_hf.hub.cards.backbone import BackboneCardInfo
+    from selfpatch_hf.models.selfpatch.modeling import SelfPatchForPretraining
 
 
 def build_image_processor(size: int | Sequence[int], model_type: str = "vit") -> BaseImageProcessor:
@@ -126,7 +126,7 @@ def export_backbone(
             staging
         )
         if card_info is not None:
-            from .model_card import write_backbone_card
+            from selfpatch_hf.hub.cards.backbone import write_backbone_card
 
             write_backbone_card(staging, card_info)
     return target

@@ -37,7 +37,7 @@ from transformers.models.swin.modeling_swin import SwinEmbeddings
 from transformers.models.vit.modeling_vit import ViTEmbeddings
 from transformers.utils import ModelOutput
 
-from .configuration_selfpatch import SelfPatchConfig
+from selfpatch_hf.models.selfpatch.configuration import SelfPatchConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Model cards of published backbones: what the weights are, where they came from, how they were trained.
 
-The card is rendered from the package's Jinja template (`selfpatch_hf/model_card_template.md`, its only copy) with
+The card is rendered from the package's Jinja template (`selfpatch_hf/hub/cards/backbone_template.md`, its only copy) with
 `huggingface_hub.ModelCard.from_template`, so its YAML metadata (`library_name`, `pipeline_tag`, tags, license,
 datasets, `model-index`) is what the Hub validates. Only Hub dataset ids go into the `datasets` metadata (the Hub
 links them); data that is not on the Hub (local files, the offline sample) is described in the card's body.
@@ -18,8 +18,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-TEMPLATE_NAME = "model_card_template.md"
-# Placeholder of the model id in the card's usage snippet; `selfpatch_hf.hub` replaces it with the repo id it
+TEMPLATE_NAME = "backbone_template.md"
+# Placeholder of the model id in the card's usage snippet; `selfpatch_hf.hub.publishing` replaces it with the repo id it
 # publishes to (a card written at export time cannot know where it will be published).
 REPO_ID_PLACEHOLDER = "<repo-id-or-local-folder>"
 BASE_TAGS = ("selfpatch", "dino", "self-supervised", "vision-transformer", "dense-features")
@@ -122,7 +122,7 @@ class BackboneCardInfo:
     @classmethod
     def from_selfpatch_config(cls, config: Any, **fields: Any) -> BackboneCardInfo:
         """Fills the architecture and method fields from a `SelfPatchConfig`; `fields` add or override the rest."""
-        from .configuration_selfpatch import NUM_GLOBAL_CROPS
+        from selfpatch_hf.models.selfpatch.configuration import NUM_GLOBAL_CROPS
 
         backbone = config.backbone_config
         image_size = backbone.image_size if isinstance(backbone.image_size, int) else backbone.image_size[0]
@@ -170,7 +170,7 @@ class BackboneCardInfo:
 # ----------------------------------------------------------------------------------------------------------- template
 def template_path() -> Path:
     """The card template shipped with the package (the only copy; `model_cards/README.md` shows how to preview it)."""
-    return Path(str(resources.files("selfpatch_hf").joinpath(TEMPLATE_NAME)))
+    return Path(str(resources.files("selfpatch_hf.hub.cards").joinpath(TEMPLATE_NAME)))
 
 
 def _size(value: Any) -> str:

@@ -7,7 +7,7 @@ the file is typed and checked exactly like the same option on the command line. 
 (`key=value` pairs on the command line; a mapping or a list of `key=value` strings in a file) set fields of
 `SelfPatchConfig` or of its backbone's `ViTConfig`; both sources merge, the command line winning.
 
-Mistakes raise `selfpatch_hf.command_line.UsageError` (exit status 2, one line naming the option and the fix).
+Mistakes raise `selfpatch_hf.cli.errors.UsageError` (exit status 2, one line naming the option and the fix).
 Checks the library makes itself (the model configuration, the schedules, the crop recipe, the data loader) are not
 repeated here: the script turns their errors into the same one-line answer.
 
@@ -24,20 +24,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from ..command_line import UsageError
-from .recipes import (
+from selfpatch_hf.cli.errors import UsageError
+from selfpatch_hf.training.arguments.recipe_files import (
     check_no_unresumed_run,
     check_trackers_installed,
     option,
     parse_recipe_and_command_line,
     yaml_problem,
 )
-from .schedules import ScheduleRecipe
+from selfpatch_hf.training.schedules import ScheduleRecipe
 
 if TYPE_CHECKING:
-    from ..configuration_selfpatch import SelfPatchConfig
+    from selfpatch_hf.models.selfpatch.configuration import SelfPatchConfig
 
-# the photographs bundled with scikit-image (selfpatch_hf.data.sample_photographs)
+# the photographs bundled with scikit-image (selfpatch_hf.data.samples.photographs)
 OFFLINE_SAMPLE = "offline-sample"
 IMAGENET_TRAIN_SIZE = 1_281_167
 SCRIPT = "training/pretrain.py"
@@ -374,7 +374,7 @@ def validate_arguments(data_args: DataArguments, training_args: PretrainingArgum
                 "`user-or-org/name`."
             ) from None
     check_trackers_installed(training_args.report_to)
-    from .checkpointing import CHECKPOINTS_DIRNAME  # not needed for --help
+    from selfpatch_hf.training.checkpointing import CHECKPOINTS_DIRNAME  # not needed for --help
 
     checkpoints_dir = Path(output_dir) / CHECKPOINTS_DIRNAME
     resume = training_args.checkpoint_to_resume()

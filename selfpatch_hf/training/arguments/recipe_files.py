@@ -3,7 +3,7 @@
 A script's command line is `[RECIPE.yaml|json] [--option value ...]`. The recipe (a mapping of option: value; YAML
 is a superset of JSON) is turned into command-line tokens, so that every value of the file is typed and checked
 exactly like the same option on the command line; options after it override the file. Mistakes raise
-`selfpatch_hf.command_line.UsageError` (exit status 2, one line naming the file or option and the fix).
+`selfpatch_hf.cli.errors.UsageError` (exit status 2, one line naming the file or option and the fix).
 
 Importing this module loads no torch, transformers, datasets or model code (`HfArgumentParser` is loaded from its
 own file, see `_load_hf_argument_parser`), so that `--help` and argument mistakes answer at once.
@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from ..command_line import UsageError
+from selfpatch_hf.cli.errors import UsageError
 
 
 def _load_hf_argument_parser() -> type:
@@ -177,7 +177,10 @@ def check_no_unresumed_run(
 ) -> None:
     """An `output_dir` that holds checkpoints of a run is continued (`--resume_from_checkpoint`) or started afresh
     (`--overwrite_output_dir`) only when asked: never silently mixed with a new run."""
-    from .checkpointing import CHECKPOINTS_DIRNAME, list_checkpoints  # loads torch: not needed for --help
+    from selfpatch_hf.training.checkpointing import (  # loads torch: not needed for --help
+        CHECKPOINTS_DIRNAME,
+        list_checkpoints,
+    )
 
     checkpoints = list_checkpoints(Path(output_dir) / CHECKPOINTS_DIRNAME)
     if checkpoints and not resume and not overwrite_output_dir:

@@ -5,11 +5,11 @@ export replacing the folder) and queues `create_repo` (once) and then `HfApi.upl
 (one, so that commits reach the Hub in export order). The training loop calls `poll()` now and then: it never blocks
 and never raises; it collects finished uploads, and schedules a retry (exponential back-off) for a failed one unless a
 newer export has been queued since (the newer one carries everything the older one had). Errors that a retry cannot
-fix (an invalid repo id, a refused token, no permission: see `selfpatch_hf.hub_requests.is_permanent_error`) are not
+fix (an invalid repo id, a refused token, no permission: see `selfpatch_hf.hub.request_limits.is_permanent_error`) are not
 retried. `finish(timeout)` at the end of training waits for the uploads, but at most `timeout` seconds and only until
 SIGTERM / Ctrl-C; whatever is not on the Hub by then is reported as `unfinished` with its local copy.
 
-Nothing here waits forever: the requests themselves are bounded by `selfpatch_hf.hub_requests.bound_hub_requests`
+Nothing here waits forever: the requests themselves are bounded by `selfpatch_hf.hub.request_limits.bound_hub_requests`
 (the training script installs it), and the background thread is a daemon, so a request still hanging after the
 final deadline does not keep the process alive.
 
@@ -34,8 +34,8 @@ from typing import Any, Literal
 
 from huggingface_hub import HfApi
 
-from ..hub_requests import check_repo_id, describe_hub_error, is_permanent_error
-from .preemption import StopRequest
+from selfpatch_hf.hub.request_limits import check_repo_id, describe_hub_error, is_permanent_error
+from selfpatch_hf.training.preemption import StopRequest
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Publishing exported backbones (and, optionally, full pretraining checkpoints) to the Hugging Face Hub.
 
-A published backbone is a folder written by `selfpatch_hf.export.export_backbone` or `selfpatch-convert`:
+A published backbone is a folder written by `selfpatch_hf.export.backbone.export_backbone` or `selfpatch-convert`:
 `config.json` of a model type plain `transformers` knows, `model.safetensors`, `preprocessor_config.json` and a
 model card. It goes to the Hub with `HfApi.create_repo(exist_ok=True)` + `HfApi.upload_folder`. The token comes
 from the usual places (`--token`, `HF_TOKEN`, or the one stored by `hf auth login`) and the endpoint from
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .command_line import CommandFailure, HelpFormatter, UsageError, run_command
-from .hub_requests import (
+from selfpatch_hf.cli.errors import CommandFailure, HelpFormatter, UsageError, run_command
+from selfpatch_hf.hub.request_limits import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
     bound_hub_requests,
@@ -116,7 +116,7 @@ def check_backbone_folder(folder: str | Path) -> dict:
     if not (folder / "README.md").is_file():
         raise PublishError(
             f"{folder} has no model card (README.md): export with card_info=BackboneCardInfo(...) or write one with "
-            "selfpatch_hf.model_card.write_backbone_card."
+            "selfpatch_hf.hub.cards.backbone.write_backbone_card."
         )
     return config
 
@@ -145,7 +145,7 @@ def _prepare_card(folder: Path, repo_id: str, pretraining: tuple[str, str | None
     """
     card = folder / "README.md"
     text = card.read_text(encoding="utf-8")
-    from .model_card import REPO_ID_PLACEHOLDER
+    from selfpatch_hf.hub.cards.backbone import REPO_ID_PLACEHOLDER
 
     updated = text.replace(REPO_ID_PLACEHOLDER, repo_id)
     if pretraining is not None and _PRETRAINING_SECTION not in updated:

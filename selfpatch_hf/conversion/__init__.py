@@ -1,0 +1,1 @@
+"""Released reference checkpoints (SelfPatch, DINO, MoBY) converted into transformers folders."""

@@ -1,0 +1,1 @@
+"""Offline data bundled with the package: sample photographs for pretraining, synthetic scenes for evaluation."""

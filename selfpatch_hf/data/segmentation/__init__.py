@@ -1,0 +1,1 @@
+"""Semantic segmentation data: loading image + mask datasets, and the joint augmentation of image and mask."""

@@ -1,0 +1,1 @@
+"""Model cards: one module and one template per kind of published folder."""

@@ -1,0 +1,1 @@
+"""Pretrained backbones as transformers backbones (`BackboneMixin`) and the dense heads built around them."""
