@@ -55,7 +55,6 @@ from selfpatch_hf.data.augmentation import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     MultiCropAugmentation,
-    sample_crop_box,
 )
 from selfpatch_hf.data.batched_photometric import apply_photometric, crops_with_parameters  # noqa: E402
 from selfpatch_hf.data.streaming import build_pretraining_dataloader, decode_image  # noqa: E402
@@ -311,9 +310,8 @@ class OpenCVResizeAugmentation(MultiCropAugmentation):
     """For comparison only: the crop resampled like albumentations' RandomResizedCrop (OpenCV INTER_CUBIC, not
     antialiased when shrinking, not PIL's kernel) instead of PIL-equivalent antialiased bicubic."""
 
-    def _resized_crop(self, source, size, scale, rng):
-        height, width = source.shape[-2:]
-        top, left, crop_height, crop_width = sample_crop_box(rng, width, height, scale, self.ratio)
+    def resize_crop(self, source, box, size):
+        top, left, crop_height, crop_width = box
         pixels = source[0].permute(1, 2, 0).numpy()[top : top + crop_height, left : left + crop_width]
         return cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
 
