@@ -338,7 +338,7 @@ def test_device_crops_resume_exactly_and_reproduce(tmp_path, photos):
 
 def test_a_small_memory_bound_processes_one_image_at_a_time_with_the_same_crops(photos):
     aug = tiny_augmentation()
-    batch = SourceBatch(5)
+    batch = SourceBatch(aug)
     rng = np.random.default_rng(3)
     for index in range(5):
         image = resized(photos[index % 4], 40 + 9 * index, 70 - 5 * index)
@@ -440,7 +440,7 @@ def test_finished_crops_have_the_cpu_paths_statistics(photos, one_torch_thread):
     device = DeviceCrops(aug)
     stats = {"cpu": [], "device": []}
     for first in range(0, 300, 20):
-        batch = SourceBatch(4)
+        batch = SourceBatch(aug)
         for seed in range(first, first + 20):
             image = images[seed % 4]
             batch.add_pixels(image, *bp.sample_crop_parameters(aug, np.random.default_rng([seed, 1]), 72, 56))

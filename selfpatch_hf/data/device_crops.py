@@ -39,13 +39,14 @@ import numpy as np
 import torch
 
 from selfpatch_hf.data.augmentation import MultiCropAugmentation
-from selfpatch_hf.data.batched_photometric import NUM_PARAMETERS, finish_crops
+from selfpatch_hf.data.batched_photometric import NUM_PARAMETERS, finish_crops, sample_crop_parameters
 from selfpatch_hf.data.decoding import (
     ImageDecodeError,
     JpegDecoder,
     JpegHeader,
     decode_image,
     exif_transpose_tensor,
+    read_jpeg_header,
 )
 from selfpatch_hf.data.resampling import FILTER_SUPPORT, resize_crops
 
@@ -60,10 +61,23 @@ PIXELS, JPEG = 0, 1  # kinds: decoded RGB pixels (H, W, 3) in "pixels", or an en
 
 class SourceBatch:
     """The images of one batch as a worker hands them to the training device: encoded JPEGs or decoded RGB pixels,
-    with every crop's box, flip and photometric parameters."""
+    with every crop's box, flip and photometric parameters.
 
-    def __init__(self, num_crops: int):
-        self.num_crops = int(num_crops)
+    `add_image(data, path, rng)` is a worker's whole share per image; `add_jpeg` / `add_pixels` add prepared ones.
+
+    Args:
+        augmentation: the recipe whose crops are drawn.
+        min_size: images whose shorter side is smaller are skipped (`ImageDecodeError` "too_small").
+        jpegs_on_device: keep JPEGs a device decoder takes encoded (else every image is decoded here).
+    """
+
+    def __init__(
+        self, augmentation: MultiCropAugmentation, min_size: int = 16, jpegs_on_device: bool = False
+    ):
+        self.augmentation = augmentation
+        self.num_crops = 2 + augmentation.num_local_crops
+        self.min_size = int(min_size)
+        self.jpegs_on_device = jpegs_on_device
         self._payloads: list[tuple[int, np.ndarray]] = []  # (kind, bytes or pixels)
         self._layout: list[list[int]] = []
         self._draws: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -78,6 +92,25 @@ class SourceBatch:
         self._payloads.append((kind, payload))
         self._layout.append([kind, 0, payload.size, height, width, orientation])
         self._draws.append((boxes, flips, parameters))
+
+    def add_image(self, data: bytes, path: str | None, rng: np.random.Generator) -> None:
+        """Read one image's bytes into the batch with its draws from `rng`: kept encoded when it is a JPEG the device
+        decoder takes (only its header is read), else decoded here as on the CPU path. Raises `ImageDecodeError` for
+        images to skip."""
+        header = read_jpeg_header(data) if self.jpegs_on_device else None
+        if header is None:
+            image = decode_image({"bytes": data, "path": path}, self.min_size)
+            draws = sample_crop_parameters(self.augmentation, rng, image.width, image.height)
+            # read-only view of one copy of the pixels (np.array(image) would copy them twice)
+            pixels = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(image.height, image.width, 3)
+            self.add_pixels(pixels, *draws)
+            return
+        height, width = header.upright_size
+        if min(height, width) < self.min_size:
+            raise ImageDecodeError(
+                "too_small", f"image of {width}x{height} px is smaller than min_size={self.min_size}"
+            )
+        self.add_jpeg(data, header, *sample_crop_parameters(self.augmentation, rng, width, height))
 
     def add_jpeg(
         self, data: bytes, header: JpegHeader, boxes: np.ndarray, flips: np.ndarray, parameters: np.ndarray

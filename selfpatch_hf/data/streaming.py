@@ -67,13 +67,8 @@ import torch
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 
-from selfpatch_hf.data.augmentation import MultiCropAugmentation, to_rgb_array
-from selfpatch_hf.data.batched_photometric import (
-    NUM_PARAMETERS,
-    apply_photometric,
-    crops_with_parameters,
-    sample_crop_parameters,
-)
+from selfpatch_hf.data.augmentation import MultiCropAugmentation
+from selfpatch_hf.data.batched_photometric import NUM_PARAMETERS, apply_photometric, crops_with_parameters
 from selfpatch_hf.data.decoding import (
     SKIP_REASONS,
     ImageDecodeError,
@@ -81,7 +76,6 @@ from selfpatch_hf.data.decoding import (
     decode_image,
     device_jpeg_decoder,
     read_image_bytes,
-    read_jpeg_header,
 )
 from selfpatch_hf.data.device_crops import DeviceCrops, SourceBatch
 from selfpatch_hf.data.sources import (
@@ -260,7 +254,7 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
 
     def _new_batch(self, in_worker: bool) -> _CropBuffers | SourceBatch:
         if self.mode == "device_crops":
-            return SourceBatch(2 + self.augmentation.num_local_crops)
+            return SourceBatch(self.augmentation, self.min_image_size, self.jpegs_on_device)
         return _CropBuffers(self.augmentation, self.batch_size, self.mode == "device", shared=in_worker)
 
     def _add_example(self, batch: _CropBuffers | SourceBatch, value: Any, rng: np.random.Generator) -> None:
@@ -273,20 +267,7 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
             image = decode_image(value, self.min_image_size, self.download_config, self.image_paths)
             batch.add(crops_with_parameters(augmentation, image, rng))
         else:
-            data, path = read_image_bytes(value, self.download_config, self.image_paths)
-            header = read_jpeg_header(data) if self.jpegs_on_device else None
-            if header is None:  # decoded here, exactly as on the other paths
-                image = decode_image({"bytes": data, "path": path}, self.min_image_size)
-                draws = sample_crop_parameters(augmentation, rng, image.width, image.height)
-                batch.add_pixels(to_rgb_array(image), *draws)
-                return
-            height, width = header.upright_size
-            if min(height, width) < self.min_image_size:
-                raise ImageDecodeError(
-                    "too_small",
-                    f"image of {width}x{height} px is smaller than min_size={self.min_image_size}",
-                )
-            batch.add_jpeg(data, header, *sample_crop_parameters(augmentation, rng, width, height))
+            batch.add_image(*read_image_bytes(value, self.download_config, self.image_paths), rng)
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
