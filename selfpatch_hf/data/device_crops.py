@@ -21,7 +21,8 @@ workers and only the crops and resizes move; `selfpatch_hf.data.decoding.device_
 
 Memory: images are processed in groups of similar size whose working set (padded full-resolution images, resampling
 matrices and intermediate rows) stays under `max_working_bytes` (default 1 GiB); a group's full-resolution images are
-freed once its crops are taken, so the device holds at most one group of them, plus the batch's crops.
+freed once its crops are taken, so the device holds at most one group of them, plus the batch's crops. A single
+image whose own working set exceeds the bound (about 50 megapixels at the default) is processed alone.
 `DeviceCrops.last_working_bytes` says how large the largest group of the last batch was.
 
 Failures: a JPEG that the device decoder rejects (it decodes a list all or nothing) is retried alone, then decoded on
@@ -252,6 +253,8 @@ class DeviceCrops:
             batch = self.jpeg_decoder(encoded) if encoded else []
         except Exception:  # one bad file fails the whole list: find it
             batch = None
+        if batch is not None and len(batch) != len(encoded):
+            batch = None
         for index, (data, header) in enumerate(zip(encoded, headers)):
             image = batch[index] if batch is not None else None
             if image is None:
@@ -264,7 +267,7 @@ class DeviceCrops:
                 continue
             # the device decoder refused it: decode it on the host, which also applies the orientation
             try:
-                pixels = np.asarray(decode_image(data.numpy().tobytes(), min_size=1))
+                pixels = np.array(decode_image(data.numpy().tobytes(), min_size=1))
             except ImageDecodeError as error:
                 decoded[index] = error
                 continue
