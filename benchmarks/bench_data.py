@@ -22,6 +22,13 @@ transforms used here are pure Python over PIL and never touch those operators. I
 
     python benchmarks/bench_data.py                      # about a minute on the 2-core CI machine
     python benchmarks/bench_data.py --images 96 --repeats 1   # quick look
+    python benchmarks/bench_data.py --worker-shares-only      # only the worker's CPU time by --augmentation_device
+
+The last table is a worker's CPU time per image (one thread) for each `--augmentation_device`, measured interleaved:
+`workers` (everything), `device` (decode, crops, flips; photometric ops on the GPU), `device_crops` with nvJPEG
+(read the bytes, the JPEG header, draw the crops) and without it (decode in the worker, draw), and the cores a GPU
+needs at 2,000 and 4,000 images/s; then the device's share run on this CPU (a GPU's own figures, and its peak
+memory: benchmarks/device_check.py).
 """
 
 from __future__ import annotations
@@ -55,10 +62,11 @@ from selfpatch_hf.data.augmentation import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     MultiCropAugmentation,
-    sample_crop_box,
 )
 from selfpatch_hf.data.batched_photometric import apply_photometric, crops_with_parameters  # noqa: E402
-from selfpatch_hf.data.streaming import build_pretraining_dataloader, decode_image  # noqa: E402
+from selfpatch_hf.data.decoding import decode_image, read_image_bytes  # noqa: E402
+from selfpatch_hf.data.device_crops import DeviceCrops, SourceBatch  # noqa: E402
+from selfpatch_hf.data.streaming import build_pretraining_dataloader  # noqa: E402
 
 GLOBAL_SCALE, LOCAL_SCALE, NUM_LOCAL = (0.25, 1.0), (0.05, 0.25), 8
 
@@ -311,9 +319,8 @@ class OpenCVResizeAugmentation(MultiCropAugmentation):
     """For comparison only: the crop resampled like albumentations' RandomResizedCrop (OpenCV INTER_CUBIC, not
     antialiased when shrinking, not PIL's kernel) instead of PIL-equivalent antialiased bicubic."""
 
-    def _resized_crop(self, source, size, scale, rng):
-        height, width = source.shape[-2:]
-        top, left, crop_height, crop_width = sample_crop_box(rng, width, height, scale, self.ratio)
+    def resize_crop(self, source, box, size):
+        top, left, crop_height, crop_width = box
         pixels = source[0].permute(1, 2, 0).numpy()[top : top + crop_height, left : left + crop_width]
         return cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
 
@@ -327,19 +334,42 @@ def per_core_ours(jpegs: list[bytes], augmentation_class=MultiCropAugmentation) 
     return len(jpegs) / (time.perf_counter() - start)
 
 
-def worker_share(jpegs: list[bytes], photometric_on_device: bool) -> float:
-    """Images/s of what a DataLoader worker does per image, 1 thread: decode + uint8 crops, with the photometric ops
-    (`augmentation_device="workers"`, normalisation then runs on the training device) or with only their parameters
-    drawn (`augmentation_device="device"`)."""
+# What a DataLoader worker does per image, by `--augmentation_device` (the rows of the worker-share table).
+WORKER_SHARES = {
+    "workers": "decode + crops + photometric ops (`workers`)",
+    "device": "decode + crops + flips + parameters (`device`)",
+    "device_crops": "read bytes + JPEG header + draws (`device_crops`, nvJPEG on the GPU)",
+    "device_crops_host_decode": "decode + draws (`device_crops`, no nvJPEG: decoded in the worker)",
+    "decode": "(decode alone, for reference)",
+}
+
+
+def worker_share(jpegs: list[bytes], share: str, batch_size: int = 32) -> float:
+    """CPU seconds per image (one thread) of what a DataLoader worker does per image in `share` (`WORKER_SHARES`):
+    the stream's own per-example calls, from the raw column value to what the worker hands over (for
+    `device_crops`, the batch's tensors in shared memory)."""
     augmentation = MultiCropAugmentation(224, 96, NUM_LOCAL, GLOBAL_SCALE, LOCAL_SCALE)
-    start = time.perf_counter()
-    for index, data in enumerate(jpegs):
-        if photometric_on_device:
-            crops = crops_with_parameters(augmentation, decode_image(data), index)
+    values = [{"bytes": data, "path": None} for data in jpegs]
+    batch = None
+    start = time.process_time()
+    for index, value in enumerate(values):
+        rng = np.random.default_rng([0, 0, 0, 0, index])
+        if share == "workers":
+            crops = augmentation.crops_uint8(decode_image(value), rng)
+        elif share == "device":
+            crops = crops_with_parameters(augmentation, decode_image(value), rng)
+        elif share == "decode":
+            crops = np.asarray(decode_image(value))
         else:
-            crops = augmentation.crops_uint8(decode_image(data), index)
-    assert crops[0].shape == (2, 224, 224, 3)
-    return len(jpegs) / (time.perf_counter() - start)
+            if batch is None:
+                batch = SourceBatch(augmentation, jpegs_on_device=share == "device_crops")
+            batch.add_image(*read_image_bytes(value), rng)
+            if len(batch) == batch_size or index == len(values) - 1:
+                crops = batch.tensors(shared=True)
+                batch = None
+    seconds = time.process_time() - start
+    assert crops is not None
+    return seconds / len(values)
 
 
 def device_share_on_cpu(jpegs: list[bytes], batch_size: int) -> float:
@@ -358,6 +388,25 @@ def device_share_on_cpu(jpegs: list[bytes], batch_size: int) -> float:
             views = parameters[:, :2] if position == 0 else parameters[:, 2:]
             apply_photometric(torch.from_numpy(crops), views, IMAGENET_MEAN, IMAGENET_STD)
     return (len(items) // batch_size * batch_size) / (time.perf_counter() - start)
+
+
+def device_crops_on_cpu(jpegs: list[bytes], batch_size: int) -> tuple[float, int]:
+    """Images/s of `DeviceCrops` (crops, resizes, flips, photometric ops) on CPU tensors, 1 thread, and the largest
+    working set of a batch in bytes (`DeviceCrops.last_working_bytes`; device_check.py measures the GPU's peak)."""
+    augmentation = MultiCropAugmentation(224, 96, NUM_LOCAL, GLOBAL_SCALE, LOCAL_SCALE)
+    batches = []
+    for first in range(0, len(jpegs) - batch_size + 1, batch_size):
+        batch = SourceBatch(augmentation)
+        for index in range(first, first + batch_size):
+            batch.add_image(jpegs[index], None, np.random.default_rng(index))
+        batches.append(batch.tensors())
+    device_crops = DeviceCrops(augmentation)
+    working = 0
+    start = time.perf_counter()
+    for sources in batches:
+        device_crops(sources)
+        working = max(working, device_crops.last_working_bytes)
+    return len(batches) * batch_size / (time.perf_counter() - start), working
 
 
 def per_core_reference(jpegs: list[bytes], recipe) -> float:
@@ -426,6 +475,47 @@ def end_to_end_reference(parquet_dir: Path, batch_size: int, recipe, epoch: int)
     return _timed_epoch(loader)
 
 
+def print_worker_shares(
+    shares: dict[str, list[float]], device_rates: dict[str, list], batch_size: int
+) -> None:
+    print(
+        "CPU time per image of a data worker (1 thread, process CPU time), by --augmentation_device; cores a GPU "
+        "needs at this rate:"
+    )
+    print(
+        "| worker share | ms per image (median) | img/s per core | cores for 2,000 img/s | cores for 4,000 img/s |"
+    )
+    print("|---|---|---|---|---|")
+    for share, seconds in shares.items():
+        median = statistics.median(seconds)
+        rate = 1.0 / median
+        print(
+            f"| {WORKER_SHARES[share]} | {1000 * median:.2f} | {rate:.0f} | {2000 / rate:.2f} | {4000 / rate:.2f} |"
+        )
+    decode = statistics.median(shares["decode"])
+    read = statistics.median(shares["device_crops"])
+    host = statistics.median(shares["device_crops_host_decode"])
+    print(
+        f"goal (issue 21): `device_crops` worker share <= 0.5 ms with nvJPEG: {1000 * read:.2f} ms "
+        f"({'met' if read <= 5e-4 else 'NOT met'}); without it, decode + 0.5 ms: {1000 * host:.2f} ms vs decode "
+        f"{1000 * decode:.2f} ms + 0.5 ({'met' if host <= decode + 5e-4 else 'NOT met'})"
+    )
+    print()
+    print(
+        f"The device's share run on this CPU instead (1 thread, batch {batch_size}; a GPU's share costs the host nothing):"
+    )
+    print("| device share | img/s (median) | ms per image | working set per batch |")
+    print("|---|---|---|---|")
+    rate = statistics.median(device_rates["photometric"])
+    print(f"| photometric ops + normalisation (`device`) | {rate:.1f} | {1000 / rate:.2f} | - |")
+    rate = statistics.median(rate for rate, _ in device_rates["device_crops"])
+    working = max(bytes_ for _, bytes_ in device_rates["device_crops"])
+    print(
+        f"| crops + resizes + flips + photometric ops (`device_crops`, decoded pixels in) | {rate:.1f} | "
+        f"{1000 / rate:.2f} | {working / 2**20:.0f} MiB (computed; GPU peak: device_check.py) |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=160, help="JPEGs for the per-core measurement")
@@ -436,17 +526,46 @@ def main() -> None:
     parser.add_argument("--torchvision-dir", help="an unpacked torchvision wheel to import")
     parser.add_argument("--no-torchvision-download", action="store_true")
     parser.add_argument(
+        "--worker-shares-only",
+        action="store_true",
+        help="only the CPU cost of a worker by --augmentation_device (and the device share run on this CPU)",
+    )
+    parser.add_argument(
         "--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "selfpatch_hf", "bench")
     )
     args = parser.parse_args()
+    if min(args.images, args.loader_images, args.batch_size, args.repeats) < 1:
+        parser.error("--images, --loader-images, --batch-size and --repeats must be >= 1")
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
     datasets.disable_progress_bars()
+    load_before = os.getloadavg()[0]
+    shares: dict[str, list[float]] = {share: [] for share in WORKER_SHARES}
+    device_rates: dict[str, list] = {"photometric": [], "device_crops": []}
+
+    def measure_shares(jpegs: list[bytes]) -> None:
+        for share in shares:  # interleaved: each round measures every share once
+            shares[share].append(worker_share(jpegs, share, args.batch_size))
+        device_rates["photometric"].append(device_share_on_cpu(jpegs, args.batch_size))
+        device_rates["device_crops"].append(device_crops_on_cpu(jpegs, args.batch_size))
+
+    if args.worker_shares_only:
+        jpegs = make_jpegs(args.images)
+        print(f"{args.images} JPEGs 500x375, 2x224 + {NUM_LOCAL}x96 crops; torch {torch.__version__}")
+        for repeat in range(args.repeats):
+            measure_shares(jpegs)
+            print(
+                f"  round {repeat + 1}: " + ", ".join(f"{k} {1000 * v[-1]:.2f} ms" for k, v in shares.items())
+            )
+        print(f"machine load average (1 min) at start / end: {load_before:.1f} / {os.getloadavg()[0]:.1f}")
+        print()
+        print_worker_shares(shares, device_rates, args.batch_size)
+        return
+
     cache_dir = Path(args.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-
     recipe, reference_name = None, "PIL + torch re-implementation of the torchvision recipe"
     if args.reference == "torchvision":
         tv, description = load_torchvision(cache_dir, args.torchvision_dir, not args.no_torchvision_download)
@@ -457,7 +576,6 @@ def main() -> None:
     if recipe is None:
         recipe = pil_recipe()
 
-    load_before = os.getloadavg()[0]
     jpegs = make_jpegs(max(args.images, args.loader_images))
     print(f"reference: {reference_name}")
     print(
@@ -468,16 +586,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         parquet_dir = write_parquet(jpegs[: args.loader_images], Path(tmp) / "parquet")
         ours_core, ref_core, ours_e2e, ref_e2e, opencv_core = [], [], [], [], []
-        worker_cpu, worker_device, device_on_cpu = [], [], []
         for repeat in range(args.repeats):
             ours_core.append(per_core_ours(jpegs[: args.images]))
             ref_core.append(per_core_reference(jpegs[: args.images], recipe))
             opencv_core.append(per_core_ours(jpegs[: args.images], OpenCVResizeAugmentation))
             ours_e2e.append(end_to_end_ours(parquet_dir, args.batch_size, repeat)[0])
             ref_e2e.append(end_to_end_reference(parquet_dir, args.batch_size, recipe, repeat)[0])
-            worker_cpu.append(worker_share(jpegs[: args.images], photometric_on_device=False))
-            worker_device.append(worker_share(jpegs[: args.images], photometric_on_device=True))
-            device_on_cpu.append(device_share_on_cpu(jpegs[: args.images], args.batch_size))
+            measure_shares(jpegs[: args.images])
             print(
                 f"  round {repeat + 1}: per-core ours {ours_core[-1]:.1f} ref {ref_core[-1]:.1f} img/s; "
                 f"2 workers ours {ours_e2e[-1]:.1f} ref {ref_e2e[-1]:.1f} img/s"
@@ -500,21 +615,7 @@ def main() -> None:
     print(row(f"parquet stream, 2 workers, batch {args.batch_size}", ours_e2e, ref_e2e))
     print(row("(not used) same, crops resized by OpenCV INTER_CUBIC, 1 thread", opencv_core, ref_core))
     print()
-    print(
-        "CPU cost per image of a data worker (1 thread), by where the photometric ops run (--augmentation_device):"
-    )
-    print("| worker share | img/s (median) | ms per image | cores for 2,000 img/s |")
-    print("|---|---|---|---|")
-    for name, rates in (
-        ("decode + crops + photometric ops (`workers`)", worker_cpu),
-        ("decode + crops + flips + parameters (`device`)", worker_device),
-    ):
-        rate = statistics.median(rates)
-        print(f"| {name} | {rate:.1f} | {1000 / rate:.2f} | {2000 / rate:.1f} |")
-    rate = statistics.median(device_on_cpu)
-    print(
-        f"| (device share run on this CPU instead, batch {args.batch_size}) | {rate:.1f} | {1000 / rate:.2f} | - |"
-    )
+    print_worker_shares(shares, device_rates, args.batch_size)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,24 @@ bad arguments). Sections:
    bf16 and fp16 autocast losses vs fp32, one optimiser step per precision (fp16 with a loss scaler) stays finite;
    the SDPA kernels that accept the backbone's attention;
 2. model: ViT-S/16, 2 x 224 + 8 x 96 crops, per-device batch 64 (`--batch`): SelfPatch and plain-DINO step time,
-   images/s and peak memory in fp32 (TF32), bf16 and bf16 + torch.compile; the SelfPatch/DINO ratio; achieved
-   TFLOP/s from the step's multiply-accumulate count (`benchmarks/bench_model_step.py`) and its fraction of the
-   device's measured matmul peak in that precision;
-3. data: images/s of `build_pretraining_dataloader` with as many workers as cores on synthetic 500x375 JPEG
-   shards, photometric ops in the workers and on the device (`augmentation_device`), against the bf16 SelfPatch
-   step's images/s: the cores per GPU that feeding it takes;
+   images/s and peak memory in bf16, fp32 (TF32) and bf16 + torch.compile; the SelfPatch/DINO ratio; achieved
+   TFLOP/s from the step's multiply-accumulate count (`benchmarks/bench_model_step.py`) as a fraction of both the
+   vendor's dense bf16 peak for the device found (`DENSE_BF16_PEAK_TFLOPS`, a table of known devices) and the matmul
+   peak this script measures on it;
+3. data: the device share of `augmentation_device="device_crops"` alone on one batch (nvJPEG decode where
+   torchvision is there, crops, resizes, photometric ops: images/s, peak device memory, its share of the bf16 step)
+   and the bf16 step with it in front; then images/s of `build_pretraining_dataloader` with as many workers as cores
+   on synthetic 500x375 JPEG shards for each `augmentation_device` (workers, device, device_crops), against the
+   fastest SelfPatch step's images/s: the cores per GPU that feeding it takes;
 4. pretrain: `training/pretrain.py` on the demo recipe with `--mixed_precision bf16` for 20 steps with checkpoints,
-   a resumed run to 24 steps, and the exported backbone loaded with `AutoModel` and run on the device.
+   a run resumed to 24 steps with `--augmentation_device device_crops`, and the exported backbone loaded with
+   `AutoModel` and run on the device.
+
+After the table it prints a verdict for each GPU goal of BENCHMARKS.md (bf16 SelfPatch step >= 40% of the dense
+peak; SelfPatch/DINO <= 1.2; loader cores per GPU <= 8; device augmentation < 10% of a step): PASS, FAIL, or "not
+measured" with the reason (CPU mode, a missing package, a benchmark skipped for time). Each section stops starting
+benchmarks once its share of `--budget` is spent (model: half, data: three quarters), and every benchmark skipped
+that way is printed as skipped, so a slow section never silently starves the next ones.
 
 The CPU mode runs the same code with tiny sizes (a 2-layer model, a batch of 2, 2 pretraining steps), skips
 compilation (tested in tests/test_gpu_training.py) and fp16/bf16 speed (CPU paths stay fp32); CI runs it
@@ -59,6 +69,37 @@ SECTION_PACKAGES = {
 }
 PIP_NAMES = {"cv2": "opencv-python-headless", "skimage": "scikit-image", "yaml": "pyyaml"}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Shares of --budget after which a section starts no new benchmark (each skipped one is reported, with why), so that
+# a slow model section cannot silently starve the data and pretraining sections.
+MODEL_BUDGET_SHARE = 0.5
+DATA_BUDGET_SHARE = 0.75
+# Vendors' dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by a part of the name torch reports; the first match
+# wins, so the longer names come first ("H100 NVL" before "H100", "L40S" before "L4", "A100" before "A10").
+DENSE_BF16_PEAK_TFLOPS = (
+    ("GH200", 989.0),
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 6000 Ada", 364.0),
+    ("RTX A6000", 155.0),
+    ("4090", 165.0),
+)
+# The goals of BENCHMARKS.md's GPU section, each judged from this run's figures.
+GOAL_FRACTION_OF_PEAK = 0.40  # bf16 SelfPatch step, of the dense bf16 peak
+GOAL_SELFPATCH_OVER_DINO = 1.2  # bf16 step-time ratio
+GOAL_LOADER_CORES = 8.0  # data-loader cores per GPU for the bf16 step's images/s
+GOAL_AUGMENTATION_SHARE = 0.10  # device time of the device-side augmentation, of a bf16 step
 # Tolerances of the correctness checks (relative, on the loss):
 DEVICE_VS_CPU_RTOL = 1e-4  # fp32 on both (TF32 off): summation order only
 AUTOCAST_RTOL = 0.02  # bf16 / fp16 autocast vs fp32 on the same weights and crops (bf16: 8-bit mantissa)
@@ -144,6 +185,14 @@ def environment(device: torch.device) -> dict:
         except Exception:
             info[package] = None
     return info
+
+
+def vendor_peak_tflops(device_name: str) -> tuple[float | None, str]:
+    """(dense bf16 peak in TFLOP/s, the table entry it came from) for a device name, or (None, why)."""
+    for part, tflops in DENSE_BF16_PEAK_TFLOPS:
+        if part.lower() in device_name.lower():
+            return tflops, part
+    return None, f"{device_name!r} is not in the table of known devices"
 
 
 def missing_packages(section: str) -> list[str]:
@@ -340,7 +389,8 @@ def build_model(shapes: dict, variant: str, attn: str = "sdpa"):
     return SelfPatchViTForPretraining(config).train()
 
 
-def make_step(model, shapes: dict, device: torch.device, precision: str):
+def make_step(model, shapes: dict, device: torch.device, precision: str, crops=None):
+    """One optimiser step on fixed random crops, or on `crops()` (a callable returning `(global, local)`) each step."""
     from selfpatch_hf.training.cuda_setup import adamw_kwargs
     from selfpatch_hf.training.optimization import build_param_groups
 
@@ -355,8 +405,9 @@ def make_step(model, shapes: dict, device: torch.device, precision: str):
     )
 
     def step():
+        views = crops() if crops is not None else (global_crops, local_crops)
         with autocast(device, precision):
-            loss = model(global_crops, local_crops).loss
+            loss = model(*views).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -427,7 +478,8 @@ def section_model(report: Report, device: torch.device, args, results: dict) -> 
 
     shapes = model_shapes(args)
     images = shapes["batch"]
-    precisions = ["fp32"] if args.cpu_mode else ["fp32", "bf16", "bf16+compile"]
+    # bf16 first (the goals are judged in bf16), compilation last (it takes the longest)
+    precisions = ["fp32"] if args.cpu_mode else ["bf16", "fp32", "bf16+compile"]
     matmul_size = 512 if args.cpu_mode else 8192
     peaks = {"fp32": peak_matmul_macs(device, torch.float32, matmul_size)}
     with tf32(True):
@@ -437,16 +489,40 @@ def section_model(report: Report, device: torch.device, args, results: dict) -> 
     if "bf16" in precisions:
         peaks["bf16"] = peak_matmul_macs(device, torch.bfloat16, matmul_size)
     for name, macs in peaks.items():
-        report.add("model", f"matmul peak {name} ({matmul_size}^3)", 2 * macs / 1e12, "TFLOP/s")
-    step_seconds = {}
-    for variant in ("selfpatch", "dino"):
-        macs = step_macs(shapes, variant, device)
         report.add(
-            "model", f"{variant} step multiply-accumulates", macs / 1e9, "GMAC", note=f"batch {images}"
+            "model", f"matmul peak {name} ({matmul_size}^3)", 2 * macs / 1e12, "TFLOP/s", note="measured"
         )
-        for precision in precisions:
-            if time.perf_counter() - args.started > args.budget:
-                report.add("model", f"{variant} {precision} step", None, "", "skipped", "time budget spent")
+    vendor_tflops, vendor_entry = vendor_peak_tflops(results["environment"]["device_name"])
+    if device.type == "cuda":
+        report.add(
+            "model",
+            "vendor dense bf16 peak",
+            vendor_tflops,
+            "TFLOP/s",
+            note=f"table entry {vendor_entry!r}" if vendor_tflops else vendor_entry,
+        )
+    results["vendor_bf16_peak_tflops"] = vendor_tflops if device.type == "cuda" else None
+    results["measured_bf16_matmul_tflops"] = 2 * peaks["bf16"] / 1e12 if "bf16" in peaks else None
+    macs = {}
+    for variant in ("selfpatch", "dino"):
+        macs[variant] = step_macs(shapes, variant, device)
+        report.add(
+            "model",
+            f"{variant} step multiply-accumulates",
+            macs[variant] / 1e9,
+            "GMAC",
+            note=f"batch {images}",
+        )
+    deadline = args.started + args.budget * MODEL_BUDGET_SHARE
+    step_seconds = {}
+    for precision in precisions:
+        for variant in ("selfpatch", "dino"):
+            label = f"{variant} {precision}"
+            if time.perf_counter() > deadline:
+                report.add(
+                    "model", f"{label} step", None, "", "skipped",
+                    f"the model section's share of --budget ({MODEL_BUDGET_SHARE:.0%} of {args.budget:.0f} s) is spent",
+                )  # fmt: skip
                 continue
             model = build_model(shapes, variant).to(device)
             compiled = precision.endswith("+compile")
@@ -459,16 +535,21 @@ def section_model(report: Report, device: torch.device, args, results: dict) -> 
                 seconds, peak_memory = timed_steps(
                     step, device, args.warmup + (2 if compiled else 0), args.steps
                 )
-            label = f"{variant} {precision}"
             step_seconds[label] = seconds
             peak = peaks["tf32" if precision == "fp32" else "bf16"]
+            flops = 2 * macs[variant] / seconds
+            of_vendor = (
+                f" = {flops / 1e12 / vendor_tflops:.1%} of the vendor's dense bf16 peak"
+                if vendor_tflops and precision != "fp32"
+                else ""
+            )
             report.add(
                 "model",
                 f"{label} step",
                 seconds * 1e3,
                 "ms",
-                note=f"{images / seconds:.1f} images/s; {2 * macs / seconds / 1e12:.3g} TFLOP/s = "
-                f"{macs / seconds / peak:.1%} of the measured peak; peak memory "
+                note=f"{images / seconds:.1f} images/s; {flops / 1e12:.3g} TFLOP/s = "
+                f"{macs[variant] / seconds / peak:.1%} of the measured matmul{of_vendor}; peak memory "
                 + (f"{peak_memory:.2f} GiB" if peak_memory is not None else "n/a on CPU")
                 + f"; {time.perf_counter() - start:.0f} s with warm-up",
             )
@@ -483,8 +564,9 @@ def section_model(report: Report, device: torch.device, args, results: dict) -> 
             results[label] = {
                 "step_seconds": seconds,
                 "images_per_second": images / seconds,
-                "tflops": 2 * macs / seconds / 1e12,
-                "fraction_of_peak": macs / seconds / peak,
+                "tflops": flops / 1e12,
+                "fraction_of_peak": macs[variant] / seconds / peak,
+                "fraction_of_vendor_peak": flops / 1e12 / vendor_tflops if vendor_tflops else None,
                 "peak_memory_gib": peak_memory,
             }
             del model, step
@@ -500,7 +582,98 @@ def section_model(report: Report, device: torch.device, args, results: dict) -> 
         results[f"ratio {precision}"] = ratio
 
 
+def fastest_step(results: dict) -> str | None:
+    """The label of the fastest measured SelfPatch step: the rate the data path has to feed."""
+    labels = [
+        label for label in ("selfpatch bf16+compile", "selfpatch bf16", "selfpatch fp32") if label in results
+    ]
+    return max(labels, key=lambda label: results[label]["images_per_second"]) if labels else None
+
+
 # ------------------------------------------------------------------------------------------------ 3. data path
+
+
+def device_augmentation(
+    report: Report, device: torch.device, args, results: dict, jpegs: list[bytes]
+) -> None:
+    """`augmentation_device="device_crops"`'s device share alone on one batch (decode where nvJPEG is available,
+    crops, resizes, photometric ops): images/s, peak device memory, and its share of a bf16 SelfPatch step; then that
+    step with the augmentation in front of it."""
+    import numpy as np
+
+    from selfpatch_hf.data.augmentation import MultiCropAugmentation
+    from selfpatch_hf.data.decoding import device_jpeg_decoder
+    from selfpatch_hf.data.device_crops import DeviceCrops, SourceBatch
+
+    shapes = model_shapes(args)
+    batch = shapes["batch"]
+    augmentation = MultiCropAugmentation(shapes["global"], shapes["local"], shapes["num_local"])
+    decoder = device_jpeg_decoder(device)
+    sources = SourceBatch(augmentation, jpegs_on_device=decoder is not None)
+    for index in range(batch):
+        sources.add_image(jpegs[index % len(jpegs)], None, np.random.default_rng(index))
+    sources = sources.tensors()
+    if device.type == "cuda":
+        sources = {name: tensor.pin_memory() for name, tensor in sources.items()}
+    crops = DeviceCrops(augmentation, device, decoder)
+    for _ in range(2):
+        output = crops(sources)
+    synchronize(device)
+    if device.type == "cuda":
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        output = crops(sources)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20 if device.type == "cuda" else None
+    decoded_by = "nvJPEG on the device" if decoder is not None else "JPEGs decoded in the workers"
+    report.add(
+        "data",
+        "device augmentation alone (device_crops)",
+        batch / seconds,
+        "images/s",
+        note=f"batch {batch}, {decoded_by}; peak device memory "
+        + (
+            f"{peak:.0f} MiB"
+            if peak is not None
+            else f"n/a on CPU (working set {crops.last_working_bytes / 2**20:.0f} MiB)"
+        ),
+    )
+    entry = {"images_per_second": batch / seconds, "seconds_per_batch": seconds, "peak_memory_mib": peak}
+    entry["nvjpeg"] = decoder is not None
+    results["device augmentation"] = entry
+    if output.global_crops.shape[0] != batch or output.dropped:
+        report.add("data", "device augmentation kept every image", len(output.dropped), "dropped", "FAIL")
+
+    if time.perf_counter() > args.started + args.budget * DATA_BUDGET_SHARE:
+        report.add(
+            "data", "SelfPatch step with the device augmentation", None, "", "skipped", "time budget spent"
+        )
+        return
+    precision = "fp32" if args.cpu_mode else "bf16"
+    model = build_model(shapes, "selfpatch").to(device)
+
+    def augmented_crops():
+        output = crops(sources)
+        return output.global_crops, output.local_crops
+
+    step = make_step(model, shapes, device, precision, crops=augmented_crops)
+    with tf32(True):
+        step_seconds, _ = timed_steps(step, device, args.warmup, args.steps)
+    label = f"selfpatch {precision}"
+    note = f"{batch / step_seconds:.1f} images/s"
+    if label in results:
+        bare = results[label]["step_seconds"]
+        share = seconds / bare
+        entry["share_of_step"] = share
+        note += f"; the augmentation alone is {share:.1%} of the bare {label} step (goal < 10%)"
+    report.add("data", f"{label} step with the device augmentation", step_seconds * 1e3, "ms", note=note)
+    entry["step_with_augmentation_seconds"] = step_seconds
+    del model, step
 
 
 def section_data(report: Report, device: torch.device, args, results: dict) -> None:
@@ -517,10 +690,19 @@ def section_data(report: Report, device: torch.device, args, results: dict) -> N
     unique = 32 if args.cpu_mode else 512
     repeats = 2 if args.cpu_mode else 8
     batch = 8 if args.cpu_mode else 64
+    deadline = args.started + args.budget * DATA_BUDGET_SHARE
+    jpegs = make_jpegs(unique)
+    device_augmentation(report, device, args, results, jpegs)
     with tempfile.TemporaryDirectory() as directory:
-        jpegs = make_jpegs(unique) * repeats
-        shards = write_parquet(jpegs, Path(directory) / "shards", num_shards=max(4, 2 * workers))
-        for mode in ("workers", "device"):
+        shards = write_parquet(jpegs * repeats, Path(directory) / "shards", num_shards=max(4, 2 * workers))
+        for mode in ("workers", "device", "device_crops"):
+            label = f"loader, augmentation_device={mode}"
+            if time.perf_counter() > deadline:
+                report.add(
+                    "data", label, None, "", "skipped",
+                    f"the data section's share of --budget ({DATA_BUDGET_SHARE:.0%} of {args.budget:.0f} s) is spent",
+                )  # fmt: skip
+                continue
             loader = build_pretraining_dataloader(
                 str(shards / "*.parquet"),
                 batch_size=batch,
@@ -537,18 +719,77 @@ def section_data(report: Report, device: torch.device, args, results: dict) -> N
                     first = time.perf_counter()
                 else:
                     count += crops.global_crops.shape[0]
+                if count and time.perf_counter() - first > args.data_seconds:
+                    break
             seconds = time.perf_counter() - first
             rate = count / seconds
             per_core = rate / workers
             results[f"data {mode}"] = {"images_per_second": rate, "workers": workers, "per_worker": per_core}
             note = f"{workers} workers, {per_core:.1f} images/s per worker"
-            step_label = "selfpatch bf16+compile" if "selfpatch bf16+compile" in results else "selfpatch fp32"
-            if step_label in results:
+            step_label = fastest_step(results)
+            if step_label is not None:
                 needed = results[step_label]["images_per_second"] / per_core
                 results[f"data {mode}"]["cores_per_device"] = needed
                 note += f"; the {step_label} step ({results[step_label]['images_per_second']:.0f} images/s) needs "
                 note += f"{needed:.1f} cores"
-            report.add("data", f"loader, photometric ops in {mode}", rate, "images/s", note=note)
+            report.add("data", label, rate, "images/s", note=note)
+
+
+# ------------------------------------------------------------------------------------------------ verdicts
+
+
+def verdicts(report: Report, results: dict, args) -> list[dict]:
+    """Pass / fail / not measured for each GPU goal of BENCHMARKS.md, from this run's figures."""
+    skipped = {row.section: row.note for row in report.rows if row.status == "skipped"}
+    out = []
+
+    def verdict(goal: str, value: float | None, passed: bool | None, detail: str, missing: str) -> None:
+        if args.cpu_mode:
+            status, value, detail = "not measured", None, "CPU mode: the goals are for a GPU"
+        elif value is None:
+            status, detail = "not measured", missing
+        else:
+            status = "PASS" if passed else "FAIL"
+        out.append({"goal": goal, "status": status, "value": value, "detail": detail})
+
+    best = next((label for label in ("selfpatch bf16+compile", "selfpatch bf16") if label in results), None)
+    vendor = results.get("vendor_bf16_peak_tflops")
+    measured = results.get("measured_bf16_matmul_tflops")
+    if best is not None and (vendor or measured):
+        peak, source = (vendor, "vendor dense bf16 peak") if vendor else (measured, "measured bf16 matmul")
+        fraction = results[best]["tflops"] / peak
+        detail = f"{best}: {results[best]['tflops']:.0f} TFLOP/s of the {source} {peak:.0f}"
+        if vendor and measured:
+            detail += f" ({results[best]['tflops'] / measured:.0%} of the measured matmul {measured:.0f})"
+        verdict(f"bf16 SelfPatch step >= {GOAL_FRACTION_OF_PEAK:.0%} of the dense peak", fraction,
+                fraction >= GOAL_FRACTION_OF_PEAK, detail, "")  # fmt: skip
+    else:
+        verdict(f"bf16 SelfPatch step >= {GOAL_FRACTION_OF_PEAK:.0%} of the dense peak", None, None, "",
+                "no bf16 SelfPatch step was timed" + (f" ({skipped['model']})" if "model" in skipped else ""))  # fmt: skip
+    ratio_label = next((f"ratio {p}" for p in ("bf16+compile", "bf16") if f"ratio {p}" in results), None)
+    ratio = results.get(ratio_label) if ratio_label else None
+    verdict(f"SelfPatch / DINO step time <= {GOAL_SELFPATCH_OVER_DINO}", ratio,
+            ratio is not None and ratio <= GOAL_SELFPATCH_OVER_DINO, ratio_label or "",
+            "both bf16 steps are needed" + (f" ({skipped['model']})" if "model" in skipped else ""))  # fmt: skip
+    loaders = {
+        k: v["cores_per_device"]
+        for k, v in results.items()
+        if k.startswith("data ") and "cores_per_device" in v
+    }
+    if loaders and best is not None:
+        mode, cores = min(loaders.items(), key=lambda item: item[1])
+        detail = ", ".join(f"{k.removeprefix('data ')} {v:.1f}" for k, v in loaders.items())
+        verdict(f"loader cores per GPU <= {GOAL_LOADER_CORES:g}", cores, cores <= GOAL_LOADER_CORES,
+                f"best {mode.removeprefix('data ')}; cores per mode: {detail}", "")  # fmt: skip
+    else:
+        why = "needs a loader rate and a bf16 step rate"
+        why += "".join(f" ({skipped[s]})" for s in ("model", "data") if s in skipped)
+        verdict(f"loader cores per GPU <= {GOAL_LOADER_CORES:g}", None, None, "", why)
+    share = results.get("device augmentation", {}).get("share_of_step")
+    verdict(f"device augmentation < {GOAL_AUGMENTATION_SHARE:.0%} of a bf16 step", share,
+            share is not None and share < GOAL_AUGMENTATION_SHARE, "device_crops, one batch",
+            "needs the device augmentation and the bare bf16 step")  # fmt: skip
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ 4. pretraining run
@@ -581,14 +822,14 @@ def section_pretrain(report: Report, device: torch.device, args, results: dict) 
             ["--max_steps", str(first), "--checkpointing_steps", str(every), "--overwrite_output_dir"],
         ),
         (
-            f"resume to {second}, photometric ops on the device, export",
+            f"resume to {second}, decode + crops + photometric ops on the device, export",
             [
                 "--max_steps",
                 str(second),
                 "--resume_from_checkpoint",
                 "latest",
                 "--augmentation_device",
-                "device",
+                "device_crops",
             ],
         ),
     ):
@@ -652,6 +893,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--data-workers", type=int, default=None, help="loader workers (default: all cores)")
     parser.add_argument("--pretrain-timeout", type=float, default=240.0, help="seconds per pretraining run")
+    parser.add_argument(
+        "--data-seconds",
+        type=float,
+        default=None,
+        help="steady-state seconds timed per loader mode (8; CPU 2)",
+    )
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument(
         "--budget",
@@ -660,9 +907,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds after which the remaining benchmarks are skipped (reported as such), to stay under 6 min",
     )
     args = parser.parse_args(argv)
+    for name in ("batch", "steps", "data_workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("warmup", "budget", "pretrain_timeout", "data_seconds"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < math.inf:  # also NaN
+            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     args.cpu_mode = args.cpu or not torch.cuda.is_available()
     args.steps = args.steps or (2 if args.cpu_mode else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu_mode else 3)
+    args.data_seconds = (
+        args.data_seconds if args.data_seconds is not None else (2.0 if args.cpu_mode else 8.0)
+    )
     return args
 
 
@@ -715,8 +973,19 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault("tracebacks", {})[section] = traceback.format_exc()
     failed = any(row.status == "FAIL" for row in report.rows)
     skipped = {f"{row.section} ({row.note})" for row in report.rows if row.status == "skipped"}
+    goals = verdicts(report, results, args)
+    print("\ngoals (BENCHMARKS.md, GPU path):", flush=True)
+    for goal in goals:
+        value = "" if goal["value"] is None else f" {_fmt(goal['value'])}"
+        print(f"  [{goal['status']:>12}] {goal['goal']}:{value} {goal['detail']}", flush=True)
     elapsed = time.perf_counter() - started
-    payload = {**asdict(report), "results": results, "seconds": elapsed, "passed": not failed}
+    payload = {
+        **asdict(report),
+        "results": results,
+        "verdicts": goals,
+        "seconds": elapsed,
+        "passed": not failed,
+    }
     Path(args.output).write_text(json.dumps(payload, indent=2, default=str))
     print(f"\n{'FAILED' if failed else 'passed'} in {elapsed:.0f} s; report in {args.output}", flush=True)
     if skipped:

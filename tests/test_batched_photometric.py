@@ -25,6 +25,7 @@ from selfpatch_hf.data.augmentation import (
     IMAGENET_STD,
     MultiCropAugmentation,
     pil_gaussian_kernel_1d,
+    sample_crop_box,
 )
 
 
@@ -295,8 +296,9 @@ def test_same_seed_same_crops_and_parameters(photo):
     # the crops are the CPU path's resized crops, drawn first from the image's generator, then flipped as drawn
     rng = np.random.default_rng(7)
     source = torch.from_numpy(photo.copy()).permute(2, 0, 1).unsqueeze(0)
-    resized = [aug._resized_crop(source, aug.global_crop_size, aug.global_crops_scale, rng) for _ in range(2)]
-    resized += [aug._resized_crop(source, aug.local_crop_size, aug.local_crops_scale, rng) for _ in range(3)]
+    boxes = [sample_crop_box(rng, *photo.shape[1::-1], aug.global_crops_scale, aug.ratio) for _ in range(2)]
+    boxes += [sample_crop_box(rng, *photo.shape[1::-1], aug.local_crops_scale, aug.ratio) for _ in range(3)]
+    resized = [aug.resize_crop(source, box, size) for box, size in zip(boxes, aug.crop_sizes)]
     flips, parameters = bp.sample_photometric_parameters(rng, *bp.crop_probabilities(3))
     assert np.array_equal(parameters, first[2])
     for crop, flip, produced in zip(resized, flips, [*first[0], *first[1]]):

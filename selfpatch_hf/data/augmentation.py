@@ -12,7 +12,9 @@ local_crops_scale=(0.05, 0.25), mean=IMAGENET_MEAN, std=IMAGENET_STD, ratio=(3/4
   `(L, h, w, 3)`; `aug.normalize(crops)` turns such an array into the normalised float tensor. The data loader
   uses the pair so that a whole batch is normalised at once.
 - `sample_crop_box(rng, width, height, scale, ratio) -> (top, left, crop_height, crop_width)`: torchvision's
-  `RandomResizedCrop.get_params` algorithm, drawn from a numpy Generator.
+  `RandomResizedCrop.get_params` algorithm, drawn from a numpy Generator; `aug.crop_boxes(rng, width, height)` draws
+  the boxes of all crops of one image, `aug.resize_crop(source, box, size)` resamples one (the pieces the
+  device-side paths share with this one).
 - `MultiCropAugmentation.from_recipe(name, **overrides)` with `name` in `AUGMENTATION_RECIPES`: "selfpatch" (the
   defaults), "dino" (DINO's crop scales) or "moby" (MoBY's BYOL views, below).
 
@@ -305,19 +307,29 @@ class MultiCropAugmentation:
             f"mean={self.mean}, std={self.std})"
         )
 
-    def _resized_crop(
-        self,
-        source: torch.Tensor,
-        size: tuple[int, int],
-        scale: tuple[float, float],
-        rng: np.random.Generator,
-    ) -> np.ndarray:
-        """Random crop of `source` (1, 3, H, W) uint8, antialiased resized to `size` -> (h, w, 3) uint8."""
-        height, width = source.shape[-2:]
-        top, left, crop_height, crop_width = sample_crop_box(rng, width, height, scale, self.ratio)
+    def resize_crop(self, source: torch.Tensor, box: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+        """The crop `box = (top, left, height, width)` of `source` (1, 3, H, W) uint8, antialiased resized to `size`
+        with this recipe's interpolation -> (h, w, 3) uint8."""
+        top, left, crop_height, crop_width = (int(v) for v in box)
         crop = source[:, :, top : top + crop_height, left : left + crop_width]
         resized = torch.nn.functional.interpolate(crop, size=size, mode=self.interpolation, antialias=True)
         return resized[0].permute(1, 2, 0).numpy()
+
+    def crop_boxes(self, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+        """The random boxes `(top, left, height, width)` of every crop of a `width` x `height` image, drawn from `rng`
+        in order (the 2 global crops, then the local ones): `(2 + L, 4)` int64.
+
+        The paths that finish the crops elsewhere (`selfpatch_hf.data.batched_photometric`,
+        `selfpatch_hf.data.device_crops`) draw them this way; `crops_uint8` draws each box just before its
+        photometric ops instead."""
+        scales = [self.global_crops_scale] * 2 + [self.local_crops_scale] * self.num_local_crops
+        boxes = [sample_crop_box(rng, width, height, scale, self.ratio) for scale in scales]
+        return np.asarray(boxes, dtype=np.int64).reshape(len(scales), 4)
+
+    @property
+    def crop_sizes(self) -> list[tuple[int, int]]:
+        """Output `(height, width)` of every crop, globals first."""
+        return [self.global_crop_size] * 2 + [self.local_crop_size] * self.num_local_crops
 
     def crops_uint8(
         self, image: Image.Image | np.ndarray, rng: RngLike = None
@@ -325,6 +337,7 @@ class MultiCropAugmentation:
         """Augmented crops before normalisation: `uint8` arrays `(2, H, W, 3)` and `(L, h, w, 3)`."""
         # (1, 3, H, W) view of the (H, W, 3) pixels: channels-last memory, which torch's uint8 resampling wants.
         source = torch.from_numpy(to_rgb_array(image)).permute(2, 0, 1).unsqueeze(0)
+        height, width = source.shape[-2:]
         rng = as_generator(rng)
         # One shared random stream for every op of every pipeline (see the module docstring).
         py_random = random.Random(int(rng.integers(0, 2**63)))
@@ -333,11 +346,13 @@ class MultiCropAugmentation:
 
         global_crops = np.empty((2, *self.global_crop_size, 3), dtype=np.uint8)
         for index, pipeline in enumerate((self.global_1_transforms, self.global_2_transforms)):
-            crop = self._resized_crop(source, self.global_crop_size, self.global_crops_scale, rng)
+            box = sample_crop_box(rng, width, height, self.global_crops_scale, self.ratio)
+            crop = self.resize_crop(source, box, self.global_crop_size)
             global_crops[index] = pipeline(image=crop)["image"]
         local_crops = np.empty((self.num_local_crops, *self.local_crop_size, 3), dtype=np.uint8)
         for index in range(self.num_local_crops):
-            crop = self._resized_crop(source, self.local_crop_size, self.local_crops_scale, rng)
+            box = sample_crop_box(rng, width, height, self.local_crops_scale, self.ratio)
+            crop = self.resize_crop(source, box, self.local_crop_size)
             local_crops[index] = self.local_transforms(image=crop)["image"]
         return global_crops, local_crops
 

@@ -109,6 +109,17 @@ def sample_photometric_parameters(
     return flips, parameters
 
 
+def sample_crop_parameters(
+    augmentation: MultiCropAugmentation, rng: np.random.Generator, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every random draw of one image's crops when they are finished outside the CPU pipeline, in a fixed order:
+    the crop boxes (`augmentation.crop_boxes`), then the flips and photometric parameters
+    (`sample_photometric_parameters`). Returns `boxes (V, 4)` int64, `flips (V,)` bool, `parameters (V, 13)`."""
+    boxes = augmentation.crop_boxes(rng, width, height)
+    flips, parameters = sample_photometric_parameters(rng, *crop_probabilities(augmentation.num_local_crops))
+    return boxes, flips, parameters
+
+
 def crops_with_parameters(
     augmentation: MultiCropAugmentation, image, rng: RngLike = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,21 +129,14 @@ def crops_with_parameters(
     globals first), to be finished by `apply_photometric` on the training device.
     """
     source = torch.from_numpy(to_rgb_array(image)).permute(2, 0, 1).unsqueeze(0)
-    rng = as_generator(rng)
+    height, width = source.shape[-2:]
+    boxes, flips, parameters = sample_crop_parameters(augmentation, as_generator(rng), width, height)
     global_crops = np.empty((2, *augmentation.global_crop_size, 3), dtype=np.uint8)
     local_crops = np.empty((augmentation.num_local_crops, *augmentation.local_crop_size, 3), dtype=np.uint8)
-    for index in range(2):
-        global_crops[index] = augmentation._resized_crop(
-            source, augmentation.global_crop_size, augmentation.global_crops_scale, rng
-        )
-    for index in range(augmentation.num_local_crops):
-        local_crops[index] = augmentation._resized_crop(
-            source, augmentation.local_crop_size, augmentation.local_crops_scale, rng
-        )
-    flips, parameters = sample_photometric_parameters(rng, *crop_probabilities(augmentation.num_local_crops))
-    for crops, crop_flips in ((global_crops, flips[:2]), (local_crops, flips[2:])):
-        for index in np.flatnonzero(crop_flips):
-            crops[index] = crops[index, :, ::-1]
+    outputs = [*global_crops, *local_crops]  # views into the two arrays
+    for output, box, size, flip in zip(outputs, boxes, augmentation.crop_sizes, flips):
+        crop = augmentation.resize_crop(source, box, size)
+        output[...] = crop[:, ::-1] if flip else crop
     return global_crops, local_crops, parameters
 
 
@@ -312,6 +316,17 @@ def photometric_ops(pixels: torch.Tensor, parameters: torch.Tensor) -> torch.Ten
     return _apply_where(pixels, decisions[:, SOLARIZE] > 0.5, solarize)
 
 
+def finish_crops(
+    pixels: torch.Tensor, parameters: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Photometric ops and normalisation of float crops `(n, 3, H, W)` in [0, 1] (consumed) with their parameters
+    `(n, 13)` -> normalised float32 `(n, 3, H, W)`."""
+    pixels = photometric_ops(pixels.contiguous(), parameters.reshape(-1, NUM_PARAMETERS).float())
+    shift = _channel_constants(tuple(float(m) for m in mean), pixels.device)
+    scale = _channel_constants(tuple(1.0 / float(s) for s in std), pixels.device)
+    return pixels.sub_(shift).mul_(scale)
+
+
 def apply_photometric(
     crops: torch.Tensor,
     parameters: torch.Tensor,
@@ -328,10 +343,7 @@ def apply_photometric(
             f"got {tuple(parameters.shape)}."
         )
     pixels = crops.reshape(-1, height, width, 3).permute(0, 3, 1, 2).float().div_(255.0)
-    pixels = photometric_ops(pixels.contiguous(), parameters.reshape(-1, NUM_PARAMETERS).float())
-    shift = _channel_constants(tuple(float(m) for m in mean), pixels.device)
-    scale = _channel_constants(tuple(1.0 / float(s) for s in std), pixels.device)
-    return pixels.sub_(shift).mul_(scale).reshape(*leading, 3, height, width)
+    return finish_crops(pixels, parameters, mean, std).reshape(*leading, 3, height, width)
 
 
 __all__ = [
@@ -343,9 +355,11 @@ __all__ = [
     "apply_photometric",
     "crop_probabilities",
     "crops_with_parameters",
+    "finish_crops",
     "gaussian_blur",
     "photometric_ops",
     "pil_gaussian_kernels",
+    "sample_crop_parameters",
     "sample_photometric_parameters",
     "solarize",
     "to_grayscale",

@@ -1,64 +1,18 @@
-"""Image data for pretraining: sources -> decoded RGB images -> multi-crop batches, per rank, resumable.
+"""Multi-crop batches from an image stream, per rank and resumable: the DataLoader workers' stream and its loader.
 
-Public API (in data-flow order; the multi-crop recipe itself is `selfpatch_hf.data.augmentation`, the offline sample
-dataset `selfpatch_hf.data.samples.photographs`):
+The pieces, in data-flow order: `selfpatch_hf.data.sources` opens the images (`load_image_stream`),
+`selfpatch_hf.data.decoding` decodes them (`decode_image`, skip reasons), `selfpatch_hf.data.augmentation` holds the
+multi-crop recipe, and this module runs them in DataLoader workers and batches the result. Where the crops are
+finished is `augmentation_device`: in the workers (`selfpatch_hf.data.augmentation`), photometric ops on the training
+device (`selfpatch_hf.data.batched_photometric`), or decode, crops and photometric ops on the device
+(`selfpatch_hf.data.device_crops`). The resumable position is `selfpatch_hf.data.stream_state.StreamPosition`. The
+names of `sources` and `decoding` are importable from here too.
 
-- `load_image_stream(source, split="train", image_column=None, token=None, streaming=True, num_shards=None,
-  **load_dataset_kwargs) -> (IterableDataset, image_column)` and `as_raw_image_stream(dataset, image_column=None)`;
-- `decode_image(value, min_size=16) -> PIL RGB image`, raising `ImageDecodeError` (with a `reason` among
-  `SKIP_REASONS`) for images to skip;
-- `MultiCropDataLoader(dataset, image_column, augmentation, batch_size, *, num_workers=2, rank=0, world_size=1,
-  seed=0, shuffle_buffer_size=1000, drop_last=True, min_image_size=16, pin_memory=None, prefetch_factor=2,
-  token=None, device=None, augmentation_device="workers")`, iterating `MultiCropBatch(global_crops (B, 2, 3, H, W), local_crops (B, L, 3, h, w))`, with
-  `set_epoch`, `state_dict` / `load_state_dict`, `skipped_images`;
-- `build_pretraining_dataloader(source, augmentation=None, batch_size=64, *, split="train", image_column=None,
-  token=None, streaming=True, **loader_kwargs) -> MultiCropDataLoader`.
-
-Sources
--------
-`load_image_stream(source, split="train", image_column=None, token=None, streaming=True, ...)` returns
-`(dataset, image_column)`, where `dataset` holds only the image column, typed `datasets.Image(decode=False)`: each
-example is `{image_column: {"bytes": ..., "path": ...}}`, decoded later by `decode_image` (in DataLoader workers),
-so that one corrupt file is skipped instead of raising inside `datasets`.
-
-`source` may be:
-
-- a local directory: parquet shards, an imagefolder tree or webdataset `.tar` shards (the builder is inferred by
-  `datasets` from the files, as `load_dataset(directory)` does);
-- a local file or a glob (`"/data/shards/*.parquet"`, `"/data/**/*.jpg"`): `.parquet` -> parquet,
-  `.tar` -> webdataset, image files -> imagefolder;
-- otherwise a Hub dataset name (`"ILSVRC/imagenet-1k"`). Gated and private datasets use `token`, else the token
-  from the usual places (`HF_TOKEN`, `hf auth login`).
-
-The image column is the dataset's single `Image` feature unless `image_column` names one (an `Image`, binary or
-path-string column). Labels and every other column are dropped.
-
-Decoding
---------
-Raw image values from a stream -> RGB PIL images, or a counted reason to skip them.
-
-`decode_image(value, min_size=16)` accepts what a `datasets.Image(decode=False)` column yields (`{"bytes", "path"}`),
-raw bytes, a local path, or a PIL image, and returns an RGB `PIL.Image`. An entry that is only a path is followed
-only inside the source the user named (`ImagePaths`: the local folder or image files, or the Hub dataset's own
-files), never to a URL: a crafted dataset cannot make training read other files or send requests.
-
-- EXIF orientation is applied (`ImageOps.exif_transpose`), so rotated phone photos come out upright;
-- grayscale, palette (with or without transparency), RGBA/LA (alpha dropped, like the reference `convert("RGB")`),
-  CMYK and YCbCr go through PIL's conversions;
-- 16-bit grayscale (`I;16*`) is scaled to 8 bits by 255/65535; 32-bit integer (`I`) images are read as 16-bit
-  data when their maximum exceeds 255 and as 8-bit data otherwise; float (`F`) images as [0, 1] data when their
-  maximum is at most 1, else clipped to [0, 255].
-
-Anything else raises `ImageDecodeError` with a `reason` among `SKIP_REASONS` ("unreadable": corrupt, truncated or
-not an image; "too_small": shorter side below `min_size`; "unsupported_mode": a pixel format with no RGB meaning),
-which the data loader counts and logs instead of crashing.
-
-Loading
--------
 `MultiCropDataLoader(dataset, image_column, augmentation, batch_size, *, num_workers=2, rank=0, world_size=1, seed=0,
 shuffle_buffer_size=1000, drop_last=True, min_image_size=16, pin_memory=None, prefetch_factor=2, token=None,
-device=None, augmentation_device="workers")` iterates `MultiCropBatch(global_crops (B, 2, 3, H, W), local_crops (B, L, 3, h, w))` named tuples (float32,
-normalised), one epoch per `for` loop, and has:
+device=None, augmentation_device="workers", image_paths=None, jpeg_decoder="auto")` iterates
+`MultiCropBatch(global_crops (B, 2, 3, H, W), local_crops (B, L, 3, h, w))` named tuples (float32, normalised), one
+epoch per `for` loop, and has:
 
 - `set_epoch(epoch)`: new shard order, shuffle buffer order and crops per epoch. A completed pass moves `epoch` on by
   one by itself, so a loop without `set_epoch` still sees a new order each epoch.
@@ -101,15 +55,10 @@ streaming=True, **loader_kwargs)` opens `source` (anything `load_image_stream` a
 from __future__ import annotations
 
 import copy
-import glob
 import inspect
-import io
 import logging
-import os
-import warnings
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import datasets
@@ -117,382 +66,30 @@ import numpy as np
 import torch
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
-from PIL import Image, ImageOps
 
 from selfpatch_hf.data.augmentation import MultiCropAugmentation
 from selfpatch_hf.data.batched_photometric import NUM_PARAMETERS, apply_photometric, crops_with_parameters
+from selfpatch_hf.data.decoding import (
+    SKIP_REASONS,
+    ImageDecodeError,
+    JpegDecoder,
+    decode_image,
+    device_jpeg_decoder,
+    read_image_bytes,
+)
+from selfpatch_hf.data.device_crops import DeviceCrops, SourceBatch
+from selfpatch_hf.data.sources import (
+    ImagePaths,
+    as_raw_image_stream,
+    hub_dataset_id,
+    image_paths_of_source,
+    load_image_stream,
+)
+from selfpatch_hf.data.stream_state import STATE_VERSION, StreamPosition
 
 logger = logging.getLogger(__name__)
 
-
-# ---------------------------------------------------------------------------------------------- sources
-
-_GLOB_CHARS = ("*", "?", "[")
-_IMAGE_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".webp",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".jfif",
-    ".pjpeg",
-    ".pjp",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-    ".avif",
-)
-_BUILDER_BY_EXTENSION = {".parquet": "parquet", ".tar": "webdataset", ".arrow": "arrow"}
-
-
-def _builder_for_files(files: list[str]) -> str:
-    """The packaged `datasets` builder that reads all of `files`."""
-    builders = set()
-    for file in files:
-        extension = os.path.splitext(file)[1].lower()
-        if extension in _BUILDER_BY_EXTENSION:
-            builders.add(_BUILDER_BY_EXTENSION[extension])
-        elif extension in _IMAGE_EXTENSIONS:
-            builders.add("imagefolder")
-        else:
-            builders.add(f"unsupported ({extension or 'no extension'})")
-    if len(builders) != 1 or next(iter(builders)).startswith("unsupported"):
-        raise ValueError(
-            f"Cannot tell how to read {len(files)} file(s) with formats {sorted(builders)}: give parquet shards "
-            f"(.parquet), webdataset shards (.tar) or image files ({', '.join(_IMAGE_EXTENSIONS[:5])}, ...), "
-            "one format per source."
-        )
-    return builders.pop()
-
-
-def _looks_like_local_path(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~", "file://")) or os.path.splitext(source)[1].lower() in (
-        *_BUILDER_BY_EXTENSION,
-        *_IMAGE_EXTENSIONS,
-    )
-
-
-def hub_dataset_id(source: str) -> str | None:
-    """`source` when `load_image_stream` reads it from the Hugging Face Hub, `None` when it is local data (an
-    existing path, a glob, or something written as a path). Model cards list only Hub ids as datasets."""
-    expanded = os.path.expanduser(source[len("file://") :] if source.startswith("file://") else source)
-    if (
-        os.path.exists(expanded)
-        or any(char in expanded for char in _GLOB_CHARS)
-        or _looks_like_local_path(source)
-    ):
-        return None
-    return source
-
-
-def _load(source: str, split: str, token: str | bool | None, streaming: bool, **kwargs: Any):
-    """`datasets.load_dataset` with the source kind resolved and errors explained."""
-    expanded = os.path.expanduser(source[len("file://") :] if source.startswith("file://") else source)
-    common = {"split": split, "streaming": streaming, **kwargs}
-    if any(char in expanded for char in _GLOB_CHARS) and not os.path.exists(expanded):
-        files = sorted(path for path in glob.glob(expanded, recursive=True) if os.path.isfile(path))
-        if not files:
-            raise FileNotFoundError(f"No file matches the pattern {source!r}.")
-        return datasets.load_dataset(_builder_for_files(files), data_files={split: files}, **common)
-    if os.path.isfile(expanded):
-        return datasets.load_dataset(_builder_for_files([expanded]), data_files={split: [expanded]}, **common)
-    if os.path.isdir(expanded):
-        try:
-            return datasets.load_dataset(expanded, **common)
-        except (datasets.exceptions.DataFilesNotFoundError, FileNotFoundError) as error:
-            raise FileNotFoundError(
-                f"No readable data files in the directory {source!r} ({error}). Expected parquet shards, an "
-                "imagefolder tree (class folders of images) or webdataset .tar shards."
-            ) from error
-    if _looks_like_local_path(source):
-        raise FileNotFoundError(f"The local path {source!r} does not exist.")
-    try:
-        return datasets.load_dataset(source, token=token, **common)
-    except datasets.exceptions.DatasetNotFoundError as error:
-        raise FileNotFoundError(
-            f"Dataset {source!r} is neither a local path nor a dataset on the Hugging Face Hub that this token can "
-            "read. Check the name; for a gated dataset (e.g. ILSVRC/imagenet-1k) accept its terms on the Hub page "
-            "and log in with `hf auth login` or set HF_TOKEN (or pass token=...). "
-            f"Original error: {error}"
-        ) from error
-    except ConnectionError as error:
-        raise ConnectionError(
-            f"Could not reach the Hugging Face Hub to open {source!r} ({error}). Without network, use a local "
-            "directory or glob of parquet / imagefolder / webdataset files (the offline sample dataset: "
-            "selfpatch_hf.data.samples.photographs.sample_dataset_path())."
-        ) from error
-
-
-def _find_image_column(features: datasets.Features | None, image_column: str | None) -> str:
-    if features is None:
-        if image_column is None:
-            raise ValueError(
-                "This dataset does not declare its features: name the image column with image_column=."
-            )
-        return image_column
-    described = ", ".join(f"{name} ({type(feature).__name__})" for name, feature in features.items())
-    if image_column is not None:
-        if image_column not in features:
-            raise ValueError(f"No column {image_column!r} in this dataset. Available columns: {described}.")
-        feature = features[image_column]
-        usable = isinstance(feature, datasets.Image) or (
-            isinstance(feature, datasets.Value)
-            and feature.dtype in ("binary", "large_binary", "string", "large_string")
-        )
-        if not usable:
-            raise ValueError(
-                f"Column {image_column!r} holds {feature}, not images. Give an Image, binary or image-path column; "
-                f"available columns: {described}."
-            )
-        return image_column
-    candidates = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
-    if len(candidates) != 1:
-        found = "no Image column" if not candidates else f"several Image columns {candidates}"
-        raise ValueError(
-            f"Found {found}; name the one to use with image_column=. Available columns: {described}."
-        )
-    return candidates[0]
-
-
-@dataclass(frozen=True)
-class ImagePaths:
-    """Where image entries that carry only a path (no bytes) may be read from.
-
-    A dataset's content must not make the trainer read arbitrary files or send requests, so a path is followed
-    only into what the user named as the source: `local` folders (everything below them) or files, and the files
-    of the Hub dataset `hub_dataset` (`hf://datasets/<name>/...`, also inside a zip/tar archive there). Other
-    local paths and every URL (http, https, s3, ...) are refused; the image is then skipped as unreadable.
-    `ImagePaths()` allows no path at all: images must carry their bytes (parquet, webdataset).
-    """
-
-    local: tuple[str, ...] = ()
-    hub_dataset: str | None = None
-
-    @classmethod
-    def of_folders(cls, *paths: str | os.PathLike) -> ImagePaths:
-        return cls(local=tuple(os.path.abspath(os.path.expanduser(os.fspath(p))) for p in paths))
-
-    def allows(self, path: str) -> bool:
-        *archives, outer = path.split("::")  # fsspec chains: zip://member::<archive>
-        if any(not part.startswith(("zip://", "tar://")) for part in archives):
-            return False
-        if outer.startswith("file://"):
-            outer = outer[len("file://") :]
-        if "://" in outer:
-            hub = self.hub_dataset
-            return hub is not None and outer.startswith((f"hf://datasets/{hub}@", f"hf://datasets/{hub}/"))
-        resolved = os.path.abspath(os.path.expanduser(outer))  # normalises "..": no way out of a folder
-        return any(
-            resolved == root or resolved.startswith(root.rstrip(os.sep) + os.sep) for root in self.local
-        )
-
-    def describe(self) -> str:
-        places = [f"under {root}" for root in self.local[:3]] + (["..."] if len(self.local) > 3 else [])
-        if self.hub_dataset:
-            places.append(f"in the Hub dataset {self.hub_dataset}")
-        return "; ".join(places) if places else "nowhere: this source's images must carry their bytes"
-
-
-def image_paths_of_source(source: str, streaming: bool = True, cache_dir: str | None = None) -> ImagePaths:
-    """The `ImagePaths` a source named by the user allows (see `load_image_stream`): a local folder -> paths
-    below it; image files or a glob of them (an imagefolder) -> exactly those files; parquet / webdataset / arrow
-    files -> none; a Hub dataset -> its own files (and, with `streaming=False`, the `datasets` download cache its
-    files were downloaded to)."""
-    expanded = os.path.expanduser(source[len("file://") :] if source.startswith("file://") else source)
-    if any(char in expanded for char in _GLOB_CHARS) and not os.path.exists(expanded):
-        files = sorted(path for path in glob.glob(expanded, recursive=True) if os.path.isfile(path))
-        return ImagePaths.of_folders(
-            *(f for f in files if os.path.splitext(f)[1].lower() in _IMAGE_EXTENSIONS)
-        )
-    if os.path.isfile(expanded):
-        is_image = os.path.splitext(expanded)[1].lower() in _IMAGE_EXTENSIONS
-        return ImagePaths.of_folders(expanded) if is_image else ImagePaths()
-    if os.path.isdir(expanded):
-        return ImagePaths.of_folders(expanded)
-    caches = () if streaming else tuple(c for c in (cache_dir, datasets.config.HF_DATASETS_CACHE) if c)
-    return ImagePaths(local=ImagePaths.of_folders(*caches).local, hub_dataset=source)
-
-
-def load_image_stream(
-    source: str,
-    split: str = "train",
-    image_column: str | None = None,
-    token: str | bool | None = None,
-    streaming: bool = True,
-    num_shards: int | None = None,
-    **load_dataset_kwargs: Any,
-) -> tuple[IterableDataset, str]:
-    """Open `source` as an `IterableDataset` of undecoded images; returns `(dataset, image_column)`.
-
-    Args:
-        source: Hub dataset name, local directory, file or glob (see the module docstring).
-        split: the split to read.
-        image_column: column holding the images; default: the single `Image` column.
-        token: Hub token for gated or private datasets (default: `HF_TOKEN` / the cached login).
-        streaming: stream the files (default). `False` downloads and prepares an Arrow copy first (in the `datasets`
-            cache), then iterates it with `to_iterable_dataset(num_shards)`.
-        num_shards: shards of the iterable made from a prepared dataset (`streaming=False` only); more shards let
-            more DataLoader workers read in parallel.
-        load_dataset_kwargs: passed to `datasets.load_dataset` (e.g. `name=` for a dataset config, `revision=`).
-
-    The returned dataset's `image_paths` (an `ImagePaths`) says where image entries given only as a path may be
-    read from: inside `source` only (`image_paths_of_source`), never at a URL.
-    """
-    if not isinstance(source, str) or not source:
-        raise TypeError(f"source must be a dataset name or a path, got {source!r}.")
-    dataset = _load(source, split, token, streaming, **load_dataset_kwargs)
-    if not streaming:
-        dataset = dataset.to_iterable_dataset(num_shards=num_shards or 1)
-    elif num_shards is not None:
-        raise ValueError(
-            "num_shards only applies with streaming=False (a streamed dataset keeps its files' shards)."
-        )
-    dataset, column = as_raw_image_stream(dataset, image_column)
-    # travels with the dataset to MultiCropDataLoader, which reads images by path only where this allows
-    dataset.image_paths = image_paths_of_source(source, streaming, load_dataset_kwargs.get("cache_dir"))
-    return dataset, column
-
-
-def as_raw_image_stream(
-    dataset: IterableDataset, image_column: str | None = None
-) -> tuple[IterableDataset, str]:
-    """Keep only the image column of an opened `IterableDataset`, undecoded; returns `(dataset, image_column)`."""
-    if not isinstance(dataset, IterableDataset):
-        raise TypeError(
-            f"Expected a datasets.IterableDataset, got {type(dataset).__name__}; convert a Dataset with "
-            ".to_iterable_dataset(num_shards=...)."
-        )
-    column = _find_image_column(dataset.features, image_column)
-    dataset = dataset.select_columns([column])
-    dataset = dataset.cast_column(column, datasets.Image(decode=False))
-    return dataset, column
-
-
-# --------------------------------------------------------------------------------------------- decoding
-
-SKIP_REASONS = ("unreadable", "too_small", "unsupported_mode")
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-class ImageDecodeError(ValueError):
-    """An image that cannot be used; `reason` is one of `SKIP_REASONS`."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-def _read_bytes(
-    value: Any, download_config: Any = None, image_paths: ImagePaths | None = None
-) -> tuple[bytes | None, str | None]:
-    """(bytes, path) of a column value; reads the file when only a path is given and `image_paths` allows it
-    (`None`: local files only, for values a caller passes directly)."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value), None
-    if isinstance(value, (str, os.PathLike)):
-        value = {"bytes": None, "path": os.fspath(value)}
-    if not isinstance(value, dict):
-        raise ImageDecodeError("unreadable", f"unexpected image value of type {type(value).__name__}")
-    data, path = value.get("bytes"), value.get("path")
-    if data is None:
-        if not path or not isinstance(path, str):
-            raise ImageDecodeError("unreadable", "image value has neither bytes nor a path")
-        remote = "://" in path and not path.startswith("file://")
-        allowed = image_paths.allows(path) if image_paths is not None else not remote
-        if not allowed:
-            where = image_paths.describe() if image_paths is not None else "local files only"
-            raise ImageDecodeError(
-                "unreadable",
-                f"refused to follow the image path {path!r}: image entries without bytes are read only from the "
-                f"source you named ({where}), never from URLs",
-            )
-        try:
-            if not remote:
-                with open(path[len("file://") :] if path.startswith("file://") else path, "rb") as file:
-                    data = file.read()
-            else:  # a file of the streamed Hub dataset (hf://..., zip://...::hf://...)
-                from datasets.utils.file_utils import xopen
-
-                with xopen(path, "rb", download_config=download_config) as file:
-                    data = file.read()
-        except Exception as error:  # missing file, network failure, ...: skip this image, keep training
-            raise ImageDecodeError("unreadable", f"cannot read {path}: {error}") from error
-    return data, path
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in _SIXTEEN_BIT_MODES or mode == "I":
-        pixels = np.asarray(image).astype(np.int64)
-        if mode == "I":
-            pixels = np.clip(pixels, 0, 65535)
-        if mode != "I" or pixels.max(initial=0) > 255:
-            pixels = (pixels * 255 + 32767) // 65535
-        return Image.fromarray(pixels.astype(np.uint8), mode="L").convert("RGB")
-    if mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
-        if not np.isfinite(pixels).all():
-            raise ImageDecodeError("unsupported_mode", "float image with NaN or infinite values")
-        if pixels.max(initial=0.0) <= 1.0:
-            pixels = pixels * 255.0
-        pixels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-        return Image.fromarray(pixels, mode="L").convert("RGB")
-    if mode in ("P", "PA"):
-        # Palette transparency is only resolved through RGBA (PIL warns on a direct P -> RGB conversion).
-        image = image.convert("RGBA")
-    return image.convert("RGB")
-
-
-def decode_image(
-    value: Any, min_size: int = 16, download_config: Any = None, image_paths: ImagePaths | None = None
-) -> Image.Image:
-    """Decode one image value to an upright RGB PIL image, or raise `ImageDecodeError`.
-
-    A value that is only a path is read if `image_paths` allows it (the data loader passes the source's
-    `ImagePaths`); with the default `None` local files are read and URLs refused."""
-    if isinstance(value, Image.Image):
-        image = value.copy()  # the orientation fix below works in place; leave the caller's image alone
-    else:
-        data, path = _read_bytes(value, download_config, image_paths)
-        where = f" ({path})" if path else ""
-        try:
-            with warnings.catch_warnings():
-                # Oversized images raise DecompressionBombError beyond 2x the limit; below it PIL only warns.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-                image.load()  # decode now: truncated or corrupt data fails here, not later
-        # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data.
-        except Exception as error:
-            raise ImageDecodeError("unreadable", f"cannot decode image{where}: {error}") from error
-    try:
-        ImageOps.exif_transpose(image, in_place=True)
-    except Exception:  # a broken EXIF block does not make the pixels unusable
-        pass
-    try:
-        image = _to_rgb(image)
-    except ImageDecodeError:
-        raise
-    except Exception as error:  # whatever else a conversion raises, one image must not stop training
-        raise ImageDecodeError(
-            "unsupported_mode", f"cannot convert mode {image.mode} to RGB: {error}"
-        ) from error
-    if min(image.size) < min_size:
-        raise ImageDecodeError(
-            "too_small", f"image of {image.width}x{image.height} px is smaller than min_size={min_size}"
-        )
-    return image
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-
-STATE_VERSION = 1
+AUGMENTATION_DEVICES = ("workers", "device", "device_crops")
 # datasets >= 5 can hand out whole shards to readers even when they do not divide evenly; older versions fall back
 # to their "auto" rule (shards only when num_shards % readers == 0).
 _SHARDS_STRATEGY = (
@@ -526,11 +123,51 @@ def _init_worker(worker_id: int) -> None:
     fsspec.asyn.reset_lock()  # forked fsspec event-loop locks would hang remote reads
 
 
+class _CropBuffers:
+    """One batch of uint8 crops, channels last, filled image by image (`augmentation_device` "workers" and
+    "device"); with "device" also each crop's photometric parameters.
+
+    uint8 crops are 4x less to pass between processes than normalised float32 (measured ~2x faster end to end on 2
+    workers); in a worker they are allocated in shared memory, so sending them copies nothing."""
+
+    def __init__(self, augmentation: MultiCropAugmentation, batch_size: int, parameters: bool, shared: bool):
+        buffers = [
+            torch.empty((batch_size, 2, *augmentation.global_crop_size, 3), dtype=torch.uint8),
+            torch.empty(
+                (batch_size, augmentation.num_local_crops, *augmentation.local_crop_size, 3),
+                dtype=torch.uint8,
+            ),
+        ]
+        if parameters:  # each crop's photometric decisions, applied on the training device
+            buffers.append(torch.empty((batch_size, 2 + augmentation.num_local_crops, NUM_PARAMETERS)))
+        if shared:
+            for buffer in buffers:
+                buffer.share_memory_()
+        self.buffers = tuple(buffers)
+        self._views = [buffer.numpy() for buffer in buffers]
+        self.filled = 0
+
+    def __len__(self) -> int:
+        return self.filled
+
+    def add(self, crops: tuple[np.ndarray, ...]) -> None:
+        for view, crop in zip(self._views, crops):
+            view[self.filled] = crop
+        self.filled += 1
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        if self.filled == self.buffers[0].shape[0]:
+            return self.buffers
+        return tuple(buffer[: self.filled] for buffer in self.buffers)
+
+
 class _MultiCropStream(torch.utils.data.IterableDataset):
     """One epoch of one rank, as produced inside each DataLoader worker (or in-process with num_workers=0).
 
-    Yields dicts: batches `{"worker", "end": False, "global_crops", "local_crops", "state", "skip_messages"}`, then
-    one `{"worker", "end": True, "state", "skip_messages"}` marker when the worker's stream is exhausted.
+    Yields dicts: batches `{"worker", "end": False, "crops", "state", "skip_messages"}`, then one `{"worker",
+    "end": True, "state", "skip_messages"}` marker when the worker's stream is exhausted. `crops` is a tuple of uint8
+    crop tensors (and photometric parameters) for `mode` "workers" and "device", the tensors of a
+    `device_crops.SourceBatch` for "device_crops".
     """
 
     def __init__(
@@ -548,8 +185,9 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
         resume: list[dict | None] | None,
         min_image_size: int,
         download_config: Any,
-        photometric_on_device: bool = False,
+        mode: str = "workers",
         image_paths: ImagePaths | None = None,
+        jpegs_on_device: bool = False,
     ):
         self.dataset = dataset
         self.image_column = image_column
@@ -564,8 +202,9 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
         self.resume = resume
         self.min_image_size = min_image_size
         self.download_config = download_config
-        self.photometric_on_device = photometric_on_device
+        self.mode = mode
         self.image_paths = image_paths if image_paths is not None else ImagePaths()
+        self.jpegs_on_device = jpegs_on_device
 
     def _examples(self, worker: int, num_workers: int, state: dict) -> tuple[IterableDataset, Iterator[Any]]:
         """(dataset whose state_dict tracks the stream, iterator over this worker's raw image values)."""
@@ -613,6 +252,23 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
 
         return dataset, own_examples()
 
+    def _new_batch(self, in_worker: bool) -> _CropBuffers | SourceBatch:
+        if self.mode == "device_crops":
+            return SourceBatch(self.augmentation, self.min_image_size, self.jpegs_on_device)
+        return _CropBuffers(self.augmentation, self.batch_size, self.mode == "device", shared=in_worker)
+
+    def _add_example(self, batch: _CropBuffers | SourceBatch, value: Any, rng: np.random.Generator) -> None:
+        """Decode (or, for `device_crops`, read) one example into `batch`; raises `ImageDecodeError` to skip it."""
+        augmentation = self.augmentation
+        if self.mode == "workers":
+            image = decode_image(value, self.min_image_size, self.download_config, self.image_paths)
+            batch.add(augmentation.crops_uint8(image, rng))
+        elif self.mode == "device":
+            image = decode_image(value, self.min_image_size, self.download_config, self.image_paths)
+            batch.add(crops_with_parameters(augmentation, image, rng))
+        else:
+            batch.add_image(*read_image_bytes(value, self.download_config, self.image_paths), rng)
+
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -625,74 +281,41 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
             return
 
         dataset, examples = self._examples(worker, num_workers, state)
-        augmentation = self.augmentation
         in_worker = info is not None
         skipped = Counter(state["skipped"])
         skip_messages: list[str] = []
-        filled = 0
 
-        def new_buffers() -> tuple[torch.Tensor, ...]:
-            # uint8 crops, channels last: 4x less to pass between processes than normalised float32 (measured
-            # ~2x faster end to end on 2 workers). Allocated in shared memory, so sending them copies nothing.
-            global_crops = torch.empty(
-                (self.batch_size, 2, *augmentation.global_crop_size, 3), dtype=torch.uint8
-            )
-            local_crops = torch.empty(
-                (self.batch_size, augmentation.num_local_crops, *augmentation.local_crop_size, 3),
-                dtype=torch.uint8,
-            )
-            buffers = [global_crops, local_crops]
-            if (
-                self.photometric_on_device
-            ):  # each crop's photometric decisions, applied on the training device
-                buffers.append(
-                    torch.empty((self.batch_size, 2 + augmentation.num_local_crops, NUM_PARAMETERS))
-                )
-            if in_worker:
-                for buffer in buffers:
-                    buffer.share_memory_()
-            return tuple(buffers)
-
-        def emit(end: bool) -> dict:
+        def emit(end: bool, batch=None) -> dict:
             nonlocal skip_messages
             snapshot = dict(state, dataset=dataset.state_dict(), skipped=dict(skipped), exhausted=end)
             item = {"worker": worker, "end": end, "state": snapshot, "skip_messages": skip_messages}
+            if batch is not None:
+                item["crops"] = (
+                    batch.tensors(shared=in_worker) if isinstance(batch, SourceBatch) else batch.tensors()
+                )
             skip_messages = []
             return item
 
-        buffers = new_buffers()
-        views = [buffer.numpy() for buffer in buffers]
+        batch = self._new_batch(in_worker)
         try:
             for value in examples:
                 index = state["consumed"]
                 state["consumed"] = index + 1
+                rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, index])
                 try:
-                    image = decode_image(value, self.min_image_size, self.download_config, self.image_paths)
+                    self._add_example(batch, value, rng)
                 except ImageDecodeError as error:
                     skipped[error.reason] += 1
                     if len(skip_messages) < _MAX_SKIP_MESSAGES:
                         skip_messages.append(f"{error.reason}: {error}")
                     continue
-                rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, index])
-                if self.photometric_on_device:
-                    crops = crops_with_parameters(augmentation, image, rng)
-                else:
-                    crops = augmentation.crops_uint8(image, rng)
-                for view, crop in zip(views, crops):
-                    view[filled] = crop
-                filled += 1
-                if filled == self.batch_size:
-                    item = emit(end=False)
-                    item["crops"] = buffers
-                    buffers = new_buffers()
-                    views = [buffer.numpy() for buffer in buffers]
-                    filled = 0
+                if len(batch) == self.batch_size:
+                    item = emit(False, batch)
+                    batch = self._new_batch(in_worker)
                     yield item
-            if filled and not self.drop_last:
-                item = emit(end=False)
-                item["crops"] = tuple(buffer[:filled] for buffer in buffers)
-                yield item
-            yield emit(end=True)
+            if len(batch) and not self.drop_last:
+                yield emit(False, batch)
+            yield emit(True)
         finally:
             close = getattr(examples, "close", None)
             if close is not None:
@@ -719,14 +342,21 @@ class MultiCropDataLoader:
             crops, and normalising them on the GPU moves 4x fewer bytes to it. Default: the CPU.
         prefetch_factor: batches prefetched per worker.
         token: Hub token, for images referenced by remote path (streamed imagefolder repositories).
-        augmentation_device: where the photometric ops run. `"workers"` (default): everything in the workers, with
+        augmentation_device: where the crops are finished. `"workers"` (default): everything in the workers, with
             `augmentation` (OpenCV). `"device"`: workers only decode, crop, resize and flip, and draw each crop's
             photometric parameters from the same per-image generator; colour jitter, grayscale, blur, solarisation
-            and normalisation then run batched on `device` (`selfpatch_hf.data.batched_photometric`), which frees
-            most of the workers' CPU time when `device` is a GPU.
+            and normalisation then run batched on `device` (`selfpatch_hf.data.batched_photometric`).
+            `"device_crops"`: workers only read each image's bytes (decoding on the host only what the device
+            decoder cannot take) and draw the same boxes, flips and parameters as `"device"`; decoding, the resized
+            crops, flips and photometric ops run batched on `device` (`selfpatch_hf.data.device_crops`). The device
+            modes free the workers' CPU time where `device` is a GPU.
         image_paths: where image entries given only as a path may be read from (`ImagePaths`); default: what
             `load_image_stream` allowed for its source (`dataset.image_paths`), else nowhere. URLs are never
             followed, so a crafted dataset cannot make training read other files or send requests.
+        jpeg_decoder: for `"device_crops"`, what decodes JPEGs on `device`: `"auto"` (default) takes torchvision's
+            nvJPEG on a CUDA device (`decoding.device_jpeg_decoder`, which logs why when there is none), `None`
+            decodes every image in the workers, or a callable taking a list of encoded JPEGs (1-D uint8 host tensors)
+            and returning `(3, H, W)` uint8 RGB tensors on `device` as stored (no EXIF orientation).
     """
 
     def __init__(
@@ -749,10 +379,12 @@ class MultiCropDataLoader:
         device: str | torch.device | None = None,
         augmentation_device: str = "workers",
         image_paths: ImagePaths | None = None,
+        jpeg_decoder: JpegDecoder | str | None = "auto",
     ):
-        if augmentation_device not in ("workers", "device"):
+        if augmentation_device not in AUGMENTATION_DEVICES:
             raise ValueError(
-                f"augmentation_device must be 'workers' or 'device' (the training device), got {augmentation_device!r}."
+                f"augmentation_device must be one of {', '.join(AUGMENTATION_DEVICES)} (where the crops are "
+                f"finished: the data workers or the training device), got {augmentation_device!r}."
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -764,6 +396,8 @@ class MultiCropDataLoader:
             raise ValueError(f"shuffle_buffer_size must be >= 0, got {shuffle_buffer_size}.")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}.")
+        if not (jpeg_decoder is None or jpeg_decoder == "auto" or callable(jpeg_decoder)):
+            raise ValueError(f"jpeg_decoder must be 'auto', None or a callable, got {jpeg_decoder!r}.")
         self.image_column = image_column
         self.augmentation = augmentation
         self.batch_size = int(batch_size)
@@ -781,6 +415,11 @@ class MultiCropDataLoader:
         self.download_config = datasets.DownloadConfig(token=token) if token is not None else None
         # image entries given only as a path are read where the source allows (see ImagePaths), else nowhere
         self.image_paths = image_paths or getattr(dataset, "image_paths", None) or ImagePaths()
+        self.device_crops: DeviceCrops | None = None
+        if augmentation_device == "device_crops":
+            if jpeg_decoder == "auto":
+                jpeg_decoder = device_jpeg_decoder(self.device)
+            self.device_crops = DeviceCrops(augmentation, self.device, jpeg_decoder)
 
         if self.shuffle_buffer_size:
             dataset = dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
@@ -788,40 +427,31 @@ class MultiCropDataLoader:
         readers = self.world_size * max(1, self.num_workers)
         splittable = dataset.num_shards >= readers and (_SHARDS_STRATEGY or dataset.num_shards % readers == 0)
         self.worker_split = "shards" if splittable else "examples"
+        self.position = StreamPosition(
+            {
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "num_workers": self.num_workers,
+                "batch_size": self.batch_size,
+                "seed": self.seed,
+                "shuffle_buffer_size": self.shuffle_buffer_size,
+            }
+        )
 
-        self.epoch = 0
-        self._position: dict | None = None  # progress through self.epoch, None before its first batch
-        self._skipped_before = Counter()  # finished epochs
-
-    # -- epoch and position -------------------------------------------------------------------------------------
+    # -- epoch and position (selfpatch_hf.data.stream_state) ------------------------------------------------------
 
     @property
-    def _logical_workers(self) -> int:
-        return max(1, self.num_workers)
+    def epoch(self) -> int:
+        """The epoch the next `for` loop iterates (or the current one, during a loop)."""
+        return self.position.epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next `for` loop iterates; a saved position of another epoch is dropped."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}.")
-        if epoch != self.epoch:
-            self._finish_epoch_accounting()
-            self.epoch = int(epoch)
-
-    def _finish_epoch_accounting(self) -> None:
-        if self._position is not None:
-            for worker_state in self._position["workers"]:
-                if worker_state is not None:
-                    self._skipped_before.update(worker_state["skipped"])
-        self._position = None
+        self.position.set_epoch(epoch)
 
     @property
     def skipped_images_by_reason(self) -> dict[str, int]:
-        counts = Counter(self._skipped_before)
-        if self._position is not None:
-            for worker_state in self._position["workers"]:
-                if worker_state is not None:
-                    counts.update(worker_state["skipped"])
-        return {reason: counts[reason] for reason in SKIP_REASONS if counts[reason]}
+        return self.position.skipped_images_by_reason
 
     @property
     def skipped_images(self) -> int:
@@ -830,51 +460,14 @@ class MultiCropDataLoader:
     @property
     def batches_in_epoch(self) -> int:
         """Batches yielded so far in the current epoch."""
-        return 0 if self._position is None else self._position["batches"]
-
-    def _settings(self) -> dict[str, int]:
-        return {
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "shuffle_buffer_size": self.shuffle_buffer_size,
-        }
+        return self.position.batches_in_epoch
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's position: JSON-serialisable; save one per rank."""
-        return copy.deepcopy(
-            {
-                "version": STATE_VERSION,
-                **self._settings(),
-                "epoch": self.epoch,
-                "position": self._position,
-                "skipped_before": dict(self._skipped_before),
-            }
-        )
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"Unknown data loader state version {state.get('version')!r} (expected {STATE_VERSION})."
-            )
-        different = {
-            name: (state.get(name), value)
-            for name, value in self._settings().items()
-            if state.get(name) != value
-        }
-        if different:
-            details = ", ".join(
-                f"{name}: saved {saved}, now {now}" for name, (saved, now) in different.items()
-            )
-            raise ValueError(
-                f"Cannot resume this data stream with different settings ({details}). Resume with the saved "
-                "values, or start the epoch over (do not load the data loader state)."
-            )
-        self.epoch = int(state["epoch"])
-        self._position = copy.deepcopy(state["position"])
-        self._skipped_before = Counter(state["skipped_before"])
+        self.position.load_state_dict(state)
 
     # -- iteration ----------------------------------------------------------------------------------------------
 
@@ -897,9 +490,23 @@ class MultiCropDataLoader:
         pin = self.pin_memory and self.device is None
         return self.augmentation.normalize(crops, self.device, pin_memory=pin)
 
-    def _finish_batch(self, crops: tuple[torch.Tensor, ...]) -> MultiCropBatch:
+    def _finish_batch(self, crops: tuple[torch.Tensor, ...] | dict[str, torch.Tensor]) -> MultiCropBatch:
         if self.augmentation_device == "workers":
             return MultiCropBatch(self._normalize(crops[0]), self._normalize(crops[1]))
+        if self.augmentation_device == "device_crops":
+            output = self.device_crops(crops)
+            if output.dropped:
+                self.position.add_device_skips(output.dropped_by_reason)
+                logger.warning(
+                    "Dropped %d image(s) from a batch on rank %d (epoch %d) that neither the training device nor "
+                    "the host could decode: %s. %d skipped on this rank so far.",
+                    len(output.dropped),
+                    self.rank,
+                    self.epoch,
+                    "; ".join(message for _, message in output.dropped[:_MAX_SKIP_MESSAGES]),
+                    self.skipped_images,
+                )
+            return MultiCropBatch(output.global_crops, output.local_crops)
         # the crops go to the device; the parameters stay on the host, where the per-crop decisions are read
         global_crops, local_crops = (
             tensor.to(self.device, non_blocking=True) if self.device is not None else tensor
@@ -914,15 +521,8 @@ class MultiCropDataLoader:
 
     def __iter__(self) -> Iterator[MultiCropBatch]:
         datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # parquet streaming otherwise sleeps 5 s per pass
-        workers = self._logical_workers
-        if self._position is None or self._position["epoch"] != self.epoch:
-            self._position = {
-                "epoch": self.epoch,
-                "batches": 0,
-                "next_worker": 0,
-                "workers": [None] * workers,
-            }
-        position = self._position
+        workers = max(1, self.num_workers)
+        position = self.position.start(workers)
         resume = position["workers"] if any(entry is not None for entry in position["workers"]) else None
         active = [
             w
@@ -943,8 +543,9 @@ class MultiCropDataLoader:
             copy.deepcopy(resume),
             self.min_image_size,
             self.download_config,
-            photometric_on_device=self.augmentation_device == "device",
+            mode=self.augmentation_device,
             image_paths=self.image_paths,
+            jpegs_on_device=self.device_crops is not None and self.device_crops.jpeg_decoder is not None,
         )
         loader = torch.utils.data.DataLoader(
             stream,
@@ -985,10 +586,9 @@ class MultiCropDataLoader:
             self.epoch,
             self.rank,
             position["batches"],
-            sum(sum(state["skipped"].values()) for state in position["workers"]),
+            self.position.epoch_skips,
         )
-        self._finish_epoch_accounting()
-        self.epoch += 1
+        self.position.complete_pass()
 
 
 def build_pretraining_dataloader(
@@ -1019,7 +619,9 @@ def build_pretraining_dataloader(
 
 
 __all__ = [
+    "AUGMENTATION_DEVICES",
     "SKIP_REASONS",
+    "STATE_VERSION",
     "ImageDecodeError",
     "ImagePaths",
     "MultiCropBatch",

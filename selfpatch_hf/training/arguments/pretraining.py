@@ -112,11 +112,13 @@ class DataArguments:
     shuffle_buffer_size: int = option(1000, "Shuffle buffer per data worker (0: file order, exact resume).")
     num_workers: int = option(2, "Data loading worker processes per training process.")
     min_image_size: int = option(16, "Skip images whose shorter side is smaller.")
-    augmentation_device: Literal["workers", "device"] = option(
+    augmentation_device: Literal["workers", "device", "device_crops"] = option(
         "workers",
-        "Where the photometric ops (colour jitter, grayscale, blur, solarisation, normalisation) run: in the data "
-        "workers, or batched on the training device (`device`, e.g. the GPU: workers then only decode, crop and "
-        "flip, about 1.5x less CPU per image; same distributions, reproducible and resumable).",
+        "Where the crops are finished: in the data workers; `device`: photometric ops (colour jitter, grayscale, "
+        "blur, solarisation, normalisation) batched on the training device, workers decode, crop and flip (about "
+        "1.5x less CPU per image); `device_crops`: decoding (nvJPEG where torchvision is installed on CUDA, else in "
+        "the workers), crops, resizes and photometric ops on the device, workers only read bytes. Same "
+        "distributions, reproducible and resumable.",
     )
 
 
