@@ -9,7 +9,7 @@ import torch
 from reference_moby import random_swin
 from transformers import AutoModel, SwinConfig, SwinModel, ViTConfig, ViTImageProcessor, ViTModel
 
-from selfpatch_hf.conversion.moby import infer_swin_architecture, swin_backbone_to_hf
+from selfpatch_hf.conversion.swin import infer_swin_architecture, swin_backbone_to_hf
 from selfpatch_hf.evaluation.cli import main
 from selfpatch_hf.evaluation.features import FrozenBackbone
 

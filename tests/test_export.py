@@ -150,14 +150,14 @@ def _modes(root) -> dict[str, int]:
 def test_export_and_its_upload_snapshot_follow_the_umask(tmp_path, umask):
     """The folder and files get the modes a plain mkdir / open gives under the umask (mkdtemp alone gives 0700 and
     save_pretrained 0600), and so does the snapshot the Hub uploader keeps of an export."""
-    from selfpatch_hf.hub.uploads import _snapshot
+    from selfpatch_hf.hub.uploads import snapshot_folder
 
     previous = os.umask(umask)
     try:
         target = export_backbone(trained_tiny_model(), tmp_path / "run" / "backbone")
         snapshot = tmp_path / "run" / ".hub_uploads" / "step-1"
         snapshot.parent.mkdir()
-        _snapshot(target, snapshot)
+        snapshot_folder(target, snapshot)
     finally:
         os.umask(previous)
     for folder in (target, snapshot):
