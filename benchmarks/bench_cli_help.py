@@ -1,4 +1,4 @@
-"""Wall time of every command line's `--help` (the goal: well under 1.5 s, so the tools feel instant).
+"""Wall time of every command line's `--help` (BENCHMARKS.md's goal: well under 1.5 s, so the tools feel instant).
 
     python benchmarks/bench_cli_help.py [--repeats 5]
 

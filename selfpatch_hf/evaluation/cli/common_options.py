@@ -131,6 +131,28 @@ def load_backbone(
 RANDOM_BASELINE = "random-init"  # the name of the randomly initialised backbone in the results
 
 
+def backbones_to_evaluate(
+    args: argparse.Namespace, models: list[tuple[str, str]], **kwargs
+) -> list[tuple[str, Any]]:
+    """(name, backbone) of every `models` entry (name, path), all loaded before any work, then with
+    `--random-baseline` the first one's architecture randomly initialised, named `RANDOM_BASELINE`."""
+    backbones = [(name, load_backbone(args, path, **kwargs)) for name, path in models]
+    if getattr(args, "random_baseline", False):
+        backbones.append((RANDOM_BASELINE, load_backbone(args, models[0][1], random_init=True, **kwargs)))
+    names = [name for name, _ in backbones]
+    if len(set(names)) < len(names):
+        raise UsageError(f"--model names must differ (they label the results), got {names}.")
+    return backbones
+
+
+def results_payload(results: dict[str, Any], main_name: str) -> dict[str, Any]:
+    """The JSON of a single-model command: the model's scores, and the random baseline's under its name."""
+    payload = results[main_name].to_dict()
+    if RANDOM_BASELINE in results:
+        payload[RANDOM_BASELINE] = results[RANDOM_BASELINE].to_dict()
+    return payload
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,6 +265,8 @@ def percent(value: float) -> str:
 __all__ = [
     "RANDOM_BASELINE",
     "add_backbone_options",
+    "backbones_to_evaluate",
+    "results_payload",
     "add_dataset_options",
     "add_random_baseline_option",
     "add_runtime_options",

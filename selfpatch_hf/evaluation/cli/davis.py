@@ -8,12 +8,11 @@ from pathlib import Path
 
 from selfpatch_hf.cli.errors import CommandFailure, UsageError
 from selfpatch_hf.evaluation.cli.common_options import (
-    RANDOM_BASELINE,
     add_backbone_options,
     add_random_baseline_option,
     add_runtime_options,
     apply_runtime_options,
-    load_backbone,
+    backbones_to_evaluate,
     note,
     percent,
     show_progress,
@@ -92,12 +91,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(
                 "give --model (or --evaluate-only to score existing predictions in --output-dir)."
             )
-        models = [(name, load_backbone(args, path)) for name, path in args.model]  # all load before any work
-        if args.random_baseline:
-            models.append((RANDOM_BASELINE, load_backbone(args, args.model[0][1], random_init=True)))
-        names = [name for name, _ in models]
-        if len(set(names)) < len(names):
-            raise UsageError(f"--model names must differ (they name the output folders), got {names}.")
+        models = backbones_to_evaluate(args, args.model)
         runs = [(name, output_dir / name if len(models) > 1 else output_dir, model) for name, model in models]
     rows = []
     try:

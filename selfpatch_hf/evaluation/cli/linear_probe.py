@@ -7,16 +7,16 @@ import sys
 
 from selfpatch_hf.cli.errors import CommandFailure
 from selfpatch_hf.evaluation.cli.common_options import (
-    RANDOM_BASELINE,
     add_backbone_options,
     add_dataset_options,
     add_random_baseline_option,
     add_runtime_options,
     apply_runtime_options,
-    load_backbone,
+    backbones_to_evaluate,
     load_split_option,
     note,
     percent,
+    results_payload,
     show_progress,
     write_json,
 )
@@ -56,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(LinearProbeConfig, args)
     apply_runtime_options(args)
-    backbones = [(args.model, load_backbone(args, args.model))]
-    if args.random_baseline:
-        backbones.append((RANDOM_BASELINE, load_backbone(args, args.model, random_init=True)))
+    backbones = backbones_to_evaluate(args, [(args.model, args.model)])
     train, evaluation = load_split_option(args, args.train_split), load_split_option(args, args.eval_split)
     results = {}
     for name, backbone in backbones:
@@ -84,10 +82,7 @@ def run(args: argparse.Namespace) -> int:
             f"| {name} | {percent(100 * scores.mean_iou)} | {percent(100 * scores.mean_accuracy)} | "
             f"{percent(100 * scores.overall_accuracy)} | {result.num_labels} | {result.num_train} | {result.num_eval} |"
         )
-    payload = results[args.model].to_dict()
-    if args.random_baseline:
-        payload[RANDOM_BASELINE] = results[RANDOM_BASELINE].to_dict()
-    write_json(args.output_json, payload)
+    write_json(args.output_json, results_payload(results, args.model))
     reference = reference_note("linear-probe", args.dataset, config, backbones[0][1].model.config)
     if reference:
         sys.stdout.flush()
