@@ -203,7 +203,9 @@ def test_the_readme_snippet_runs_on_any_photograph(tmp_path, mode):
     folder = export_backbone(trained_tiny_model(), tmp_path / "backbone")
     rng = np.random.default_rng(0)
     channels = {"L": (), "RGBA": (4,)}[mode]
-    Image.fromarray(rng.integers(0, 256, (45, 60, *channels), dtype=np.uint8), mode).save(tmp_path / "image.png")
+    Image.fromarray(rng.integers(0, 256, (45, 60, *channels), dtype=np.uint8)).save(
+        tmp_path / "image.png"
+    )  # L, RGBA
     snippet = snippet.replace("path-or-hub-id", str(folder)).replace("image.jpg", str(tmp_path / "image.png"))
     snippet += "\nassert tuple(feature_map.shape) == (1, 4, 4, 32), feature_map.shape\n"
     (tmp_path / "snippet.py").write_text(snippet)

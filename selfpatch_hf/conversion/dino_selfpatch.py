@@ -25,6 +25,7 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -587,10 +588,9 @@ def convert_dino_selfpatch(
     card = _card_info(checkpoint, architecture, backbone.config.model_type, notes)
     build_pretraining = pretraining_card = None
     if pretraining and checkpoint.family == "dino":
-
-        def build_pretraining():
-            return dino_to_pretraining_model(checkpoint, architecture, recipe=pretraining_recipe)
-
+        build_pretraining = partial(
+            dino_to_pretraining_model, checkpoint, architecture, recipe=pretraining_recipe
+        )
         pretraining_card = PretrainingCardInfo(
             converted_from=path.name,
             source_method="dino",
@@ -609,8 +609,8 @@ def convert_dino_selfpatch(
         architecture=architecture,
         backbone=backbone,
         card=card,
-        reference_forward=lambda pixels: reference_backbone_forward(
-            checkpoint.backbone, architecture, pixels, output_norm
+        reference_forward=partial(
+            reference_backbone_forward, checkpoint.backbone, architecture, output_norm=output_norm
         ),
         build_pretraining=build_pretraining,
         pretraining_card=pretraining_card,

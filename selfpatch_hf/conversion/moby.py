@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -440,11 +441,9 @@ def convert_moby(
         backbone=backbone.model,
         card=moby_card_info(checkpoint, backbone, side, notes),
         reference_forward=backbone.reference_forward,
-        build_pretraining=(
-            (lambda: moby_to_pretraining_model(checkpoint, backbone, pretraining_recipe))
-            if pretraining
-            else None
-        ),
+        build_pretraining=partial(moby_to_pretraining_model, checkpoint, backbone, pretraining_recipe)
+        if pretraining
+        else None,
         pretraining_card=PretrainingCardInfo(
             converted_from=path.name,
             source_method="moby",

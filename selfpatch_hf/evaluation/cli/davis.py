@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
             )
         models = backbones_to_evaluate(args, args.model)
         runs = [(name, output_dir / name if len(models) > 1 else output_dir, model) for name, model in models]
+    # a line per finished sequence where no progress bar shows (logs, pipes), none with --quiet
+    lines = not args.quiet and not sys.stderr.isatty()
     rows = []
     try:
         for name, target, model in runs:
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                     model,
                     target,
                     config,
-                    progress=None if args.quiet else lambda seq, n=name: note(f"[{n}] {seq} done"),
+                    progress=(lambda seq, n=name: note(f"[{n}] {seq} done")) if lines else None,
                     show_progress=show_progress(args),
                     **layout,
                 )
