@@ -1,4 +1,4 @@
-"""Wall time of every command line's `--help` (the goal: well under 1.5 s, so the tools feel instant).
+"""Wall time of every command line's `--help` (BENCHMARKS.md's goal: well under 1.5 s, so the tools feel instant).
 
     python benchmarks/bench_cli_help.py [--repeats 5]
 
@@ -19,8 +19,8 @@ import time
 COMMANDS = [
     ("selfpatch", ["selfpatch_hf.cli.main", "--help"]),
     ("selfpatch export", ["selfpatch_hf.cli.main", "export", "--help"]),
-    ("selfpatch-convert", ["selfpatch_hf.conversion.dino_selfpatch", "--help"]),
-    ("selfpatch-push", ["selfpatch_hf.hub.publishing", "--help"]),
+    ("selfpatch-convert", ["selfpatch_hf.conversion", "--help"]),
+    ("selfpatch-push", ["selfpatch_hf.hub", "--help"]),
     ("selfpatch eval", ["selfpatch_hf.evaluation", "--help"]),
     ("selfpatch eval davis", ["selfpatch_hf.evaluation", "davis", "--help"]),
     ("selfpatch eval visualize", ["selfpatch_hf.evaluation", "visualize", "--help"]),

@@ -496,7 +496,7 @@ def print_worker_shares(
     read = statistics.median(shares["device_crops"])
     host = statistics.median(shares["device_crops_host_decode"])
     print(
-        f"goal (issue 21): `device_crops` worker share <= 0.5 ms with nvJPEG: {1000 * read:.2f} ms "
+        f"goal (BENCHMARKS.md, Goals): `device_crops` worker share <= 0.5 ms with nvJPEG: {1000 * read:.2f} ms "
         f"({'met' if read <= 5e-4 else 'NOT met'}); without it, decode + 0.5 ms: {1000 * host:.2f} ms vs decode "
         f"{1000 * decode:.2f} ms + 0.5 ({'met' if host <= decode + 5e-4 else 'NOT met'})"
     )

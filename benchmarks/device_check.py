@@ -478,7 +478,7 @@ def section_model(report: Report, device: torch.device, args, results: dict) -> 
 
     shapes = model_shapes(args)
     images = shapes["batch"]
-    # bf16 first (the goals are judged in bf16), compilation last (it takes the longest)
+    # bf16 first (BENCHMARKS.md's goals are judged in bf16), compilation last (it takes the longest)
     precisions = ["fp32"] if args.cpu_mode else ["bf16", "fp32", "bf16+compile"]
     matmul_size = 512 if args.cpu_mode else 8192
     peaks = {"fp32": peak_matmul_macs(device, torch.float32, matmul_size)}
@@ -577,7 +577,11 @@ def section_model(report: Report, device: torch.device, args, results: dict) -> 
             continue
         ratio = step_seconds[f"selfpatch {precision}"] / step_seconds[f"dino {precision}"]
         report.add(
-            "model", f"SelfPatch / DINO step time, {precision}", ratio, "x", note="goal <= 1.2 (bf16, GPU)"
+            "model",
+            f"SelfPatch / DINO step time, {precision}",
+            ratio,
+            "x",
+            note="BENCHMARKS.md goal: <= 1.2 (bf16, GPU)",
         )
         results[f"ratio {precision}"] = ratio
 
@@ -670,7 +674,9 @@ def device_augmentation(
         bare = results[label]["step_seconds"]
         share = seconds / bare
         entry["share_of_step"] = share
-        note += f"; the augmentation alone is {share:.1%} of the bare {label} step (goal < 10%)"
+        note += (
+            f"; the augmentation alone is {share:.1%} of the bare {label} step (BENCHMARKS.md goal: < 10%)"
+        )
     report.add("data", f"{label} step with the device augmentation", step_seconds * 1e3, "ms", note=note)
     entry["step_with_augmentation_seconds"] = step_seconds
     del model, step
@@ -750,6 +756,7 @@ def verdicts(report: Report, results: dict, args) -> list[dict]:
             status, detail = "not measured", missing
         else:
             status = "PASS" if passed else "FAIL"
+        # one row per goal of BENCHMARKS.md
         out.append({"goal": goal, "status": status, "value": value, "detail": detail})
 
     best = next((label for label in ("selfpatch bf16+compile", "selfpatch bf16") if label in results), None)

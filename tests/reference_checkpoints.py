@@ -1,7 +1,8 @@
 """Checkpoints in the reference SelfPatch / DINO key formats (docs/method.md section 11), with random weights,
 and an independent re-implementation of the reference forward pass to compare converted models with.
 
-Nothing here imports `selfpatch_hf`: the reference side of every comparison is built from the spec alone.
+Nothing here imports `selfpatch_hf`: the reference side of every comparison is built from the reference code's
+published architecture alone (timm / DINO ViTs, SelfPatch's aggregation module; docs/method.md section 11).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def selfpatch_training_checkpoint() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The reference forward pass, re-implemented from the spec (timm-style modules loaded with the reference keys)
+# The reference forward pass, as timm-style modules loaded with the reference keys
 # ------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,11 @@
 """MoBY checkpoints in the key format of its public code (Transformer-SSL: `models/moby.py`, `models/swin_transformer.py`,
-a timm ViT for DeiT-S; saved by `save_checkpoint` as `{"model": state_dict, "optimizer", "lr_scheduler", "epoch",
-"config", ...}`), with random weights, and an independent re-implementation of the reference Swin forward pass.
+timm's `VisionTransformer` for DeiT-S; saved by `save_checkpoint` as `{"model": state_dict, "optimizer",
+"lr_scheduler", "epoch", "config", ...}`), with random weights, and the two encoders written as modules with the
+reference code's structure (their state dicts are the checkpoints' keys, their forward passes the expected outputs).
 
 Nothing here imports `selfpatch_hf`: the reference side of every comparison is written from the published
-architecture (shifted windows, relative position bias, patch merging) alone.
+architectures alone (Swin: shifted windows, relative position bias, patch merging; DeiT: timm 0.3.2's
+`VisionTransformer`, the version Transformer-SSL installs).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import types
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from reference_checkpoints import backbone_state, prefixed
+from reference_checkpoints import prefixed
 
 # A tiny Swin: 32 px images, patch 2 -> stage grids 16, 8, 4 (window 4: shifted windows in stages 0-1, one window
 # in the last stage, where the reference turns the shift off).
@@ -191,6 +193,108 @@ def moby_mlp_state(in_dim: int, inner: int = 16, out: int = 8, seed: int = 0) ->
     }
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# DeiT-S as MoBY builds it: `timm.models.vit_deit_small_patch16_224(num_classes=0, drop_path_rate=...)` (timm 0.3.2)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _TimmAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)  # qkv_bias=True for DeiT
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(b, n, c)))
+
+
+class _TimmMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class _TimmBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = _TimmAttention(dim, num_heads)
+        self.drop_path = nn.Identity()  # stochastic depth is off in evaluation
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = _TimmMlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class _TimmPatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ReferenceDeiT(nn.Module):
+    """timm's `VisionTransformer` with `num_classes=0` (head = Identity): patch embedding, CLS token, position
+    embedding with the class position, pre-norm blocks with a fused qkv, final norm. Its forward is what MoBY's
+    encoder returns: the CLS token after the final norm."""
+
+    def __init__(self, *, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0):
+        super().__init__()
+        self.num_features = self.embed_dim = embed_dim
+        self.patch_embed = _TimmPatchEmbed(patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2 + 1, embed_dim))
+        self.pos_drop = nn.Dropout(0.0)
+        self.blocks = nn.ModuleList(_TimmBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Identity()
+
+    def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Every token (CLS first) after the final norm, (B, 1 + N, D)."""
+        x = self.patch_embed(pixels)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.tokens(pixels)[:, 0]
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(pixels))
+
+
+def random_deit(seed: int = 0) -> ReferenceDeiT:
+    torch.manual_seed(seed)
+    model = ReferenceDeiT()
+    with torch.no_grad():  # every parameter random (CLS, positions, biases and norms too)
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.2)
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.add_(1.0)
+    return model.eval()
+
+
 class FakeYacsConfig(dict):
     """Pickles like yacs' `CfgNode` (module `yacs.config`, a dict subclass with attributes in `__dict__`), which
     MoBY's `save_checkpoint` stores under "config"; yacs itself is not installed here."""
@@ -266,7 +370,8 @@ def moby_swin_checkpoint(**overrides) -> tuple[dict, ReferenceSwin, ReferenceSwi
     return checkpoint, online, target
 
 
-def moby_deit_checkpoint() -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A tiny timm ViT (CLS token, class position, final norm: the DeiT-S layout) as MoBY's encoders."""
-    online, target = backbone_state(cls=True, seed=30), backbone_state(cls=True, seed=40)
-    return moby_checkpoint(online, target, 32, image_size=32), online, target
+def moby_deit_checkpoint() -> tuple[dict, ReferenceDeiT, ReferenceDeiT]:
+    """A tiny DeiT (32 px, patch 8, width 32, 2 blocks of 2 heads) as MoBY's online and target encoders."""
+    online, target = random_deit(seed=30), random_deit(seed=40)
+    checkpoint = moby_checkpoint(online.state_dict(), target.state_dict(), online.num_features, image_size=32)
+    return checkpoint, online, target

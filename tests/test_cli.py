@@ -37,7 +37,7 @@ def test_export_of_a_missing_folder_is_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "backbone")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
-        "selfpatch export: error: cannot load a SelfPatchViTForPretraining"
+        "selfpatch export: error: cannot load a SelfPatchForPretraining"
     )
     (tmp_path / "file").write_text("")
     assert main(["export", str(tmp_path), str(tmp_path / "file")]) == 2

@@ -25,11 +25,9 @@ from reference_checkpoints import (
 )
 from transformers import AutoImageProcessor, AutoModel, SiglipVisionModel, ViTModel
 
-from selfpatch_hf.conversion.dino_selfpatch import (
-    ConversionError,
-    convert_checkpoint,
-    load_reference_checkpoint,
-)
+from selfpatch_hf.conversion.checkpoints import ConversionError
+from selfpatch_hf.conversion.convert import convert_checkpoint
+from selfpatch_hf.conversion.dino_selfpatch import load_reference_checkpoint
 
 TOLERANCE = 1e-4
 ARCH = {"hidden": 32, "layers": 2, "heads": 2, "mlp": 64, "patch": 8, "grid": 4}
@@ -353,7 +351,7 @@ def test_command_line(tmp_path):
         [
             sys.executable,
             "-m",
-            "selfpatch_hf.conversion.dino_selfpatch",
+            "selfpatch_hf.conversion",
             str(tmp_path / "checkpoint.pth"),
             str(tmp_path / "out"),
             "--num-heads",
@@ -378,7 +376,7 @@ def test_command_line(tmp_path):
         [
             sys.executable,
             "-m",
-            "selfpatch_hf.conversion.dino_selfpatch",
+            "selfpatch_hf.conversion",
             str(tmp_path / "bad.pth"),
             str(tmp_path / "bad"),
             "--num-heads",
@@ -428,7 +426,7 @@ def test_non_finite_weights_are_named_and_an_earlier_export_survives(tmp_path, m
     assert _files(tmp_path / "out") == before
 
     # a self-check that fails after everything was written: still nothing of the earlier export is touched
-    monkeypatch.setattr("selfpatch_hf.conversion.dino_selfpatch.VERIFY_TOLERANCE", -1.0)
+    monkeypatch.setattr("selfpatch_hf.conversion.writing.VERIFY_TOLERANCE", -1.0)
     other = dino_training_checkpoint()
     other["teacher"]["backbone.norm.bias"] += 1.0
     torch.save(other, tmp_path / "other.pth")
@@ -438,7 +436,7 @@ def test_non_finite_weights_are_named_and_an_earlier_export_survives(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.pth", "nan.pth", "other.pth", "out"]
 
     # a successful conversion replaces the export, with the user's normal permissions
-    monkeypatch.setattr("selfpatch_hf.conversion.dino_selfpatch.VERIFY_TOLERANCE", 1e-4)
+    monkeypatch.setattr("selfpatch_hf.conversion.writing.VERIFY_TOLERANCE", 1e-4)
     convert_checkpoint(tmp_path / "other.pth", tmp_path / "out", num_heads=2)
     assert _files(tmp_path / "out") != before
     umask = os.umask(0)
@@ -484,11 +482,11 @@ def test_args_that_are_not_a_namespace_are_ignored_with_a_warning(tmp_path, capl
 
 
 def test_command_line_errors(tmp_path):
-    from selfpatch_hf.conversion.dino_selfpatch import main
+    from selfpatch_hf.conversion.cli import main
 
     def run(*argv):
         done = subprocess.run(
-            [sys.executable, "-m", "selfpatch_hf.conversion.dino_selfpatch", *map(str, argv)],
+            [sys.executable, "-m", "selfpatch_hf.conversion", *map(str, argv)],
             capture_output=True,
             text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"},

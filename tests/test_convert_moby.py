@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_checkpoints import reference_vit
 from reference_moby import (
     TINY_SWIN,
     moby_deit_checkpoint,
@@ -17,7 +16,9 @@ from reference_moby import (
 from transformers import AutoImageProcessor, AutoModel, SwinModel, ViTModel
 
 from selfpatch_hf import SelfPatchForPretraining
-from selfpatch_hf.conversion.dino_selfpatch import ConversionError, convert_checkpoint, main
+from selfpatch_hf.conversion.checkpoints import ConversionError
+from selfpatch_hf.conversion.cli import main
+from selfpatch_hf.conversion.convert import convert_checkpoint
 
 TOLERANCE = 1e-4
 
@@ -88,7 +89,7 @@ def test_moby_swin_converts_to_an_exact_swin_model(tmp_path, overrides):
 
 
 def test_moby_deit_converts_to_an_exact_vit(tmp_path):
-    checkpoint, online, _ = moby_deit_checkpoint()
+    checkpoint, online, target = moby_deit_checkpoint()
     # a DDP-wrapped model saved without unwrapping, and no "model" wrapper around the state dict
     state = {f"module.{key}": value for key, value in checkpoint["model"].items()}
     torch.save(state, tmp_path / "moby_deit_small.pth")
@@ -101,11 +102,21 @@ def test_moby_deit_converts_to_an_exact_vit(tmp_path):
     x = pixels(2, 3, 32, 32)
     with torch.no_grad():
         output = model(pixel_values=x)
-        raw = reference_vit(online, cls=True, hidden=32, layers=2, heads=2, mlp=64, patch=8, grid=4)(x)
-        expected = F.layer_norm(raw, (32,), online["norm.weight"], online["norm.bias"], 1e-6)
-    assert_close(output.last_hidden_state, expected)
-    # MoBY-DeiT's image representation: the normalised CLS token
-    assert_close(output.pooler_output, expected[:, 0], 1e-6)
+        expected = online.tokens(x)  # timm's VisionTransformer as MoBY builds it: every token after the norm
+        assert_close(output.last_hidden_state, expected)
+        # MoBY-DeiT's image representation: what its encoder returns, the normalised CLS token
+        assert_close(output.pooler_output, online(x), 1e-6)
+        # the momentum encoder on request
+        teacher = convert_checkpoint(
+            tmp_path / "moby_deit_small.pth",
+            tmp_path / "k",
+            num_heads=2,
+            network="teacher",
+            pretraining=False,
+        )
+        ours = AutoModel.from_pretrained(teacher.backbone_dir).eval()(pixel_values=x).last_hidden_state
+        assert_close(ours, target.tokens(x))
+        assert (ours - expected).abs().max() > 0.1  # really the other network
 
 
 def _damage(checkpoint: dict, change) -> dict:
@@ -213,14 +224,8 @@ def test_moby_pretraining_checkpoint_restarts_moby_exactly(tmp_path, backbone):
         represent = {"online": lambda x: online(x)[1], "target": lambda x: target(x)[1]}  # average pool
         kwargs = {}
     else:
-        checkpoint, online_state, target_state = moby_deit_checkpoint()
-        arch = {"hidden": 32, "layers": 2, "heads": 2, "mlp": 64, "patch": 8, "grid": 4}
-
-        def cls_token(state):
-            vit = reference_vit(state, cls=True, **arch)
-            return lambda x: F.layer_norm(vit(x), (32,), state["norm.weight"], state["norm.bias"], 1e-6)[:, 0]
-
-        represent = {"online": cls_token(online_state), "target": cls_token(target_state)}
+        checkpoint, online, target = moby_deit_checkpoint()
+        represent = {"online": online, "target": target}  # the normalised CLS token
         kwargs = {"num_heads": 2}
     save_with_yacs_config(checkpoint, tmp_path / "moby.pth")
     result = convert_checkpoint(tmp_path / "moby.pth", tmp_path / "out", pretraining_recipe="moby", **kwargs)

@@ -1,4 +1,4 @@
-"""benchmarks/device_check.py's judgement of the GPU goals (issue 18), on synthetic figures: the vendor peak table,
+"""benchmarks/device_check.py's judgement of BENCHMARKS.md's GPU goals, on synthetic figures: the vendor peak table,
 and PASS / FAIL / "not measured" with the reason, never a silent gap."""
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def test_verdicts_pass_fail_and_not_measured(device_check):
         "data device_crops": {"cores_per_device": 1.9},
         "device augmentation": {"share_of_step": 0.04},
     }
+    # the verdicts by BENCHMARKS.md goal
     goals = {goal["goal"]: goal for goal in device_check.verdicts(report, results, gpu_args())}
     peak = goals["bf16 SelfPatch step >= 40% of the dense peak"]
     assert peak["status"] == "PASS" and peak["value"] == pytest.approx(420 / 989)
@@ -67,7 +68,7 @@ def test_verdicts_pass_fail_and_not_measured(device_check):
     assert loader["status"] == "PASS" and loader["value"] == 1.9 and "best device_crops" in loader["detail"]
     assert goals["device augmentation < 10% of a bf16 step"]["status"] == "PASS"
 
-    # nothing timed in bf16 because the model section ran out of time: every goal says why it is not measured
+    # (BENCHMARKS.md's goals) nothing timed in bf16 because the model section ran out of time: every goal says why it is not measured
     report.add(
         "model", "selfpatch bf16 step", None, "", "skipped", "the model section's share of --budget is spent"
     )

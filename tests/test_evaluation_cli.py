@@ -1,6 +1,6 @@
 """`python -m selfpatch_hf.evaluation`: every subcommand end to end on offline data and tiny backbones."""
 
-import argparse
+import io
 import json
 import logging
 import os
@@ -60,7 +60,8 @@ def test_davis_command_compares_models(workspace, capsys):
     printed = capsys.readouterr().out
     assert "| Model | J&F | J | F |" in printed and "| a |" in printed and "| b |" in printed
     scores = json.loads((out / "a" / "scores.json").read_text())
-    assert 0.0 <= scores["J&F-Mean"] <= 1.0
+    assert 0.0 <= scores["J&F-Mean"] <= 100.0  # percent, as the printed tables
+    assert scores["J&F-Mean"] == pytest.approx((scores["j_mean"] + scores["f_mean"]) / 2)
     sequences = (workspace / "data/davis/ImageSets/2017/val.txt").read_text().split()
     assert sorted(p.name for p in (out / "b" / sequences[0]).glob("*.png")) == [
         f"{t:05d}.png" for t in range(4)
@@ -78,7 +79,7 @@ def test_linear_probe_and_knn_commands(workspace, capsys):
     args = ["linear-probe", "--model", str(workspace / "vit0"), "--dataset", data, "--image-size", "32"]
     assert main(args + ["--epochs", "2", "--output-json", str(probe_json)]) == 0
     probe = json.loads(probe_json.read_text())
-    assert probe["num_train"] == 6 and probe["num_eval"] == 3 and 0.0 <= probe["mean_iou"] <= 1.0
+    assert probe["num_train"] == 6 and probe["num_eval"] == 3 and 0.0 <= probe["mean_iou"] <= 100.0
     assert "| mIoU | mAcc | aAcc |" in capsys.readouterr().out
     knn_json = workspace / "knn.json"
     args = ["knn", "--model", str(workspace / "vit0"), "--dataset", data, "--resize", "32", "--crop", "32"]
@@ -279,15 +280,181 @@ def test_bad_visualize_arguments_are_one_line_errors(workspace, tmp_path, run_cl
     assert not (tmp_path / "fig.png").exists()
 
 
-def test_every_visualize_option_is_described_and_examples_keep_their_lines():
-    from selfpatch_hf.evaluation.cli import _build_parser
+def test_every_option_is_described_and_examples_keep_their_lines():
+    from selfpatch_hf.evaluation.cli import COMMANDS, command_parser
 
-    parser = _build_parser()
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for name, subparser in subparsers.choices.items():
-        for action in subparser._actions:
-            assert action.help, f"{name} {action.option_strings or action.dest} has no description"
+    for name in COMMANDS:
+        subparser = command_parser(name)
         text = subparser.format_help()
+        options = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
+        assert options, name
+        for option in options:  # an option's own line is followed by its help, on the same line or the next
+            after = text.split("\n  " + option, 1)[1].split("\n  --", 1)[0]
+            assert len(after.split()) > 1, f"{name} {option} has no description"
         assert "(default: None)" not in text and text.count("(default: cpu)") <= 1
+        assert "(default: True)" not in text and "(default: False)" not in text
         if name == "visualize":
             assert "examples:\n  selfpatch eval visualize --model dino=" in text  # line breaks kept
+
+
+# ------------------------------------------------------------------------------------ what the numbers mean
+def test_random_baseline_is_reported_beside_the_model(workspace, capsys, tmp_path):
+    data = str(workspace / "data/segmentation")
+    probe_json = tmp_path / "probe.json"
+    args = ["linear-probe", "--model", str(workspace / "vit1"), "--dataset", data, "--image-size", "32"]
+    assert (
+        main(args + ["--epochs", "2", "--random-baseline", "--quiet", "--output-json", str(probe_json)]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"| {workspace / 'vit1'} |" in printed and "| random-init |" in printed
+    probe = json.loads(probe_json.read_text())
+    # the baseline is the model's architecture with transformers' initialisation (seed 0), probed the same way
+    from selfpatch_hf.evaluation.cli.common_options import load_split
+    from selfpatch_hf.evaluation.configs import LinearProbeConfig
+    from selfpatch_hf.evaluation.features import FrozenBackbone
+    from selfpatch_hf.evaluation.linear_probe import run_linear_probe
+
+    random_init = FrozenBackbone.random_like(str(workspace / "vit1"), seed=0)
+    assert random_init.model.config.to_dict() == ViTModel.from_pretrained(workspace / "vit1").config.to_dict()
+    expected = run_linear_probe(
+        random_init,
+        load_split(data, "train"),
+        load_split(data, "validation"),
+        LinearProbeConfig(image_size=32, epochs=2),
+    )
+    assert probe["random-init"]["mean_iou"] == pytest.approx(100 * expected.scores.mean_iou)
+
+    out = tmp_path / "davis"
+    args = ["davis", "--davis-root", str(workspace / "data/davis"), "--output-dir", str(out), "--quiet"]
+    args += [
+        "--model",
+        f"a={workspace / 'vit0'}",
+        "--random-baseline",
+        "--size-multiple",
+        "16",
+        "--topk",
+        "3",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| a |") or
+            line.startswith("| random-init |")}  # fmt: skip
+    assert set(rows) == {"a", "random-init"}
+    scores = {name: json.loads((out / name / "scores.json").read_text()) for name in rows}
+    for name, line in rows.items():  # the table shows the JSON's percentages
+        assert line.split("|")[2].strip() == f"{scores[name]['J&F-Mean']:.1f}"
+
+
+def _as_standard_scenes(workspace, tmp_path):
+    """The workspace's small scenes, described as the standard ones (only the description is read)."""
+    from selfpatch_hf.evaluation.offline_reference import standard_arguments
+
+    root = tmp_path / "standard"
+    shutil.copytree(workspace / "data", root)
+    info = json.loads((root / "offline_data.json").read_text())
+    info["arguments"] = standard_arguments()
+    (root / "offline_data.json").write_text(json.dumps(info))
+    return root
+
+
+def test_scores_on_the_standard_offline_scenes_come_with_the_recorded_floor(workspace, tmp_path, capsys):
+    from selfpatch_hf.evaluation.configs import KnnConfig, LinearProbeConfig, PropagationConfig
+    from selfpatch_hf.evaluation.offline_reference import RANDOM_INIT_FLOOR, reference_note
+
+    root = _as_standard_scenes(workspace, tmp_path)
+    vit_ti = ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, patch_size=16)
+    note = reference_note("linear-probe", root / "segmentation", LinearProbeConfig(), vit_ti)
+    assert "41.4 ± 0.9" in note and "up to 0.9" in note and "BENCHMARKS.md" in note
+    assert "differ" not in note and "measured for" not in note
+    # DAVIS: the default settings do not enlarge the 240-px frames, so they are the recorded ones
+    note = reference_note("davis", root / "davis", PropagationConfig(), vit_ti)
+    assert f"J&F {RANDOM_INIT_FLOOR['J&F'][0]}" in note and "differ" not in note
+    assert "differ" in reference_note("davis", root / "davis", PropagationConfig(upscale=True), vit_ti)
+    assert "differ" in reference_note(
+        "knn", root / "segmentation", KnnConfig(), vit_ti
+    )  # resize 256, not 224
+    small = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
+    assert "measured for ViT-Ti/16" in reference_note("davis", root / "davis", PropagationConfig(), small)
+    assert (
+        reference_note("davis", workspace / "data/davis", PropagationConfig(), vit_ti) is None
+    )  # other scenes
+
+    args = ["linear-probe", "--model", str(workspace / "vit0"), "--dataset", str(root / "segmentation")]
+    assert main(args + ["--image-size", "32", "--epochs", "1", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "Reference (BENCHMARKS.md" in err and "mIoU 41.4 ± 0.9" in err and "settings differ" in err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_threads_and_progress_bars(workspace, monkeypatch, run_cli):
+    data = str(workspace / "data/segmentation")
+    args = ["knn", "--model", str(workspace / "vit0"), "--dataset", data, "--resize", "32", "--crop", "32"]
+    threads = torch.get_num_threads()
+    try:
+        terminal = _Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert main([*args, "--k", "3", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert "representations of the training images" in terminal.getvalue()  # a bar, on a terminal
+        quiet = _Terminal()
+        monkeypatch.setattr(sys, "stderr", quiet)
+        assert main([*args, "--k", "3", "--quiet"]) == 0
+        assert "representations of" not in quiet.getvalue()
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(threads)
+    code, lines = run_cli(*args, "--threads", "0")
+    assert code == 2
+    assert_one_line_error(lines, "--threads must be a positive number of threads, got 0")
+    code, lines = run_cli(*args, "--k", "0")
+    assert code == 2
+    assert_one_line_error(lines, "--k must be >= 1, got 0")
+    code, lines = run_cli(*args, "--temperature", "nan")
+    assert code == 2
+    assert_one_line_error(lines, "--temperature must be a positive number, got nan")
+
+
+def test_offline_data_go_to_the_cache_folder_that_fine_tuning_reads(tmp_path, monkeypatch, run_cli):
+    from selfpatch_hf.data.samples.synthetic_scenes import default_offline_data_dir
+
+    monkeypatch.setenv("SELFPATCH_HF_CACHE", str(tmp_path / "cache"))
+    target = default_offline_data_dir()
+    assert target == tmp_path / "cache" / "offline-eval"
+    code, lines = run_cli("make-offline-data", "--num-sequences", "2")
+    assert code == 2
+    assert_one_line_error(lines, "the cache folder holds the standard scenes only", "give --output-dir")
+    assert not target.exists()
+    # another folder's content is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    code, lines = run_cli("make-offline-data", "--output-dir", str(tmp_path / "mine"), "--num-sequences", "1")
+    assert code == 2
+    assert_one_line_error(lines, "holds other files (notes.txt)")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    code, lines = run_cli("make-offline-data", "--output-dir", str(tmp_path / "x"), "--num-frames", "2")
+    assert code == 2
+    assert_one_line_error(lines, "--num-frames must be >= 3, got 2")
+
+
+@pytest.mark.slow
+def test_the_standard_scenes_are_built_once_for_evaluation_and_fine_tuning(tmp_path, monkeypatch, capsys):
+    from selfpatch_hf.data.samples.synthetic_scenes import default_offline_data_dir
+    from selfpatch_hf.data.segmentation.loading import OFFLINE_SCENES, load_segmentation_splits
+
+    monkeypatch.setenv("SELFPATCH_HF_CACHE", str(tmp_path / "cache"))
+    assert main(["make-offline-data"]) == 0
+    target = default_offline_data_dir()
+    parquet = sorted((target / "segmentation").rglob("*.parquet"))
+    stamps = [path.stat().st_mtime_ns for path in parquet]
+    assert len(parquet) == 2 and (target / "davis" / "ImageSets" / "2017" / "val.txt").is_file()
+    train, evaluation = load_segmentation_splits(OFFLINE_SCENES, "train", "validation")
+    assert (len(train), len(evaluation)) == (240, 80)
+    assert [path.stat().st_mtime_ns for path in parquet] == stamps  # fine-tuning reused them, no second copy
+    capsys.readouterr()
+    assert main(["make-offline-data"]) == 0
+    assert "already built" in capsys.readouterr().out
+    assert sorted(p.name for p in target.parent.iterdir()) == ["offline-eval"]  # no staging folder left

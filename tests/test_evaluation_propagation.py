@@ -247,6 +247,9 @@ def test_protocol_size():
     assert protocol_size(854, 480, config, 16) == (832, 480)
     assert protocol_size(240, 320, PropagationConfig(short_side=224, size_multiple=32), 16) == (224, 288)
     assert protocol_size(64, 96, PropagationConfig(short_side=60, size_multiple=8), 16) == (48, 80)
+    # frames smaller than the short side keep their size (the offline scenes' 240 px), unless asked otherwise
+    assert protocol_size(240, 320, config, 16) == (240, 320)
+    assert protocol_size(240, 320, PropagationConfig(upscale=True), 16) == (480, 640)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -9,7 +9,7 @@ import torch
 from reference_moby import random_swin
 from transformers import AutoModel, SwinConfig, SwinModel, ViTConfig, ViTImageProcessor, ViTModel
 
-from selfpatch_hf.conversion.moby import infer_swin_architecture, swin_backbone_to_hf
+from selfpatch_hf.conversion.swin import infer_swin_architecture, swin_backbone_to_hf
 from selfpatch_hf.evaluation.cli import main
 from selfpatch_hf.evaluation.features import FrozenBackbone
 
@@ -132,7 +132,7 @@ def test_evaluation_commands_take_a_swin_stage(workspace, capsys):
     ]
     assert main(args) == 0
     scores = json.loads((out / "scores.json").read_text())
-    assert 0.0 <= scores["J&F-Mean"] <= 1.0
+    assert 0.0 <= scores["J&F-Mean"] <= 100.0  # percent
     sequence = (workspace / "data/davis/ImageSets/2017/val.txt").read_text().split()[0]
     assert len(list((out / sequence).glob("*.png"))) == 3
 

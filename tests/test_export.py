@@ -150,14 +150,14 @@ def _modes(root) -> dict[str, int]:
 def test_export_and_its_upload_snapshot_follow_the_umask(tmp_path, umask):
     """The folder and files get the modes a plain mkdir / open gives under the umask (mkdtemp alone gives 0700 and
     save_pretrained 0600), and so does the snapshot the Hub uploader keeps of an export."""
-    from selfpatch_hf.hub.uploads import _snapshot
+    from selfpatch_hf.hub.uploads import snapshot_folder
 
     previous = os.umask(umask)
     try:
         target = export_backbone(trained_tiny_model(), tmp_path / "run" / "backbone")
         snapshot = tmp_path / "run" / ".hub_uploads" / "step-1"
         snapshot.parent.mkdir()
-        _snapshot(target, snapshot)
+        snapshot_folder(target, snapshot)
     finally:
         os.umask(previous)
     for folder in (target, snapshot):
@@ -177,3 +177,41 @@ def test_export_leaves_the_global_rng_as_it_was(tmp_path):
     torch.manual_seed(123)
     export_backbone(model, tmp_path / "backbone")
     torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
+README_CHILD = textwrap.dedent(
+    """
+    import sys
+
+    snippet = open(sys.argv[1]).read()
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert "selfpatch_hf" not in sys.modules, "the README's snippet must run without selfpatch_hf"
+    print("ran")
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"], ids=["grayscale", "rgba"])
+def test_the_readme_snippet_runs_on_any_photograph(tmp_path, mode):
+    """README.md's "Use a backbone" snippet, as printed, on an exported folder and a grayscale or RGBA image,
+    in a process that never imports selfpatch_hf: the exported processor converts every image to RGB."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Use a backbone", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    folder = export_backbone(trained_tiny_model(), tmp_path / "backbone")
+    rng = np.random.default_rng(0)
+    channels = {"L": (), "RGBA": (4,)}[mode]
+    Image.fromarray(rng.integers(0, 256, (45, 60, *channels), dtype=np.uint8)).save(
+        tmp_path / "image.png"
+    )  # L, RGBA
+    snippet = snippet.replace("path-or-hub-id", str(folder)).replace("image.jpg", str(tmp_path / "image.png"))
+    snippet += "\nassert tuple(feature_map.shape) == (1, 4, 4, 32), feature_map.shape\n"
+    (tmp_path / "snippet.py").write_text(snippet)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", README_CHILD, str(tmp_path / "snippet.py")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0 and "ran" in result.stdout, result.stderr[-3000:]

@@ -48,8 +48,53 @@ def test_freed_memory_is_reused_without_page_faults():
     assert kept_faults < default_faults / 20
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] == "glibc", reason="non-glibc systems only")
-def test_other_c_libraries_are_left_alone():
-    from selfpatch_hf.training.host_memory import keep_freed_host_memory
+@pytest.mark.parametrize(
+    ("system", "libc"), [("Linux", ("musl", "1.2")), ("Darwin", ("", "")), ("Windows", ("", ""))]
+)
+def test_other_c_libraries_are_left_alone(monkeypatch, system, libc):
+    """Runs on every host (CI is glibc): another C library is simulated, and no C function may be called."""
+    import ctypes
 
-    assert keep_freed_host_memory() is False
+    from selfpatch_hf.training import host_memory
+
+    monkeypatch.setattr(platform, "system", lambda: system)
+    monkeypatch.setattr(platform, "libc_ver", lambda *args, **kwargs: libc)
+
+    def no_c_library(*args, **kwargs):
+        raise AssertionError("a C library was loaded on a system without glibc")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_c_library)
+    assert host_memory.keep_freed_host_memory() is False
+
+
+class _Mallopt:
+    """glibc's `mallopt` as `keep_freed_host_memory` calls it: records the settings, answers `status`."""
+
+    def __init__(self, status: int):
+        self.status, self.calls = status, []
+
+    def __call__(self, parameter: int, value: int) -> int:
+        self.calls.append((parameter, value))
+        return self.status
+
+
+@pytest.mark.parametrize("status", [1, 0], ids=["accepted", "rejected"])
+def test_the_settings_asked_of_glibc_and_a_refusal(monkeypatch, caplog, status):
+    """Without touching this process's allocator: the exact mallopt calls (M_MMAP_MAX 0, M_TRIM_THRESHOLD -1) and
+    what a refusal returns and says."""
+    import ctypes
+    import types
+
+    from selfpatch_hf.training import host_memory
+
+    mallopt = _Mallopt(status)
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "libc_ver", lambda *args, **kwargs: ("glibc", "2.36"))
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: types.SimpleNamespace(mallopt=mallopt))
+    assert host_memory.keep_freed_host_memory() is bool(status)
+    assert mallopt.calls[0] == (-4, 0)  # M_MMAP_MAX = 0: every block from the heap
+    if status:
+        assert mallopt.calls == [(-4, 0), (-1, -1)]  # M_TRIM_THRESHOLD = -1: never trim
+        assert "rejected" not in caplog.text
+    else:
+        assert "glibc rejected the allocator settings" in caplog.text

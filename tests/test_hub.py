@@ -19,7 +19,7 @@ from tiny_models import tiny_config
 from transformers import AutoImageProcessor
 
 from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
-from selfpatch_hf.conversion.dino_selfpatch import convert_checkpoint
+from selfpatch_hf.conversion.convert import convert_checkpoint
 from selfpatch_hf.hub.cards.backbone import (
     BASE_TAGS,
     REPO_ID_PLACEHOLDER,
@@ -27,7 +27,8 @@ from selfpatch_hf.hub.cards.backbone import (
     render_backbone_card,
     write_backbone_card,
 )
-from selfpatch_hf.hub.publishing import PublishError, check_backbone_folder, push_backbone, push_folder
+from selfpatch_hf.hub.publishing import PublishError, check_backbone_folder, push_backbone
+from selfpatch_hf.hub.uploads import AsyncHubUploader, push_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EVAL = {
@@ -177,7 +178,7 @@ def test_pretraining_script_names_only_hub_datasets_in_the_card(tmp_path):
 def test_unpublishable_folders_are_refused(trained, tmp_path):
     _, backbone, pretraining = trained
     check_backbone_folder(backbone)
-    with pytest.raises(PublishError, match="SelfPatchViTForPretraining checkpoint, not a backbone"):
+    with pytest.raises(PublishError, match="SelfPatchForPretraining checkpoint, not a backbone"):
         check_backbone_folder(pretraining)
     (backbone / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(PublishError, match=r"pickle-based files \(pytorch_model.bin\)"):
@@ -209,6 +210,12 @@ CHILD = textwrap.dedent(
         with torch.no_grad():
             features = model(**inputs).last_hidden_state
         piped = pipeline("image-feature-extraction", model=repo)(image, return_tensors=True)
+        # a grayscale photograph: the processor converts it to RGB before normalising with 3 channel means
+        gray = image.convert("L")
+        gray_inputs = processor(images=gray, return_tensors="pt")
+        assert torch.equal(gray_inputs["pixel_values"], processor(images=gray.convert("RGB"), return_tensors="pt")["pixel_values"])
+        with torch.no_grad():
+            assert torch.isfinite(model(**gray_inputs).last_hidden_state).all()
         card = ModelCard.load(repo)
         torch.save(
             {
@@ -235,6 +242,7 @@ def test_push_then_load_in_a_fresh_process(trained, hub_server, tmp_path):
     reference_checkpoint = selfpatch_training_checkpoint()
     torch.save(reference_checkpoint, reference_path)
     converted = convert_checkpoint(reference_path, tmp_path / "converted", num_heads=2).backbone_dir
+    local_card = (backbone / "README.md").read_bytes()
 
     result = push_backbone(
         backbone,
@@ -246,6 +254,7 @@ def test_push_then_load_in_a_fresh_process(trained, hub_server, tmp_path):
         endpoint=hub_server.endpoint,
     )
     assert result.commit_url.startswith(f"{hub_server.endpoint}/me/selfpatch-tiny/commit/")
+    assert (backbone / "README.md").read_bytes() == local_card  # the repo id goes into the uploaded card only
     assert result.pretraining_path_in_repo == "pretraining"
     push_backbone(converted, "me/selfpatch-reference", token=hub_server.token, endpoint=hub_server.endpoint)
     assert (
@@ -343,7 +352,7 @@ def test_command_line_push_to_a_branch_with_token_from_the_environment(trained, 
     command = [
         sys.executable,
         "-m",
-        "selfpatch_hf.hub.publishing",
+        "selfpatch_hf.hub",
         str(backbone),
         "me/cli-model",
         "--revision",
@@ -370,7 +379,7 @@ def test_command_line_push_to_a_branch_with_token_from_the_environment(trained, 
     assert pretraining_files["config.json"] == (pretraining / "config.json").read_bytes()
 
     # in process: a wrong token is refused with a clear message and exit code 1 ...
-    from selfpatch_hf.hub.publishing import main
+    from selfpatch_hf.hub.cli import main
 
     arguments = [str(backbone), "me/cli-model", "--endpoint", hub_server.endpoint]
     assert main([*arguments, "--token", "hf_wrong"]) == 1
@@ -382,17 +391,21 @@ def test_command_line_push_to_a_branch_with_token_from_the_environment(trained, 
     assert "not a backbone" in capsys.readouterr().err
 
 
-def test_background_push_and_second_commit(trained, hub_server):
+def test_background_upload_then_a_second_commit_in_the_foreground(trained, hub_server, tmp_path):
+    """The project's one upload path: the background uploader's commit and `push_folder`'s land in one history."""
     _, backbone, _ = trained
-    future = push_folder(
-        backbone, "me/async", token=hub_server.token, endpoint=hub_server.endpoint, run_as_future=True
+    uploader = AsyncHubUploader(
+        "me/async", tmp_path / "staging", token=hub_server.token, endpoint=hub_server.endpoint
     )
-    first = future.result(timeout=60)
+    uploader.submit(backbone, step=1)
+    (first,) = uploader.wait(timeout=60)
+    assert first.status == "uploaded" and not first.folder.exists()  # the snapshot is gone once on the Hub
+    first_oid = first.commit_url.rsplit("/", 1)[-1]
     # a re-export (new weights, same files) becomes a second commit on top of the first
     (backbone / "extra.txt").write_text("training log")
     second = push_folder(backbone, "me/async", token=hub_server.token, endpoint=hub_server.endpoint)
     repo = hub_server.repo("me/async")
-    assert repo.commits[second.oid].parent == first.oid
+    assert repo.commits[second.oid].parent == first_oid
     assert hub_server.files("me/async")["extra.txt"] == b"training log"
     with pytest.raises(HfHubHTTPError):
         push_folder(backbone, "me/async", token="hf_wrong", endpoint=hub_server.endpoint)
@@ -443,3 +456,37 @@ def test_converted_dino_backbone_card(tmp_path):
     card = ModelCard.load(folder / "README.md")
     assert "Converted with `selfpatch-convert` from `dino.pth`" in card.content
     assert card.data.library_name == "transformers"
+
+
+def test_export_then_push_from_the_command_line(trained, hub_server, tmp_path, capsys):
+    """`selfpatch export` writes the card that `selfpatch push` needs; the push renders the repo id into the card it
+    uploads and leaves the local folder as it was."""
+    from selfpatch_hf.cli.main import main
+
+    _, _, pretraining = trained
+    exported = tmp_path / "exported"
+    assert main(["export", str(pretraining), str(exported), "--dataset", "ILSVRC/imagenet-1k"]) == 0
+    assert "with its model card" in capsys.readouterr().out
+    local_card = (exported / "README.md").read_text()
+    assert REPO_ID_PLACEHOLDER in local_card and "| patch loss weight (lambda) | 0.1 |" in local_card
+    assert ModelCard(local_card).data.datasets == ["ILSVRC/imagenet-1k"]
+    push = [
+        "push",
+        str(exported),
+        "me/exported",
+        "--endpoint",
+        hub_server.endpoint,
+        "--token",
+        hub_server.token,
+    ]
+    assert main(push) == 0
+    files = hub_server.files("me/exported")
+    published = files["README.md"].decode()
+    assert 'model_id = "me/exported"' in published and REPO_ID_PLACEHOLDER not in published
+    assert files["model.safetensors"] == (exported / "model.safetensors").read_bytes()
+    assert (exported / "README.md").read_text() == local_card  # the user's folder is not changed
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no snapshot left
+
+    # a local path is no Hub dataset id: refused before anything loads
+    assert main(["export", str(pretraining), str(tmp_path / "x"), "--dataset", "./images"]) == 2
+    assert "not a Hub dataset id" in capsys.readouterr().err and not (tmp_path / "x").exists()

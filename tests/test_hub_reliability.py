@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hub_server import closed_port
 
-from selfpatch_hf.hub.publishing import main as push_main
+from selfpatch_hf.hub.cli import main as push_main
 from selfpatch_hf.hub.request_limits import bound_hub_requests, is_permanent_error, unbound_hub_requests
 from selfpatch_hf.hub.uploads import AsyncHubUploader
 
@@ -35,6 +35,10 @@ def _backbone_folder(path: Path) -> Path:
     (path / "preprocessor_config.json").write_text("{}")
     (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# card\n")
     return path
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _one_error_line(err: str) -> str:
@@ -64,6 +68,10 @@ def test_push_to_a_refused_connection_is_one_line(tmp_path, capsys):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # noqa: F401 -- import outside the clock
 
     folder = _backbone_folder(tmp_path / "backbone")
+    (folder / "README.md").write_text(
+        '---\nlicense: apache-2.0\n---\n# card\n\nmodel_id = "<repo-id-or-local-folder>"\n'
+    )
+    before = _files(tmp_path)
     endpoint = f"http://127.0.0.1:{closed_port()}"
     started = time.monotonic()
     assert push_main([str(folder), "me/model", "--endpoint", endpoint, "--token", "hf_x"]) == 1
@@ -71,6 +79,7 @@ def test_push_to_a_refused_connection_is_one_line(tmp_path, capsys):
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith(f"selfpatch-push: error: publishing {folder} to me/model failed: ")
     assert f"cannot connect to the Hub at {endpoint}" in line
+    assert _files(tmp_path) == before  # the card was not rewritten, no snapshot is left behind
 
 
 def test_push_to_a_silent_server_gives_up_after_its_timeout(tmp_path, stalled_hub_endpoint, capsys):
@@ -88,7 +97,7 @@ def test_push_to_a_silent_server_gives_up_after_its_timeout(tmp_path, stalled_hu
 def test_push_as_a_program_hangs_never(tmp_path, stalled_hub_endpoint):
     folder = _backbone_folder(tmp_path / "backbone")
     done = subprocess.run(
-        [sys.executable, "-m", "selfpatch_hf.hub.publishing", str(folder), "me/model", "--timeout", "1"],
+        [sys.executable, "-m", "selfpatch_hf.hub", str(folder), "me/model", "--timeout", "1"],
         env={
             **os.environ,
             "HF_ENDPOINT": stalled_hub_endpoint,

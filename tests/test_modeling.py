@@ -61,7 +61,7 @@ def reference_positives(
 
 
 def reference_class_attention(aggregation: SelfPatchAggregation, tokens: torch.Tensor) -> torch.Tensor:
-    """h(tokens) for ONE sequence `(T, D)`, from the spec formulas: u = [cls; tokens], cls += Attn(LN1(u))[cls], ..."""
+    """h(tokens) for ONE sequence `(T, D)`, from the formulas of docs/method.md section 5: u = [cls; tokens], cls += Attn(LN1(u))[cls], ..."""
     cls = aggregation.cls_token[0, 0]
     dim = cls.shape[0]
     for block in aggregation.blocks:

@@ -1,1 +1,2 @@
-"""The `selfpatch` command (`main`) and the error contract every command line of the project shares (`errors`)."""
+"""The `selfpatch` command (`main`: a dispatcher to each tool's own command module) and the error contract every
+command line of the project shares (`errors`)."""

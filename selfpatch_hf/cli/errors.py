@@ -42,13 +42,16 @@ def run_command(
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the line breaks of descriptions and epilogs (examples stay readable) and appends `(default: X)` to
-    an option's help only when there is a default worth showing and the help does not already state one."""
+    an option's help only when there is a default worth showing and the help does not already state one. A flag
+    (`store_true` / `store_false`, no value) shows none: `--no-verify ... (default: True)` reads as if the flag
+    were on."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
         if (
             "default" in text
+            or action.nargs == 0  # a flag: its "default" is the opposite of what it does
             or default is None
             or default is False
             or default == []

@@ -1,10 +1,11 @@
 """Dense evaluation of frozen vision transformers: DAVIS label propagation (J&F), linear-probe semantic
 segmentation (mIoU), k-NN classification, and the figures (attention maps, teacher positives).
 
-The offline evaluation data (synthetic scenes of real photographs) lives in `selfpatch_hf.data.samples.synthetic_scenes`.
-
-Everything takes backbones that `AutoModel` loads (see `FrozenBackbone`); the command line is
-`python -m selfpatch_hf.evaluation --help`. Submodules are imported on first use to keep the CLI fast.
+Every protocol's settings are a dataclass of `configs` (the one home of their defaults). Everything takes backbones
+that `AutoModel` loads (see `FrozenBackbone`). The command line is `selfpatch eval` (`cli`, also `python -m
+selfpatch_hf.evaluation`); the offline evaluation data (synthetic scenes of real photographs) are built by
+`selfpatch_hf.data.samples.synthetic_scenes`, and what scores on them mean is in `offline_reference`. Submodules
+are imported on first use to keep the command line fast.
 """
 
 from importlib import import_module
@@ -12,7 +13,9 @@ from importlib import import_module
 _EXPORTS = {
     "FrozenBackbone": "features",
     "PatchFeatureExtractor": "features",
-    "PropagationConfig": "propagation",
+    "AttentionFigureConfig": "configs",
+    "DavisConfig": "configs",
+    "PropagationConfig": "configs",
     "propagate_labels": "propagation",
     "propagate_video": "propagation",
     "iter_propagation": "propagation",
@@ -24,9 +27,9 @@ _EXPORTS = {
     "boundary_f_measure": "vos_metrics",
     "ConfusionMatrix": "semseg_metrics",
     "segmentation_scores": "semseg_metrics",
-    "LinearProbeConfig": "linear_probe",
+    "LinearProbeConfig": "configs",
     "run_linear_probe": "linear_probe",
-    "KnnConfig": "knn",
+    "KnnConfig": "configs",
     "knn_classify": "knn",
     "run_knn": "knn",
     "load_metric": "evaluate_metrics",

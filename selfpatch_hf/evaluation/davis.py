@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from selfpatch_hf.evaluation.features import PatchFeatureExtractor
-from selfpatch_hf.evaluation.propagation import PropagationConfig, iter_propagation
+from selfpatch_hf.evaluation.configs import DavisConfig, PropagationConfig
+from selfpatch_hf.evaluation.features import PatchFeatureExtractor, progress_bar
+from selfpatch_hf.evaluation.propagation import iter_propagation
 from selfpatch_hf.evaluation.vos_metrics import db_statistics, sequence_scores
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ def write_indexed_mask(path: str | Path, mask: np.ndarray, palette: Sequence[int
     image.save(path)
 
 
-def list_sequences(root: str | Path, split: str = "val", year: str = "2017") -> list[str]:
+def list_sequences(
+    root: str | Path, split: str = DavisConfig.split, year: str = DavisConfig.year
+) -> list[str]:
     """Sequence names of `ImageSets/<year>/<split>.txt`."""
     listing = Path(root) / "ImageSets" / year / f"{split}.txt"
     if not listing.is_file():
@@ -92,7 +95,7 @@ def list_sequences(root: str | Path, split: str = "val", year: str = "2017") -> 
     return [line.strip() for line in listing.read_text().splitlines() if line.strip()]
 
 
-def load_sequence(root: str | Path, name: str, resolution: str = "480p") -> DavisSequence:
+def load_sequence(root: str | Path, name: str, resolution: str = DavisConfig.resolution) -> DavisSequence:
     """Frame and annotation paths of one sequence, sorted by frame name."""
     root = Path(root)
     frame_dir = root / "JPEGImages" / resolution / name
@@ -151,32 +154,42 @@ def predict_davis(
     output_dir: str | Path,
     config: PropagationConfig | None = None,
     *,
-    split: str = "val",
-    year: str = "2017",
-    resolution: str = "480p",
+    split: str = DavisConfig.split,
+    year: str = DavisConfig.year,
+    resolution: str = DavisConfig.resolution,
     sequences: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    show_progress: bool = False,
 ) -> list[str]:
-    """Propagate every sequence's first-frame mask and write OUTPUT/<sequence>/<frame>.png."""
+    """Propagate every sequence's first-frame mask and write OUTPUT/<sequence>/<frame>.png. `progress` is called
+    with each finished sequence's name; `show_progress` shows a bar of the frames on a terminal."""
     config = config or PropagationConfig()
     names = list(sequences) if sequences else list_sequences(root, split, year)
     output_dir = Path(output_dir)
-    for name in names:
-        sequence = load_sequence(root, name, resolution)
+    loaded = [
+        load_sequence(root, name, resolution) for name in names
+    ]  # every sequence checked before any work
+    bar = progress_bar(
+        sum(len(sequence.frames) for sequence in loaded), "propagating", show_progress, "frame"
+    )
+    for sequence in loaded:
         first_mask = read_indexed_mask(sequence.annotations[0])
         frames = _read_frames(sequence.frames, first_mask.shape, sequence.annotations[0])
         for path, mask in zip(
             sequence.frames, iter_propagation(frames, first_mask, extractor, config), strict=True
         ):
-            write_indexed_mask(output_dir / name / f"{path.stem}.png", mask)
+            write_indexed_mask(output_dir / sequence.name / f"{path.stem}.png", mask)
+            bar.update()
         if progress is not None:
-            progress(name)
+            progress(sequence.name)
+    bar.close()
     return names
 
 
 @dataclass
 class DavisResult:
-    """J&F over a set of sequences (DAVIS semi-supervised protocol)."""
+    """J&F over a set of sequences (DAVIS semi-supervised protocol). The fields are fractions, as the DAVIS
+    toolkit computes them; `to_dict` and `to_markdown`, what the command line writes and prints, are in percent."""
 
     j_mean: float
     j_recall: float
@@ -191,19 +204,41 @@ class DavisResult:
         return (self.j_mean + self.f_mean) / 2
 
     def to_dict(self) -> dict:
-        return {"J&F-Mean": self.jf_mean, **asdict(self)}
+        """Every score in percent (as papers report J&F), per object too."""
+        values = asdict(self)
+        per_object = values.pop("per_object")
+        return {
+            "J&F-Mean": 100 * self.jf_mean,
+            **{name: 100 * value for name, value in values.items()},
+            "per_object": {name: {k: 100 * v for k, v in s.items()} for name, s in per_object.items()},
+        }
 
     def to_markdown(self) -> str:
+        """The summary and the per-object table, in percent."""
         lines = [
             "| J&F-Mean | J-Mean | J-Recall | J-Decay | F-Mean | F-Recall | F-Decay |",
             "|---|---|---|---|---|---|---|",
-            f"| {self.jf_mean:.3f} | {self.j_mean:.3f} | {self.j_recall:.3f} | {self.j_decay:.3f} | "
-            f"{self.f_mean:.3f} | {self.f_recall:.3f} | {self.f_decay:.3f} |",
+            "| "
+            + " | ".join(
+                f"{100 * value:.1f}"
+                for value in (
+                    self.jf_mean,
+                    self.j_mean,
+                    self.j_recall,
+                    self.j_decay,
+                    self.f_mean,
+                    self.f_recall,
+                    self.f_decay,
+                )
+            )
+            + " |",
             "",
             "| Object | J-Mean | F-Mean |",
             "|---|---|---|",
         ]
-        lines += [f"| {name} | {s['J']:.3f} | {s['F']:.3f} |" for name, s in self.per_object.items()]
+        lines += [
+            f"| {name} | {100 * s['J']:.1f} | {100 * s['F']:.1f} |" for name, s in self.per_object.items()
+        ]
         return "\n".join(lines)
 
 
@@ -211,11 +246,11 @@ def evaluate_davis(
     root: str | Path,
     results_dir: str | Path,
     *,
-    split: str = "val",
-    year: str = "2017",
-    resolution: str = "480p",
+    split: str = DavisConfig.split,
+    year: str = DavisConfig.year,
+    resolution: str = DavisConfig.resolution,
     sequences: Sequence[str] | None = None,
-    bound_th: float = 0.008,
+    bound_th: float = DavisConfig.bound_th,
 ) -> DavisResult:
     """Score the masks in RESULTS/<sequence>/<frame>.png against the DAVIS annotations."""
     names = list(sequences) if sequences else list_sequences(root, split, year)

@@ -208,6 +208,28 @@ class FrozenBackbone(torch.nn.Module):
         mean, std = load_image_statistics(name_or_path, image_mean, image_std)
         return cls(model, mean, std, stage=stage).to(device)
 
+    @classmethod
+    def random_like(
+        cls,
+        name_or_path: str,
+        *,
+        seed: int = 0,
+        attn_implementation: str | None = None,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        device: str | torch.device = "cpu",
+        stage: int | None = None,
+    ) -> FrozenBackbone:
+        """A backbone of `name_or_path`'s architecture and normalisation with transformers' random initialisation
+        (seed `seed`; the caller's random state is left as it was): the floor that learnt features must beat."""
+        config = AutoConfig.from_pretrained(name_or_path)
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(config, dtype=torch.float32, **kwargs)
+        mean, std = load_image_statistics(name_or_path, image_mean, image_std)
+        return cls(model, mean, std, stage=stage).to(device)
+
     @property
     def device(self) -> torch.device:
         return self.image_mean.device
@@ -320,11 +342,12 @@ class FrozenBackbone(torch.nn.Module):
         raise ValueError(f"Unknown pooling {pooling!r}; choose 'auto', 'cls' or 'mean'.")
 
 
-def load_backbone(backbone: str | FrozenBackbone | PatchFeatureExtractor, **kwargs) -> PatchFeatureExtractor:
-    """Return `backbone` unchanged if it already extracts features, else load it by name or path."""
-    if isinstance(backbone, str):
-        return FrozenBackbone.from_pretrained(backbone, **kwargs)
-    return backbone
+def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "img"):
+    """A tqdm progress bar of the feature passes on stderr, shown only when `enabled` and stderr is a terminal
+    (logs and pipes get no bar lines); the bar disappears when closed."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit=unit, disable=None if enabled else True, leave=False)
 
 
 def image_to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:

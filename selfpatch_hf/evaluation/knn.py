@@ -15,21 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from selfpatch_hf.evaluation.features import FrozenBackbone, image_to_tensor
+from selfpatch_hf.evaluation.configs import KnnConfig
+from selfpatch_hf.evaluation.features import FrozenBackbone, image_to_tensor, progress_bar
 
 LABEL_COLUMNS = ("label", "labels", "class", "category", "fine_label")
-
-
-@dataclass
-class KnnConfig:
-    k: int = 20
-    temperature: float = 0.07
-    resize: int = 256
-    crop: int = 224
-    pooling: str = "auto"
-    batch_size: int = 32
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
 
 
 @dataclass
@@ -88,17 +77,25 @@ def _center_crop_tensor(image: Image.Image, resize: int, crop: int) -> torch.Ten
 
 @torch.no_grad()
 def extract_image_embeddings(
-    backbone: FrozenBackbone, dataset, image_column: str, config: KnnConfig
+    backbone: FrozenBackbone,
+    dataset,
+    image_column: str,
+    config: KnnConfig,
+    show_progress: bool = False,
+    description: str = "image representations",
 ) -> torch.Tensor:
-    """(n, C) image representations of a `datasets` dataset."""
+    """(n, C) image representations of a `datasets` dataset (`show_progress`: a progress bar on a terminal)."""
     if config.crop % backbone.patch_size:
         raise ValueError(f"crop {config.crop} must be a multiple of the patch size {backbone.patch_size}.")
     embeddings = []
+    bar = progress_bar(len(dataset), description, show_progress)
     for start in range(0, len(dataset), config.batch_size):
         batch = dataset[start : start + config.batch_size][image_column]
         images = [img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img)) for img in batch]
         pixels = torch.stack([_center_crop_tensor(img, config.resize, config.crop) for img in images])
         embeddings.append(backbone.image_embedding(pixels, config.pooling).float().cpu())
+        bar.update(len(images))
+    bar.close()
     return torch.cat(embeddings)
 
 
@@ -110,8 +107,10 @@ def run_knn(
     *,
     image_column: str = "image",
     label_column: str | None = None,
+    show_progress: bool = False,
 ) -> KnnResult:
-    """k-NN accuracy of `backbone`'s image representation on `datasets` splits with an integer label column."""
+    """k-NN accuracy of `backbone`'s image representation on `datasets` splits with an integer label column
+    (`show_progress`: progress bars for the feature passes on a terminal)."""
     config = config or KnnConfig()
     if label_column is None:
         label_column = next((c for c in LABEL_COLUMNS if c in train_dataset.column_names), None)
@@ -126,8 +125,17 @@ def run_knn(
         train_dataset = train_dataset.select(range(min(config.max_train_samples, len(train_dataset))))
     if config.max_eval_samples is not None:
         eval_dataset = eval_dataset.select(range(min(config.max_eval_samples, len(eval_dataset))))
-    train_features = extract_image_embeddings(backbone, train_dataset, image_column, config)
-    eval_features = extract_image_embeddings(backbone, eval_dataset, image_column, config)
+    train_features = extract_image_embeddings(
+        backbone, train_dataset, image_column, config, show_progress, "representations of the training images"
+    )
+    eval_features = extract_image_embeddings(
+        backbone,
+        eval_dataset,
+        image_column,
+        config,
+        show_progress,
+        "representations of the evaluation images",
+    )
     train_labels = torch.tensor(train_dataset[label_column])
     eval_labels = torch.tensor(eval_dataset[label_column])
     top1, top5 = knn_classify(

@@ -22,29 +22,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from selfpatch_hf.evaluation.features import PatchFeatureExtractor, resize_image
+from selfpatch_hf.evaluation.configs import LinearProbeConfig
+from selfpatch_hf.evaluation.features import PatchFeatureExtractor, progress_bar, resize_image
 from selfpatch_hf.evaluation.semseg_metrics import ConfusionMatrix, SegmentationScores, reduce_zero_label
 
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 MASK_COLUMNS = ("annotation", "mask", "semantic_segmentation", "segmentation", "seg", "label", "labels")
-
-
-@dataclass
-class LinearProbeConfig:
-    image_size: int = 224
-    epochs: int = 20
-    batch_size: int = 16  # images per optimiser step
-    feature_batch_size: int = 16  # images per backbone forward
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    ignore_index: int = 255
-    reduce_labels: bool = False
-    num_labels: int | None = None  # default: largest training label + 1
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    seed: int = 0
 
 
 @dataclass
@@ -56,13 +41,21 @@ class LinearProbeResult:
     final_train_loss: float
 
     def to_dict(self) -> dict:
+        """The scores in percent (mIoU, mAcc, aAcc and per class), with the sizes and the last training loss."""
+        scores = self.scores.to_dict()
         return {
-            **self.scores.to_dict(),
+            **{key: _percent(value) for key, value in scores.items()},
             "num_labels": self.num_labels,
             "num_train": self.num_train,
             "num_eval": self.num_eval,
             "final_train_loss": self.final_train_loss,
         }
+
+
+def _percent(value):
+    if isinstance(value, list):
+        return [_percent(v) for v in value]
+    return 100.0 * value
 
 
 def resolve_columns(
@@ -154,13 +147,17 @@ def extract_training_set(
     config: LinearProbeConfig,
     image_column: str,
     mask_column: str,
+    show_progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features (n, h, w, C) and label maps resized to image_size (n, S, S), ignore index applied."""
+    """Frozen features (n, h, w, C) and label maps resized to image_size (n, S, S), ignore index applied.
+    `show_progress`: a progress bar on a terminal."""
     size = config.image_size
     features, labels = [], []
+    bar = progress_bar(len(dataset), "features of the training images", show_progress)
     for batch in _batches(dataset, config.feature_batch_size):
         images = torch.stack([resize_image(_image(img), (size, size)) for img in batch[image_column]])
         features.append(extractor(images).float().cpu())
+        bar.update(len(images))
         for mask in batch[mask_column]:
             array = _mask_array(mask)
             if config.reduce_labels:
@@ -168,6 +165,7 @@ def extract_training_set(
             # The nearest-neighbour resize needs a mode that holds every label: 'I' (int32).
             resized = Image.fromarray(array.astype(np.int32)).resize((size, size), Image.Resampling.NEAREST)
             labels.append(torch.from_numpy(np.asarray(resized).astype(np.int64)))
+    bar.close()
     return torch.cat(features), torch.stack(labels)
 
 
@@ -223,17 +221,21 @@ def evaluate_linear_head(
     image_column: str,
     mask_column: str,
     num_labels: int,
+    show_progress: bool = False,
 ) -> SegmentationScores:
     """Score the head on `dataset` at each mask's original resolution."""
     confusion = ConfusionMatrix(num_labels, config.ignore_index, config.reduce_labels)
     size = config.image_size
+    bar = progress_bar(len(dataset), "scoring the evaluation images", show_progress)
     for batch in _batches(dataset, config.feature_batch_size):
         images = torch.stack([resize_image(_image(img), (size, size)) for img in batch[image_column]])
         logits = head(extractor(images).float().cpu())
+        bar.update(len(images))
         for logit, mask in zip(logits, batch[mask_column], strict=True):
             reference = _mask_array(mask)
             upsampled = F.interpolate(logit[None], size=reference.shape, mode="bilinear", align_corners=False)
             confusion.update(upsampled[0].argmax(dim=0).numpy(), reference)
+    bar.close()
     return confusion.compute()
 
 
@@ -246,8 +248,10 @@ def run_linear_probe(
     image_column: str | None = None,
     mask_column: str | None = None,
     log: Callable[[str], None] | None = None,
+    show_progress: bool = False,
 ) -> LinearProbeResult:
-    """Train a linear segmentation head on `train_dataset`'s frozen features and score it on `eval_dataset`."""
+    """Train a linear segmentation head on `train_dataset`'s frozen features and score it on `eval_dataset`.
+    `log` receives one line per epoch; `show_progress` shows bars for the feature passes on a terminal."""
     config = config or LinearProbeConfig()
     if config.image_size % extractor.patch_size:
         raise ValueError(
@@ -257,7 +261,9 @@ def run_linear_probe(
     train_dataset = _subset(train_dataset, config.max_train_samples)
     eval_dataset = _subset(eval_dataset, config.max_eval_samples)
 
-    features, labels = extract_training_set(train_dataset, extractor, config, image_column, mask_column)
+    features, labels = extract_training_set(
+        train_dataset, extractor, config, image_column, mask_column, show_progress
+    )
     num_labels = config.num_labels
     if num_labels is None:
         # Largest label of both splits: a class may be absent from a small training set.
@@ -273,6 +279,6 @@ def run_linear_probe(
         )
     head, final_loss = train_linear_head(features, labels, num_labels, config, log)
     scores = evaluate_linear_head(
-        head, eval_dataset, extractor, config, image_column, mask_column, num_labels
+        head, eval_dataset, extractor, config, image_column, mask_column, num_labels, show_progress
     )
     return LinearProbeResult(scores, num_labels, len(train_dataset), len(eval_dataset), final_loss)

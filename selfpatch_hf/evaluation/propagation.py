@@ -1,10 +1,12 @@
 """Semi-supervised video object segmentation by label propagation on frozen patch features.
 
 The protocol of DINO / SelfPatch (docs/method.md section 12, reference: DINO's
-`eval_video_segmentation.py`):
+`eval_video_segmentation.py`; its settings: `selfpatch_hf.evaluation.configs.PropagationConfig`):
 
 1. frames are resized so that the short side is `short_side` (480) and the long side is floored to a
-   multiple of `size_multiple` (64); features are the last-layer patch tokens, L2-normalised;
+   multiple of `size_multiple` (64); a frame whose short side is below `short_side` keeps it unless `upscale`
+   (DINO's script enlarges it; DAVIS 480p frames are unchanged either way); features are the last-layer patch
+   tokens, L2-normalised;
 2. the context of a target frame is the first frame (with its ground-truth mask, one-hot at patch
    resolution) and the `n_last_frames` (7) most recent frames with their soft predicted masks;
 3. affinity exp(cos / temperature) (temperature 0.1) between each target patch and every context patch
@@ -19,43 +21,25 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from selfpatch_hf.evaluation.configs import PropagationConfig
 from selfpatch_hf.evaluation.features import PatchFeatureExtractor, image_to_tensor
 
 
-@dataclass
-class PropagationConfig:
-    """Parameters of the label-propagation protocol (defaults: DINO / SelfPatch DAVIS evaluation)."""
-
-    short_side: int = 480
-    size_multiple: int = 64
-    n_last_frames: int = 7
-    topk: int = 5
-    temperature: float = 0.1
-    neighborhood: int = 12  # in patches; 0 or negative: no spatial restriction
-    normalize_channels: bool = True  # per-channel min-max before the argmax, as the reference code does
-    feature_batch_size: int = 4  # frames per backbone forward (features do not depend on propagation)
-    query_chunk: int = 1024  # target patches per affinity block: (chunk, T, N) floats at a time
-
-    def __post_init__(self):
-        if self.short_side <= 0 or self.size_multiple <= 0:
-            raise ValueError("short_side and size_multiple must be positive.")
-        if self.topk < 1 or self.n_last_frames < 0 or self.temperature <= 0:
-            raise ValueError("topk must be >= 1, n_last_frames >= 0 and temperature > 0.")
-
-
 def protocol_size(height: int, width: int, config: PropagationConfig, patch_size: int) -> tuple[int, int]:
-    """Network input size of a frame: short side `short_side`, long side floored to `size_multiple`.
+    """Network input size of a frame: short side `short_side` (at most the frame's own unless `config.upscale`),
+    long side floored to `size_multiple`.
 
     Both sides are finally floored to a multiple of the patch size (a no-op for 480 and patch 8 or 16).
     """
     short, multiple = config.short_side, config.size_multiple
+    if not config.upscale:
+        short = min(short, height, width)
     if height <= width:
         new_h, new_w = short, int((short * width / height) // multiple * multiple)
     else:

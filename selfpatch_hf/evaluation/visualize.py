@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from selfpatch_hf.evaluation.configs import AttentionFigureConfig
 from selfpatch_hf.evaluation.features import FrozenBackbone, resize_image
 from selfpatch_hf.image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
 
@@ -260,10 +261,10 @@ def attention_figure(
     backbones: Mapping[str, FrozenBackbone | str],
     queries: Sequence[Query],
     image_size: int | Sequence[int] | None = None,
-    fraction: float = 0.1,
-    mode: str = "patches",
-    per_head: bool = False,
-    layer: int = -1,
+    fraction: float = AttentionFigureConfig.fraction,
+    mode: str = AttentionFigureConfig.mode,
+    per_head: bool = AttentionFigureConfig.per_head,
+    layer: int = AttentionFigureConfig.layer,
 ) -> Image.Image:
     """One row per query: the input with the query patch outlined, then for each backbone the patches with
     the top `fraction` of the query's attention (mean over heads; with `per_head`, also each head).
@@ -424,7 +425,7 @@ def positives_figure(
 def teacher_positives(
     model, image: Image.Image | np.ndarray, image_size: int | Sequence[int] | None = None
 ) -> tuple[Image.Image, tuple[int, int], torch.Tensor]:
-    """Runs the SelfPatch teacher of a `SelfPatchViTForPretraining` on one image, as during pretraining.
+    """Runs the SelfPatch teacher of a `SelfPatchForPretraining` on one image, as during pretraining.
 
     The image is resized (bicubic) to `image_size` ((height, width), or an int for the shorter side with the aspect
     ratio kept; default: the config's global crop size as the shorter side) and normalised with ImageNet

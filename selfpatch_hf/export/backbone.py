@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 
 def build_image_processor(size: int | Sequence[int], model_type: str = "vit") -> BaseImageProcessor:
-    """The preprocessing of every backbone this project writes (exports and conversions): bicubic resize to `size`
-    (the global crop size of training), rescale to [0, 1], ImageNet mean/std.
+    """The preprocessing of every backbone this project writes (exports and conversions): conversion to RGB (so a
+    grayscale or RGBA image gets the three channels the normalisation expects), bicubic resize to `size` (the
+    global crop size of training), rescale to [0, 1], ImageNet mean/std.
 
     The class is the one `AutoImageProcessor` maps `model_type` to (`ViTImageProcessor` for ViT and Swin,
     `SiglipImageProcessor` for SigLIP). The PIL backend is built, so no torchvision is needed; both backends save the
@@ -51,6 +52,7 @@ def build_image_processor(size: int | Sequence[int], model_type: str = "vit") ->
     )
     height, width = as_height_width(size, "size")
     return processor_class(
+        do_convert_rgb=True,
         do_resize=True,
         size={"height": height, "width": width},
         resample=PILImageResampling.BICUBIC,

@@ -1,2 +1,3 @@
-"""The Hugging Face Hub: publishing folders (`publishing`), background uploads during training (`uploads`), bounds on
-every request (`request_limits`) and model cards (`cards`)."""
+"""The Hugging Face Hub: checks and publishing of backbone folders (`publishing`, command line `cli`:
+`selfpatch-push`), the one upload path in the foreground and the background (`uploads`), bounds on every request
+(`request_limits`) and model cards (`cards`)."""

@@ -4,7 +4,8 @@ huggingface_hub 2.x sends its HTTP through one shared `httpx2.Client` whose defa
 their own (`HF_HUB_ETAG_TIMEOUT`, `HF_HUB_DOWNLOAD_TIMEOUT`, 10 s), but `create_repo`, the pre-upload and the commit
 calls of an upload do not, so a server that accepts the connection and never answers makes them wait forever.
 `bound_hub_requests` installs (through `huggingface_hub.set_client_factory`, the library's documented hook) a
-client with connect / read / write timeouts; a request that passes its own timeout keeps it.
+client with the library's own request hooks and redirect handling plus connect / read / write timeouts; a request
+that passes its own timeout keeps it.
 
 `is_permanent_error` tells the errors that a retry cannot fix (an invalid repo id, 400/401/403/404/422 answers)
 from transient ones (connection refused or reset, timeouts, 408/429/5xx), and `describe_hub_error` says either in
@@ -24,6 +25,22 @@ DEFAULT_READ_TIMEOUT = 60.0  # seconds without a byte from the server (or withou
 TRANSIENT_STATUS_CODES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})  # 409: "conflicting operation"
 
 _bounds: httpx2.Timeout | None = None
+# The library's own client settings (its request hook, redirects), read from its first session: a bounded client is
+# that client with timeouts, and unbinding builds it again without them.
+_library_client: dict | None = None
+
+
+def _client_settings() -> dict:
+    global _library_client
+    if _library_client is None:
+        from huggingface_hub import get_session
+
+        session = get_session()
+        _library_client = {
+            "event_hooks": {name: list(hooks) for name, hooks in session.event_hooks.items()},
+            "follow_redirects": session.follow_redirects,
+        }
+    return _library_client
 
 
 def bound_hub_requests(
@@ -33,34 +50,25 @@ def bound_hub_requests(
     without progress, not a limit on a long transfer). Replaces the shared client; call it before uploading."""
     import httpx2
     from huggingface_hub import set_client_factory
-    from huggingface_hub.utils._http import default_client_factory
 
     global _bounds
     if not connect_timeout > 0 or not read_timeout > 0:
         raise ValueError(f"Hub timeouts must be > 0 seconds, got {connect_timeout} and {read_timeout}.")
+    settings = _client_settings()
     _bounds = httpx2.Timeout(read_timeout, connect=connect_timeout)
-
-    def bounded_client() -> httpx2.Client:
-        client = default_client_factory()
-        client.timeout = _bounds
-        return client
-
-    set_client_factory(bounded_client)
+    bounds = _bounds
+    set_client_factory(lambda: httpx2.Client(timeout=bounds, **settings))
 
 
 def unbound_hub_requests() -> None:
-    """Restores huggingface_hub's own client (no timeouts on uploads): undoes `bound_hub_requests`."""
+    """Restores huggingface_hub's own client settings (no timeouts on uploads): undoes `bound_hub_requests`."""
+    import httpx2
     from huggingface_hub import set_client_factory
-    from huggingface_hub.utils._http import default_client_factory
 
     global _bounds
+    settings = _client_settings()
     _bounds = None
-    set_client_factory(default_client_factory)
-
-
-def request_timeout() -> float | None:
-    """The read timeout installed by `bound_hub_requests` (None when the library's default, no timeout, applies)."""
-    return None if _bounds is None else _bounds.read
+    set_client_factory(lambda: httpx2.Client(timeout=None, **settings))
 
 
 def check_repo_id(repo_id: str | None, option: str = "repo id") -> str:
@@ -139,6 +147,5 @@ __all__ = [
     "check_repo_id",
     "describe_hub_error",
     "is_permanent_error",
-    "request_timeout",
     "unbound_hub_requests",
 ]

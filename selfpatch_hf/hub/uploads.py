@@ -1,8 +1,15 @@
-"""Background uploads of exported backbones to the Hugging Face Hub, so that training never waits on the network.
+"""Uploading folders to the Hugging Face Hub: the one upload path of the project, in the foreground or in the
+background.
 
-`AsyncHubUploader.submit(folder, step)` snapshots the export folder (hard links: instant, and immune to the next
-export replacing the folder) and queues `create_repo` (once) and then `HfApi.upload_folder` on a background thread
-(one, so that commits reach the Hub in export order). The training loop calls `poll()` now and then: it never blocks
+An upload is two calls, written once here: `ensure_repository` (`HfApi.create_repo(exist_ok=True)`, and the branch
+when one is named) and `commit_folder` (`HfApi.upload_folder`, one commit). `push_folder` makes both in the
+foreground (`selfpatch-push` publishes through it); `AsyncHubUploader` makes them on a background thread, so that
+training never waits on the network. Both upload a snapshot of the folder (`snapshot_folder`: hard links, instant,
+and immune to the next export replacing the folder, and a place to put files that differ in the upload, such as a
+card with the repo id filled in, without touching the user's folder).
+
+`AsyncHubUploader.submit(folder, step)` snapshots the export folder and queues `ensure_repository` (once) and then
+`commit_folder` on a background thread (one, so that commits reach the Hub in export order). The training loop calls `poll()` now and then: it never blocks
 and never raises; it collects finished uploads, and schedules a retry (exponential back-off) for a failed one unless a
 newer export has been queued since (the newer one carries everything the older one had). Errors that a retry cannot
 fix (an invalid repo id, a refused token, no permission: see `selfpatch_hf.hub.request_limits.is_permanent_error`) are not
@@ -32,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from huggingface_hub import HfApi
+from huggingface_hub import CommitInfo, HfApi
 
 from selfpatch_hf.hub.request_limits import check_repo_id, describe_hub_error, is_permanent_error
 from selfpatch_hf.training.preemption import StopRequest
@@ -83,15 +90,19 @@ class UploadOutcome:
 class _Job:
     outcome: UploadOutcome
     commit_message: str
-    future: Future | None = None  # the running call: create_repo (phase "repo") or upload_folder ("upload")
+    future: Future | None = (
+        None  # the running call: ensure_repository (phase "repo") or commit_folder ("upload")
+    )
     phase: Literal["repo", "upload"] = "repo"
     retry_at: float | None = None  # monotonic time of the next attempt
 
 
-def _snapshot(folder: Path, destination: Path) -> None:
+def snapshot_folder(folder: str | os.PathLike, destination: str | os.PathLike) -> Path:
     """Copies `folder` to `destination` with hard links where possible (exports replace whole files, never edit
-    them in place, so a link keeps the old content alive)."""
+    them in place, so a link keeps the old content alive); returns `destination`. To change a file of the snapshot,
+    unlink it first: writing through a link would change the original."""
     shutil.copytree(folder, destination, copy_function=_link_or_copy)
+    return Path(destination)
 
 
 def _link_or_copy(source: str, destination: str) -> None:
@@ -99,6 +110,66 @@ def _link_or_copy(source: str, destination: str) -> None:
         os.link(source, destination)
     except OSError:
         shutil.copy2(source, destination)
+
+
+def ensure_repository(
+    api: HfApi, repo_id: str, *, private: bool | None = None, revision: str | None = None
+) -> None:
+    """Creates the model repository `repo_id` unless it exists (`private` applies to a new one only), and the
+    branch `revision` (from `main`) unless it is `main` or exists. No retries of its own: a dead endpoint fails at
+    once."""
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+
+
+def commit_folder(
+    api: HfApi,
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    commit_message: str,
+    path_in_repo: str | None = None,
+    revision: str | None = None,
+    commit_description: str | None = None,
+) -> CommitInfo:
+    """Uploads `folder` (into `path_in_repo`, on the branch `revision`) in one commit of an existing repository."""
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        path_in_repo=path_in_repo,
+        revision=revision,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        repo_type="model",
+    )
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    commit_message: str = "Upload folder with selfpatch-hf",
+    path_in_repo: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_description: str | None = None,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+) -> CommitInfo:
+    """`ensure_repository` then `commit_folder`, in the foreground; no checks of the folder (publishing a backbone:
+    `selfpatch_hf.hub.publishing.push_backbone`; in the background: `AsyncHubUploader`)."""
+    api = HfApi(endpoint=endpoint, token=token)
+    ensure_repository(api, repo_id, private=private, revision=revision)
+    return commit_folder(
+        api,
+        folder,
+        repo_id,
+        commit_message=commit_message,
+        path_in_repo=path_in_repo,
+        revision=revision,
+        commit_description=commit_description,
+    )
 
 
 class _DaemonWorker:
@@ -177,7 +248,7 @@ class AsyncHubUploader:
         if snapshot.exists():
             shutil.rmtree(snapshot)
         snapshot.parent.mkdir(parents=True, exist_ok=True)
-        _snapshot(Path(folder), snapshot)
+        snapshot_folder(folder, snapshot)
         job = _Job(
             UploadOutcome(step=step, folder=snapshot), commit_message or f"Backbone at training step {step}"
         )
@@ -195,17 +266,13 @@ class AsyncHubUploader:
         else:
             job.phase = "repo"
             job.future = self._run_in_background(
-                self.api.create_repo, self.repo_id, private=self.private, exist_ok=True, repo_type="model"
+                ensure_repository, self.api, self.repo_id, private=self.private
             )
 
     def _start_upload(self, job: _Job) -> None:
         job.phase = "upload"
         job.future = self._run_in_background(
-            self.api.upload_folder,
-            repo_id=self.repo_id,
-            folder_path=job.outcome.folder,
-            commit_message=job.commit_message,
-            repo_type="model",
+            commit_folder, self.api, job.outcome.folder, self.repo_id, commit_message=job.commit_message
         )
 
     # ---------------------------------------------------------------------------------------------------- progress
@@ -351,4 +418,11 @@ class AsyncHubUploader:
         return [outcome.describe(self.repo_id) for outcome in self.outcomes]
 
 
-__all__ = ["AsyncHubUploader", "UploadOutcome"]
+__all__ = [
+    "AsyncHubUploader",
+    "UploadOutcome",
+    "commit_folder",
+    "ensure_repository",
+    "push_folder",
+    "snapshot_folder",
+]

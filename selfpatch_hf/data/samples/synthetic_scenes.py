@@ -512,6 +512,15 @@ def _write_readme(output_dir: Path, info: dict) -> None:
     (output_dir / "README.md").write_text("\n".join(lines))
 
 
+def default_offline_data_dir() -> Path:
+    """Where the standard offline data live: `offline-eval/` in the package's cache folder (`$SELFPATCH_HF_CACHE`,
+    else `$XDG_CACHE_HOME/selfpatch_hf`, else `~/.cache/selfpatch_hf`). `selfpatch eval make-offline-data` writes
+    there by default, and fine-tuning's `offline-scenes` reads (or builds) its `segmentation/` there."""
+    from selfpatch_hf.data.samples.photographs import default_cache_dir
+
+    return default_cache_dir() / "offline-eval"
+
+
 def make_offline_data(
     output_dir: str | Path,
     *,

@@ -115,15 +115,18 @@ def load_segmentation_splits(
     eval_split: str | None,
     config_name: str | None = None,
     token: str | None = None,
-    offline_data_dir: str | os.PathLike = "data/offline",
+    offline_data_dir: str | os.PathLike | None = None,
     revision: str | None = None,
 ):
-    """(train, eval or None) `datasets.Dataset`s (map-style: indexable, so the batch order can be resumed)."""
+    """(train, eval or None) `datasets.Dataset`s (map-style: indexable, so the batch order can be resumed).
+    `offline_data_dir`: where `offline-scenes` is found or built (default: `default_offline_data_dir()`)."""
     import datasets
+
+    from selfpatch_hf.data.samples.synthetic_scenes import default_offline_data_dir
 
     source = dataset_name
     if dataset_name == OFFLINE_SCENES:
-        source = str(offline_scenes_path(offline_data_dir))
+        source = str(offline_scenes_path(offline_data_dir or default_offline_data_dir()))
     kwargs: dict[str, Any] = {"token": token} if token else {}
     if config_name:
         kwargs["name"] = config_name

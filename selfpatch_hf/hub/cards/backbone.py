@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,27 +17,16 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-TEMPLATE_NAME = "backbone_template.md"
-# Placeholder of the model id in the card's usage snippet; `selfpatch_hf.hub.publishing` replaces it with the repo id it
-# publishes to (a card written at export time cannot know where it will be published).
-REPO_ID_PLACEHOLDER = "<repo-id-or-local-folder>"
-BASE_TAGS = ("selfpatch", "dino", "self-supervised", "vision-transformer", "dense-features")
+from selfpatch_hf.hub.cards.shared import (
+    LICENSE,
+    REPO_ID_PLACEHOLDER,
+    citations,
+    render_card,
+    save_card,
+)
 
-SELFPATCH_CITATION = """\
-@inproceedings{yun2022patch,
-  title     = {Patch-level Representation Learning for Self-supervised Vision Transformers},
-  author    = {Yun, Sukmin and Lee, Hankook and Kim, Jaehyung and Shin, Jinwoo},
-  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
-  year      = {2022}
-}"""
-DINO_CITATION = """\
-@inproceedings{caron2021emerging,
-  title     = {Emerging Properties in Self-Supervised Vision Transformers},
-  author    = {Caron, Mathilde and Touvron, Hugo and Misra, Ishan and J{\\'e}gou, Herv{\\'e} and Mairal, Julien
-               and Bojanowski, Piotr and Joulin, Armand},
-  booktitle = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
-  year      = {2021}
-}"""
+TEMPLATE_NAME = "backbone_template.md"
+BASE_TAGS = ("selfpatch", "dino", "self-supervised", "vision-transformer", "dense-features")
 
 METHOD_NAMES = {
     "selfpatch": "SelfPatch",
@@ -55,6 +43,19 @@ _EVAL_KEY_ALIASES = {
     "value": "metric_value",
     "split": "dataset_split",
 }
+
+
+def check_hub_dataset_ids(datasets: list[str]) -> None:
+    """Raises a ValueError naming the first entry of `datasets` that is not a Hub dataset id."""
+    for dataset in datasets:
+        try:
+            validate_repo_id(dataset)
+        except HFValidationError as error:
+            raise ValueError(
+                f"datasets lists {dataset!r}, which is not a Hub dataset id ({error}). `datasets` becomes the "
+                "card's metadata, which the Hub links to its dataset pages: describe local data with "
+                "training_data=... instead."
+            ) from error
 
 
 @dataclass
@@ -101,7 +102,7 @@ class BackboneCardInfo:
     num_global_crops: int | None = None
     num_local_crops: int | None = None
     # ---- publishing
-    license: str = "apache-2.0"
+    license: str = LICENSE
     eval_results: list[dict[str, Any]] = field(default_factory=list)
     model_name: str | None = None  # title of the card and name of the model-index entry
     repo_id: str | None = None  # where it is published, if known (else a placeholder in the usage snippet)
@@ -109,15 +110,7 @@ class BackboneCardInfo:
     notes: str | None = None  # free text appended to the description
 
     def __post_init__(self) -> None:
-        for dataset in self.datasets:
-            try:
-                validate_repo_id(dataset)
-            except HFValidationError as error:
-                raise ValueError(
-                    f"datasets lists {dataset!r}, which is not a Hub dataset id ({error}). `datasets` becomes the "
-                    "card's metadata, which the Hub links to its dataset pages: describe local data with "
-                    "training_data=... instead."
-                ) from error
+        check_hub_dataset_ids(self.datasets)
 
     @classmethod
     def from_selfpatch_config(cls, config: Any, **fields: Any) -> BackboneCardInfo:
@@ -168,11 +161,6 @@ class BackboneCardInfo:
 
 
 # ----------------------------------------------------------------------------------------------------------- template
-def template_path() -> Path:
-    """The card template shipped with the package (the only copy; `model_cards/README.md` shows how to preview it)."""
-    return Path(str(resources.files("selfpatch_hf.hub.cards").joinpath(TEMPLATE_NAME)))
-
-
 def _size(value: Any) -> str:
     if value is None:
         return "?"
@@ -345,14 +333,9 @@ def render_backbone_card(info: BackboneCardInfo) -> ModelCard:
             {0: "0 (no CLS token)", 1: "1 (CLS)"}.get(info.num_prefix_tokens, str(info.num_prefix_tokens)),
         ),
     ]
-    citations = (
-        [SELFPATCH_CITATION, DINO_CITATION]
-        if info.objective.startswith("selfpatch")
-        else [DINO_CITATION, SELFPATCH_CITATION]
-    )
-    return ModelCard.from_template(
+    return render_card(
+        TEMPLATE_NAME,
         card_data,
-        template_path=str(template_path()),
         title=title,
         info=info,
         warnings=list(info.warnings),
@@ -370,23 +353,20 @@ def render_backbone_card(info: BackboneCardInfo) -> ModelCard:
             for result in eval_results
         ],
         usage_code=_usage_code(info),
-        citations="\n\n".join(citations),
+        citations=citations(info.objective),
     )
 
 
 def write_backbone_card(folder: str | Path, info: BackboneCardInfo) -> Path:
     """Renders the card and writes it as `folder/README.md`; returns the path."""
-    path = Path(folder) / "README.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    render_backbone_card(info).save(path)
-    return path
+    return save_card(render_backbone_card(info), folder)
 
 
 __all__ = [
     "BASE_TAGS",
     "REPO_ID_PLACEHOLDER",
     "BackboneCardInfo",
+    "check_hub_dataset_ids",
     "render_backbone_card",
-    "template_path",
     "write_backbone_card",
 ]

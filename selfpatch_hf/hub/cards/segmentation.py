@@ -1,6 +1,7 @@
 """Model card of a fine-tuned semantic-segmentation model (UperNet on a SelfPatch / DINO backbone): metadata the Hub
-validates (`pipeline_tag: image-segmentation`, `model-index` with mIoU / mAcc / aAcc) and a body saying what the
-model is, how it was fine-tuned, and what loading it needs."""
+validates (`pipeline_tag: image-segmentation`, `model-index` with mIoU / mAcc / aAcc in percent) and a body saying
+what the model is, how it was fine-tuned, and what loading it needs. Rendered from `segmentation_template.md` with
+`huggingface_hub.ModelCard.from_template`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from selfpatch_hf.hub.cards.backbone import DINO_CITATION, SELFPATCH_CITATION
+from selfpatch_hf.hub.cards.shared import LICENSE, REPO_ID_PLACEHOLDER, citations, render_card, save_card
+
+TEMPLATE_NAME = "segmentation_template.md"
 
 
 @dataclass
@@ -33,25 +36,13 @@ class SegmentationCardInfo:
     recipe: dict[str, Any] = field(default_factory=dict)
 
 
-def _usage(info: SegmentationCardInfo) -> str:
-    needs_import = info.backbone_class != "Dinov2Backbone"
-    lines = ["```python", "from transformers import pipeline"]
-    if needs_import:
-        lines.append(
-            "import selfpatch_hf.models.dense.siglip_backbone  # registers the CLS-free SelfPatch backbone"
-        )
-    lines += [
-        "",
-        'segmenter = pipeline("image-segmentation", model="<repo-id-or-local-folder>")',
-        'segments = segmenter("image.jpg")  # one {"label", "mask"} per predicted class',
-        "```",
-    ]
-    return "\n".join(lines)
-
-
 def render_segmentation_card(info: SegmentationCardInfo) -> ModelCard:
     eval_results = []
+    percentages = None
     if info.scores:
+        percentages = {
+            key: 100 * info.scores[key] for key in ("mean_iou", "mean_accuracy", "overall_accuracy")
+        }
         for key, name in (("mean_iou", "mIoU"), ("mean_accuracy", "mAcc"), ("overall_accuracy", "aAcc")):
             eval_results.append(
                 EvalResult(
@@ -61,81 +52,31 @@ def render_segmentation_card(info: SegmentationCardInfo) -> ModelCard:
                     dataset_split=info.eval_split,
                     metric_type=key,
                     metric_name=name,
-                    metric_value=round(100 * info.scores[key], 2),
+                    metric_value=round(percentages[key], 2),
                 )
             )
-    data = ModelCardData(
+    card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-segmentation",
+        license=LICENSE,
         tags=["selfpatch", "semantic-segmentation", "upernet", "vision-transformer"],
         datasets=[info.hub_dataset_id] if info.hub_dataset_id else None,
         model_name="upernet-selfpatch" if eval_results else None,
         eval_results=eval_results or None,
     )
-    height, width = info.crop_size
-    if info.scores:
-        scores = (
-            f"| mIoU | mAcc | aAcc |\n|---|---|---|\n| {100 * info.scores['mean_iou']:.2f} | "
-            f"{100 * info.scores['mean_accuracy']:.2f} | {100 * info.scores['overall_accuracy']:.2f} |\n\n"
-            f"On the `{info.eval_split}` split, {info.inference_mode}-image inference "
-            f"({'sliding windows' if info.inference_mode == 'slide' else 'one pass per image'} after resizing the "
-            "image to fit the training scale, aspect ratio kept), scored at the ground truth's resolution."
-        )
-    else:
-        scores = "Not evaluated (no evaluation split was given)."
-    loading = (
-        'It loads with plain transformers (`AutoModelForSemanticSegmentation`, `pipeline("image-segmentation")`): '
-        "the backbone is a native `Dinov2Backbone` holding the ViT's weights."
-        if info.backbone_class == "Dinov2Backbone"
-        else "Its backbone is `SelfPatchSiglipBackbone` (the CLS-free SelfPatch ViT, not a transformers class): "
-        "install selfpatch-hf and `import selfpatch_hf.models.dense.siglip_backbone` before loading. No remote code is used."
+    return render_card(
+        TEMPLATE_NAME,
+        card_data,
+        info=info,
+        scores=percentages,
+        data_line=info.data_description or f"`{info.dataset}`",
+        repo_id=REPO_ID_PLACEHOLDER,
+        citations=citations("selfpatch"),
     )
-    data_line = info.data_description or f"`{info.dataset}`"
-    content = f"""---
-{data.to_yaml()}
----
-
-# UperNet semantic segmentation on a SelfPatch / DINO ViT backbone
-
-`UperNetForSemanticSegmentation` ({info.num_labels} classes) fine-tuned from the backbone `{info.backbone}` with
-`training/finetune_segmentation.py` of selfpatch-hf.
-
-## Results
-
-{scores}
-
-## Usage
-
-{loading}
-
-{_usage(info)}
-
-The saved image processor resizes to {height} x {width} (whole-image inference) and normalises with the ImageNet
-statistics; its `post_process_semantic_segmentation` resizes the logits back to the image.
-
-## Fine-tuning
-
-- data: {data_line}; random rescale (ratio 0.5-2.0), {height} x {width} crops, flips, photometric distortion
-- {info.steps} optimiser steps of {info.global_batch_size} images, AdamW, peak learning rate {info.learning_rate:g},
-  layer-wise decay {info.layer_decay:g}, {info.schedule} schedule with linear warm-up
-- head: UperNet on the backbone's selected blocks at a single stride (the paper fine-tunes a Semantic FPN with
-  mmsegmentation; transformers has UperNet)
-
-## Citation
-
-```bibtex
-{SELFPATCH_CITATION}
-
-{DINO_CITATION}
-```
-"""
-    return ModelCard(content)
 
 
 def write_segmentation_card(folder: str | Path, info: SegmentationCardInfo) -> Path:
-    path = Path(folder) / "README.md"
-    render_segmentation_card(info).save(path)
-    return path
+    return save_card(render_segmentation_card(info), folder)
 
 
 __all__ = ["SegmentationCardInfo", "render_segmentation_card", "write_segmentation_card"]

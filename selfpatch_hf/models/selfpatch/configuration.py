@@ -525,7 +525,7 @@ class SelfPatchConfig(PreTrainedConfig):
             and self.use_patch_objective
             and self.neighbor_aggregation == "attention"
         ):
-            # The student never runs the neighbour path (spec section 4): h only learns through the image-level
+            # The student never runs the neighbour path (docs/method.md section 4): h only learns through the image-level
             # path. With a CLS image representation it would stay at its random initialisation forever.
             raise ValueError(
                 f'image_representation="{self.image_representation}" with patch_loss_weight > 0 and '

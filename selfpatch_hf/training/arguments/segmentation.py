@@ -68,7 +68,12 @@ class SegmentationDataArguments:
     )
     reduce_labels: bool = option(False, "Label 0 is 'other' (ignored) and l becomes l - 1 (ADE20K).")
     ignore_index: int = option(255, "Label value that is not trained on or scored.")
-    offline_data_dir: str = option("data/offline", "Where `offline-scenes` is built (segmentation/ inside).")
+    offline_data_dir: str | None = option(
+        None,
+        "Where `offline-scenes` is found or built (segmentation/ inside). Default: the cache folder "
+        "`selfpatch eval make-offline-data` writes to ($SELFPATCH_HF_CACHE/offline-eval, else "
+        "~/.cache/selfpatch_hf/offline-eval).",
+    )
     max_train_samples: int | None = option(None, "Use only the first N training images.")
     max_eval_samples: int | None = option(None, "Evaluate on the first N evaluation images only.")
     crop_size: list[int] = option(help="Training crop (height width).", default_factory=lambda: [512, 512])

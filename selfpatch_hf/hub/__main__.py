@@ -1,0 +1,5 @@
+import sys
+
+from selfpatch_hf.hub.cli import main
+
+sys.exit(main())
