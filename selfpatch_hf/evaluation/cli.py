@@ -6,6 +6,7 @@ Commands:
   knn                weighted k-NN classification on the image representation
   visualize          top-10% attention of query patches for several backbones / teacher positives, as PNG
   make-offline-data  build the offline evaluation data (synthetic compositions of real photographs)
+  coco               COCO box / mask AP of a saved detector or instance segmenter on a COCO-layout split
 
 Errors follow the project's command-line contract (`selfpatch_hf.cli.errors`): a wrong argument exits with
 status 2, a failed step (unreadable model, missing frames, mismatched masks) with status 1, each with one line.
@@ -43,7 +44,8 @@ _EXAMPLES = {
   selfpatch eval visualize --pretraining out/checkpoints/checkpoint-1000/model --image photo.jpg \\
       --query 0.5,0.5 --output positives.png""",
     "make-offline-data": """examples:
-  selfpatch eval make-offline-data --output-dir data/offline""",
+  selfpatch eval make-offline-data --output-dir data/offline
+  selfpatch eval make-offline-data --output-dir data/offline --coco-json   # instances also as COCO json""",
 }
 
 
@@ -398,7 +400,23 @@ def _build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num-train", type=int, default=240, help="segmentation training images")
     data.add_argument("--num-eval", type=int, default=80, help="segmentation evaluation images")
     data.add_argument("--image-size", type=int, default=224, help="side of the segmentation images")
+    data.add_argument("--num-instance-train", type=int, default=240, help="instance-set training images")
+    data.add_argument("--num-instance-eval", type=int, default=80, help="instance-set evaluation images")
+    data.add_argument(
+        "--instance-size",
+        type=_int_pair,
+        default=(192, 256),
+        metavar="HEIGHT,WIDTH",
+        help="size of the instance-set images",
+    )
+    data.add_argument("--max-instances", type=int, default=4, help="most objects per instance-set image")
+    data.add_argument(
+        "--coco-json",
+        action="store_true",
+        help="also write the instance set as COCO json + PNG folders (OUTPUT/instances/coco)",
+    )
     data.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_coco_parser(commands)
     return parser
 
 
@@ -660,6 +678,12 @@ def _run_visualize(args) -> int:
 def _run_make_offline_data(args) -> int:
     from selfpatch_hf.data.samples.synthetic_scenes import DATA_NOTE, make_offline_data
 
+    for option, value in (("--num-instance-train", args.num_instance_train),
+                          ("--num-instance-eval", args.num_instance_eval)):  # fmt: skip
+        if value < 0:
+            raise UsageError(f"{option} must be >= 0, got {value}.")
+    if not 1 <= args.max_instances <= 20:
+        raise UsageError(f"--max-instances must be between 1 and 20, got {args.max_instances}.")
     info = make_offline_data(
         args.output_dir,
         num_sequences=args.num_sequences,
@@ -669,12 +693,175 @@ def _run_make_offline_data(args) -> int:
         num_train=args.num_train,
         num_eval=args.num_eval,
         image_size=args.image_size,
+        num_instance_train=args.num_instance_train,
+        num_instance_eval=args.num_instance_eval,
+        instance_size=args.instance_size,
+        max_instances=args.max_instances,
+        coco_json=args.coco_json,
         seed=args.seed,
     )
+    output = Path(args.output_dir)
     print(
-        f"{DATA_NOTE}\nwrote {len(info['sequences'])} sequences to {Path(args.output_dir) / 'davis'} and the "
-        f"segmentation set to {Path(args.output_dir) / 'segmentation'}"
+        f"{DATA_NOTE}\nwrote {len(info['sequences'])} sequences to {output / 'davis'}, the segmentation set to "
+        f"{output / 'segmentation'} and the instance set to {output / 'instances'}"
     )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# selfpatch eval coco: COCO box / mask AP of a saved detector (defaults from CocoEvalConfig)
+# ---------------------------------------------------------------------------------------------------------------
+
+_EXAMPLES["coco"] = """examples:
+  selfpatch eval coco --model runs/mask2former --dataset data/coco/annotations/instances_val2017.json
+  selfpatch eval coco --model runs/detector --dataset detection-datasets/coco --split val --box-format xyxy
+  selfpatch eval coco --model runs/detector --dataset offline-instances --output-json results/coco.json"""
+
+
+def _add_coco_parser(commands) -> None:
+    from selfpatch_hf.evaluation.detection import CocoEvalConfig
+
+    defaults = CocoEvalConfig()
+    coco = _subparser(
+        commands,
+        "coco",
+        "COCO box / mask AP of a saved detector or instance segmenter",
+        "Run a saved AutoModelForObjectDetection (box AP) or AutoModelForUniversalSegmentation (mask AP and box AP "
+        "of its masks) folder over a split in the COCO layout, with its own image processor and post-processing, "
+        "and score it with pycocotools.",
+    )
+    coco.add_argument("--model", required=True, help="detector / instance segmenter folder or Hub id")
+    coco.add_argument(
+        "--dataset",
+        required=True,
+        help="a COCO json file, a Hub id or local folder in the Hub's COCO layout (image + objects), a save_to_disk "
+        "folder, or offline-instances",
+    )
+    coco.add_argument(
+        "--split", default="validation", help="split to evaluate (COCO json: names its image folder)"
+    )
+    coco.add_argument("--dataset-config", help="the dataset's configuration name, if it has several")
+    coco.add_argument(
+        "--image-dir", help="COCO json: the image folder (default: COCO's layout, beside annotations/)"
+    )
+    coco.add_argument(
+        "--box-format",
+        choices=("xywh", "xyxy"),
+        default="xywh",
+        help="Hub layout: [x, y, width, height] (COCO) or [x0, y0, x1, y1]; see the dataset card",
+    )
+    coco.add_argument("--label-names", help="JSON list of category names, for a category field without names")
+    coco.add_argument("--image-column", help="column of the images (default: the image column)")
+    coco.add_argument("--objects-column", help="column of the objects (default: the list-of-objects column)")
+    coco.add_argument(
+        "--category-field", help="objects' category field (default: category / category_id / label)"
+    )
+    coco.add_argument(
+        "--offline-data-dir", default="data/offline", help="where offline-instances is built on first use"
+    )
+    coco.add_argument(
+        "--threshold", type=float, default=defaults.threshold, help="keep predictions scoring at least this"
+    )
+    coco.add_argument(
+        "--mask-threshold",
+        type=float,
+        default=defaults.mask_threshold,
+        help="mask probability of a mask pixel",
+    )
+    coco.add_argument(
+        "--overlap-mask-area-threshold",
+        type=float,
+        default=defaults.overlap_mask_area_threshold,
+        help="--pipeline-masks: drop a mask mostly covered by others",
+    )
+    coco.add_argument(
+        "--pipeline-masks",
+        action="store_true",
+        help="score masks as pipeline('image-segmentation', subtask='instance') gives them (one segmentation map) "
+        "instead of each query's own mask",
+    )
+    coco.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="images per forward pass (of one size)"
+    )
+    coco.add_argument("--max-samples", type=int, help="evaluate only the first N images")
+    coco.add_argument("--device", default=defaults.device, help="torch device to run the model on")
+    coco.add_argument("--output-json", help="also write the scores to this JSON file")
+
+
+def _run_coco(args) -> int:
+    from selfpatch_hf.data.detection.sources import OFFLINE_INSTANCES, load_detection_source
+    from selfpatch_hf.evaluation.detection import CocoEvalConfig, evaluate_coco, write_result
+
+    try:
+        config = CocoEvalConfig(
+            threshold=args.threshold,
+            mask_threshold=args.mask_threshold,
+            overlap_mask_area_threshold=args.overlap_mask_area_threshold,
+            overlapping_masks=not args.pipeline_masks,
+            batch_size=args.batch_size,
+            max_samples=args.max_samples,
+            device=args.device,
+        )
+    except ValueError as error:
+        raise UsageError(
+            f"--{str(error).split(' ', 1)[0].replace('_', '-')} {str(error).split(' ', 1)[1]}"
+        ) from None
+    _check_exists("--model", args.model)
+    if args.dataset != OFFLINE_INSTANCES:
+        _check_exists("--dataset", args.dataset)
+    if args.image_dir is not None and not Path(args.image_dir).is_dir():
+        raise UsageError(
+            f"--image-dir {args.image_dir}: no such folder; give the folder of the COCO json's images."
+        )
+    label_names = None
+    if args.label_names:
+        try:
+            label_names = json.loads(Path(args.label_names).read_text())
+        except (OSError, ValueError) as error:
+            raise UsageError(
+                f"--label-names {args.label_names}: not a readable JSON list ({error})."
+            ) from None
+        if not isinstance(label_names, list) or not label_names:
+            raise UsageError(f"--label-names {args.label_names}: must hold a JSON list of category names.")
+    options = {
+        "box_format": args.box_format,
+        "label_names": label_names,
+        "image_column": args.image_column,
+        "objects_column": args.objects_column,
+        "category_field": args.category_field,
+    }
+    try:
+        source = load_detection_source(
+            args.dataset,
+            args.split,
+            image_dir=args.image_dir,
+            config_name=args.dataset_config,
+            offline_data_dir=args.offline_data_dir,
+            **{k: v for k, v in options.items() if v is not None},
+        )
+    except (FileNotFoundError, ConnectionError, OSError) as error:
+        raise CommandFailure(
+            f"cannot open the {args.split!r} split of --dataset {args.dataset}: {error}"
+        ) from error
+    except ValueError as error:  # no COCO layout, a named column missing, an unknown split
+        raise UsageError(f"--dataset {args.dataset}: {error}") from error
+    try:
+        result = evaluate_coco(
+            args.model,
+            source,
+            config,
+            progress=lambda done, total: print(f"\r{done}/{total} images", end="", file=sys.stderr),
+        )
+    except OSError as error:  # not a model folder, an unreadable image
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandFailure(f"--model {args.model}: {first_line}") from error
+    except ValueError as error:  # labels that differ, a category outside the label map, a broken mask
+        raise CommandFailure(f"COCO evaluation of {args.model} on {args.dataset}: {error}") from error
+    print(file=sys.stderr)
+    print(result.to_markdown())
+    print(f"\n{result.num_images} images; annotations: {source.issues.summary()}")
+    if args.output_json:
+        write_result(result, args.output_json)
     return 0
 
 
@@ -684,6 +871,7 @@ _COMMANDS = {
     "knn": _run_knn,
     "visualize": _run_visualize,
     "make-offline-data": _run_make_offline_data,
+    "coco": _run_coco,
 }
 
 

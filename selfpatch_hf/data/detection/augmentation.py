@@ -200,8 +200,8 @@ class DetectionTrainTransform:
                 else np.zeros((0, height, width))
             )
             result.masks = masks.reshape(-1, height, width).astype(np.uint8)
-            result = result.select(result.masks.reshape(len(result), -1).any(axis=1))  # a mask cropped away
-            result.boxes = np.stack([mask_box(mask) for mask in result.masks]).reshape(-1, 4)
+            result = result.select(result.masks.any(axis=(1, 2)))  # a mask cropped away
+            result.boxes = np.asarray([mask_box(mask) for mask in result.masks], np.float32).reshape(-1, 4)
         return augmented, result
 
     def __call__(self, example: DetectionExample, rng: np.random.Generator) -> DetectionSample:

@@ -41,15 +41,22 @@ if TYPE_CHECKING:
     from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
 
 
-def _label_maps(id2label: Mapping[int, str] | Sequence[str]) -> tuple[dict[int, str], dict[str, int]]:
+def label_maps(
+    id2label: Mapping[int, str] | Sequence[str], minimum: int = 2, task: str = "Semantic segmentation"
+) -> tuple[dict[int, str], dict[str, int]]:
+    """(id2label, label2id) of a list of names or a mapping id -> name, checked: ids 0..K-1, K >= `minimum`, names
+    unique."""
     if not isinstance(id2label, Mapping):
         id2label = dict(enumerate(id2label))
     id2label = {int(index): str(name) for index, name in id2label.items()}
     if sorted(id2label) != list(range(len(id2label))):
         raise ValueError(f"Label ids must be 0..{len(id2label) - 1}, got {sorted(id2label)}.")
-    if len(id2label) < 2:
-        raise ValueError("Semantic segmentation needs at least 2 labels.")
-    return id2label, {name: index for index, name in id2label.items()}
+    if len(id2label) < minimum:
+        raise ValueError(f"{task} needs at least {minimum} label{'s' if minimum > 1 else ''}.")
+    label2id = {name: index for index, name in id2label.items()}
+    if len(label2id) != len(id2label):
+        raise ValueError(f"Label names must be unique, got {list(id2label.values())}.")
+    return id2label, label2id
 
 
 def set_drop_path(backbone: DenseBackbone, drop_path_rate: float) -> None:
@@ -86,7 +93,7 @@ def build_upernet(
     sources. `multi_scale`: UperNet on the strides 4, 8, 16, 32 maps of the reference's neck (four blocks, default
     3, 6, 9, 12 of 12) instead of four blocks at the patch stride (a Swin source is multi-scale either way).
     """
-    id2label, label2id = _label_maps(id2label)
+    id2label, label2id = label_maps(id2label)
     pretrained = dense_backbone(backbone, out_indices, multi_scale=multi_scale)
     set_drop_path(pretrained, drop_path_rate)
     config = UperNetConfig(
@@ -176,4 +183,4 @@ def build_segmentation_image_processor(
     )
 
 
-__all__ = ["build_dpt", "build_segmentation_image_processor", "build_upernet"]
+__all__ = ["build_dpt", "build_segmentation_image_processor", "build_upernet", "label_maps", "set_drop_path"]
