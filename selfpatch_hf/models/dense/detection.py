@@ -6,15 +6,15 @@ backbone's weights in place and the heads freshly initialised, plus their image 
     >>> segmenter = build_mask2former("runs/selfpatch/backbone", ["person", "car"])
     >>> detector.save_pretrained("detector")   # AutoModelForObjectDetection loads it, no code of ours needed
 
-The paper's COCO task (Sec. 4.2, Table 2) fine-tunes Mask R-CNN + FPN on the strides 4-32 maps of the reference's
+The paper's COCO task (Sec. 4, Table 1) fine-tunes Mask R-CNN + FPN on the strides 4-32 maps of the reference's
 neck. transformers has no Mask R-CNN; its counterparts that take a `backbone_config` are:
 
 - `Mask2FormerForUniversalSegmentation` (instance masks, and boxes from them): a multi-scale deformable-attention
   pixel decoder over the stride 8-32 maps, mask features from the stride-4 map, 100 mask queries;
 - `DeformableDetrForObjectDetection` (boxes): multi-scale deformable attention over all four maps. Of the DETR
   family it is the one that fits: RT-DETR and D-FINE expect three maps at strides 8-32 (the neck gives four), and
-  DETR, Conditional DETR and DAB-DETR read the stride-32 map only; Deformable DETR also learns fastest from fresh
-  heads (its paper: 10x fewer epochs than DETR; measured here in BENCHMARKS.md).
+  DETR, Conditional DETR and DAB-DETR read the stride-32 map only; from fresh heads on the offline instances it
+  learns the most per step and no less per CPU second (`benchmarks/detector_choice_study.py`, BENCHMARKS.md).
 
 The backbone source is anything `selfpatch_hf.models.dense.backbones.dense_backbone` takes; by default the
 multi-scale one (`BeitBackbone(add_fpn=True)` for a ViT, `SwinBackbone` for a Swin, `SelfPatchSiglipBackbone(
