@@ -89,7 +89,9 @@ def test_failures_exit_1_with_one_line(scene, tmp_path, capsys):
         (renamed / file.name).write_bytes(file.read_bytes())
     (renamed / "config.json").write_text(json.dumps(config))
     code = main(["coco", "--model", str(renamed), "--dataset", str(scene / "instances")])
-    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # not the progress bars
+    error = [
+        line for line in capsys.readouterr().err.splitlines() if "error:" in line
+    ]  # not the progress bars
     assert code == 1 and len(error) == 1 and "differ from the data's" in error[0], error
 
 
