@@ -861,7 +861,10 @@ def _run_coco(args) -> int:
     print(result.to_markdown())
     print(f"\n{result.num_images} images; annotations: {source.issues.summary()}")
     if args.output_json:
-        write_result(result, args.output_json)
+        try:
+            write_result(result, args.output_json)
+        except OSError as error:  # a read-only folder, a full disk: the scores above are printed already
+            raise CommandFailure(f"cannot write --output-json {args.output_json}: {error}") from error
     return 0
 
 
