@@ -7,14 +7,17 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 from transformers import ViTConfig, ViTModel
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
 
 from selfpatch_hf.data.detection.sources import load_detection_source
 from selfpatch_hf.data.samples.instance_scenes import make_instance_dataset
 from selfpatch_hf.evaluation.cli import main
-from selfpatch_hf.evaluation.detection import CocoEvalConfig, evaluate_coco
+from selfpatch_hf.evaluation.detection import CocoEvalConfig, _segments, evaluate_coco
 from selfpatch_hf.models.dense.detection import build_instance_segmentation_image_processor, build_mask2former
 
 
@@ -116,3 +119,23 @@ def test_make_offline_data_writes_the_instance_set(tmp_path, capsys):
     assert "instances/" in (tmp_path / "README.md").read_text()
     assert main(["make-offline-data", "--output-dir", str(tmp_path / "x"), "--max-instances", "0"]) == 2
     assert "--max-instances must be between 1 and 20" in capsys.readouterr().err
+
+
+def test_mask_logits_are_cropped_to_the_image_before_resizing():
+    """The processor pads to multiples of 32; transformers' post-processing would stretch the padded logits over the
+    image. A mask covering the left half of the real image must come back as the left half of the image."""
+    pad_h, pad_w, valid_w = 64, 128, 96  # the image fills 96 of the 128 padded columns
+    logits = torch.full((1, 1, pad_h // 4, pad_w // 4), -20.0)
+    logits[..., : valid_w // 8] = 20.0  # the left half of the real image (48 of 96 columns, at stride 4)
+    outputs = Mask2FormerForUniversalSegmentationOutput(
+        class_queries_logits=torch.tensor([[[10.0, -10.0]]]), masks_queries_logits=logits
+    )
+    pixel_mask = torch.zeros(1, pad_h, pad_w, dtype=torch.long)
+    pixel_mask[:, :, :valid_w] = 1
+    config = CocoEvalConfig()
+    (prediction,) = _segments(build_instance_segmentation_image_processor(64, 128), outputs, pixel_mask,
+                              [(32, 48)], {0: 0}, config)  # fmt: skip
+    mask = mask_utils.decode(prediction["masks"][0])
+    assert mask.shape == (32, 48)
+    assert mask[:, :24].all() and not mask[:, 24:].any()  # not stretched: exactly the left half
+    np.testing.assert_array_equal(prediction["boxes"][0], [0, 0, 24, 32])
