@@ -204,8 +204,51 @@ class AttentionFigureConfig:
         )
 
 
+def _fraction(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    )  # NaN fails
+
+
+@dataclass
+class CocoEvalConfig:
+    """COCO box / mask AP of a saved detector or instance segmenter (`evaluate_coco`, `selfpatch eval coco`)."""
+
+    threshold: float = setting(
+        0.0, "keep predictions scoring at least this (0: all; COCOeval keeps the 100 best per image)"
+    )
+    mask_threshold: float = setting(0.5, "a mask pixel is on when its probability exceeds this")
+    overlap_mask_area_threshold: float = setting(
+        0.8, "--pipeline-masks: drop a mask mostly covered by others"
+    )
+    overlapping_masks: bool = setting(
+        True,
+        "score masks as pipeline('image-segmentation', subtask='instance') gives them (one segmentation map) "
+        "instead of each query's own mask",
+        option="--pipeline-masks",
+    )
+    batch_size: int = setting(
+        8, "images per forward pass (of one processed size; does not change the results)"
+    )
+    max_samples: int | None = setting(None, "evaluate only the first N images")
+    device: str = setting("cpu", "torch device to run the model on")
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            {
+                "threshold": ("lie in [0, 1]", _fraction),
+                "mask_threshold": ("lie in [0, 1]", _fraction),
+                "overlap_mask_area_threshold": ("lie in [0, 1]", _fraction),
+                "batch_size": ("be >= 1", _at_least(1)),
+                "max_samples": ("be >= 1", _optional(_at_least(1))),
+            },
+        )
+
+
 __all__ = [
     "AttentionFigureConfig",
+    "CocoEvalConfig",
     "DavisConfig",
     "KnnConfig",
     "LinearProbeConfig",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 METRICS_DIR = Path(__file__).parent / "metrics"
-AVAILABLE_METRICS = ("davis_jf", "segmentation_iou")
+AVAILABLE_METRICS = ("coco_ap", "davis_jf", "segmentation_iou")
 
 
 def metric_path(name: str) -> str:

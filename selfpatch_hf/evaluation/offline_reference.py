@@ -42,16 +42,19 @@ RECORDED_SETTINGS: dict[str, Any] = {
 _RESULT_NEUTRAL = {"feature_batch_size", "query_chunk", "batch_size", "num_labels"}
 
 
+# arguments of make_offline_data that only add another copy of the same scenes (the instance set as COCO json)
+COPY_ONLY_ARGUMENTS = ("coco_json",)
+
+
 def standard_arguments() -> dict[str, Any]:
     """The arguments of the standard scenes: `make_offline_data`'s defaults (their one home)."""
     from selfpatch_hf.data.samples.synthetic_scenes import make_offline_data
 
     arguments = {
-        name: parameter.default
+        name: list(parameter.default) if isinstance(parameter.default, tuple) else parameter.default
         for name, parameter in inspect.signature(make_offline_data).parameters.items()
-        if parameter.default is not inspect.Parameter.empty
+        if parameter.default is not inspect.Parameter.empty and name not in COPY_ONLY_ARGUMENTS
     }
-    arguments["frame_size"] = list(arguments["frame_size"])
     return arguments
 
 
@@ -71,7 +74,10 @@ def offline_data_info(path: str | Path) -> dict[str, Any] | None:
 
 def is_standard_scenes(path: str | Path) -> bool:
     info = offline_data_info(path)
-    return info is not None and info.get("arguments") == standard_arguments()
+    if info is None:
+        return False
+    arguments = {k: v for k, v in info.get("arguments", {}).items() if k not in COPY_ONLY_ARGUMENTS}
+    return arguments == standard_arguments()
 
 
 def _same_protocol(command: str, config: Any) -> bool:

@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "selfpatch_hf.evaluation.cli.offline_data",
         "build the offline evaluation data (synthetic scenes)",
     ),
+    "coco": (
+        "selfpatch_hf.evaluation.cli.coco",
+        "COCO box / mask AP of a saved detector or instance segmenter",
+    ),
 }
 
 

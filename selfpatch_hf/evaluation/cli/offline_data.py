@@ -25,6 +25,7 @@ DESCRIPTION = (
 )
 EXAMPLES = """examples:
   selfpatch eval make-offline-data                                   # the standard scenes, in the cache folder
+  selfpatch eval make-offline-data --coco-json                       # instances also as COCO json
   selfpatch eval make-offline-data --output-dir /tmp/small --num-sequences 2 --num-train 24 --num-eval 8"""
 
 # option -> (help, type for argparse); the defaults are make_offline_data's own
@@ -36,8 +37,14 @@ _OPTIONS = {
     "num_train": ("segmentation training images", int),
     "num_eval": ("segmentation evaluation images", int),
     "image_size": ("side of the segmentation images", int),
+    "num_instance_train": ("instance-set training images", int),
+    "num_instance_eval": ("instance-set evaluation images", int),
+    "instance_size": ("HEIGHT,WIDTH of the instance-set images", int_pair),
+    "max_instances": ("most objects per instance-set image (at most 20)", int),
     "seed": ("random seed", int),
 }
+# counts that may be 0 (that part is not built); max_instances has its own range; everything else is at least 1
+_MAY_BE_ZERO = ("seed", "num_instance_train", "num_instance_eval", "max_instances")
 
 
 def _defaults() -> dict:
@@ -53,8 +60,13 @@ def _defaults() -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output-dir",
-        help="writes OUTPUT/davis and OUTPUT/segmentation (default: offline-eval/ in the cache folder, "
-        "$SELFPATCH_HF_CACHE or ~/.cache/selfpatch_hf)",
+        help="writes OUTPUT/davis, OUTPUT/segmentation and OUTPUT/instances (default: offline-eval/ in the cache "
+        "folder, $SELFPATCH_HF_CACHE or ~/.cache/selfpatch_hf)",
+    )
+    parser.add_argument(
+        "--coco-json",
+        action="store_true",
+        help="also write the instance set as COCO json + PNG folders (OUTPUT/instances/coco)",
     )
     for name, default in _defaults().items():
         help_text, kind = _OPTIONS[name]
@@ -63,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "--" + name.replace("_", "-"),
             type=kind,
             default=tuple(default) if isinstance(default, list) else default,
-            metavar="HEIGHT,WIDTH" if name == "frame_size" else None,
+            metavar="HEIGHT,WIDTH" if kind is int_pair else None,
             help=f"{help_text} (default: {shown})",
         )
 
@@ -82,14 +94,20 @@ def run(args: argparse.Namespace) -> int:
         default_offline_data_dir,
         make_offline_data,
     )
+    from selfpatch_hf.evaluation.offline_reference import COPY_ONLY_ARGUMENTS, standard_arguments
 
     settings = {name: getattr(args, name) for name in _OPTIONS}
     for name, value in settings.items():
-        minimum = {"num_frames": 3, "seed": 0}.get(name, 1)
+        minimum = 3 if name == "num_frames" else 0 if name in _MAY_BE_ZERO else 1
         if any(v < minimum for v in (value if isinstance(value, tuple) else (value,))):
             raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}.")
-    recorded = {**settings, "frame_size": list(settings["frame_size"])}  # as offline_data.json records them
-    standard = recorded == {**_defaults(), "frame_size": list(_defaults()["frame_size"])}
+    if not 1 <= settings["max_instances"] <= 20:
+        raise UsageError(f"--max-instances must be between 1 and 20, got {settings['max_instances']}.")
+    settings["coco_json"] = args.coco_json
+
+    # as offline_data.json records them (pairs as lists)
+    recorded = {name: list(value) if isinstance(value, tuple) else value for name, value in settings.items()}
+    standard = {k: v for k, v in recorded.items() if k not in COPY_ONLY_ARGUMENTS} == standard_arguments()
     if args.output_dir is None:
         if not standard:
             raise UsageError(
@@ -111,7 +129,9 @@ def run(args: argparse.Namespace) -> int:
                     "a new folder, or one that make-offline-data wrote (it is replaced)."
                 )
         if existing is not None and existing.get("arguments") == recorded:
-            print(f"{DATA_NOTE}\nThe offline data are already built in {target} (davis/, segmentation/).")
+            print(
+                f"{DATA_NOTE}\nThe offline data are already built in {target} (davis/, segmentation/, instances/)."
+            )
             return 0
     print(f"building the offline data in {target} (about 20 s for the standard scenes) ...", file=sys.stderr)
     try:
@@ -123,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:  # settings the scenes cannot have (e.g. more objects than there are cut-outs)
         raise UsageError(str(error)) from error
     print(
-        f"{DATA_NOTE}\nwrote {len(info['sequences'])} sequences to {target / 'davis'} and the segmentation set to "
-        f"{target / 'segmentation'}"
+        f"{DATA_NOTE}\nwrote {len(info['sequences'])} sequences to {target / 'davis'}, the segmentation set to "
+        f"{target / 'segmentation'} and the instance set to {target / 'instances'}"
     )
     return 0

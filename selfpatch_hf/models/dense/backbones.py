@@ -1,20 +1,26 @@
-"""Pretrained ViT backbones as transformers *backbones* (`BackboneMixin`), the input of dense prediction heads.
+"""Pretrained backbones as transformers *backbones* (`BackboneMixin`), the input of dense prediction heads.
 
-transformers' dense heads (`UperNetForSemanticSegmentation`, `DPTForDepthEstimation`, ...) take a backbone that
-returns feature maps of selected blocks. A plain ViT is not one, but its weights load exactly into
-`Dinov2Backbone` (the same pre-norm blocks with a class token; DINOv2's layer scale set to 1, no SwiGLU, no mask
-token). So:
+transformers' dense heads (`UperNetForSemanticSegmentation`, `Mask2FormerForUniversalSegmentation`, the DETR family,
+`DPTForDepthEstimation`, ...) take a backbone that returns feature maps of selected blocks. Our sources are not
+backbones, but their weights load into native ones:
 
-- a `ViTModel` (our `export_backbone` folders, converted DINO checkpoints) -> `Dinov2Backbone`, a native class that
-  loads with `Dinov2Backbone.from_pretrained` and no code of ours; its `stageN` feature map is the output of block N
-  after the ViT's final LayerNorm, without the class token, reshaped to (batch, hidden, height / patch,
-  width / patch); the last stage equals the ViT's `last_hidden_state[:, 1:]` exactly;
-- a CLS-free `SiglipVisionModel` (converted released SelfPatch checkpoints) -> `SelfPatchSiglipBackbone`
-  (`selfpatch_hf.models.dense.siglip_backbone`), which needs this package imported to load.
+- single stride (the patch size), `dense_backbone(source)`:
+  - a `ViTModel` (our `export_backbone` folders, converted DINO checkpoints) -> `Dinov2Backbone` (the same pre-norm
+    blocks with a class token; DINOv2's layer scale set to 1, no SwiGLU, no mask token). Its `stageN` feature map
+    is the output of block N after the ViT's final LayerNorm, without the class token, as (batch, hidden,
+    height / patch, width / patch); the last stage equals the ViT's `last_hidden_state[:, 1:]` exactly;
+  - a CLS-free `SiglipVisionModel` (converted released SelfPatch checkpoints) -> `SelfPatchSiglipBackbone`
+    (`selfpatch_hf.models.dense.siglip_backbone`), which needs this package imported to load;
+- multi-scale, strides 4, 8, 16, 32 (`dense_backbone(source, multi_scale=True)`,
+  `selfpatch_hf.models.dense.multiscale`):
+  - a `ViTModel` -> `BeitBackbone(add_fpn=True)`, the reference detection backbone's neck on four raw block outputs;
+  - a CLS-free `SiglipVisionModel` -> `SelfPatchSiglipBackbone(add_fpn=True)`, the same neck;
+- a `SwinModel` -> `SwinBackbone`, whose four stages are strides 4-32 already (with either setting).
 
-`out_indices` default to the blocks the ViT dense-prediction literature takes (4, 6, 8, 12 of 12; in general a
-third, half, two thirds and all of the depth). In transformers 5.24 `AutoBackbone.from_pretrained(local_folder)`
-fails (`HFValidationError`); `load_dense_backbone` picks the class from the folder's `model_type` instead.
+`out_indices` default to `dense_out_indices` (4, 6, 8, 12 of 12) for a single stride and to
+`multiscale_out_indices` (3, 6, 9, 12 of 12) for the neck; Swin's default to all stages. In transformers 5.24
+`AutoBackbone.from_pretrained(local_folder)` fails (`HFValidationError`); `load_dense_backbone` picks the class from
+the folder's `model_type` (and `architectures`) instead.
 """
 
 from __future__ import annotations
@@ -27,53 +33,31 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import (
     AutoImageProcessor,
+    BeitBackbone,
     Dinov2Backbone,
     Dinov2Config,
     PreTrainedConfig,
     PreTrainedModel,
     SiglipVisionModel,
+    SwinBackbone,
+    SwinModel,
     ViTConfig,
     ViTModel,
 )
 
+from selfpatch_hf.models.dense.block_selection import (
+    checked_out_indices,
+    dense_out_indices,
+    multiscale_out_indices,
+)
+from selfpatch_hf.models.dense.multiscale import swin_to_backbone, vit_to_beit_backbone
 from selfpatch_hf.models.dense.siglip_backbone import SelfPatchSiglipBackbone, SelfPatchSiglipBackboneConfig
 
 if TYPE_CHECKING:
     from transformers.image_processing_base import ImageProcessingMixin
 
-DenseBackbone = Dinov2Backbone | SelfPatchSiglipBackbone
+DenseBackbone = Dinov2Backbone | SelfPatchSiglipBackbone | BeitBackbone | SwinBackbone
 BackboneSource = str | os.PathLike | PreTrainedModel
-
-
-def dense_out_indices(num_hidden_layers: int) -> list[int]:
-    """The blocks whose outputs feed a dense head: [4, 6, 8, 12] for 12 blocks, in general a third, half, two
-    thirds and all of the depth (rounded, kept strictly increasing). Needs at least 4 blocks."""
-    if num_hidden_layers < 4:
-        raise ValueError(
-            f"Default out_indices need at least 4 blocks, the backbone has {num_hidden_layers}: pass out_indices "
-            f"explicitly (block numbers 1..{num_hidden_layers})."
-        )
-    indices: list[int] = []
-    for fraction in (1 / 3, 1 / 2, 2 / 3, 1):
-        index = max(1, round(num_hidden_layers * fraction))
-        indices.append(max(index, indices[-1] + 1) if indices else index)
-    return indices
-
-
-def _checked_out_indices(out_indices: Sequence[int] | None, num_hidden_layers: int) -> list[int]:
-    if out_indices is None:
-        return dense_out_indices(num_hidden_layers)
-    indices = [int(index) for index in out_indices]
-    if (
-        not indices
-        or any(not 1 <= index <= num_hidden_layers for index in indices)
-        or indices != sorted(set(indices))
-    ):
-        raise ValueError(
-            f"out_indices must be increasing block numbers in 1..{num_hidden_layers} (0 = the embeddings is not a "
-            f"useful feature map), got {list(out_indices)}."
-        )
-    return indices
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,7 +92,7 @@ def dinov2_config_from_vit(config: ViTConfig, out_indices: Sequence[int] | None 
         use_mask_token=False,  # no unused (and so "newly initialised") parameter in the folder
         apply_layernorm=True,
         reshape_hidden_states=True,
-        out_indices=_checked_out_indices(out_indices, config.num_hidden_layers),
+        out_indices=checked_out_indices(out_indices, config.num_hidden_layers),
         architectures=["Dinov2Backbone"],
     )
 
@@ -146,30 +130,56 @@ def vit_to_dinov2_backbone(vit: ViTModel, out_indices: Sequence[int] | None = No
 
 
 def siglip_to_backbone(
-    model: SiglipVisionModel, out_indices: Sequence[int] | None = None
+    model: SiglipVisionModel | SelfPatchSiglipBackbone,
+    out_indices: Sequence[int] | None = None,
+    *,
+    multi_scale: bool = False,
 ) -> SelfPatchSiglipBackbone:
-    """A `SelfPatchSiglipBackbone` with the weights of a head-less `SiglipVisionModel` (same module names)."""
+    """A `SelfPatchSiglipBackbone` with the weights of a head-less `SiglipVisionModel` (same module names), or of
+    another `SelfPatchSiglipBackbone`. `multi_scale`: the strides 4-32 neck (freshly initialised) on the raw outputs
+    of four blocks, as the reference's detection backbone reads them; otherwise normalised single-stride maps."""
     if model.config.vision_use_head:
         raise ValueError(
             "This SiglipVisionModel has an attention-pooling head; SelfPatch conversions have none "
             "(vision_use_head=False). Pass a converted SelfPatch checkpoint."
         )
     fields = model.config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "out_indices", "out_features"):
+    for key in (
+        "model_type", "architectures", "transformers_version", "out_indices", "out_features", "stage_names",
+        "add_fpn", "apply_layernorm",
+    ):  # fmt: skip
         fields.pop(key, None)
     config = SelfPatchSiglipBackboneConfig(
         **fields,
-        out_indices=_checked_out_indices(out_indices, model.config.num_hidden_layers),
+        out_indices=checked_out_indices(out_indices, model.config.num_hidden_layers, multi_scale=multi_scale),
+        add_fpn=multi_scale,
+        apply_layernorm=not multi_scale,
         architectures=["SelfPatchSiglipBackbone"],
     )
     backbone = SelfPatchSiglipBackbone(config)
-    backbone.load_state_dict({k: v.detach().float() for k, v in model.state_dict().items()}, strict=True)
+    state = {k: v.detach().float() for k, v in model.state_dict().items() if not k.startswith("fpn.")}
+    state.update({k: v for k, v in backbone.state_dict().items() if k.startswith("fpn.")})  # a fresh neck
+    backbone.load_state_dict(state, strict=True)
     return backbone.eval()
 
 
 def with_out_indices(backbone: DenseBackbone, out_indices: Sequence[int] | None) -> DenseBackbone:
-    """`backbone` itself with other `out_indices` (None: the dense default for its depth)."""
-    backbone.config.out_indices = _checked_out_indices(out_indices, backbone.config.num_hidden_layers)
+    """`backbone` itself with other `out_indices` (None: keep a multi-scale backbone's, else the dense default).
+
+    A `SwinBackbone` holds one norm per selected stage, so its stages are fixed when it is built: re-export it
+    from the `SwinModel` for others."""
+    config = backbone.config
+    if isinstance(backbone, SwinBackbone):
+        if out_indices is not None and list(out_indices) != list(config.out_indices):
+            raise ValueError(
+                f"This SwinBackbone was built for stages {list(config.out_indices)}; build one for stages "
+                f"{list(out_indices)} from the SwinModel folder instead."
+            )
+        return backbone
+    multi_scale = bool(getattr(config, "add_fpn", False))
+    if multi_scale and out_indices is None:
+        return backbone
+    config.out_indices = checked_out_indices(out_indices, config.num_hidden_layers, multi_scale=multi_scale)
     return backbone
 
 
@@ -180,21 +190,44 @@ def with_out_indices(backbone: DenseBackbone, out_indices: Sequence[int] | None)
 
 def source_model_type(source: str | os.PathLike) -> str:
     """`model_type` in the config of a folder or Hub repository (read without building anything)."""
+    return _source_config(source).get("model_type", "")
+
+
+def _source_config(source: str | os.PathLike) -> dict[str, Any]:
     config_dict, _ = PreTrainedConfig.get_config_dict(str(source))
-    return config_dict.get("model_type", "")
+    return config_dict
+
+
+_BACKBONE_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "dinov2": Dinov2Backbone,
+    "beit": BeitBackbone,
+    "swin": SwinBackbone,
+    SelfPatchSiglipBackboneConfig.model_type: SelfPatchSiglipBackbone,
+}
+
+
+def _is_backbone_folder(config_dict: dict[str, Any]) -> bool:
+    model_type = config_dict.get("model_type", "")
+    if model_type in ("dinov2", SelfPatchSiglipBackboneConfig.model_type):
+        return True
+    # beit and swin folders may hold full models (BeitModel, SwinModel, ...): their architectures say which
+    return model_type in _BACKBONE_CLASSES and any(
+        name.endswith("Backbone") for name in config_dict.get("architectures") or ()
+    )
 
 
 def load_dense_backbone(source: str | os.PathLike, **kwargs: Any) -> DenseBackbone:
-    """`Dinov2Backbone.from_pretrained` or `SelfPatchSiglipBackbone.from_pretrained` by the folder's model type
-    (transformers 5.24's `AutoBackbone.from_pretrained` rejects local folders)."""
-    model_type = source_model_type(source)
-    classes = {"dinov2": Dinov2Backbone, SelfPatchSiglipBackboneConfig.model_type: SelfPatchSiglipBackbone}
-    if model_type not in classes:
+    """`from_pretrained` of the backbone class a folder holds: `Dinov2Backbone`, `BeitBackbone`, `SwinBackbone` or
+    `SelfPatchSiglipBackbone` (transformers 5.24's `AutoBackbone.from_pretrained` rejects local folders)."""
+    config_dict = _source_config(source)
+    model_type = config_dict.get("model_type", "")
+    if not _is_backbone_folder(config_dict):
         raise ValueError(
-            f"{source} holds a {model_type!r} model, not a dense backbone (dinov2 or "
-            f"{SelfPatchSiglipBackboneConfig.model_type}); convert it with `dense_backbone` / `export_dense_backbone`."
+            f"{source} holds a {model_type!r} model ({', '.join(config_dict.get('architectures') or ['?'])}), not a "
+            f"dense backbone (Dinov2Backbone, BeitBackbone, SwinBackbone, {SelfPatchSiglipBackbone.__name__}); "
+            "convert it with `dense_backbone` / `export_dense_backbone`."
         )
-    return classes[model_type].from_pretrained(str(source), **kwargs)
+    return _BACKBONE_CLASSES[model_type].from_pretrained(str(source), **kwargs)
 
 
 def _has_pooler(source: str | os.PathLike) -> bool:
@@ -208,47 +241,72 @@ def _has_pooler(source: str | os.PathLike) -> bool:
         return any(key.startswith("pooler.") for key in handle.keys())
 
 
-def _load_source_model(source: str | os.PathLike) -> PreTrainedModel:
-    model_type = source_model_type(source)
+def load_source_model(source: str | os.PathLike) -> PreTrainedModel:
+    """The model a backbone source folder or Hub id holds: a `ViTModel`, `SwinModel`, CLS-free
+    `SiglipVisionModel`, an existing dense backbone, or the teacher backbone of a SelfPatch pretraining folder."""
+    config_dict = _source_config(source)
+    model_type = config_dict.get("model_type", "")
+    if _is_backbone_folder(config_dict):
+        return load_dense_backbone(source)
     if model_type == "vit":
         # The pooler is not part of a dense backbone, but building the ViT as saved (with or without one) keeps the
         # load free of "unexpected / newly initialised weights" reports.
         return ViTModel.from_pretrained(str(source), add_pooling_layer=_has_pooler(source))
+    if model_type == "swin":
+        return SwinModel.from_pretrained(str(source), add_pooling_layer=False)
     if model_type == "siglip_vision_model":
         return SiglipVisionModel.from_pretrained(str(source))
-    if model_type in ("dinov2", SelfPatchSiglipBackboneConfig.model_type):
-        return load_dense_backbone(source)
     from selfpatch_hf.models.selfpatch.configuration import SelfPatchConfig
 
     if (
         model_type == SelfPatchConfig.model_type
     ):  # a pretraining folder: its teacher, what the paper evaluates
-        from selfpatch_hf.export.backbone import extract_backbone
         from selfpatch_hf.models.selfpatch.modeling import SelfPatchViTForPretraining
 
-        return extract_backbone(SelfPatchViTForPretraining.from_pretrained(str(source)), "teacher")
+        return SelfPatchViTForPretraining.from_pretrained(str(source))
     raise ValueError(
-        f"{source} holds a {model_type!r} model. Dense backbones come from a ViTModel folder (`selfpatch export`, "
-        "`selfpatch-convert` of a DINO checkpoint), a converted SelfPatch SiglipVisionModel, a SelfPatch "
-        "pretraining folder, or an existing Dinov2Backbone / SelfPatchSiglipBackbone folder."
+        f"{source} holds a {model_type!r} model. Dense backbones come from a ViTModel or SwinModel folder "
+        "(`selfpatch export`, `selfpatch-convert` of a DINO or MoBY checkpoint), a converted SelfPatch "
+        "SiglipVisionModel, a SelfPatch pretraining folder, or an existing Dinov2Backbone / BeitBackbone / "
+        "SwinBackbone / SelfPatchSiglipBackbone folder."
     )
 
 
-def dense_backbone(source: BackboneSource, out_indices: Sequence[int] | None = None) -> DenseBackbone:
-    """The dense backbone of `source`: a folder or Hub id (ViT, CLS-free SigLIP, SelfPatch pretraining model, or
-    already a dense backbone), or one of those models in memory. `out_indices` None: the dense default."""
+def dense_backbone(
+    source: BackboneSource, out_indices: Sequence[int] | None = None, *, multi_scale: bool = False
+) -> DenseBackbone:
+    """The dense backbone of `source`: a folder or Hub id (ViT, Swin, CLS-free SigLIP, SelfPatch pretraining model,
+    or already a dense backbone), or one of those models in memory.
+
+    `multi_scale`: feature maps at strides 4, 8, 16, 32 (`BeitBackbone` / `SelfPatchSiglipBackbone` with the neck)
+    instead of the patch size (`Dinov2Backbone` / `SelfPatchSiglipBackbone`). A Swin source always gives a
+    `SwinBackbone` (its stages are multi-scale by construction). `out_indices` None: the default for the depth.
+    """
     if not isinstance(source, PreTrainedModel):
-        source = _load_source_model(source)
-    if isinstance(source, (Dinov2Backbone, SelfPatchSiglipBackbone)):
-        return with_out_indices(source, out_indices)
-    if isinstance(source, ViTModel):
-        return vit_to_dinov2_backbone(source, out_indices)
-    if isinstance(source, SiglipVisionModel):
-        return siglip_to_backbone(source, out_indices)
+        source = load_source_model(source)
     if hasattr(source, "teacher") and hasattr(source.teacher, "backbone"):  # SelfPatchViTForPretraining
         from selfpatch_hf.export.backbone import extract_backbone
 
-        return vit_to_dinov2_backbone(extract_backbone(source, "teacher"), out_indices)
+        source = extract_backbone(source, "teacher")
+    if isinstance(source, SwinBackbone):
+        return with_out_indices(source, out_indices)
+    if isinstance(source, SwinModel):
+        return swin_to_backbone(source, out_indices)
+    if isinstance(source, (Dinov2Backbone, BeitBackbone)):
+        if isinstance(source, BeitBackbone) != multi_scale:
+            raise ValueError(
+                f"A {type(source).__name__} gives {'strides 4-32' if not multi_scale else 'a single stride'}; for "
+                f"{'multi-scale' if multi_scale else 'single-stride'} features build the backbone from the ViTModel "
+                "folder it came from."
+            )
+        return with_out_indices(source, out_indices)
+    if isinstance(source, SelfPatchSiglipBackbone) and source.config.add_fpn == multi_scale:
+        return with_out_indices(source, out_indices)
+    if isinstance(source, ViTModel):
+        convert = vit_to_beit_backbone if multi_scale else vit_to_dinov2_backbone
+        return convert(source, out_indices)
+    if isinstance(source, (SiglipVisionModel, SelfPatchSiglipBackbone)):
+        return siglip_to_backbone(source, out_indices, multi_scale=multi_scale)
     raise TypeError(f"Cannot make a dense backbone of a {type(source).__name__}.")
 
 
@@ -266,16 +324,19 @@ def export_dense_backbone(
     output_dir: str | os.PathLike,
     out_indices: Sequence[int] | None = None,
     image_processor: ImageProcessingMixin | None = None,
+    *,
+    multi_scale: bool = False,
 ) -> Path:
-    """Writes the dense backbone of `source` as a folder (config, safetensors weights and, from `image_processor`
-    or the source folder, the image processor), swapped in atomically.
+    """Writes the dense backbone of `source` (see `dense_backbone`) as a folder (config, safetensors weights and,
+    from `image_processor` or the source folder, the image processor), swapped in atomically.
 
-    A ViT source gives a `Dinov2Backbone` folder that `Dinov2Backbone.from_pretrained` loads with no code of ours;
-    a SigLIP source gives a `SelfPatchSiglipBackbone` folder (import `selfpatch_hf.models.dense.siglip_backbone` to load it).
+    A ViT source gives a `Dinov2Backbone` folder (`multi_scale`: a `BeitBackbone` one), a Swin source a
+    `SwinBackbone` folder, all loaded by their class's `from_pretrained` with no code of ours; a SigLIP source gives
+    a `SelfPatchSiglipBackbone` folder (import `selfpatch_hf.models.dense.siglip_backbone` to load it).
     """
     from selfpatch_hf.atomic_folders import staged_folder
 
-    backbone = dense_backbone(source, out_indices)
+    backbone = dense_backbone(source, out_indices, multi_scale=multi_scale)
     processor = image_processor if image_processor is not None else _source_image_processor(source)
     target = Path(output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -287,12 +348,15 @@ def export_dense_backbone(
 
 
 __all__ = [
+    "BackboneSource",
     "DenseBackbone",
     "dense_backbone",
     "dense_out_indices",
     "dinov2_config_from_vit",
     "export_dense_backbone",
     "load_dense_backbone",
+    "load_source_model",
+    "multiscale_out_indices",
     "siglip_to_backbone",
     "source_model_type",
     "vit_to_dinov2_backbone",

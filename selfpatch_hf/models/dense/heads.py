@@ -1,18 +1,21 @@
 """transformers' dense prediction models around a pretrained backbone: UperNet for semantic segmentation, DPT for
-depth, with the backbone's weights in place and the heads freshly initialised.
+depth, with the backbone's weights in place and the heads freshly initialised (detection and instance segmentation:
+`selfpatch_hf.models.dense.detection`).
 
     >>> from selfpatch_hf.models.dense.heads import build_upernet
     >>> model = build_upernet("runs/selfpatch/backbone", {0: "wall", 1: "floor"})   # a ViTModel export
     >>> model.save_pretrained("upernet")   # AutoModelForSemanticSegmentation loads it, no code of ours needed
 
 The backbone source is anything `selfpatch_hf.models.dense.backbones.dense_backbone` takes (a ViTModel folder -> a native
-`Dinov2Backbone`; a converted CLS-free SelfPatch `SiglipVisionModel` -> `SelfPatchSiglipBackbone`, whose models need
+`Dinov2Backbone`, or with `multi_scale=True` a native `BeitBackbone` with the strides 4-32 neck; a SwinModel folder
+-> `SwinBackbone`; a converted CLS-free SelfPatch `SiglipVisionModel` -> `SelfPatchSiglipBackbone`, whose models need
 `selfpatch_hf.models.dense.siglip_backbone` imported to load).
 
 Deviation from the paper's protocol (Sec. 4.2, ADE20K): the paper fine-tunes a Semantic FPN (mmsegmentation) on
-features resampled to strides 4, 8, 16 and 32. transformers has no Semantic FPN and no ViT multi-scale neck, so this
-is UperNet (pyramid pooling + FPN fusion) on the four selected blocks at the ViT's single stride (the patch size);
-the logits are upsampled bilinearly to the input size, as `UperNetForSemanticSegmentation` does.
+features resampled to strides 4, 8, 16 and 32. transformers has no Semantic FPN; `build_upernet(...,
+multi_scale=True)` gives UperNet (pyramid pooling + FPN fusion) on those strides-4-32 maps (the reference's neck,
+`BeitBackbone(add_fpn=True)`), the default (`multi_scale=False`) UperNet on four blocks at the ViT's single stride.
+The logits are upsampled bilinearly to the input size, as `UperNetForSemanticSegmentation` does.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from transformers import (
+    BeitBackbone,
     Dinov2Backbone,
     DPTConfig,
     DPTForDepthEstimation,
+    SwinBackbone,
     UperNetConfig,
     UperNetForSemanticSegmentation,
 )
@@ -36,23 +41,34 @@ if TYPE_CHECKING:
     from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
 
 
-def _label_maps(id2label: Mapping[int, str] | Sequence[str]) -> tuple[dict[int, str], dict[str, int]]:
+def label_maps(
+    id2label: Mapping[int, str] | Sequence[str], minimum: int = 2, task: str = "Semantic segmentation"
+) -> tuple[dict[int, str], dict[str, int]]:
+    """(id2label, label2id) of a list of names or a mapping id -> name, checked: ids 0..K-1, K >= `minimum`, names
+    unique."""
     if not isinstance(id2label, Mapping):
         id2label = dict(enumerate(id2label))
     id2label = {int(index): str(name) for index, name in id2label.items()}
     if sorted(id2label) != list(range(len(id2label))):
         raise ValueError(f"Label ids must be 0..{len(id2label) - 1}, got {sorted(id2label)}.")
-    if len(id2label) < 2:
-        raise ValueError("Semantic segmentation needs at least 2 labels.")
-    return id2label, {name: index for index, name in id2label.items()}
+    if len(id2label) < minimum:
+        raise ValueError(f"{task} needs at least {minimum} label{'s' if minimum > 1 else ''}.")
+    label2id = {name: index for index, name in id2label.items()}
+    if len(label2id) != len(id2label):
+        raise ValueError(f"Label names must be unique, got {list(id2label.values())}.")
+    return id2label, label2id
 
 
-def _set_drop_path(backbone: DenseBackbone, drop_path_rate: float) -> None:
-    if drop_path_rate <= 0:
+def set_drop_path(backbone: DenseBackbone, drop_path_rate: float) -> None:
+    """Stochastic depth in the backbone's blocks for fine-tuning (ViT and Swin sources; the CLS-free SigLIP tower
+    has none)."""
+    if not 0 <= drop_path_rate < 1:  # also refuses NaN
+        raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}.")
+    if drop_path_rate == 0:
         return
-    if not isinstance(backbone, Dinov2Backbone):
+    if not isinstance(backbone, (Dinov2Backbone, BeitBackbone, SwinBackbone)):
         raise ValueError(
-            f"drop_path_rate needs a Dinov2Backbone (a ViT source); {type(backbone).__name__} has no drop-path."
+            f"drop_path_rate needs a ViT or Swin source; {type(backbone).__name__} has no drop-path."
         )
     backbone.config.drop_path_rate = drop_path_rate
 
@@ -67,16 +83,19 @@ def build_upernet(
     auxiliary_loss_weight: float = 0.4,
     ignore_index: int = 255,
     drop_path_rate: float = 0.0,
+    multi_scale: bool = False,
 ) -> UperNetForSemanticSegmentation:
     """`UperNetForSemanticSegmentation` with the pretrained backbone of `backbone` and new decode / auxiliary heads.
 
     `hidden_size` is UperNet's channel width (mmseg's ViT + UperNet uses 512 or 768). The auxiliary FCN head reads the
-    third feature map (block 8 of 12); it is dropped when fewer than three blocks are selected. `drop_path_rate`
-    (stochastic depth in the backbone; ViT fine-tuning recipes use 0.1) applies to ViT sources.
+    third feature map (block 8 of 12, or the stride-16 map); it is dropped when fewer than three are selected.
+    `drop_path_rate` (stochastic depth in the backbone; ViT fine-tuning recipes use 0.1) applies to ViT and Swin
+    sources. `multi_scale`: UperNet on the strides 4, 8, 16, 32 maps of the reference's neck (four blocks, default
+    3, 6, 9, 12 of 12) instead of four blocks at the patch stride (a Swin source is multi-scale either way).
     """
-    id2label, label2id = _label_maps(id2label)
-    pretrained = dense_backbone(backbone, out_indices)
-    _set_drop_path(pretrained, drop_path_rate)
+    id2label, label2id = label_maps(id2label)
+    pretrained = dense_backbone(backbone, out_indices, multi_scale=multi_scale)
+    set_drop_path(pretrained, drop_path_rate)
     config = UperNetConfig(
         backbone_config=pretrained.config.to_dict(),
         hidden_size=hidden_size,
@@ -116,7 +135,7 @@ def build_dpt(
         raise ValueError(
             f"DPT takes exactly 4 feature maps, got out_indices {pretrained.config.out_indices}."
         )
-    _set_drop_path(pretrained, drop_path_rate)
+    set_drop_path(pretrained, drop_path_rate)
     pretrained.config.reshape_hidden_states = False  # DPT reshapes (and drops the class token) itself
     hidden = pretrained.config.hidden_size
     config = DPTConfig(
@@ -164,4 +183,4 @@ def build_segmentation_image_processor(
     )
 
 
-__all__ = ["build_dpt", "build_segmentation_image_processor", "build_upernet"]
+__all__ = ["build_dpt", "build_segmentation_image_processor", "build_upernet", "label_maps", "set_drop_path"]
