@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 # Pickle-based weight formats: loading them can run arbitrary code, so they are never published.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-PRETRAINING_MODEL_TYPE = "selfpatch_vit"
+PRETRAINING_MODEL_TYPE = "selfpatch"
 PRETRAINING_SUBFOLDER = "pretraining"
 _PRETRAINING_SECTION = "## Pretraining checkpoint"
 
@@ -88,6 +88,13 @@ def _check_weights(folder: Path) -> None:
         raise PublishError(f"{folder} has no model.safetensors (or model.safetensors.index.json).")
 
 
+def _pretraining_model_types() -> tuple[str, ...]:
+    """The pretraining model's type and those of folders saved by older versions (e.g. "selfpatch_vit")."""
+    from selfpatch_hf.models.selfpatch.configuration import LEGACY_MODEL_TYPES
+
+    return (PRETRAINING_MODEL_TYPE, *LEGACY_MODEL_TYPES)
+
+
 def check_backbone_folder(folder: str | Path) -> dict:
     """Checks that `folder` is a publishable backbone; returns its config. Raises `PublishError` otherwise."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -97,7 +104,7 @@ def check_backbone_folder(folder: str | Path) -> dict:
         raise PublishError(f"{folder} is not a directory.")
     config = _read_config(folder)
     model_type = config.get("model_type")
-    if model_type == PRETRAINING_MODEL_TYPE:
+    if model_type in _pretraining_model_types():
         raise PublishError(
             f"{folder} holds a SelfPatchViTForPretraining checkpoint, not a backbone: export the backbone with "
             "selfpatch_hf.export_backbone (plain ViTModel), and publish the checkpoint with --pretraining-folder."
@@ -127,7 +134,7 @@ def check_pretraining_folder(folder: str | Path) -> dict:
     if not folder.is_dir():
         raise PublishError(f"{folder} is not a directory.")
     config = _read_config(folder)
-    if config.get("model_type") != PRETRAINING_MODEL_TYPE:
+    if config.get("model_type") not in _pretraining_model_types():
         raise PublishError(
             f"{folder}/config.json has model_type {config.get('model_type')!r}; a pretraining checkpoint is a "
             f"SelfPatchViTForPretraining.save_pretrained folder (model_type {PRETRAINING_MODEL_TYPE!r})."
