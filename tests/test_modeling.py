@@ -239,6 +239,17 @@ def test_positive_selection_uses_cosine_not_dot_product():
     assert select_positive_neighbors(features, (3, 3), 1)[0, 0].item() == 1
 
 
+def test_positive_selection_over_all_patches_is_fp32_under_autocast():
+    """With `"all"` the similarities are one matrix product, which autocast would run in bf16: near-ties (patches
+    close to one of a few prototypes) would then be ranked by rounding."""
+    torch.manual_seed(0)
+    prototypes = torch.randn(3, 16)
+    features = prototypes[torch.randint(0, 3, (2, 30))] + 1e-3 * torch.randn(2, 30, 16)
+    exact = select_positive_neighbors(features, (5, 6), 4, "all")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(select_positive_neighbors(features, (5, 6), 4, "all"), exact)
+
+
 # ----------------------------------------------------------------------------- 5. aggregation module
 
 

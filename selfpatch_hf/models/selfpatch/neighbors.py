@@ -99,7 +99,9 @@ def select_positive_neighbors(
         )
     normed = F.normalize(patch_features.float(), dim=-1)
     if window == "all":
-        similarity = torch.bmm(normed, normed.transpose(1, 2))  # (B, N, N)
+        # in fp32 also under autocast, which would run the product in bf16 / fp16 and reorder close neighbours
+        with torch.autocast(normed.device.type, enabled=False):
+            similarity = torch.bmm(normed, normed.transpose(1, 2))  # (B, N, N)
         neighbor_similarity = similarity.gather(2, table.unsqueeze(0).expand(batch, -1, -1))
     else:
         # One shifted copy of the grid per offset: O(M * B * N * D) time and O(B * N * D) extra memory, instead of

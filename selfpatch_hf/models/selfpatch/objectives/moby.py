@@ -4,6 +4,10 @@ SelfPatch's patch loss in MoBY's distance (docs/moby_swin.md).
 `MoBYObjective` owns MoBY's projector / predictor MLPs (`MoBYMLP`: the online network's projectors and predictors,
 the target network's projectors), the InfoNCE criteria and the two key queues with their pointer (buffers). As in
 MoBY, the target takes its momentum step inside `forward`, before the keys are computed (`teacher_momentum`).
+
+Losses and similarities run in fp32 also under autocast (bf16 / fp16 training): the projectors compute in the
+autocast precision, the contrasted vectors are cast to fp32 and normalised, and the products against the queue
+and the other images' negatives leave autocast, whose lower precision would otherwise round them.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ def project(
 
 class MoBYContrastiveLoss(nn.Module):
     """MoBY's `contrastive_loss`: InfoNCE of L2-normalised queries against their key (the positive, first) and the
-    queue's keys (the negatives), `CE([q.k, q.queue] / T, 0)`, averaged over the batch."""
+    queue's keys (the negatives), `CE([q.k, q.queue] / T, 0)`, averaged over the batch. In fp32 under autocast."""
 
     def __init__(self, temperature: float):
         super().__init__()
@@ -81,11 +85,13 @@ class MoBYContrastiveLoss(nn.Module):
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
         """queries, keys: `(B, d)`, normalised; queue: `(d, K)` normalised keys. Returns a scalar."""
-        positive = (queries * keys).sum(-1, keepdim=True)  # (B, 1)
-        # a copy: the queue is updated in place after the loss, before the backward pass needs it
-        negative = queries @ queue.detach().clone()  # (B, K)
-        logits = torch.cat([positive, negative], dim=1) / self.temperature
-        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        with torch.autocast(queries.device.type, enabled=False):
+            queries, keys = queries.float(), keys.float()
+            positive = (queries * keys).sum(-1, keepdim=True)  # (B, 1)
+            # a copy: the queue is updated in place after the loss, before the backward pass needs it
+            negative = queries @ queue.detach().float().clone()  # (B, K)
+            logits = torch.cat([positive, negative], dim=1) / self.temperature
+            return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
 class MoBYPatchCosineLoss(nn.Module):
@@ -113,7 +119,7 @@ class MoBYPatchInfoNCELoss(nn.Module):
     `CE([p_i.z_i, p_i.n_c for c != b] / T, 0)`, between the online output p_i and the target z_i (as in
     [`MoBYPatchCosineLoss`]), whose negatives n_c are the target patch projector's outputs for the target image
     representations y~ of the other images c of the batch (same view). Needs at least 2 images. The mean over batch
-    and patches of each view, then over the views."""
+    and patches of each view, then over the views. In fp32 under autocast."""
 
     def __init__(self, temperature: float):
         super().__init__()
@@ -141,24 +147,27 @@ class MoBYPatchInfoNCELoss(nn.Module):
                     "The MoBY patch loss with negatives takes its negatives from the other images of the batch: "
                     "use a batch of at least 2 images per process, or patch_negatives=False."
                 )
-            online = F.normalize(online.float(), dim=-1)
-            target = F.normalize(target.float(), dim=-1)
-            positive = (online * target).sum(-1)  # (n, B, N)
-            negatives = F.normalize(negatives.float(), dim=-1)  # (n, B, d)
-            similarity = torch.einsum("vbnd,vcd->vbnc", online, negatives)  # (n, B, N, B)
-            # for image b, the columns of every other image c != b
-            others = torch.arange(batch, device=online.device).repeat(batch, 1)
-            others = others[~torch.eye(batch, dtype=torch.bool, device=online.device)].view(batch, batch - 1)
-            index_shape = (*similarity.shape[:-1], batch - 1)
-            other_images = similarity.gather(
-                -1, others[None, :, None, :].expand(index_shape)
-            )  # (n, B, N, B-1)
-            logits = torch.cat([positive.unsqueeze(-1), other_images], dim=-1) / self.temperature
-            per_token = F.cross_entropy(
-                logits.flatten(0, -2),
-                torch.zeros(logits[..., 0].numel(), dtype=torch.long, device=logits.device),
-                reduction="none",
-            )
+            with torch.autocast(online.device.type, enabled=False):
+                online = F.normalize(online.float(), dim=-1)
+                target = F.normalize(target.float(), dim=-1)
+                positive = (online * target).sum(-1)  # (n, B, N)
+                negatives = F.normalize(negatives.float(), dim=-1)  # (n, B, d)
+                similarity = torch.einsum("vbnd,vcd->vbnc", online, negatives)  # (n, B, N, B)
+                # for image b, the columns of every other image c != b
+                others = torch.arange(batch, device=online.device).repeat(batch, 1)
+                others = others[~torch.eye(batch, dtype=torch.bool, device=online.device)].view(
+                    batch, batch - 1
+                )
+                index_shape = (*similarity.shape[:-1], batch - 1)
+                other_images = similarity.gather(
+                    -1, others[None, :, None, :].expand(index_shape)
+                )  # (n, B, N, B-1)
+                logits = torch.cat([positive.unsqueeze(-1), other_images], dim=-1) / self.temperature
+                per_token = F.cross_entropy(
+                    logits.flatten(0, -2),
+                    torch.zeros(logits[..., 0].numel(), dtype=torch.long, device=logits.device),
+                    reduction="none",
+                )
             per_view.append(per_token.view(online.shape[0], -1).mean(1))
         return torch.cat(per_view).mean()
 
