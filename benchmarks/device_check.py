@@ -259,7 +259,7 @@ def section_correctness(report: Report, device: torch.device, args) -> None:
     global_crops = torch.randn(4, 2, 3, 32, 32, generator=generator)
     local_crops = torch.randn(4, 4, 3, 16, 16, generator=generator)
     with torch.no_grad():
-        cpu_loss = reference(global_crops, local_crops, update_centers=False).loss.item()
+        cpu_loss = reference(global_crops, local_crops, update_state=False).loss.item()
 
     model = SelfPatchViTForPretraining(tiny_config()).train()
     model.load_state_dict(reference.state_dict())
@@ -269,7 +269,7 @@ def section_correctness(report: Report, device: torch.device, args) -> None:
     with tf32(False), torch.no_grad():
         for precision in ("fp32", "bf16", "fp16"):
             with autocast(device, precision):
-                losses[precision] = model(*crops, update_centers=False).loss.item()
+                losses[precision] = model(*crops, update_state=False).loss.item()
     report.check(
         "correctness",
         f"fp32 loss, {device.type} vs cpu",

@@ -2,7 +2,7 @@
 
 The public names below are imported on first use, so `import selfpatch_hf` (and every command line's `--help`)
 stays fast: torch and transformers load only when a model, config or tool is touched. Touching `SelfPatchConfig`
-registers it with `AutoConfig`; touching any model class registers `SelfPatchViTForPretraining` with
+registers it with `AutoConfig`; touching any model class registers `SelfPatchForPretraining` with
 `AutoModelForPreTraining` (`selfpatch_hf.register_auto_classes()` does both explicitly). Exported backbones are
 plain `transformers` models and need neither this package nor remote code.
 """
@@ -17,12 +17,12 @@ _EXPORTS = {
     "BACKBONE_PRESETS": "models.selfpatch.configuration",
     "SelfPatchConfig": "models.selfpatch.configuration",
     "SelfPatchForPretraining": "models.selfpatch.modeling",
-    "SelfPatchNetwork": "models.selfpatch.modeling",
+    "SelfPatchNetwork": "models.selfpatch.networks",
     "SelfPatchPreTrainedModel": "models.selfpatch.modeling",
     "SelfPatchPretrainingOutput": "models.selfpatch.modeling",
     "SelfPatchViTForPretraining": "models.selfpatch.modeling",
-    "build_neighbor_table": "models.selfpatch.modeling",
-    "select_positive_neighbors": "models.selfpatch.modeling",
+    "build_neighbor_table": "models.selfpatch.neighbors",
+    "select_positive_neighbors": "models.selfpatch.neighbors",
     "export_backbone": "export.backbone",
     "export_dense_backbone": "models.dense.backbones",
     "build_upernet": "models.dense.heads",
@@ -51,13 +51,12 @@ if TYPE_CHECKING:
     from selfpatch_hf.models.selfpatch.configuration import BACKBONE_PRESETS, SelfPatchConfig
     from selfpatch_hf.models.selfpatch.modeling import (
         SelfPatchForPretraining,
-        SelfPatchNetwork,
         SelfPatchPreTrainedModel,
         SelfPatchPretrainingOutput,
         SelfPatchViTForPretraining,
-        build_neighbor_table,
-        select_positive_neighbors,
     )
+    from selfpatch_hf.models.selfpatch.neighbors import build_neighbor_table, select_positive_neighbors
+    from selfpatch_hf.models.selfpatch.networks import SelfPatchNetwork
 
 
 def register_auto_classes() -> None:

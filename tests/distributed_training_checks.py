@@ -156,7 +156,7 @@ def train_check(data_dir: Path, out: Path) -> None:
     groups = {
         "student": {k: v for k, v in model.student.state_dict().items()},
         "teacher": {k: v for k, v in model.teacher.state_dict().items()},
-        "centers": {"image": model.image_center, "patch": model.patch_center},
+        "centers": {"image": model.objective.image_center, "patch": model.objective.patch_center},
     }
     differences = {name: max_difference_between_ranks(state) for name, state in groups.items()}
     # the run really trained: the student moved away from the teacher, the centres away from 0
@@ -165,8 +165,8 @@ def train_check(data_dir: Path, out: Path) -> None:
             (model.student.state_dict()[k] - v).abs().max().item()
             for k, v in model.teacher.state_dict().items()
         ),
-        "image_center": model.image_center.abs().max().item(),
-        "patch_center": model.patch_center.abs().max().item(),
+        "image_center": model.objective.image_center.abs().max().item(),
+        "patch_center": model.objective.patch_center.abs().max().item(),
     }
     if accelerator.is_main_process:
         (out / "train.json").write_text(

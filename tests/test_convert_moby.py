@@ -235,12 +235,12 @@ def test_moby_pretraining_checkpoint_restarts_moby_exactly(tmp_path, backbone):
     assert (config.image_objective, config.patch_loss_weight, config.moby_queue_size) == ("moby", 0.0, 32)
     assert config.image_representation == ("average_pool" if backbone == "swin" else "cls")
     state = checkpoint["model"]
-    torch.testing.assert_close(model.queue1, state["queue1"])
-    torch.testing.assert_close(model.queue2, state["queue2"])
-    assert model.queue_ptr.item() == 16
+    torch.testing.assert_close(model.objective.queue1, state["queue1"])
+    torch.testing.assert_close(model.objective.queue2, state["queue2"])
+    assert model.objective.queue_ptr.item() == 16
     views = pixels(3, 2, 3, 32, 32)
     with torch.no_grad():
-        output = model(views, None, update_centers=False)
+        output = model(views, None, update_state=False)
         queries, keys = [], []
         for v in range(2):
             x = views[:, v]
@@ -262,6 +262,6 @@ def test_moby_pretraining_checkpoint_restarts_moby_exactly(tmp_path, backbone):
     assert model.config.patch_loss_weight == 0.1 and model.config.image_representation == "aggregation"
     for name, value in model.student.projector.state_dict().items():
         assert torch.equal(value, state[f"projector.{name}"].to(value.dtype))
-    torch.testing.assert_close(model.queue2, state["queue2"])
+    torch.testing.assert_close(model.objective.queue2, state["queue2"])
     with pytest.raises(ConversionError, match="--pretraining-recipe dino is for DINO checkpoints"):
         convert_checkpoint(tmp_path / "moby.pth", tmp_path / "bad", pretraining_recipe="dino", **kwargs)

@@ -42,7 +42,7 @@ def test_bf16_autocast_loss_and_gradients_match_fp32(make_config):
     gradient direction within cosine 0.99 of fp32's; the centres and the teacher stay fp32."""
     model = tiny_model(make_config(drop_path_rate=0.0))
     global_crops, local_crops = crops()
-    reference = model(global_crops, local_crops, update_centers=False)
+    reference = model(global_crops, local_crops, update_state=False)
     reference.loss.backward()
     reference_grads = torch.cat([p.grad.flatten() for p in model.student.parameters() if p.grad is not None])
     model.zero_grad(set_to_none=True)
@@ -58,7 +58,9 @@ def test_bf16_autocast_loss_and_gradients_match_fp32(make_config):
             continue
         torch.testing.assert_close(getattr(mixed, name), getattr(reference, name), rtol=0.01, atol=0)
     assert torch.nn.functional.cosine_similarity(grads, reference_grads, dim=0) > 0.99
-    assert model.image_center.dtype == torch.float32 and model.image_center.abs().sum() > 0  # moved, in fp32
+    assert (
+        model.objective.image_center.dtype == torch.float32 and model.objective.image_center.abs().sum() > 0
+    )  # moved, in fp32
     model.update_teacher(0.9)
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in model.teacher.parameters())
 
@@ -92,7 +94,7 @@ def test_a_step_skipped_by_the_loss_scaler_moves_neither_weights_nor_teacher_nor
         moved = [not torch.equal(a, b) for a, b in zip(student, model.student.parameters())]
         assert any(moved) != should_skip
         assert all(torch.equal(a, b) for a, b in zip(teacher, model.teacher.parameters())) == should_skip
-        assert torch.equal(model.image_center, guard.snapshot[0]) == should_skip
+        assert torch.equal(model.objective.image_center, guard.snapshot[0]) == should_skip
     # a disabled guard (no scaler: fp32 / bf16) keeps nothing
     guard = ScalerSkipGuard(model, enabled=False)
     guard.before_forward()
@@ -139,7 +141,7 @@ def test_the_scripts_train_step_leaves_teacher_and_centres_alone_on_a_scaler_ski
     values = ScheduleValues(0, 0.0, 1e-3, 0.04, 0.9, 0.04, freeze_last_layer=False)
 
     def state():
-        return [t.detach().clone() for t in (*model.parameters(), *model.buffers(recurse=False))]
+        return [t.detach().clone() for t in (*model.parameters(), *model.objective.buffers())]
 
     before = state()
     result = pretrain.train_step(accelerator, model, optimizer, [crops()], values, clip_grad=3.0)
@@ -152,7 +154,7 @@ def test_the_scripts_train_step_leaves_teacher_and_centres_alone_on_a_scaler_ski
     student, teacher = len(list(model.student.parameters())), len(list(model.teacher.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(before[:student], after[:student]))
     assert any(not torch.equal(a, b) for a, b in zip(before[student : student + teacher], after[student:]))
-    buffers = len(list(model.buffers(recurse=False)))
+    buffers = len(list(model.objective.buffers()))
     assert any(not torch.equal(a, b) for a, b in zip(before[-buffers:], after[-buffers:]))  # centres / queues
 
 

@@ -1,4 +1,4 @@
-"""SelfPatchViTForPretraining against independent, loop-based implementations of docs/method.md sections 3-8."""
+"""SelfPatchForPretraining against independent, loop-based implementations of docs/method.md sections 3-8."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_config, tiny_dino_config
 from transformers import AutoConfig, AutoModelForPreTraining
+from transformers.models.vit.modeling_vit import ViTLayer
 
 from selfpatch_hf import (
     SelfPatchConfig,
-    SelfPatchViTForPretraining,
+    SelfPatchForPretraining,
     build_neighbor_table,
     select_positive_neighbors,
 )
-from selfpatch_hf.models.selfpatch.modeling import SelfPatchAggregation
+from selfpatch_hf.models.selfpatch.aggregation import SelfPatchAggregation
 
 # ----------------------------------------------------------------------------- independent reference implementations
 
@@ -149,17 +150,17 @@ def cross_entropy(teacher_logits, center, teacher_temp, student_logits, student_
 
 def make_model(
     config: SelfPatchConfig, seed: int = 0, perturb_teacher: bool = True
-) -> SelfPatchViTForPretraining:
+) -> SelfPatchForPretraining:
     torch.manual_seed(seed)
-    model = SelfPatchViTForPretraining(config)
+    model = SelfPatchForPretraining(config)
     with torch.no_grad():
         if perturb_teacher:  # student and teacher must differ for the tests to see which one is used where
             for p in model.teacher.parameters():
                 if p.ndim > 1 and p.shape[-1] != 1:
                     p.add_(0.01 * torch.randn_like(p))
-        model.image_center.normal_(0, 0.1)
-        if model.patch_center.numel():
-            model.patch_center.normal_(0, 0.1)
+        model.objective.image_center.normal_(0, 0.1)
+        if model.objective.patch_center.numel():
+            model.objective.patch_center.normal_(0, 0.1)
     return model
 
 
@@ -238,6 +239,17 @@ def test_positive_selection_uses_cosine_not_dot_product():
     assert select_positive_neighbors(features, (3, 3), 1)[0, 0].item() == 1
 
 
+def test_positive_selection_over_all_patches_is_fp32_under_autocast():
+    """With `"all"` the similarities are one matrix product, which autocast would run in bf16: near-ties (patches
+    close to one of a few prototypes) would then be ranked by rounding."""
+    torch.manual_seed(0)
+    prototypes = torch.randn(3, 16)
+    features = prototypes[torch.randint(0, 3, (2, 30))] + 1e-3 * torch.randn(2, 30, 16)
+    exact = select_positive_neighbors(features, (5, 6), 4, "all")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(select_positive_neighbors(features, (5, 6), 4, "all"), exact)
+
+
 # ----------------------------------------------------------------------------- 5. aggregation module
 
 
@@ -273,7 +285,7 @@ def test_neighbor_aggregation_equals_one_sequence_per_patch():
 # ----------------------------------------------------------------------------- 6-7. heads, losses, centres
 
 
-def reference_losses(model: SelfPatchViTForPretraining, global_crops, local_crops, teacher_temp):
+def reference_losses(model: SelfPatchForPretraining, global_crops, local_crops, teacher_temp):
     """Image loss, patch loss and the new centres by loops over views, pairs, images and patches."""
     config = model.config
     views = list(global_crops.unbind(1)) + list(local_crops.unbind(1))
@@ -282,7 +294,7 @@ def reference_losses(model: SelfPatchViTForPretraining, global_crops, local_crop
         student = [reference_view_outputs(model.student, v, config, teacher=False) for v in views]
         teacher_views = views if config.patch_loss_weight > 0 else views[:num_global]
         teacher = [reference_view_outputs(model.teacher, v, config, teacher=True) for v in teacher_views]
-    center, patch_center = model.image_center.clone(), model.patch_center.clone()
+    center, patch_center = model.objective.image_center.clone(), model.objective.patch_center.clone()
     t_s = config.student_temperature
 
     terms = []
@@ -347,15 +359,15 @@ def test_losses_and_centres_match_loop_reference(overrides):
     torch.testing.assert_close(
         out.loss, expected_image + config.patch_loss_weight * expected_patch, atol=1e-5, rtol=1e-5
     )
-    torch.testing.assert_close(model.image_center, expected_center, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(model.patch_center, expected_patch_center, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model.objective.image_center, expected_center, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model.objective.patch_center, expected_patch_center, atol=1e-6, rtol=1e-5)
 
 
 def test_cls_representation_with_lambda_zero_is_plain_dino():
     config = tiny_dino_config(drop_path_rate=0.0)
     model = make_model(config).train()
     assert model.student.aggregation is None and model.student.patch_head is None
-    assert model.patch_center.numel() == 0
+    assert model.objective.patch_center.numel() == 0
     global_crops, local_crops = crops(batch=3, num_local=2)
     expected_image, _, expected_center, _ = reference_losses(
         model, global_crops, local_crops, teacher_temp=0.07
@@ -371,11 +383,11 @@ def test_cls_representation_with_lambda_zero_is_plain_dino():
     # the teacher saw only the global crops, in a single batched call
     assert teacher_batches == [torch.Size([2 * 3, 3, 32, 32])]
     # DINO's centre: mean over the teacher outputs of the global crops only
-    torch.testing.assert_close(model.image_center, expected_center, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model.objective.image_center, expected_center, atol=1e-6, rtol=1e-5)
 
 
 def test_dino_loss_against_formula_with_manual_logits():
-    from selfpatch_hf.models.selfpatch.modeling import DINOImageLoss
+    from selfpatch_hf.models.selfpatch.objectives.dino import DINOImageLoss
 
     torch.manual_seed(0)
     student, teacher, center = torch.randn(5, 3, 11), torch.randn(2, 3, 11), torch.randn(1, 11)
@@ -424,16 +436,16 @@ def test_update_teacher_is_an_ema_of_every_parameter():
 
 def test_fresh_teacher_is_a_copy_of_the_student():
     torch.manual_seed(0)
-    model = SelfPatchViTForPretraining(tiny_config())
+    model = SelfPatchForPretraining(tiny_config())
     for (name, s), t in zip(model.student.named_parameters(), model.teacher.parameters()):
         assert torch.equal(s, t), name
 
 
 def test_drop_path_only_in_student_and_only_in_training():
     model = make_model(tiny_config(drop_path_rate=0.5))
-    rates = [layer.dropout.drop_prob for layer in model.student.backbone.layers]
+    rates = [layer.drop_path.drop_prob for layer in model.student.backbone.layers]
     assert rates == pytest.approx([0.0, 0.5])
-    assert all(isinstance(layer.dropout, torch.nn.Dropout) for layer in model.teacher.backbone.layers)
+    assert all(type(layer) is ViTLayer for layer in model.teacher.backbone.layers)  # no stochastic depth
     view = torch.randn(4, 3, 32, 32)
     model.eval()
     with torch.no_grad():
@@ -499,10 +511,12 @@ def test_bad_inputs_give_clear_errors():
 
 def test_eval_mode_does_not_move_centres():
     model = make_model(tiny_config()).eval()
-    center, patch_center = model.image_center.clone(), model.patch_center.clone()
+    center, patch_center = model.objective.image_center.clone(), model.objective.patch_center.clone()
     with torch.no_grad():
         model(*crops(batch=2))
-    assert torch.equal(center, model.image_center) and torch.equal(patch_center, model.patch_center)
+    assert torch.equal(center, model.objective.image_center) and torch.equal(
+        patch_center, model.objective.patch_center
+    )
 
 
 # ----------------------------------------------------------------------------- config validation
@@ -580,14 +594,14 @@ def test_save_load_round_trip_reproduces_the_loss_bit_for_bit(tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     loaded = AutoModelForPreTraining.from_pretrained(tmp_path).eval()
-    assert type(loaded) is SelfPatchViTForPretraining
+    assert type(loaded) is SelfPatchForPretraining
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     assert {name: p.requires_grad for name, p in loaded.named_parameters()} == trainable
     assert not any(p.requires_grad for p in loaded.teacher.parameters())
     assert not loaded.student.image_head.last_layer.parametrizations.weight.original0.requires_grad
     assert isinstance(AutoConfig.from_pretrained(tmp_path), SelfPatchConfig)
-    assert torch.equal(loaded.image_center, model.image_center)
-    assert torch.equal(loaded.patch_center, model.patch_center)
+    assert torch.equal(loaded.objective.image_center, model.objective.image_center)
+    assert torch.equal(loaded.objective.patch_center, model.objective.patch_center)
     with torch.no_grad():
         a = model(global_crops, local_crops, teacher_temperature=0.06)
         b = loaded(global_crops, local_crops, teacher_temperature=0.06)
@@ -598,7 +612,7 @@ def test_save_load_round_trip_reproduces_the_loss_bit_for_bit(tmp_path):
 
 def test_loss_is_finite_and_decreases_on_a_fixed_batch():
     torch.manual_seed(0)
-    model = SelfPatchViTForPretraining(tiny_config(drop_path_rate=0.0)).train()
+    model = SelfPatchForPretraining(tiny_config(drop_path_rate=0.0)).train()
     optimizer = torch.optim.AdamW([p for p in model.student.parameters() if p.requires_grad], lr=1e-3)
     global_crops, local_crops = crops(batch=4)
     losses = []

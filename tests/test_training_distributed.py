@@ -95,7 +95,10 @@ def test_one_two_process_step_equals_one_process_step_over_both_batches(runs):
             state[name], expected[name], rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
         )
     # and the steps did something: the student moved, the teacher followed, the centres left zero
-    assert expected["image_center"].abs().max() > 0 and expected["patch_center"].abs().max() > 0
+    assert (
+        expected["objective.image_center"].abs().max() > 0
+        and expected["objective.patch_center"].abs().max() > 0
+    )
     key = "student.image_head.mlp.0.weight"
     assert not torch.equal(expected[key], expected[key.replace("student", "teacher")])
 
@@ -157,8 +160,8 @@ def test_moby_on_two_processes_fills_the_queues_with_both_ranks_keys_and_resumes
         assert not different if rank == 0 else set(different) <= set(differing), (rank, different)
     state = results[0]["reference"]
     # 3 steps x 2 processes x 2 images: 12 keys per queue (6 if the ranks' keys were not gathered)
-    assert state["queue_ptr"].item() == 12
-    assert not torch.equal(state["queue1"], state["queue2"])
+    assert state["objective.queue_ptr"].item() == 12
+    assert not torch.equal(state["objective.queue1"], state["objective.queue2"])
 
 
 def test_a_compiled_run_with_activation_checkpointing_under_ddp_ends_where_the_eager_run_ends(runs):

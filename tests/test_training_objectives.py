@@ -99,10 +99,10 @@ def test_every_combination_trains_checkpoints_resumes_exactly_and_exports(
 
     # the run trained: the student moved away from the teacher (DINO) / the queues hold this run's keys (MoBY)
     if objective == "moby":
-        assert reference_state["queue_ptr"].item() == 2 * 3  # 2 steps of 3 images, queue of 12
-        written = reference_state["queue1"][:, :6]
+        assert reference_state["objective.queue_ptr"].item() == 2 * 3  # 2 steps of 3 images, queue of 12
+        written = reference_state["objective.queue1"][:, :6]
         torch.testing.assert_close(written.norm(dim=0), torch.ones(6))  # L2-normalised keys
-        assert not torch.equal(reference_state["queue1"], reference_state["queue2"])
+        assert not torch.equal(reference_state["objective.queue1"], reference_state["objective.queue2"])
     student = {
         k[len("student.") :]: v for k, v in reference_state.items() if k.startswith("student.backbone.")
     }
@@ -216,7 +216,7 @@ def test_moby_step_clips_the_global_norm_and_moves_the_target_once(pretrain, mon
         assert clipped["before"] > 1e-3 and clipped["after"] == pytest.approx(1e-3, rel=1e-3)
         for name, target in unwrapped.teacher.named_parameters():
             torch.testing.assert_close(target.detach(), 0.5 * teacher_before[name] + 0.5 * student[name])
-        assert unwrapped.queue_ptr.item() == 6  # both micro-batches enqueued their 3 keys
+        assert unwrapped.objective.queue_ptr.item() == 6  # both micro-batches enqueued their 3 keys
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
 

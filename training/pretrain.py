@@ -354,22 +354,24 @@ def train_step(
     a non-finite loss raises `NonFiniteLossError` before it can reach the weights.
     """
     unwrapped = accelerator.unwrap_model(model)
-    moby = unwrapped.config.image_objective == "moby"
+    objective = unwrapped.objective
+    moves_teacher = objective.moves_teacher_in_forward  # MoBY
     # fp16: a step the loss scaler skips leaves centres, queues and (MoBY) the target as they were
     # (selfpatch_hf.training.mixed_precision)
-    guard = ScalerSkipGuard(unwrapped, enabled=accelerator.scaler is not None, include_teacher=moby)
+    guard = ScalerSkipGuard(unwrapped, enabled=accelerator.scaler is not None, include_teacher=moves_teacher)
     guard.before_forward()
     totals = torch.zeros(3, device=accelerator.device)
     micro_steps = 0
     for global_crops, local_crops in micro_batches:
         global_crops = global_crops.to(accelerator.device, non_blocking=True)
         local_crops = local_crops.to(accelerator.device, non_blocking=True)
-        # MoBY: two views, no local crops; the target's momentum step once per optimiser step (first micro-batch)
-        if moby:
-            inputs = {"teacher_momentum": values.teacher_momentum if micro_steps == 0 else None}
+        # the objective's per-step schedule values (DINO: the teacher temperature); an objective that moves the
+        # teacher in its forward (MoBY) takes the momentum with the first micro-batch: once per optimiser step
+        inputs = {name: getattr(values, name) for name in objective.step_inputs}
+        if moves_teacher:
+            inputs["teacher_momentum"] = values.teacher_momentum if micro_steps == 0 else None
+        if not objective.uses_local_crops:  # MoBY: two views, no local crops
             local_crops = None
-        else:
-            inputs = {"teacher_temperature": values.teacher_temperature}
         with accelerator.accumulate(model):
             outputs = model(global_crops, local_crops, **inputs)
             accelerator.backward(outputs.loss)
@@ -397,7 +399,7 @@ def train_step(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     skipped = guard.after_step(step_was_skipped(optimizer))
-    if not skipped and not moby:  # the student did not move: neither does the teacher
+    if not skipped and not moves_teacher:  # the student did not move: neither does the teacher
         unwrapped.update_teacher(values.teacher_momentum)
     return StepResult(
         loss=loss,

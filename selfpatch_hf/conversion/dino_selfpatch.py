@@ -448,12 +448,12 @@ def dino_to_pretraining_model(
                 network.image_head.load_state_dict(_head_state(source.image_head), strict=True)
         if checkpoint.image_center is not None:
             center = checkpoint.image_center.float().reshape(1, -1)
-            if center.shape != model.image_center.shape:
+            if center.shape != model.objective.image_center.shape:
                 raise ConversionError(
                     f"dino_loss.center has shape {tuple(checkpoint.image_center.shape)}, expected "
-                    f"{tuple(model.image_center.shape)} (the image head's output size)."
+                    f"{tuple(model.objective.image_center.shape)} (the image head's output size)."
                 )
-            model.image_center.copy_(center)
+            model.objective.image_center.copy_(center)
     # the student must train, the teacher must not: restore what loading could have touched
     model.teacher.requires_grad_(False)
     return model

@@ -391,9 +391,9 @@ def moby_to_pretraining_model(
             {k: v.float() if v.is_floating_point() else v for k, v in checkpoint.parts["predictor"].items()},
             strict=True,
         )
-        model.queue1.copy_(checkpoint.buffers["queue1"])
-        model.queue2.copy_(checkpoint.buffers["queue2"])
-        model.queue_ptr.copy_(checkpoint.buffers["queue_ptr"].reshape(1) % config.moby_queue_size)
+        model.objective.queue1.copy_(checkpoint.buffers["queue1"])
+        model.objective.queue2.copy_(checkpoint.buffers["queue2"])
+        model.objective.queue_ptr.copy_(checkpoint.buffers["queue_ptr"].reshape(1) % config.moby_queue_size)
     model.teacher.requires_grad_(False)  # the target only moves by momentum
     return model
 

@@ -23,9 +23,6 @@ from pathlib import Path
 
 # Pickle-based weight formats: loading them can run arbitrary code, so they are never published.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-# `SelfPatchForPretraining.save_pretrained` folders: model type "selfpatch" (folders of earlier versions of this
-# package say "selfpatch_vit")
-PRETRAINING_MODEL_TYPES = ("selfpatch", "selfpatch_vit")
 PRETRAINING_SUBFOLDER = "pretraining"
 _PRETRAINING_SECTION = "## Pretraining checkpoint"
 
@@ -77,6 +74,14 @@ def _check_weights(folder: Path) -> None:
         raise PublishError(f"{folder} has no model.safetensors (or model.safetensors.index.json).")
 
 
+def pretraining_model_types() -> tuple[str, ...]:
+    """The model types of `SelfPatchForPretraining.save_pretrained` folders: "selfpatch", and those of folders saved
+    by earlier versions of this package ("selfpatch_vit")."""
+    from selfpatch_hf.models.selfpatch.configuration import LEGACY_MODEL_TYPES, SelfPatchConfig
+
+    return (SelfPatchConfig.model_type, *LEGACY_MODEL_TYPES)
+
+
 def check_backbone_folder(folder: str | Path) -> dict:
     """Checks that `folder` is a publishable backbone; returns its config. Raises `PublishError` otherwise."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -86,7 +91,7 @@ def check_backbone_folder(folder: str | Path) -> dict:
         raise PublishError(f"{folder} is not a directory.")
     config = _read_config(folder)
     model_type = config.get("model_type")
-    if model_type in PRETRAINING_MODEL_TYPES:
+    if model_type in pretraining_model_types():
         raise PublishError(
             f"{folder} holds a SelfPatchForPretraining checkpoint, not a backbone: export the backbone with "
             f"`selfpatch export {folder} BACKBONE_DIR` (a plain ViTModel / SwinModel folder with its card), and "
@@ -118,11 +123,11 @@ def check_pretraining_folder(folder: str | Path) -> dict:
     if not folder.is_dir():
         raise PublishError(f"{folder} is not a directory.")
     config = _read_config(folder)
-    if config.get("model_type") not in PRETRAINING_MODEL_TYPES:
+    if config.get("model_type") not in pretraining_model_types():
         raise PublishError(
             f"{folder}/config.json has model_type {config.get('model_type')!r}; a pretraining checkpoint is a "
             f"SelfPatchForPretraining.save_pretrained folder (model_type "
-            f"{' or '.join(repr(name) for name in PRETRAINING_MODEL_TYPES)})."
+            f"{' or '.join(repr(name) for name in pretraining_model_types())})."
         )
     _check_weights(folder)
     return config
@@ -247,7 +252,7 @@ def push_backbone(
 
 
 __all__ = [
-    "PRETRAINING_MODEL_TYPES",
+    "pretraining_model_types",
     "PublishError",
     "PushResult",
     "check_backbone_folder",

@@ -1,11 +1,10 @@
 """`torch.compile` for pretraining: the parts of each network that pay, compiled in place (`--torch_compile`).
 
 What is compiled, for the student AND the teacher (each `SelfPatchNetwork`): the backbone (`ViTModel` or
-`SwinModel`: patch embedding, position-embedding interpolation, encoder, output norm) and the heads (DINO's
-projection heads; MoBY's projectors and predictors). These hold nearly all
-of a step's multiply-accumulates. The glue between them (grouping views by resolution, positive matching, the
-neighbour path of the aggregation module, losses, centres) stays eager: it is cheap, and its shapes vary between
-views.
+`SwinModel`: patch embedding, position-embedding interpolation, encoder, output norm) and the heads the objective
+built (DINO's projection heads; MoBY's projectors and predictors). These hold nearly all of a step's
+multiply-accumulates. The glue between them (grouping views by resolution, positive matching, the neighbour path
+of the aggregation module, losses, centres) stays eager: it is cheap, and its shapes vary between views.
 
 Why per module and in place (`nn.Module.compile`) rather than `torch.compile(model)` / accelerate's dynamo plugin:
 
@@ -16,23 +15,29 @@ Why per module and in place (`nn.Module.compile`) rather than `torch.compile(mod
   with symbolic sizes on the second resolution and give slower kernels;
 - the teacher's modules only ever run under `no_grad`, the student's with gradients: one set of graphs each.
 
+A Swin backbone is encoded through its `embeddings`, `encoder` and `layernorm` (`backbone.encode`), not through
+`SwinModel.__call__`: compiling the `SwinModel` therefore leaves a Swin's encoding eager.
+
 Recompilation check: `torch.compiler.set_stance("fail_on_recompile")` after the first step (see
 tests/test_gpu_training.py) makes any later recompilation an error.
 """
 
 from __future__ import annotations
 
-import torch
+import weakref
+
 from torch import nn
+
+# the modules `compile_for_training` compiled (nn.Module.compile keeps no public record of it)
+_compiled: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def compiled_modules(model: nn.Module) -> list[nn.Module]:
     """The modules `compile_for_training` compiles: each network's backbone and heads (whichever exist)."""
-    heads = ("image_head", "patch_head", "projector", "patch_projector", "predictor", "patch_predictor")
     modules = []
     for network in (model.student, model.teacher):
         modules.append(network.backbone)
-        modules += [head for name in heads if (head := getattr(network, name, None)) is not None]
+        modules += list(network.heads().values())
     return modules
 
 
@@ -48,16 +53,13 @@ def compile_for_training(
     modules = compiled_modules(model)
     for module in modules:
         module.compile(backend=backend, mode=mode, dynamic=False)
+        _compiled.add(module)
     return modules
 
 
 def is_compiled(module: nn.Module) -> bool:
-    return getattr(module, "_compiled_call_impl", None) is not None
+    """Whether `compile_for_training` compiled `module` in place."""
+    return module in _compiled
 
 
-def dynamo_recompilations() -> int:
-    """Graphs compiled by dynamo in this process so far (a counter that only grows)."""
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-
-
-__all__ = ["compile_for_training", "compiled_modules", "dynamo_recompilations", "is_compiled"]
+__all__ = ["compile_for_training", "compiled_modules", "is_compiled"]

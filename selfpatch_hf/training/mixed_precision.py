@@ -31,7 +31,7 @@ MAX_CONSECUTIVE_SKIPPED_STEPS = 25
 
 class ScalerSkipGuard:
     """Keeps what a forward moves across one step, to restore it if the loss scaler skips the step: the model's
-    own buffers (DINO's `image_center` / `patch_center`, MoBY's `queue1` / `queue2` / `queue_ptr`) and, with
+    objective's buffers (DINO's `image_center` / `patch_center`, MoBY's `queue1` / `queue2` / `queue_ptr`) and, with
     `include_teacher` (MoBY: the target's momentum step runs in the forward), the teacher's parameters. Disabled
     (no copies) when there is no scaler."""
 
@@ -42,7 +42,7 @@ class ScalerSkipGuard:
         self.snapshot: list[torch.Tensor] | None = None
 
     def _state(self) -> list[torch.Tensor]:
-        state = list(self.model.buffers(recurse=False))
+        state = list(self.model.objective.buffers())
         if self.include_teacher:
             state += list(self.model.teacher.parameters())
         return state

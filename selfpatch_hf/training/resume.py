@@ -73,7 +73,12 @@ def check_resumable(
             "(the same global batch through other accumulation steps cuts the stream differently)."
         )
     if "model_config" in trainer_state:  # checkpoints of older versions did not record it
-        differences = _differences(trainer_state["model_config"], model_config)
+        from selfpatch_hf.models.selfpatch.configuration import LEGACY_MODEL_TYPES
+
+        saved_config = dict(trainer_state["model_config"])
+        if saved_config.get("model_type") in LEGACY_MODEL_TYPES:  # the same model, under its former type name
+            saved_config["model_type"] = model_config.get("model_type")
+        differences = _differences(saved_config, model_config)
         if differences:
             raise UsageError(
                 f"{checkpoint} was trained with another model configuration ({'; '.join(differences)}). Resume with "

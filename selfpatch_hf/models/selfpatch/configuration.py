@@ -182,8 +182,8 @@ _REAL_FIELDS = (
 @strict
 class SelfPatchConfig(PreTrainedConfig):
     r"""
-    Configuration of [`SelfPatchForPretraining`] (alias `SelfPatchViTForPretraining`): a backbone, an image-level
-    objective and the SelfPatch patch-level objective, chosen independently:
+    Configuration of [`SelfPatchForPretraining`]: a backbone, an image-level objective and the SelfPatch patch-level
+    objective, chosen independently:
 
     - backbone: a `transformers.ViTModel` or `SwinModel`, held as a real `ViTConfig` / `SwinConfig` in
       `backbone_config` (so exported backbones save `model_type: "vit"` / `"swin"`);
@@ -269,16 +269,17 @@ class SelfPatchConfig(PreTrainedConfig):
     Example:
 
     ```python
-    >>> from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
+    >>> from selfpatch_hf import SelfPatchConfig, SelfPatchForPretraining
 
     >>> config = SelfPatchConfig.from_preset("vit-small-patch16")
     >>> dino = SelfPatchConfig.from_preset("vit-small-patch16", image_representation="cls", patch_loss_weight=0.0)
-    >>> model = SelfPatchViTForPretraining(config)
+    >>> model = SelfPatchForPretraining(config)
     >>> moby_swin = SelfPatchConfig.from_preset("swin-tiny-patch4-window7", image_objective="moby")
     ```
     """
 
-    model_type = "selfpatch_vit"
+    # "selfpatch_vit" until Swin backbones were added; folders saved with it still load (LegacySelfPatchViTConfig)
+    model_type = "selfpatch"
     sub_configs_defaults: ClassVar[dict] = {
         "backbone_config": SubConfigSpec(config_class=ViTConfig, init_kwargs=BACKBONE_PRESETS[DEFAULT_PRESET])
     }
@@ -314,6 +315,16 @@ class SelfPatchConfig(PreTrainedConfig):
     moby_queue_size: int = 4096
     moby_momentum: float = 0.99
     patch_negatives: bool = True
+
+    # ------------------------------------------------------------------ folders of older versions
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict, dict]:
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return current_model_type(config_dict), kwargs
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> SelfPatchConfig:
+        return super().from_dict(current_model_type(config_dict), **kwargs)
 
     # ------------------------------------------------------------------ derived properties
     @property
@@ -618,6 +629,36 @@ class SelfPatchConfig(PreTrainedConfig):
         return cls(backbone_config=ViTConfig(**backbone_kwargs), **config_kwargs)
 
 
-AutoConfig.register(SelfPatchConfig.model_type, SelfPatchConfig, exist_ok=True)
+class LegacySelfPatchViTConfig(PreTrainedConfig):
+    """The model type `selfpatch_vit` of folders saved before Swin backbones were supported. Reading one gives a
+    `SelfPatchConfig` (model type `selfpatch`), so `AutoConfig`, `AutoModelForPreTraining` and
+    `SelfPatchForPretraining.from_pretrained` load such folders, and saving them again writes the current type."""
 
-__all__ = ["BACKBONE_PRESETS", "NUM_GLOBAL_CROPS", "SelfPatchConfig", "SelfPatchConfigError"]
+    model_type = "selfpatch_vit"
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> SelfPatchConfig:
+        return SelfPatchConfig.from_dict(current_model_type(config_dict), **kwargs)
+
+
+LEGACY_MODEL_TYPES = (LegacySelfPatchViTConfig.model_type,)
+
+
+def current_model_type(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """`config_dict` with a legacy model type replaced by `SelfPatchConfig.model_type`."""
+    if config_dict.get("model_type") in LEGACY_MODEL_TYPES:
+        return {**config_dict, "model_type": SelfPatchConfig.model_type}
+    return config_dict
+
+
+AutoConfig.register(SelfPatchConfig.model_type, SelfPatchConfig, exist_ok=True)
+AutoConfig.register(LegacySelfPatchViTConfig.model_type, LegacySelfPatchViTConfig, exist_ok=True)
+
+__all__ = [
+    "BACKBONE_PRESETS",
+    "LEGACY_MODEL_TYPES",
+    "NUM_GLOBAL_CROPS",
+    "LegacySelfPatchViTConfig",
+    "SelfPatchConfig",
+    "SelfPatchConfigError",
+]
