@@ -441,6 +441,26 @@ def test_fresh_teacher_is_a_copy_of_the_student():
         assert torch.equal(s, t), name
 
 
+def test_heads_last_layers_start_as_dino_builds_them_and_keep_a_loaded_magnitude(tmp_path):
+    """DINO's DINOHead: weight_g filled with 1 (frozen with norm_last_layer), weight_v as nn.Linear draws it. So every
+    output row of the last layer has unit norm, and a loaded checkpoint keeps its own magnitudes."""
+    torch.manual_seed(0)
+    model = SelfPatchForPretraining(tiny_config())
+    for network in (model.student, model.teacher):
+        for head in (network.image_head, network.patch_head):
+            weight = head.last_layer.parametrizations.weight
+            assert torch.equal(weight.original0, torch.ones_like(weight.original0))
+            assert torch.allclose(head.last_layer.weight.norm(dim=1), torch.ones(weight.original0.shape[0]))
+            # the direction is torch's default Linear draw (kaiming uniform: |v| <= 1/sqrt(fan_in)), not rescaled
+            assert weight.original1.abs().max() <= weight.original1.shape[1] ** -0.5
+    with torch.no_grad():
+        model.student.image_head.last_layer.parametrizations.weight.original0.fill_(0.5)
+    model.save_pretrained(tmp_path)
+    loaded = SelfPatchForPretraining.from_pretrained(tmp_path)
+    magnitude = loaded.student.image_head.last_layer.parametrizations.weight.original0
+    assert torch.equal(magnitude, torch.full_like(magnitude, 0.5))
+
+
 def test_drop_path_only_in_student_and_only_in_training():
     model = make_model(tiny_config(drop_path_rate=0.5))
     rates = [layer.drop_path.drop_prob for layer in model.student.backbone.layers]

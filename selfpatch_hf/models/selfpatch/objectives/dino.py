@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers import initialization as init
 
 from selfpatch_hf.models.selfpatch.objectives.base import ImageObjective, ObjectiveOutput
@@ -54,8 +55,8 @@ class DINOHead(nn.Module):
         self.last_layer = nn.utils.parametrizations.weight_norm(
             nn.Linear(bottleneck_dim, out_dim, bias=False)
         )
-        # with norm_last_layer the magnitudes g are frozen (by the objective, also after loading): only the
-        # direction of each output row is learned
+        # g starts at 1 (the objective's init_weights) and with norm_last_layer stays frozen (also after loading):
+        # only the direction of each output row is learned
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = F.normalize(self.mlp(hidden_states), dim=-1, p=2)
@@ -285,6 +286,14 @@ class DINOObjective(ImageObjective):
         if teacher_patch_logits is not None:
             ema_center_update(self.patch_center, teacher_patch_logits, momentum)
 
+    def init_weights(self, module: nn.Module, std: float) -> None:
+        """DINO's head init for the weight-normalised last layers: magnitude g = 1 (frozen with `norm_last_layer`),
+        direction v as torch's `nn.Linear` draws it (DINO's `DINOHead` sets `weight_g` to 1 and leaves `weight_v`
+        at that draw). Every parametrisation in the model is a head's weight norm (`original0` = g)."""
+        if isinstance(module, parametrize.ParametrizationList):
+            init.ones_(module.original0)
+        super().init_weights(module, std)
+
     def reset_state(self) -> None:
         init.zeros_(self.image_center)
         init.zeros_(self.patch_center)
@@ -293,7 +302,7 @@ class DINOObjective(ImageObjective):
         return [head for head in (student.image_head, student.patch_head) if head is not None]
 
     def freeze_untrained_parameters(self, student: SelfPatchStudent) -> None:
-        """With `norm_last_layer`, the weight-norm magnitudes of the heads' last layers stay as built."""
+        """With `norm_last_layer`, the weight-norm magnitudes of the heads' last layers stay at 1."""
         if self.config.norm_last_layer:
             for head in self._student_heads(student):
                 head.last_layer.parametrizations.weight.original0.requires_grad_(False)
