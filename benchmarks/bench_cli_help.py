@@ -5,7 +5,8 @@
 Each command runs in a fresh interpreter (`python -m MODULE ARGS --help`), as a user's shell would start it; the
 median and the slowest of the repeats are printed as a Markdown table. `--help` stays fast because no command
 imports torch, transformers, datasets or huggingface_hub before it has parsed its arguments (checked by
-tests/test_command_line_help.py).
+tests/test_command_line_help.py), except the training scripts, which parse with transformers' public
+`HfArgumentParser` and so import the `transformers` package (not torch; tests/test_training_components.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ COMMANDS = [
     ("selfpatch eval davis", ["selfpatch_hf.evaluation", "davis", "--help"]),
     ("selfpatch eval visualize", ["selfpatch_hf.evaluation", "visualize", "--help"]),
     ("training/pretrain.py", None),
+    ("training/finetune_segmentation.py", None),
 ]
 
 
@@ -37,9 +39,7 @@ def main() -> None:
     print("| command | median s | slowest s |\n|---|---|---|")
     for name, module_args in COMMANDS:
         argv = (
-            [sys.executable, "training/pretrain.py", "--help"]
-            if module_args is None
-            else [sys.executable, "-m", *module_args]
+            [sys.executable, name, "--help"] if module_args is None else [sys.executable, "-m", *module_args]
         )
         times = []
         for _ in range(args.repeats):

@@ -2,9 +2,10 @@
 
 Two measurements, each in a fresh process, interleaved over `--rounds` so that machine noise hits both alike:
 
-- bare: `train_step` of the script (forward, backward, per-tensor clipping, AdamW, teacher EMA, the per-step
-  all-reduce of the losses) on fixed random batches already in memory, set up for the CPU as the loop is (torch
-  threads: one core left per data worker; freed host memory kept for reuse), and, for reference, with every core;
+- bare: the loop's `train_step` (selfpatch_hf.training.loop: forward, backward, per-tensor clipping, AdamW, teacher
+  EMA, the per-step all-reduce of the losses) on fixed random batches already in memory, set up for the CPU as the
+  loop is (selfpatch_hf.training.runtime: torch threads with one core left per data worker; freed host memory kept
+  for reuse), and, for reference, with every core;
 - loop: `training/pretrain.py` itself, streaming real photographs (the offline sample photographs, repeated, as 2
   parquet shards) with `--num_workers` data workers, progress bar, metrics logged to metrics.jsonl every step.
 
@@ -13,7 +14,7 @@ timestamps of its per-step metrics records, so its final checkpoint and export a
 `1 - loop / bare`.
 
     python benchmarks/bench_training_loop.py                                   # the demo recipe's model, ~3 min
-    python benchmarks/bench_training_loop.py --preset vit-small-patch16 --config_overrides "" --batch 8
+    python benchmarks/bench_training_loop.py --preset vit-small-patch16 --config_overrides "" --crops "" --batch 8
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_OVERRIDES = (
-    "global_crop_size=96 local_crop_size=48 num_local_crops=4 image_out_dim=4096 patch_out_dim=1024 "
-    "head_hidden_dim=512 head_bottleneck_dim=128"
-)
+DEMO_OVERRIDES = "image_out_dim=4096 patch_out_dim=1024 head_hidden_dim=512 head_bottleneck_dim=128"
+DEMO_CROPS = "--global_crop_size 96 --local_crop_size 48 --num_local_crops 4"
 
 
 def build_data(output_dir: Path, repeats: int) -> Path:
@@ -53,6 +52,7 @@ def script_arguments(args, data_dir: Path, output_dir: Path) -> list[str]:
     overrides = args.config_overrides.split()
     return [
         "--preset", args.preset,
+        *args.crops.split(),
         *(["--config_overrides", *overrides] if overrides else []),
         "--dataset_name", str(data_dir),
         "--samples_per_epoch", "1000000",
@@ -68,52 +68,50 @@ def script_arguments(args, data_dir: Path, output_dir: Path) -> list[str]:
 
 
 def run_bare(args, data_dir: Path) -> dict:
-    """Child process: the script's train_step on fixed in-memory batches."""
-    import importlib.util
-
+    """Child process: the loop's train_step on fixed in-memory batches."""
     import torch
     from accelerate import Accelerator
 
-    spec = importlib.util.spec_from_file_location("pretrain", REPO / "training" / "pretrain.py")
-    pretrain = importlib.util.module_from_spec(spec)
-    sys.modules["pretrain"] = pretrain
-    spec.loader.exec_module(pretrain)
-    from selfpatch_hf import SelfPatchViTForPretraining
+    from selfpatch_hf import SelfPatchForPretraining
+    from selfpatch_hf.training.arguments.pretraining import build_config, parse_pretraining_arguments
+    from selfpatch_hf.training.loop import train_step
     from selfpatch_hf.training.optimization import apply_schedule, build_optimizer
+    from selfpatch_hf.training.runtime import configure_host
     from selfpatch_hf.training.schedules import PretrainingSchedule
 
     with tempfile.TemporaryDirectory() as scratch:
-        model_args, data_args, training_args, overrides = pretrain.parse_arguments(
+        model_args, data_args, training_args, overrides = parse_pretraining_arguments(
             script_arguments(args, data_dir, Path(scratch))
         )
-    config = pretrain.build_config(model_args, overrides)
-    # clipping and schedules: the objective's defaults, as in the loop
-    training_args.apply_objective_defaults(config)
+    # the model, crops, clipping and schedules as in the loop (the objective's defaults for what is unset)
+    config, crops = build_config(model_args, data_args, training_args, overrides)
     accelerator = Accelerator(cpu=True)
     # torch threads and host-memory reuse as the loop has them
-    pretrain.configure_cpu_training(accelerator, data_args, training_args)
+    configure_host(accelerator, training_args, data_args.num_workers)
     if args.all_threads:
         torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    model = SelfPatchViTForPretraining(config)
+    model = SelfPatchForPretraining(config)
     optimizer = build_optimizer(model.student)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     schedule = PretrainingSchedule.from_epochs(
         steps_per_epoch=1000, total_steps=10_000, base_learning_rate=5e-4, global_batch_size=args.batch
     )
-    height = width = config.global_crop_size
-    local = config.local_crop_size
+    (height, width), (local_height, local_width) = (  # the loop's crops, as tensors
+        (size, size) if isinstance(size, int) else size
+        for size in (crops.global_crop_size, crops.local_crop_size)
+    )
     batch = (
         torch.randn(args.batch, 2, 3, height, width),
-        torch.randn(args.batch, config.num_local_crops, 3, local, local),
+        torch.randn(args.batch, crops.num_local_crops, 3, local_height, local_width),
     )
     times = []
     for step in range(args.warmup + args.steps):
         values = schedule.at(step)
         started = time.perf_counter()
         apply_schedule(optimizer, values)
-        pretrain.train_step(accelerator, model, optimizer, [batch], values, training_args.clip_grad)
+        train_step(accelerator, model, optimizer, [batch], values, training_args.clip_grad)
         times.append(time.perf_counter() - started)
     measured = sum(times[args.warmup :])
     return {"images_per_second": args.batch * args.steps / measured, "threads": torch.get_num_threads()}
@@ -144,6 +142,7 @@ def main() -> None:
     )
     parser.add_argument("--preset", default="vit-tiny-patch16")
     parser.add_argument("--config_overrides", default=DEMO_OVERRIDES, help="space-separated key=value")
+    parser.add_argument("--crops", default=DEMO_CROPS, help="the crop options of training/pretrain.py")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30, help="measured steps per run")
@@ -190,7 +189,7 @@ def main() -> None:
             )
     bare_median, loop_median = statistics.median(bare), statistics.median(loop)
     print(
-        f"\n{args.preset} [{args.config_overrides}] batch {args.batch}, {args.num_workers} data workers, "
+        f"\n{args.preset} [{args.config_overrides}] [{args.crops}] batch {args.batch}, {args.num_workers} data workers, "
         f"{args.steps} steps after {args.warmup}, {args.rounds} rounds (median):\n"
         f"  bare train_step : {bare_median:.2f} img/s\n"
         f"  training loop   : {loop_median:.2f} img/s\n"

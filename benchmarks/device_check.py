@@ -211,10 +211,7 @@ def tiny_config(**overrides):
         "intermediate_size": 128,
         "num_hidden_layers": 2,
         "patch_size": 8,
-        "image_size": 32,
-        "global_crop_size": 32,
-        "local_crop_size": 16,
-        "num_local_crops": 4,
+        "image_size": 32,  # the model's position grid; the tensors below are 2 x 32 px + 4 x 16 px crops
         "image_out_dim": 256,
         "patch_out_dim": 64,
         "head_hidden_dim": 64,

@@ -27,10 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 # Everything but the objective is shared by both methods.
+COMMON_CROPS = ["--global_crop_size", "96", "--local_crop_size", "48", "--num_local_crops", "4"]
 COMMON_OVERRIDES = [
-    "global_crop_size=96",
-    "local_crop_size=48",
-    "num_local_crops=4",
     "image_out_dim=4096",
     "patch_out_dim=1024",
     "head_hidden_dim=512",
@@ -68,7 +66,7 @@ def pretrain(method: str, seed: int, args, data_dir: Path) -> Path:
         return output_dir / "backbone"
     command = [
         sys.executable, str(REPO / "training" / "pretrain.py"),
-        "--preset", args.preset,
+        "--preset", args.preset, *COMMON_CROPS,
         "--config_overrides", *COMMON_OVERRIDES, *METHODS[method],
         "--dataset_name", str(data_dir),
         "--samples_per_epoch", str(args.samples_per_epoch),

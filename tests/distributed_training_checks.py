@@ -1,4 +1,4 @@
-"""Multi-process checks of training/pretrain.py, run by tests/test_training_distributed.py.
+"""Multi-process checks of training/pretrain.py and its training step, run by tests/test_training_distributed.py.
 
     accelerate launch --multi_gpu --num_processes 2 ... tests/distributed_training_checks.py OUT DATA   (2 processes)
     python tests/distributed_training_checks.py OUT                                                  (reference)
@@ -30,7 +30,8 @@ import torch.distributed as dist
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import tiny_config  # noqa: E402
+from tiny_models import TINY_CROP_RECIPE, tiny_config  # noqa: E402
+from training_runs import tiny_arguments  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("pretrain", REPO_ROOT / "training" / "pretrain.py")
 pretrain = importlib.util.module_from_spec(spec)
@@ -42,22 +43,19 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from selfpatch_hf import SelfPatchViTForPretraining  # noqa: E402
 from selfpatch_hf.training.compilation import is_compiled  # noqa: E402
+from selfpatch_hf.training.loop import train_step  # noqa: E402
 from selfpatch_hf.training.optimization import apply_schedule, build_optimizer  # noqa: E402
 from selfpatch_hf.training.schedules import PretrainingSchedule  # noqa: E402
 
 PER_RANK_BATCH = 3
-TINY_OVERRIDES = [
-    "hidden_size=32", "num_attention_heads=2", "intermediate_size=64", "num_hidden_layers=2", "patch_size=8",
-    "image_size=32", "global_crop_size=32", "local_crop_size=16", "num_local_crops=4", "image_out_dim=64",
-    "patch_out_dim=32", "head_hidden_dim=48", "head_bottleneck_dim=16",
-]  # fmt: skip
+TINY = tiny_arguments()  # the tiny recipe (tests/training_runs.py)
 
 
 def fixed_batches() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1234)
     make = lambda: (  # noqa: E731
         torch.randn(PER_RANK_BATCH, 2, 3, 32, 32, generator=generator),
-        torch.randn(PER_RANK_BATCH, 4, 3, 16, 16, generator=generator),
+        torch.randn(PER_RANK_BATCH, TINY_CROP_RECIPE.num_local_crops, 3, 16, 16, generator=generator),
     )
     return make(), make()
 
@@ -102,7 +100,7 @@ def fixed_step_check(accelerator: Accelerator, out: Path) -> None:
         values = schedule.at(step)
         assert values.freeze_last_layer == (step == 0)
         apply_schedule(optimizer, values)
-        result = pretrain.train_step(accelerator, model, optimizer, [batch], values, clip_grad=0.5)
+        result = train_step(accelerator, model, optimizer, [batch], values, clip_grad=0.5)
         losses.append([result.loss, result.image_loss, result.patch_loss])
     state = {k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     difference = max_difference_between_ranks(state) if world > 1 else 0.0
@@ -119,11 +117,11 @@ def data_split_check(accelerator: Accelerator, data_dir: Path, out: Path) -> Non
 
     model_args, data_args, training_args, overrides = pretrain.parse_arguments(
         ["--dataset_name", str(data_dir), "--output_dir", str(out / "unused"), "--per_device_train_batch_size", "2",
-         "--num_workers", "0", "--config_overrides", *TINY_OVERRIDES]
+         "--num_workers", "0", *TINY]
     )  # fmt: skip
-    config = pretrain.build_config(model_args, overrides)
+    _, crops = pretrain.build_config(model_args, data_args, training_args, overrides)
     dataset, column = pretrain.open_image_stream(data_args, training_args)
-    loader = pretrain.build_dataloader(dataset, column, data_args, training_args, config, accelerator)
+    loader = pretrain.build_dataloader(dataset, column, crops, data_args, training_args, accelerator)
     decoded = []
     original_decode = selfpatch_hf.data.streaming.decode_image
 
@@ -144,7 +142,7 @@ def data_split_check(accelerator: Accelerator, data_dir: Path, out: Path) -> Non
 
 def train_check(data_dir: Path, out: Path) -> None:
     argv = [
-        "--dataset_name", str(data_dir), "--output_dir", str(out / "run"), "--config_overrides", *TINY_OVERRIDES,
+        "--dataset_name", str(data_dir), "--output_dir", str(out / "run"), *TINY,
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--gradient_checkpointing",
         "--samples_per_epoch", "16", "--max_steps", "5",
         "--checkpointing_steps", "2", "--num_workers", "1", "--shuffle_buffer_size", "4", "--logging_steps", "1",
@@ -188,7 +186,7 @@ def compile_check(data_dir: Path, out: Path) -> None:
 
     def run(output_dir: Path, *extra: str):
         argv = [
-            "--dataset_name", str(data_dir), "--output_dir", str(output_dir), "--config_overrides", *TINY_OVERRIDES,
+            "--dataset_name", str(data_dir), "--output_dir", str(output_dir), *TINY,
             "--per_device_train_batch_size", "2", "--gradient_checkpointing", "--samples_per_epoch", "16",
             "--max_steps", "3", "--checkpointing_steps", "0", "--export_steps", "0", "--num_workers", "0",
             "--shuffle_buffer_size", "0", "--logging_steps", "1", "--learning_rate", "0.05", *extra,
@@ -217,8 +215,7 @@ def final_state(model: SelfPatchViTForPretraining) -> dict[str, torch.Tensor]:
 
 MOBY_SWIN_OVERRIDES = [
     "image_objective=moby", "embed_dim=8", "depths=[1,1,2]", "num_heads=[1,2,4]", "patch_size=2", "window_size=2",
-    "global_crop_size=32", "moby_projection_dim=8", "moby_projector_hidden_dim=16", "moby_predictor_hidden_dim=12",
-    "moby_queue_size=24",
+    "moby_projection_dim=8", "moby_projector_hidden_dim=16", "moby_predictor_hidden_dim=12", "moby_queue_size=24",
 ]  # fmt: skip
 
 
@@ -228,7 +225,7 @@ def moby_check(data_dir: Path, out: Path) -> None:
     def run(output_dir: Path, *extra: str):
         argv = [
             "--preset", "swin-tiny-patch4-window7", "--dataset_name", str(data_dir), "--output_dir", str(output_dir),
-            "--config_overrides", *MOBY_SWIN_OVERRIDES, "--per_device_train_batch_size", "2",
+            "--global_crop_size", "32", "--config_overrides", *MOBY_SWIN_OVERRIDES, "--per_device_train_batch_size", "2",
             "--samples_per_epoch", "16", "--max_steps", "3", "--checkpointing_steps", "2", "--num_workers", "1",
             "--shuffle_buffer_size", "0", "--logging_steps", "1", "--learning_rate", "0.05", *extra,
         ]  # fmt: skip
@@ -262,7 +259,7 @@ def resume_check(data_dir: Path, out: Path) -> None:
 
     def run(output_dir: Path, *extra: str):
         argv = [
-            "--dataset_name", str(data_dir), "--output_dir", str(output_dir), "--config_overrides", *TINY_OVERRIDES,
+            "--dataset_name", str(data_dir), "--output_dir", str(output_dir), *TINY,
             "--per_device_train_batch_size", "2", "--samples_per_epoch", "16", "--max_steps", "5",
             "--checkpointing_steps", "3", "--checkpoints_total_limit", "2", "--num_workers", "1",
             "--shuffle_buffer_size", "0", "--logging_steps", "1", "--learning_rate", "0.05", "--warmup_epochs", "1",

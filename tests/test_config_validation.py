@@ -23,7 +23,7 @@ NAN = float("nan")
         ({"aggregation_mlp_ratio": NAN}, "aggregation_mlp_ratio must be a finite number"),
         ({"num_positives": 2.5}, r"num_positives must be a whole number, got 2\.5"),
         ({"num_positives": True}, "num_positives must be a whole number, got True"),
-        ({"num_local_crops": "8"}, "num_local_crops must be a whole number, got '8'"),
+        ({"moby_queue_size": "8"}, "moby_queue_size must be a whole number, got '8'"),
         ({"num_positives": 0}, r"num_positives \(k=0\) must be between 1 and the 8 neighbours"),
         ({"image_representation": "mean"}, "image_representation must be one of"),
         ({"norm_last_layer": "yes"}, "norm_last_layer must be True or False"),

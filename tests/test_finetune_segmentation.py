@@ -3,7 +3,6 @@ is exact, and the saved folder is a plain transformers model that loads without 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,43 +14,17 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_config
-
-from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
-from selfpatch_hf.data.samples.synthetic_scenes import make_segmentation_dataset
+from segmentation_inputs import SCRIPT, load_finetune_script, segmentation_inputs
+from segmentation_inputs import finetune_arguments as _arguments
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "training" / "finetune_segmentation.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("finetune_segmentation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+_script = load_finetune_script
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A 4-block ViT export (width 32, 8-pixel patches) and 12 + 4 synthetic 64 x 64 scenes."""
-    root = tmp_path_factory.mktemp("finetune_inputs")
-    torch.manual_seed(0)
-    backbone = export_backbone(
-        SelfPatchViTForPretraining(tiny_config(num_hidden_layers=4)), root / "backbone"
-    )
-    make_segmentation_dataset(root / "scenes", num_train=12, num_eval=4, image_size=64, seed=0)
-    return {"backbone": backbone, "data": root / "scenes"}
-
-
-def _arguments(inputs, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--backbone", str(inputs["backbone"]), "--dataset_name", str(inputs["data"]), "--label_names",
-        "offline-scenes", "--crop_size", "32", "32", "--scale", "64", "48", "--per_device_train_batch_size", "4",
-        "--decoder_hidden_size", "16", "--learning_rate", "2e-3", "--warmup_steps", "1", "--max_steps", "8",
-        "--num_workers", "0", "--logging_steps", "1", "--checkpointing_steps", "4", "--checkpoints_total_limit",
-        "3", "--seed", "0", "--output_dir", str(output_dir), *extra,
-    ]  # fmt: skip
+    return segmentation_inputs(tmp_path_factory.mktemp("finetune_inputs"))
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +129,62 @@ def test_saved_model_loads_with_plain_transformers(uninterrupted, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, rtol=0, atol=1e-5)
 
 
+PIPELINE_SCORE = """
+import json, sys
+import datasets
+import numpy as np
+from transformers import pipeline
+
+folder, data, ignore_index = sys.argv[1], sys.argv[2], 255
+segmenter = pipeline("image-segmentation", model=folder)
+label2id = segmenter.model.config.label2id
+num_labels = len(label2id)
+confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
+for row in datasets.load_dataset(data, split="validation"):
+    truth = np.asarray(row["mask"], dtype=np.int64)
+    predicted = np.full(truth.shape, -1, dtype=np.int64)
+    for segment in segmenter(row["image"].convert("RGB")):
+        predicted[np.asarray(segment["mask"]) > 0] = label2id[segment["label"]]
+    assert (predicted >= 0).all()  # the segments cover the image once
+    valid = truth != ignore_index
+    np.add.at(confusion, (truth[valid], predicted[valid]), 1)
+intersection = np.diag(confusion).astype(float)
+union = confusion.sum(0) + confusion.sum(1) - intersection
+present = union > 0  # mmsegmentation's mIoU: the classes in the ground truth or the prediction
+print(json.dumps({
+    "mean_iou": float(np.mean(intersection[present] / union[present])),
+    "overall_accuracy": float(intersection.sum() / confusion.sum()),
+    "processor_size": dict(segmenter.image_processor.size),
+    "imported_selfpatch": any(name.startswith("selfpatch_hf") for name in sys.modules),
+}))
+"""
+
+
+def test_the_pipeline_scores_the_saved_model_as_its_card_says(uninterrupted, inputs, tmp_path):
+    """`pipeline("image-segmentation")` on the saved folder alone (transformers, no code of ours) over the
+    evaluation split: its mIoU and pixel accuracy are the card's, because the saved image processor is the
+    evaluation's (the aspect ratio kept into --scale, here short side 48 / long side 64) and the whole-image
+    evaluation feeds the model what the pipeline feeds it."""
+    result, output_dir = uninterrupted
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    completed = subprocess.run(
+        [sys.executable, "-c", PIPELINE_SCORE, str(output_dir / "model"), str(inputs["data"])],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["imported_selfpatch"] is False
+    assert report["processor_size"] == {"shortest_edge": 48, "longest_edge": 64}
+    assert report["mean_iou"] == pytest.approx(result.scores["mean_iou"], abs=1e-12)
+    assert report["overall_accuracy"] == pytest.approx(result.scores["overall_accuracy"], abs=1e-12)
+    card = (output_dir / "model" / "README.md").read_text()
+    assert f"{100 * report['mean_iou']:.2f}" in card
+
+
 def test_argument_mistakes_are_one_line_errors(inputs, tmp_path, capsys):
     from selfpatch_hf.cli.errors import run_command
 
@@ -188,9 +217,9 @@ def test_two_processes_share_the_batches_and_the_evaluation(inputs, tmp_path):
     evaluation whose summed confusion matrix gives the scores of evaluating the saved model in one process."""
     import socket
 
-    from transformers import AutoModelForSemanticSegmentation
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-    from selfpatch_hf.data.segmentation.augmentation import SegmentationEvalTransform
+    from selfpatch_hf.data.segmentation.augmentation import prepare_mask
     from selfpatch_hf.data.segmentation.loading import find_columns, load_segmentation_splits
     from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
 
@@ -218,9 +247,15 @@ def test_two_processes_share_the_batches_and_the_evaluation(inputs, tmp_path):
     model = AutoModelForSemanticSegmentation.from_pretrained(output_dir / "model")
     _, evaluation = load_segmentation_splits(str(inputs["data"]), "train", "validation")
     image_column, mask_column = find_columns(evaluation, None, None)
-    transform = SegmentationEvalTransform(scale=(64, 48))
-    examples = (transform(row[image_column], row[mask_column]) for row in evaluation)
-    scores = evaluate_segmentation(model, examples, 12, patch_size=8).compute()
+    processor = AutoImageProcessor.from_pretrained(output_dir / "model")  # what the evaluation resized with
+    examples = (
+        (
+            processor(images=row[image_column], return_tensors="np")["pixel_values"][0],
+            prepare_mask(row[mask_column]),
+        )
+        for row in evaluation
+    )
+    scores = evaluate_segmentation(model, examples, 12, patch_size=1).compute()  # whole images, unpadded
     assert scores.mean_iou == pytest.approx(reported["mean_iou"], abs=1e-6)
     assert scores.overall_accuracy == pytest.approx(reported["overall_accuracy"], abs=1e-6)
 

@@ -102,21 +102,15 @@ def test_a_step_skipped_by_the_loss_scaler_moves_neither_weights_nor_teacher_nor
 
 
 @pytest.mark.parametrize("objective", ["dino", "moby"])
-def test_the_scripts_train_step_leaves_teacher_and_centres_alone_on_a_scaler_skipped_step(objective):
-    """training/pretrain.py's `train_step` with accelerate's loss-scaler plumbing (a CPU GradScaler stands in for
-    the CUDA one, which accelerate creates only on GPUs): an overflowing step is reported as skipped and moves no
-    weight, no teacher parameter and no centre; the next step at a sane scale trains."""
-    import importlib.util
-    import sys
-
+def test_the_training_step_moves_nothing_on_a_scaler_skipped_step(objective):
+    """The training loop's `train_step` with accelerate's loss-scaler plumbing (a CPU GradScaler stands in for the
+    CUDA one, which accelerate creates only on GPUs): an overflowing step is reported as skipped and moves no weight,
+    no teacher parameter and no buffer of any module (centres, queues and their pointer, the BatchNorm running
+    statistics and batch counts of MoBY's projectors and predictors); the next step at a sane scale trains."""
     from accelerate import Accelerator
 
+    from selfpatch_hf.training.loop import train_step
     from selfpatch_hf.training.schedules import ScheduleValues
-
-    spec = importlib.util.spec_from_file_location("pretrain", REPO_ROOT / "training" / "pretrain.py")
-    pretrain = importlib.util.module_from_spec(spec)
-    sys.modules["pretrain"] = pretrain
-    spec.loader.exec_module(pretrain)
 
     accelerator = Accelerator(cpu=True)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1)
@@ -125,7 +119,6 @@ def test_the_scripts_train_step_leaves_teacher_and_centres_alone_on_a_scaler_ski
         config = SelfPatchConfig.from_preset(
             "vit-tiny-patch16",
             image_objective="moby",
-            global_crop_size=32,
             moby_queue_size=12,
             **TINY_BACKBONE,
             **moby,
@@ -141,21 +134,28 @@ def test_the_scripts_train_step_leaves_teacher_and_centres_alone_on_a_scaler_ski
     values = ScheduleValues(0, 0.0, 1e-3, 0.04, 0.9, 0.04, freeze_last_layer=False)
 
     def state():
-        return [t.detach().clone() for t in (*model.parameters(), *model.objective.buffers())]
+        return {
+            **{f"parameter {n}": t.detach().clone() for n, t in model.named_parameters()},
+            **{f"buffer {n}": t.detach().clone() for n, t in model.named_buffers()},
+        }
 
+    batch_norm = [n for n in state() if "running_mean" in n or "num_batches_tracked" in n]
+    assert bool(batch_norm) == (objective == "moby")  # MoBY's projectors and predictors have BatchNorm
     before = state()
-    result = pretrain.train_step(accelerator, model, optimizer, [crops()], values, clip_grad=3.0)
+    result = train_step(accelerator, model, optimizer, [crops()], values, clip_grad=3.0)
     assert result.skipped and math.isfinite(result.loss)
-    assert all(torch.equal(a, b) for a, b in zip(before, state()))
+    after = state()
+    assert [name for name in before if not torch.equal(before[name], after[name])] == []
     accelerator.scaler.update(1.0)  # what the halvings would reach in time
-    result = pretrain.train_step(accelerator, model, optimizer, [crops()], values, clip_grad=3.0)
+    result = train_step(accelerator, model, optimizer, [crops()], values, clip_grad=3.0)
     assert not result.skipped
     after = state()
-    student, teacher = len(list(model.student.parameters())), len(list(model.teacher.parameters()))
-    assert any(not torch.equal(a, b) for a, b in zip(before[:student], after[:student]))
-    assert any(not torch.equal(a, b) for a, b in zip(before[student : student + teacher], after[student:]))
-    buffers = len(list(model.objective.buffers()))
-    assert any(not torch.equal(a, b) for a, b in zip(before[-buffers:], after[-buffers:]))  # centres / queues
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert any(name.startswith("parameter student.") for name in moved)
+    assert any(name.startswith("parameter teacher.") for name in moved)
+    own_buffers = {f"buffer {n}" for n, _ in model.named_buffers() if n.startswith("objective.")}
+    assert own_buffers & moved  # centres / queues
+    assert set(batch_norm) <= moved  # the forward moved the BatchNorm statistics, which a skip restores
 
 
 def test_cuda_defaults_apply_on_cuda_only():
@@ -232,6 +232,36 @@ def test_compiled_networks_match_eager_and_do_not_recompile_after_the_first_step
     for a, b in zip(compiled.teacher.parameters(), eager.teacher.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 6  # the modules did go through dynamo
+
+
+@pytest.mark.slow
+def test_the_default_backend_inductor_compiles_and_matches_eager():
+    """`--torch_compile` with its default backend: inductor generates and compiles C++ kernels on the CPU (Triton
+    ones on a GPU). Sized to stay cheap: plain DINO with one block (student and teacher backbone and image head: 4
+    modules), global crops only (one resolution), 2 steps; the first step compiles (about a minute here)."""
+    torch._dynamo.reset()
+    eager = tiny_model(tiny_dino_config(num_hidden_layers=1, drop_path_rate=0.0))
+    compiled = copy.deepcopy(eager)
+    assert len(compile_for_training(compiled)) == 4  # backend="inductor", the script's default
+
+    def steps(model) -> list[float]:
+        optimizer = torch.optim.AdamW([p for p in model.student.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for step in range(2):
+            global_crops, _ = crops(seed=step)
+            loss = model(global_crops, global_crops.new_empty(4, 0, 3, 16, 16)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.update_teacher(0.99)
+            losses.append(loss.item())
+        return losses
+
+    compiled_losses = steps(compiled)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 4  # went through dynamo, not eager
+    torch.testing.assert_close(compiled_losses, steps(eager), rtol=1e-4, atol=1e-4)
+    for a, b in zip(compiled.teacher.parameters(), eager.teacher.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------- device check

@@ -154,21 +154,15 @@ def test_card_metadata_lists_only_hub_datasets_and_describes_local_data():
             card_info(datasets=[path])
 
 
-def test_pretraining_script_names_only_hub_datasets_in_the_card(tmp_path):
-    import importlib.util
+def test_pretraining_names_only_hub_datasets_in_the_card(tmp_path):
+    from selfpatch_hf.training.arguments.pretraining import OFFLINE_SAMPLE, card_training_data
 
-    spec = importlib.util.spec_from_file_location(
-        "pretrain_for_cards", REPO_ROOT / "training" / "pretrain.py"
-    )
-    pretrain = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = pretrain  # its dataclasses look their module up
-    spec.loader.exec_module(pretrain)
-    sample = pretrain.card_training_data(pretrain.OFFLINE_SAMPLE)
+    sample = card_training_data(OFFLINE_SAMPLE)
     assert "datasets" not in sample and "scikit-image" in sample["training_data"]
-    assert pretrain.card_training_data("ILSVRC/imagenet-1k") == {"datasets": ["ILSVRC/imagenet-1k"]}
+    assert card_training_data("ILSVRC/imagenet-1k") == {"datasets": ["ILSVRC/imagenet-1k"]}
     (tmp_path / "shards").mkdir()
     for local in (str(tmp_path / "shards"), str(tmp_path / "*.parquet"), "images/train.tar"):
-        assert pretrain.card_training_data(local) == {"training_data": f"local files (`{local}`)"}
+        assert card_training_data(local) == {"training_data": f"local files (`{local}`)"}
     # the demo recipe's card: rendered without any dataset metadata
     card = render_backbone_card(card_info(datasets=[], **sample))
     assert card.data.datasets is None and "offline sample" in card.content

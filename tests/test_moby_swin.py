@@ -42,15 +42,13 @@ TINY_DINO = {
     "patch_out_dim": 32,
     "head_hidden_dim": 48,
     "head_bottleneck_dim": 16,
-    "local_crop_size": 16,
-    "num_local_crops": 2,
 }
 
 
 def tiny(backbone: str, objective: str, patch: bool = True, **overrides) -> SelfPatchConfig:
     kwargs = dict(TINY_SWIN if backbone == "swin" else TINY_BACKBONE)
     kwargs.update(TINY_MOBY if objective == "moby" else TINY_DINO)
-    kwargs["global_crop_size"] = 32
+    kwargs["image_size"] = 32
     if not patch:
         kwargs["patch_loss_weight"] = 0.0
         kwargs["image_representation"] = "average_pool" if backbone == "swin" else "cls"
@@ -342,7 +340,7 @@ def test_sync_batch_norm_converts_moby_mlps_for_gpu_runs_only():
     [((32, 32), (4, 4)), ((24, 40), (3, 5)), ((24, 24), (3, 3)), ((16, 48), (2, 6)), ((40, 24), (5, 3))],
 )
 def test_swin_last_stage_grid_neighbours_and_features(size, grid):
-    config = tiny("swin", "dino", num_positives=3, drop_path_rate=0.0, local_crop_size=16)
+    config = tiny("swin", "dino", num_positives=3, drop_path_rate=0.0)
     model = make_model(config)
     views = torch.randn(2, 2, 3, *size)
     with torch.no_grad():
@@ -370,7 +368,7 @@ def test_swin_last_stage_grid_neighbours_and_features(size, grid):
 
 def test_swin_crops_smaller_than_the_window_are_padded_not_broken():
     # window 4 on a last stage of 2x2 (16 px crops) and 3x3 (24 px): transformers' Swin would fail here
-    config = tiny("swin", "dino", window_size=4, local_crop_size=16, drop_path_rate=0.0)
+    config = tiny("swin", "dino", window_size=4, drop_path_rate=0.0)
     model = make_model(config)
     out = model(torch.randn(2, 2, 3, 32, 32), [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 24, 24)])
     assert out.patch_grids == ((4, 4), (4, 4), (2, 2), (3, 3)) and torch.isfinite(out.loss)
@@ -511,20 +509,16 @@ def test_preset_overrides_go_to_the_backbone_or_the_selfpatch_config():
         and list(config.backbone_config.depths) == [1] * 4
     )
     assert config.image_objective == "moby" and config.patch_size == 32 and config.hidden_size == 768
-    # MoBY's own defaults: two views of scale 0.08-1, no local crops, online drop-path 0.2
-    assert (config.num_local_crops, tuple(config.global_crops_scale), config.drop_path_rate) == (
-        0,
-        (0.08, 1.0),
-        0.2,
-    )
-    assert (config.moby_temperature, config.moby_queue_size, config.moby_momentum) == (0.2, 4096, 0.99)
+    # MoBY's own defaults: online drop-path 0.2 (its crops and momentum: the training recipe, recipes.py)
+    assert config.drop_path_rate == 0.2
+    assert (config.moby_temperature, config.moby_queue_size) == (0.2, 4096)
     assert (config.moby_projector_hidden_dim, config.moby_projection_dim, config.patch_negatives) == (
         4096,
         256,
         True,
     )
     dino = SelfPatchConfig.from_preset("swin-tiny-patch4-window7")
-    assert (dino.image_objective, dino.num_local_crops, dino.drop_path_rate) == ("dino", 8, 0.1)
+    assert (dino.image_objective, dino.drop_path_rate) == ("dino", 0.1)
     vit_moby = SelfPatchConfig.from_preset(
         "vit-small-patch16", image_objective="moby", image_representation="cls", patch_loss_weight=0
     )
@@ -542,14 +536,14 @@ def test_preset_overrides_go_to_the_backbone_or_the_selfpatch_config():
         ("vit-tiny-patch16", {"image_objective": "moby", "student_temperature": 0.2}, "DINO setting"),
         ("vit-tiny-patch16", {"moby_queue_size": 1024}, "moby_queue_size=1024 is a MoBY setting"),
         ("vit-tiny-patch16", {"patch_negatives": False}, "patch_negatives=False is a MoBY setting"),
-        ("vit-tiny-patch16", {"image_objective": "moby", "num_local_crops": 6}, "MoBY trains on two views"),
+        ("vit-tiny-patch16", {"image_objective": "moby", "num_local_crops": 6}, "a training setting"),
         ("vit-tiny-patch16", {"image_objective": "byol"}, "image_objective must be one of"),
         ("swin-tiny-patch4-window7", {"image_representation": "cls"}, "A Swin has no CLS token"),
         ("swin-tiny-patch4-window7", {"num_heads": [3, 6, 12, 25]}, "not divisible by its 25 heads"),
         (
             "swin-tiny-patch4-window7",
             {"global_crop_size": 200},
-            "not a positive multiple of the patch size 32",
+            "global_crop_size is no SelfPatchConfig field",
         ),
         (
             "swin-tiny-patch4-window7",

@@ -190,3 +190,72 @@ def test_invalid_schedules_are_rejected():
             steps_per_epoch=3, total_steps=9, base_learning_rate=1e-3, global_batch_size=8, warmup_epochs=-1
         )
     assert optimizer_steps_per_epoch(1000, 1024) == 0
+
+
+def moby_reference_learning_rates(recipe, global_batch_size: int) -> tuple[float, float, float]:
+    """MoBY's own arithmetic (Transformer-SSL `moby_main.py`): base, warm-up and minimum learning rate, quoted per
+    512 images (its config: BASE_LR 1e-3, WARMUP_LR 5e-7, MIN_LR 5e-6), each x global batch / 512."""
+    per_512 = {
+        name: 2 * getattr(recipe, name)
+        for name in ("learning_rate", "warmup_learning_rate", "min_learning_rate")
+    }
+    assert per_512 == {"learning_rate": 1e-3, "warmup_learning_rate": 5e-7, "min_learning_rate": 5e-6}
+    return tuple(value * global_batch_size / 512.0 for value in per_512.values())
+
+
+@pytest.mark.parametrize("global_batch_size", [2, 6, 64, 1024])
+def test_moby_scales_its_base_warm_up_and_minimum_learning_rates_with_the_batch(global_batch_size):
+    """docs/moby_swin.md's tiny MoBY command trains at a global batch of 2: MoBY's recipe scales all three learning
+    rates with the batch (as its code does), so any batch works, and the warm-up starts at the warm-up lr."""
+    from selfpatch_hf.models.selfpatch.recipes import OBJECTIVE_RECIPES
+
+    recipe = OBJECTIVE_RECIPES["moby"].schedule
+    schedule = PretrainingSchedule.from_recipe(
+        recipe, steps_per_epoch=10, total_steps=100, global_batch_size=global_batch_size
+    )
+    peak, warmup_start, minimum = moby_reference_learning_rates(recipe, global_batch_size)
+    assert schedule.learning_rate == pytest.approx(peak, rel=1e-12)
+    assert schedule.min_learning_rate == pytest.approx(minimum, rel=1e-12)
+    assert schedule.warmup_learning_rate == pytest.approx(warmup_start, rel=1e-12)
+    assert schedule.warmup_steps == 5 * 10
+    assert schedule.at(0).learning_rate == pytest.approx(warmup_start, rel=1e-12)  # not 0
+    reference = np.linspace(warmup_start, peak, 50)  # the warm-up, then the cosine to the minimum
+    np.testing.assert_allclose([schedule.at(s).learning_rate for s in range(50)], reference, rtol=1e-12)
+    assert schedule.at(99).learning_rate == pytest.approx(
+        minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * 49 / 50))
+    )
+
+
+def test_dino_keeps_an_absolute_minimum_and_names_the_fix_when_it_exceeds_the_peak():
+    from selfpatch_hf.models.selfpatch.recipes import OBJECTIVE_RECIPES, ScheduleRecipe
+
+    dino = PretrainingSchedule.from_recipe(
+        OBJECTIVE_RECIPES["dino"].schedule, steps_per_epoch=10, total_steps=100, global_batch_size=2
+    )
+    assert (dino.min_learning_rate, dino.warmup_learning_rate, dino.at(0).learning_rate) == (1e-6, 0.0, 0.0)
+    with pytest.raises(ValueError) as error:
+        PretrainingSchedule.from_recipe(
+            ScheduleRecipe(min_learning_rate=5e-6), steps_per_epoch=10, total_steps=100, global_batch_size=2
+        )
+    message = str(error.value)
+    assert "min_learning_rate must lie between 0 and the peak learning rate, got 5e-06" in message
+    assert "learning_rate 0.0005 x global batch 2 / 256" in message
+    assert "pass --min_learning_rate at most 3.91e-06, or --learning_rate_scaling all" in message
+    with pytest.raises(
+        ValueError, match="warmup_learning_rate must lie between 0 and the peak.*below --learning_rate"
+    ):
+        PretrainingSchedule.from_recipe(
+            ScheduleRecipe(warmup_learning_rate=1e-3, learning_rate_scaling="all"),
+            steps_per_epoch=10,
+            total_steps=100,
+            global_batch_size=2,
+        )
+
+
+def test_schedules_saved_by_earlier_versions_load_with_a_warm_up_from_zero():
+    schedule = PretrainingSchedule.from_epochs(
+        steps_per_epoch=4, total_steps=20, base_learning_rate=5e-4, global_batch_size=8, warmup_epochs=1
+    )
+    saved = schedule.to_dict()
+    del saved["warmup_learning_rate"]  # what a checkpoint of an earlier version records
+    assert PretrainingSchedule.from_dict(saved) == schedule

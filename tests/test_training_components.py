@@ -17,7 +17,7 @@ import pytest
 import torch
 from hub_server import closed_port, stalled_endpoint
 from tiny_models import tiny_config, tiny_dino_config
-from training_runs import prepared_model, train_a_bit
+from training_runs import prepared_model, tiny_arguments, train_a_bit
 
 from selfpatch_hf import SelfPatchViTForPretraining
 from selfpatch_hf.hub.uploads import AsyncHubUploader
@@ -318,8 +318,8 @@ def test_recipe_file_and_command_line_merge(tmp_path):
     pretrain = load_pretrain_script()
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        "preset: vit-tiny-patch16\nlearning_rate: 1e-3\npush_to_hub: true\n"
-        "config_overrides:\n  num_hidden_layers: 4\n  patch_loss_weight: 0.5\n  global_crops_scale: [0.4, 1.0]\n"
+        "preset: vit-tiny-patch16\nlearning_rate: 1e-3\npush_to_hub: true\nglobal_crops_scale: [0.4, 1.0]\n"
+        "config_overrides:\n  num_hidden_layers: 4\n  patch_loss_weight: 0.5\n"
     )
     model_args, data_args, training_args, overrides = pretrain.parse_arguments(
         [
@@ -336,15 +336,11 @@ def test_recipe_file_and_command_line_merge(tmp_path):
         training_args.learning_rate == 2e-3
     )  # the command line wins (and "1e-3" in YAML is read as a float)
     assert training_args.push_to_hub is True
-    assert overrides == {
-        "num_hidden_layers": 4,
-        "patch_loss_weight": 0,
-        "global_crops_scale": [0.4, 1.0],
-        "neighborhood_size": "all",
-    }
-    config = pretrain.build_config(model_args, overrides)
+    assert overrides == {"num_hidden_layers": 4, "patch_loss_weight": 0, "neighborhood_size": "all"}
+    config, crops = pretrain.build_config(model_args, data_args, training_args, overrides)
     assert config.backbone_config.num_hidden_layers == 4 and config.neighborhood_size == "all"
-    assert list(config.global_crops_scale) == [0.4, 1.0]  # the crop recipe lives in the model config
+    assert crops.global_crops_scale == (0.4, 1.0)  # the crop recipe is the training's, not the model's
+    assert "global_crops_scale" not in config.to_dict()
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 1\n")
@@ -383,21 +379,30 @@ def _parquet(path: Path, with_images: bool = True) -> Path:
     return path
 
 
-TINY_ARGS = [
-    "--preset", "vit-tiny-patch16",
-    "--config_overrides", "hidden_size=32", "num_attention_heads=2", "intermediate_size=64", "num_hidden_layers=2",
-    "patch_size=8", "global_crop_size=32", "local_crop_size=16", "image_out_dim=64", "patch_out_dim=32",
-]  # fmt: skip
+TINY_ARGS = tiny_arguments()  # `--config_overrides` last: more key=value pairs may follow
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
         (
-            ["--config_overrides", "global_crop_size=36"],
+            ["--global_crop_size", "36", "--config_overrides", "num_hidden_layers=2"],
             "global_crop_size=36 is not a positive multiple of the patch size 16",
         ),
-        ([*TINY_ARGS, "local_crop_size=12"], "not a positive multiple of the patch size 8"),
+        (["--local_crop_size", "12"], "not a positive multiple of the patch size 8"),
+        # an earlier version's config override of the crop recipe is that option now: both ways at once is refused
+        (
+            [*TINY_ARGS, "local_crop_size=12"],
+            "config_overrides local_crop_size=12 and --local_crop_size 16 set the same thing: keep --local_crop_size",
+        ),
+        ([*TINY_ARGS, "moby_momentum=0.9"], "moby_momentum=0.9 is a MoBY setting, but the image objective"),
+        (["--global_crops_scale", "0.5", "0.2"], "global_crops_scale must be a pair (min, max)"),
+        (["--num_local_crops", "-1"], "num_local_crops must be a whole number >= 0, got -1."),
+        (
+            ["--config_overrides", "image_objective=moby"],  # the tiny recipe's local crops with MoBY
+            "--num_local_crops --local_crop_size: MoBY trains on two views (the 2 global crops) without local crops",
+        ),
+        (["--min_learning_rate", "1"], "min_learning_rate must lie between 0 and the peak learning rate"),
         (["--preset", "vit-huge-patch3"], "Unknown preset 'vit-huge-patch3'"),
         (["--dataset_name", "/nonexistent/images"], "does not exist"),
         (["--dataset_name", "NOIMAGES"], "no Image column"),
@@ -424,8 +429,8 @@ TINY_ARGS = [
             "--hub_model_id 'not a/valid/id' is not a valid Hub repository id",
         ),
         (
-            ["--config_overrides", "global_crop_size=[32,"],
-            "--config_overrides: config_overrides 'global_crop_size=[32,'",
+            ["--config_overrides", "num_positives=[32,"],
+            "--config_overrides: config_overrides 'num_positives=[32,'",
         ),
         (["--config_overrides", "=32"], "config_overrides entries are key=value pairs, got '=32'"),
         (["--config_overrides", "num_hidden_layers=two"], "Invalid model configuration"),
@@ -478,7 +483,7 @@ def test_shipped_recipes_parse_and_build_valid_configs(recipe, tmp_path):
     pretrain = load_pretrain_script()
     model_args, data_args, training_args, overrides = pretrain.parse_arguments([str(recipe)])
     assert training_args.output_dir
-    config = pretrain.build_config(model_args, overrides)
+    config, crops = pretrain.build_config(model_args, data_args, training_args, overrides)
     training_args.output_dir = str(tmp_path)  # an earlier run's outputs must not matter here
     pretrain.validate_arguments(data_args, training_args)
     if "dino" in recipe.stem:
@@ -487,7 +492,8 @@ def test_shipped_recipes_parse_and_build_valid_configs(recipe, tmp_path):
         assert config.image_representation == "aggregation" and config.patch_loss_weight == 0.1
     if "imagenet" in recipe.stem:  # the reference run of docs/method.md section 10
         assert config.backbone_config.hidden_size == 384 and config.patch_size == 16
-        assert (config.global_crop_size, config.local_crop_size, config.num_local_crops) == (224, 96, 8)
+        assert (crops.global_crop_size, crops.local_crop_size, crops.num_local_crops) == (224, 96, 8)
+        assert config.backbone_config.image_size == 224
         assert (config.image_out_dim, config.drop_path_rate) == (65536, 0.1)
         assert (
             data_args.samples_per_epoch == 1_281_167 and training_args.per_device_train_batch_size * 8 == 1024
@@ -556,12 +562,33 @@ def test_recipe_file_mistakes_name_the_file(tmp_path, capsys, text, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_config_overrides_of_the_crop_recipe_become_the_training_options(caplog):
+    """Recipes of earlier versions set the crop recipe (and MoBY's momentum) in config_overrides: those are
+    training options now, taken from there with one note each."""
+    pretrain = load_pretrain_script()
+    caplog.set_level("WARNING")
+    overrides = [
+        "image_objective=moby",
+        "global_crop_size=48",
+        "global_crops_scale=[0.2, 1]",
+        "moby_momentum=0.9",
+    ]
+    parsed = pretrain.parse_arguments(["--config_overrides", *overrides])
+    config, crops = pretrain.build_config(*parsed)
+    _, data_args, training_args, _ = parsed
+    assert config.image_objective == "moby" and config.backbone_config.image_size == 48
+    assert (crops.global_crop_size, crops.global_crops_scale) == (48, (0.2, 1))
+    assert (data_args.global_crop_size, training_args.teacher_momentum) == ([48], 0.9)
+    notes = [r.getMessage() for r in caplog.records if "is the training option" in r.getMessage()]
+    assert any("moby_momentum=0.9 is the training option --teacher_momentum" in note for note in notes)
+
+
 def test_config_overrides_as_a_list_in_a_recipe(tmp_path):
     pretrain = load_pretrain_script()
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("config_overrides:\n  - num_hidden_layers=3\n  - global_crop_size=[224, 160]\n")
+    recipe.write_text("config_overrides:\n  - num_hidden_layers=3\n  - image_size=[224, 160]\n")
     *_, overrides = pretrain.parse_arguments([str(recipe), "--config_overrides", "num_positives=2"])
-    assert overrides == {"num_hidden_layers": 3, "global_crop_size": [224, 160], "num_positives": 2}
+    assert overrides == {"num_hidden_layers": 3, "image_size": [224, 160], "num_positives": 2}
 
 
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
@@ -587,20 +614,15 @@ def test_help_keeps_the_examples_and_states_each_default_once(capsys):
     assert "(default: 0.0005)" in " ".join(text.split())  # the schedules' own default, shown once
 
 
-HEAVY_MODULES = (
-    "torch",
-    "transformers",
-    "datasets",
-    "accelerate",
-    "huggingface_hub",
-    "selfpatch_hf.models.selfpatch.modeling",
-)
+# transformers' package (and the Hub client it brings) is imported for its public HfArgumentParser: about a second,
+# without torch (BENCHMARKS.md, command-line help)
+HEAVY_MODULES = ("torch", "datasets", "accelerate", "selfpatch_hf.models.selfpatch.modeling")
 
 
 @pytest.mark.parametrize("script", ["pretrain.py", "finetune_segmentation.py"])
 def test_help_and_argument_mistakes_answer_before_the_heavy_imports(tmp_path, script):
-    """`--help` and a wrong option are answered before torch, transformers, datasets, accelerate or the Hub client
-    are imported (HfArgumentParser is loaded from its own file)."""
+    """`--help` and a wrong option are answered before torch, datasets, accelerate or the model code are
+    imported."""
     probe = (
         "import runpy, sys\n"
         f"sys.argv = [{str(REPO_ROOT / 'training' / script)!r}, *sys.argv[1:]]\n"
@@ -617,16 +639,17 @@ def test_help_and_argument_mistakes_answer_before_the_heavy_imports(tmp_path, sc
         assert f"EXIT {status} HEAVY []" in result.stdout, (result.stdout[-2000:], result.stderr[-2000:])
 
 
-def test_the_argument_parser_is_transformers_own():
-    """The recipes module loads `HfArgumentParser` from transformers' own file, not from a copy."""
-    import importlib.util
-    import inspect
+def test_the_argument_parser_is_transformers_public_one():
+    """The recipes' parser is transformers' public `HfArgumentParser` (no copy, no private module loading), and
+    importing the recipes module does not import transformers (it is imported on first use)."""
+    import transformers
 
-    from selfpatch_hf.training.arguments.recipe_files import HfArgumentParser
+    from selfpatch_hf.training.arguments.recipe_files import recipe_argument_parser_class
 
-    package = Path(importlib.util.find_spec("transformers").origin).parent
-    assert HfArgumentParser.__name__ == "HfArgumentParser"
-    assert Path(inspect.getfile(HfArgumentParser)) == package / "hf_argparser.py"
+    assert recipe_argument_parser_class().__mro__[1] is transformers.HfArgumentParser
+    probe = "import sys, selfpatch_hf.training.arguments.pretraining; print('transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr[-2000:]
 
 
 def test_resume_reports_a_finished_run_and_refuses_other_data_cuts_or_models(tmp_path, capsys, caplog):
@@ -701,12 +724,8 @@ def test_resume_reports_a_finished_run_and_refuses_other_data_cuts_or_models(tmp
 def test_cpu_threads_leave_cores_to_data_workers_and_say_why_or_follow_cpu_threads(monkeypatch, caplog):
     """accelerate launch sets OMP_NUM_THREADS (2 on a 2-core machine); with 2 data workers the script uses 1 torch
     thread and says why once, naming the setting it overrides; --cpu_threads is followed as given."""
-    from types import SimpleNamespace
+    from selfpatch_hf.training.runtime import set_cpu_threads
 
-    from accelerate import PartialState
-
-    PartialState(cpu=True)  # accelerate's logger needs it
-    pretrain = load_pretrain_script()
     previous = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -714,11 +733,11 @@ def test_cpu_threads_leave_cores_to_data_workers_and_say_why_or_follow_cpu_threa
     caplog.set_level("INFO")
     try:
         torch.set_num_threads(2)
-        pretrain.set_cpu_threads(SimpleNamespace(num_processes=1), num_workers=2, requested=None)
+        set_cpu_threads(num_processes=1, num_workers=2, requested=None)
         assert torch.get_num_threads() == 1
         (line,) = [r.getMessage() for r in caplog.records if "torch thread" in r.getMessage()]
         assert "instead of OMP_NUM_THREADS=2" in line and "--cpu_threads" in line
-        pretrain.set_cpu_threads(SimpleNamespace(num_processes=1), num_workers=2, requested=2)
+        set_cpu_threads(num_processes=1, num_workers=2, requested=2)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)

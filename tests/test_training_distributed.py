@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_images import write_parquet_images
+from training_runs import TINY_CROPS
 
 TESTS = Path(__file__).resolve().parent
 SCRIPT = TESTS / "distributed_training_checks.py"
@@ -71,7 +72,12 @@ def test_ranks_read_disjoint_parts_of_the_stream(runs):
     assert rank0 and rank1 and not set(rank0) & set(rank1)
     assert len(rank0) + len(rank1) == 16  # together: every example exactly once
     for rank in ranks:
-        assert rank["shapes"] == [[[2, 2, 3, 32, 32], [2, 4, 3, 16, 16]]] * (len(rank["decoded"]) // 2)
+        global_side, local_side = TINY_CROPS["global_crop_size"], TINY_CROPS["local_crop_size"]
+        shapes = [
+            [2, 2, 3, global_side, global_side],
+            [2, TINY_CROPS["num_local_crops"], 3, local_side, local_side],
+        ]
+        assert rank["shapes"] == [shapes] * (len(rank["decoded"]) // 2)
 
 
 def test_one_two_process_step_equals_one_process_step_over_both_batches(runs):

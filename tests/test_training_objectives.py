@@ -11,20 +11,17 @@ import pytest
 import torch
 from test_training_components import load_pretrain_script
 from tiny_images import write_parquet_images
+from tiny_models import TINY_BACKBONE, TINY_METHOD
+from training_runs import TINY_CROPS
 from transformers import AutoModel, SwinModel, ViTModel
 
-from selfpatch_hf.training.arguments.pretraining import OBJECTIVE_DEFAULTS
+from selfpatch_hf.models.selfpatch.recipes import OBJECTIVE_RECIPES
+from selfpatch_hf.training.arguments.pretraining import apply_objective_defaults
 
-TINY_VIT = [
-    "hidden_size=32",
-    "num_attention_heads=2",
-    "intermediate_size=64",
-    "num_hidden_layers=2",
-    "patch_size=8",
-]
+# the tiny recipe's model (tests/training_runs.py), as config overrides; a Swin of the same scale
+TINY_VIT = [f"{k}={v}" for k, v in TINY_BACKBONE.items() if k != "image_size"]
 TINY_SWIN = ["embed_dim=8", "depths=[1,1,2]", "num_heads=[1,2,4]", "patch_size=2", "window_size=2"]
-TINY_DINO = ["image_out_dim=64", "patch_out_dim=32", "head_hidden_dim=48", "head_bottleneck_dim=16"]
-TINY_DINO += ["local_crop_size=16", "num_local_crops=2"]
+TINY_DINO = [f"{k}={v}" for k, v in TINY_METHOD.items()]
 TINY_MOBY = ["moby_projection_dim=8", "moby_projector_hidden_dim=16", "moby_predictor_hidden_dim=12"]
 TINY_MOBY += ["moby_queue_size=12"]
 COMBINATIONS = [
@@ -46,7 +43,7 @@ def pretrain():
 
 
 def _overrides(objective: str, backbone: str, patch: bool) -> list[str]:
-    overrides = [f"image_objective={objective}", "global_crop_size=32"]
+    overrides = [f"image_objective={objective}"]
     overrides += TINY_SWIN if backbone == "swin" else TINY_VIT
     overrides += TINY_MOBY if objective == "moby" else TINY_DINO
     if not patch:
@@ -59,8 +56,12 @@ def _run(pretrain, data: Path, output_dir: Path, overrides: list[str], *extra: s
     from accelerate.state import AcceleratorState
 
     preset = "swin-tiny-patch4-window7" if "window_size=2" in overrides else "vit-tiny-patch16"
+    crops = {"global_crop_size": TINY_CROPS["global_crop_size"]}
+    if "image_objective=dino" in overrides:
+        crops.update(TINY_CROPS)
     argv = [
-        "--preset", preset, "--config_overrides", *overrides, "--dataset_name", str(data),
+        "--preset", preset, *(token for k, v in crops.items() for token in (f"--{k}", str(v))),
+        "--config_overrides", *overrides, "--dataset_name", str(data),
         "--output_dir", str(output_dir), "--per_device_train_batch_size", "3", "--samples_per_epoch", "12",
         "--max_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--num_workers", "0",
         "--shuffle_buffer_size", "0", "--logging_steps", "1", "--learning_rate", "0.05", "--cpu", *extra,
@@ -126,13 +127,16 @@ def test_unset_training_options_take_the_objectives_defaults(pretrain, objective
     argv = ["--config_overrides", f"image_objective={objective}", "--output_dir", str(tmp_path)]
     model_args, data_args, training_args, overrides = pretrain.parse_arguments(argv)
     assert (
-        training_args.clip_grad is None and training_args.weight_decay is None
-    )  # unset until the objective is known
-    config = pretrain.build_config(model_args, overrides)
-    training_args.apply_objective_defaults(config)
+        training_args.clip_grad is None
+        and training_args.weight_decay is None
+        and data_args.num_local_crops is None
+    )
+    config, crops = pretrain.build_config(model_args, data_args, training_args, overrides)
+    # the reference values (DINO's main_dino.py / SelfPatch's; MoBY's Transformer-SSL config.py and moby_*.yaml,
+    # its learning rates per 512 images written per 256)
     expected = {
-        "dino": (3.0, "per_parameter", 0.04, 0.4, 10, 0.996, 1e-6),
-        "moby": (5.0, "global", 0.05, 0.05, 5, 0.99, 5e-6),
+        "dino": (3.0, "per_parameter", 0.04, 0.4, 10, 0.996, 1e-6, 0.0, "peak"),
+        "moby": (5.0, "global", 0.05, 0.05, 5, 0.99, 5e-6 / 2, 5e-7 / 2, "all"),
     }[objective]
     assert (
         training_args.clip_grad,
@@ -142,22 +146,40 @@ def test_unset_training_options_take_the_objectives_defaults(pretrain, objective
         training_args.warmup_epochs,
         training_args.teacher_momentum,
         training_args.min_learning_rate,
+        training_args.warmup_learning_rate,
+        training_args.learning_rate_scaling,
     ) == expected
+    assert (crops.num_local_crops, crops.global_crops_scale, crops.interpolation, config.drop_path_rate) == {
+        "dino": (8, (0.25, 1.0), "bicubic", 0.1),
+        "moby": (0, (0.08, 1.0), "bilinear", 0.2),
+    }[objective]
+    assert crops.global_crop_size == 224 and config.backbone_config.image_size == 224
     # MoBY's 1e-3 per 512 images is the script's 5e-4 per 256 (the linear scaling rule), momentum cosine to 1
     assert training_args.learning_rate == 5e-4 and training_args.teacher_momentum_end == 1.0
-    assert set(OBJECTIVE_DEFAULTS["dino"]) == set(OBJECTIVE_DEFAULTS["moby"])
-    # MoBY's starting momentum has one home, the model config (a converted checkpoint's momentum is kept)
-    if objective == "moby":
-        model_args, data_args, training_args, overrides = pretrain.parse_arguments(
-            [*argv[:1], f"image_objective={objective}", "moby_momentum=0.95", *argv[2:]]
-        )
-        training_args.apply_objective_defaults(pretrain.build_config(model_args, overrides))
-        assert training_args.teacher_momentum == 0.95
 
     # an option given explicitly wins over the objective's default
-    model_args, data_args, training_args, overrides = pretrain.parse_arguments([*argv, "--clip_grad", "1.5"])
-    training_args.apply_objective_defaults(config)
-    assert training_args.clip_grad == 1.5
+    model_args, data_args, training_args, overrides = pretrain.parse_arguments(
+        [*argv, "--clip_grad", "1.5", "--num_local_crops", "0"]
+    )
+    apply_objective_defaults(objective, data_args, training_args)
+    assert training_args.clip_grad == 1.5 and data_args.num_local_crops == 0
+
+
+def test_options_with_a_plain_default_agree_across_the_objectives_recipes(pretrain):
+    """An option shows one default in --help only when every objective's recipe has that value; the others are
+    unset until the objective is known (apply_objective_defaults)."""
+    import dataclasses
+
+    defaults = {name: recipe.option_defaults() for name, recipe in OBJECTIVE_RECIPES.items()}
+    fields = {
+        f.name: f
+        for group in (pretrain.DataArguments, pretrain.PretrainingArguments)
+        for f in dataclasses.fields(group)
+    }
+    assert set(defaults["dino"]) <= set(fields)
+    for name, dino_value in defaults["dino"].items():
+        if fields[name].default is not None:
+            assert fields[name].default == dino_value == defaults["moby"][name], name
 
 
 def test_moby_step_clips_the_global_norm_and_moves_the_target_once(pretrain, monkeypatch):
@@ -168,11 +190,12 @@ def test_moby_step_clips_the_global_norm_and_moves_the_target_once(pretrain, mon
     from accelerate.state import AcceleratorState
 
     from selfpatch_hf import SelfPatchConfig, SelfPatchForPretraining
+    from selfpatch_hf.training.loop import train_step
     from selfpatch_hf.training.optimization import build_optimizer
     from selfpatch_hf.training.schedules import PretrainingSchedule, ScheduleRecipe
 
     tiny = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 2}
-    tiny.update(patch_size=8, global_crop_size=32, moby_projection_dim=8, moby_projector_hidden_dim=16)
+    tiny.update(patch_size=8, image_size=32, moby_projection_dim=8, moby_projector_hidden_dim=16)
     tiny.update(moby_predictor_hidden_dim=12, moby_queue_size=12)
     config = SelfPatchConfig.from_preset("vit-tiny-patch16", image_objective="moby", **tiny)
     torch.manual_seed(0)
@@ -206,7 +229,7 @@ def test_moby_step_clips_the_global_norm_and_moves_the_target_once(pretrain, mon
 
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
         batches = [(torch.randn(3, 2, 3, 32, 32), torch.empty(3, 0, 3, 16, 16)) for _ in range(2)]
-        result = pretrain.train_step(
+        result = train_step(
             accelerator, model, optimizer, batches, schedule.at(0), 1e-3, clip_grad_mode="global"
         )
 
@@ -228,7 +251,8 @@ COCO_RECIPES = sorted((Path(__file__).resolve().parents[1] / "training" / "confi
 def test_coco_recipes_build_the_rows_they_name(pretrain, recipe, tmp_path):
     """training/configs/coco/{dino,moby}[_selfpatch[_no_negatives]]_{vit,swin}_tiny.yaml: the paper's COCO rows."""
     model_args, data_args, training_args, overrides = pretrain.parse_arguments([str(recipe)])
-    config = pretrain.build_config(model_args, overrides)
+    stated = {name: getattr(training_args, name) for name in vars(training_args)}
+    config, crops = pretrain.build_config(model_args, data_args, training_args, overrides)
     training_args.output_dir = str(tmp_path)
     pretrain.validate_arguments(data_args, training_args)
     name = recipe.stem
@@ -243,18 +267,19 @@ def test_coco_recipes_build_the_rows_they_name(pretrain, recipe, tmp_path):
     if "selfpatch" in name:
         assert config.image_representation == "aggregation" and config.patch_loss_weight == 0.1
     if objective == "moby":
-        assert config.num_local_crops == 0 and tuple(config.global_crops_scale) == (0.08, 1.0)
+        assert (crops.num_local_crops, crops.global_crops_scale, crops.interpolation) == (
+            0,
+            (0.08, 1.0),
+            "bilinear",
+        )
         assert config.drop_path_rate == 0.2
         if "selfpatch" in name:
             assert config.patch_negatives == ("no_negatives" not in name)
     else:
-        assert config.num_local_crops == 8
+        assert (crops.num_local_crops, crops.local_crop_size) == (8, 96)
+    assert crops == OBJECTIVE_RECIPES[objective].crops
     assert data_args.samples_per_epoch == 118287 and training_args.epochs == 200
-    # the recipe states the objective's training defaults explicitly (nothing left to fill in)
-    # (MoBY's momentum default is the config's moby_momentum)
-    before = {name: getattr(training_args, name) for name in OBJECTIVE_DEFAULTS[objective]}
-    expected = {
-        name: config.moby_momentum if value is None else value
-        for name, value in OBJECTIVE_DEFAULTS[objective].items()
-    }
-    assert before == expected
+    # the recipe states the objective's schedule and clipping explicitly, and they are the objective's recipe
+    defaults = OBJECTIVE_RECIPES[objective].option_defaults()
+    schedule = {name: value for name, value in defaults.items() if hasattr(training_args, name)}
+    assert {name: stated[name] for name in schedule} == schedule

@@ -1,33 +1,35 @@
-"""Tiny SelfPatch configurations shared by the tests (seconds on a CPU)."""
+"""Tiny SelfPatch configurations shared by the tests (seconds on a CPU): the model of the tiny training recipe
+(tests/training_runs.py), built directly."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from selfpatch_hf import SelfPatchConfig
+from training_runs import TINY_CROPS, TINY_MODEL, TINY_PRESET
 
+from selfpatch_hf import SelfPatchConfig
+from selfpatch_hf.models.selfpatch.recipes import CropRecipe
+
+_BACKBONE_FIELDS = (
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "num_hidden_layers",
+    "patch_size",
+)
 TINY_BACKBONE: dict[str, Any] = {
-    "hidden_size": 32,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "patch_size": 8,
-    "image_size": 32,
+    **{name: TINY_MODEL[name] for name in _BACKBONE_FIELDS},
+    "image_size": TINY_CROPS["global_crop_size"],
 }
 TINY_METHOD: dict[str, Any] = {
-    "global_crop_size": 32,
-    "local_crop_size": 16,
-    "num_local_crops": 4,
-    "image_out_dim": 64,
-    "patch_out_dim": 32,
-    "head_hidden_dim": 48,
-    "head_bottleneck_dim": 16,
+    name: value for name, value in TINY_MODEL.items() if name not in _BACKBONE_FIELDS
 }
+TINY_CROP_RECIPE = CropRecipe(**TINY_CROPS)
 
 
 def tiny_config(**overrides: Any) -> SelfPatchConfig:
     """ViT-Ti/16-style preset shrunk to 2 layers of width 32 with 8-pixel patches and small heads."""
-    return SelfPatchConfig.from_preset("vit-tiny-patch16", **{**TINY_BACKBONE, **TINY_METHOD, **overrides})
+    return SelfPatchConfig.from_preset(TINY_PRESET, **{**TINY_BACKBONE, **TINY_METHOD, **overrides})
 
 
 def tiny_dino_config(**overrides: Any) -> SelfPatchConfig:

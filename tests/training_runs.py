@@ -1,5 +1,6 @@
-"""Helpers shared by the training tests: the tiny model recipe and the environment of a `training/pretrain.py`
-subprocess, and a small model and optimiser prepared by accelerate with a step of training."""
+"""Helpers shared by the training tests: THE tiny pretraining recipe (as a recipe file's text and as command-line
+arguments), the environment of a `training/pretrain.py` subprocess, and a small model and optimiser prepared by
+accelerate with a step of training."""
 
 from __future__ import annotations
 
@@ -7,24 +8,40 @@ import os
 
 import torch
 
-# The model part of a pretraining recipe: a ViT-Ti/16 preset shrunk to 2 layers of width 32, 8-pixel patches, 32/16
-# pixel crops and small heads (a step takes a fraction of a second on one CPU thread).
-TINY_MODEL_RECIPE = """
-preset: vit-tiny-patch16
-config_overrides:
-  hidden_size: 32
-  num_attention_heads: 2
-  intermediate_size: 64
-  num_hidden_layers: 2
-  patch_size: 8
-  global_crop_size: 32
-  local_crop_size: 16
-  num_local_crops: 2
-  image_out_dim: 64
-  patch_out_dim: 32
-  head_hidden_dim: 48
-  head_bottleneck_dim: 16
-"""
+# The tiny recipe: a ViT-Ti/16 preset shrunk to 2 layers of width 32, 8-pixel patches, small heads (config
+# overrides), 32 / 16 pixel crops with 2 local crops (training options). A step takes a fraction of a second on one
+# CPU thread.
+TINY_PRESET = "vit-tiny-patch16"
+TINY_MODEL = {
+    "hidden_size": 32,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "patch_size": 8,
+    "image_out_dim": 64,
+    "patch_out_dim": 32,
+    "head_hidden_dim": 48,
+    "head_bottleneck_dim": 16,
+}
+TINY_CROPS = {"global_crop_size": 32, "local_crop_size": 16, "num_local_crops": 2}
+
+
+def _recipe_text() -> str:
+    lines = [f"preset: {TINY_PRESET}", "config_overrides:"]
+    lines += [f"  {key}: {value}" for key, value in TINY_MODEL.items()]
+    lines += [f"{key}: {value}" for key, value in TINY_CROPS.items()]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+TINY_MODEL_RECIPE = _recipe_text()
+
+
+def tiny_arguments(**model_overrides) -> list[str]:
+    """The tiny recipe as command-line arguments (`--config_overrides` last, so that more `key=value` pairs may
+    follow); `model_overrides` replace or add config overrides."""
+    crops = [token for key, value in TINY_CROPS.items() for token in (f"--{key}", str(value))]
+    model = {**TINY_MODEL, **model_overrides}
+    return ["--preset", TINY_PRESET, *crops, "--config_overrides", *(f"{k}={v}" for k, v in model.items())]
 
 
 def script_env(**extra: str) -> dict[str, str]:

@@ -17,21 +17,14 @@ UperNet on the backbone's selected blocks (the paper used a Semantic FPN in mmse
 
 The run writes into --output_dir: `metrics.jsonl` (and tracker logs under `logs/`), `checkpoints/checkpoint-<step>`
 (accelerate state, written atomically; resuming continues the same batch order and crops) and, at the end, `model/`:
-UperNet + backbone + image processor + a model card with the evaluation's mIoU / mAcc / aAcc.
+UperNet + backbone + the image processor the evaluation used (resize into --scale keeping the aspect ratio,
+normalise: `pipeline("image-segmentation")` reproduces the whole-image evaluation) + a model card with its mIoU /
+mAcc / aAcc, then `run_complete.json` (the run is complete).
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import os
-import shutil
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
 from selfpatch_hf.cli.errors import CommandFailure, UsageError, run_command
 from selfpatch_hf.training.arguments.segmentation import (
@@ -43,7 +36,79 @@ from selfpatch_hf.training.arguments.segmentation import (
 )
 
 PROG = "finetune_segmentation.py"
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """`(model_args, data_args, training_args)` of `[RECIPE.yaml] [--option value ...]`, checked."""
+    return parse_finetuning_arguments(list(sys.argv[1:] if argv is None else argv), description=__doc__)
+
+
+def check_arguments(argv: list[str] | None = None) -> None:
+    """Parses and checks the arguments, nothing else: `--help` and argument mistakes are answered here."""
+    parse_arguments(argv)
+
+
+if __name__ == "__main__":
+    # answer --help and argument mistakes before the imports below load torch, transformers and datasets (seconds)
+    if status := run_command(PROG, check_arguments):
+        sys.exit(status)
+
+# ruff: noqa: E402 -- the heavy imports come after that early answer
+import copy
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from selfpatch_hf.atomic_folders import staged_folder
+from selfpatch_hf.data.segmentation.augmentation import SegmentationTrainTransform, prepare_mask
+from selfpatch_hf.data.segmentation.loading import (
+    OFFLINE_SCENES,
+    SegmentationBatchSampler,
+    SegmentationEvalSet,
+    SegmentationTrainSet,
+    collate_segmentation,
+    find_columns,
+    label_names,
+    load_segmentation_splits,
+)
+from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
+from selfpatch_hf.hub.cards.segmentation import SegmentationCardInfo, write_segmentation_card
+from selfpatch_hf.models.dense.heads import build_segmentation_image_processor, build_upernet
+from selfpatch_hf.training.checkpointing import CheckpointManager, DamagedCheckpointError
+from selfpatch_hf.training.finetuning_optimization import (
+    FinetuningSchedule,
+    apply_learning_rate,
+    build_finetuning_optimizer,
+)
+from selfpatch_hf.training.metrics_log import MetricsLog
+from selfpatch_hf.training.output_folder import completed_step, record_complete, write_final_folder
+from selfpatch_hf.training.preemption import StopRequest, stop_signals_held
+from selfpatch_hf.training.runtime import (
+    configure_host,
+    create_accelerator,
+    enable_activation_checkpointing,
+    exit_status,
+    init_trackers,
+    limit_hub_requests,
+    output_folder,
+    record_uploads,
+    save_checkpoint,
+    start_uploader,
+    wait_for_uploads,
+)
+
 MODEL_DIRNAME = "model"
+FINAL_ARTEFACTS = (MODEL_DIRNAME,)  # recorded in run_complete.json, written last
 logger = logging.getLogger("finetune_segmentation")
 
 
@@ -56,45 +121,282 @@ class FinetuningResult:
     model_dir: Path | None
     stopped_by: str | None
     upload_report: list[str]
+    uploads_complete: bool = True  # False: --push_to_hub, but the model is not on the Hub
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Set-up pieces
+# The run, top to bottom
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def build_accelerator(training_args: SegmentationTrainingArguments):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import ProjectConfiguration
+def train(
+    model_args: SegmentationModelArguments,
+    data_args: SegmentationDataArguments,
+    training_args: SegmentationTrainingArguments,
+) -> FinetuningResult:
+    """One fine-tuning run: accelerator, data and model (every mistake in them is found before anything is
+    written), the output folder (held by this run), the resume, the loop, the evaluation, the final model and its
+    upload."""
+    limit_hub_requests(training_args)
+    # blocks after the last selected one get no gradient: tell DDP (see below)
+    accelerator = create_accelerator(training_args, {"find_unused_parameters": False})
+    configure_host(accelerator, training_args, data_args.num_workers)
 
-    output_dir = Path(training_args.output_dir)
-    log_with = None if training_args.report_to == "none" else training_args.report_to
-    return Accelerator(
-        cpu=training_args.cpu,
-        mixed_precision=training_args.mixed_precision,
-        gradient_accumulation_steps=training_args.gradient_accumulation_steps,
-        log_with=log_with,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
-        ),
-        # blocks after the last selected one get no gradient: tell DDP (see build_model)
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    # ---- data, model, optimiser, schedule (the same seed on every process gives the same initial heads)
+    train_set, eval_set, image_column, mask_column, names = load_data(data_args, training_args, accelerator)
+    processor = evaluation_processor(data_args)
+    set_seed(training_args.seed)
+    model = build_model(model_args, data_args, names)
+    backbone_class = type(model.backbone).__name__
+    num_layers = model.backbone.config.num_hidden_layers
+    if training_args.gradient_checkpointing:
+        enable_activation_checkpointing(model.backbone)
+    if training_args.sync_batch_norm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    if max(model.backbone.config.out_indices) < num_layers:  # later blocks get no gradient
+        accelerator.ddp_handler.find_unused_parameters = True
+    optimizer = build_finetuning_optimizer(
+        model, training_args.weight_decay, training_args.layer_decay, num_layers
+    )
+    schedule = FinetuningSchedule(
+        learning_rate=training_args.learning_rate,
+        total_steps=training_args.max_steps,
+        warmup_steps=training_args.warmup_steps,
+        warmup_ratio=training_args.warmup_ratio,
+        kind=training_args.lr_scheduler,
+        power=training_args.poly_power,
+        min_learning_rate=training_args.min_learning_rate,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    unwrapped = accelerator.unwrap_model(model)
+    set_seed(training_args.seed, device_specific=True)  # drop-path masks differ between processes
+    global_batch_size = (
+        accelerator.num_processes
+        * training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
     )
 
+    with output_folder(accelerator, training_args, FINAL_ARTEFACTS) as output_dir:
+        metrics_log = MetricsLog(accelerator, output_dir)
+        checkpoints = CheckpointManager(accelerator, output_dir, training_args.checkpoints_total_limit)
+        global_step, resumed_from = resume(checkpoints, training_args, global_batch_size)
+        if global_step >= training_args.max_steps and completed_step(output_dir, FINAL_ARTEFACTS) is not None:
+            logger.info(
+                "The run in %s is already complete (step %d of %d); its model is in %s. Nothing to do: pass a "
+                "larger --max_steps to train on, or --overwrite_output_dir to start again.",
+                output_dir,
+                global_step,
+                training_args.max_steps,
+                output_dir / MODEL_DIRNAME,
+            )
+            return FinetuningResult(
+                accelerator, unwrapped, global_step, None, output_dir / MODEL_DIRNAME, None, []
+            )
+        if resumed_from is not None:
+            metrics_log.event("resumed", global_step, checkpoint=str(resumed_from))
+            logger.info("Resumed from %s at step %d.", resumed_from, global_step)
+        uploader = start_uploader(training_args, accelerator)
+        init_trackers(
+            accelerator,
+            training_args,
+            {**asdict(model_args), **asdict(data_args), **training_args.public_dict()},
+        )
 
-def limit_cpu_threads(accelerator, num_workers: int, cpu_threads: int | None) -> None:
-    """On the CPU, leave a core to each data worker and share the rest between this machine's processes: torch's
-    threads waiting for each other on oversubscribed cores made steps 5-10x slower here."""
-    import torch
+        def checkpoint(step: int) -> Path:
+            trainer_state = {
+                "step": step,
+                "global_batch_size": global_batch_size,
+                "num_processes": accelerator.num_processes,
+                "arguments": {**asdict(model_args), **asdict(data_args), **training_args.public_dict()},
+            }
+            return save_checkpoint(
+                checkpoints, metrics_log, step, trainer_state, {"rank": accelerator.process_index}
+            )
 
-    if accelerator.device.type != "cpu":
-        return
-    if cpu_threads is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        cpu_threads = max(1, min(torch.get_num_threads(), cores // max(1, local_processes) - num_workers))
-    torch.set_num_threads(cpu_threads)
-    logger.info("Using %d torch thread(s) per process on the CPU.", cpu_threads)
+        def run_evaluation(step: int) -> dict[str, float] | None:
+            if eval_set is None:
+                return None
+            started = time.perf_counter()
+            scores = evaluate(
+                model,
+                eval_set,
+                (image_column, mask_column),
+                processor,
+                data_args,
+                training_args,
+                accelerator,
+                names,
+            )
+            metrics_log.metrics(step, {f"eval_{key}": value for key, value in scores.items()})
+            logger.info(
+                "Step %d: mIoU %.2f, mAcc %.2f, aAcc %.2f (%.0f s)",
+                step,
+                100 * scores["mean_iou"],
+                100 * scores["mean_accuracy"],
+                100 * scores["overall_accuracy"],
+                time.perf_counter() - started,
+            )
+            return scores
+
+        batches, batches_per_epoch = train_batches(
+            train_set, image_column, mask_column, data_args, training_args, accelerator, global_step
+        )
+        logger.info(
+            "Fine-tuning %s (%s, %d blocks, out_indices %s) on %s: %d steps of %d images (%.1f epochs of %d), peak "
+            "lr %g.",
+            model_args.backbone,
+            backbone_class,
+            num_layers,
+            unwrapped.backbone.config.out_indices,
+            data_args.dataset_name,
+            training_args.max_steps,
+            global_batch_size,
+            training_args.max_steps * training_args.gradient_accumulation_steps / batches_per_epoch,
+            len(train_set),
+            training_args.learning_rate,
+        )
+        metrics_log.event(
+            "start", global_step, total_steps=training_args.max_steps, global_batch_size=global_batch_size
+        )
+
+        # ---- the loop
+        progress = tqdm(
+            total=training_args.max_steps,
+            initial=global_step,
+            disable=not accelerator.is_main_process,
+            desc="fine-tuning",
+        )
+        scores = model_dir = stopped_by = None
+        window_loss, window_steps, window_started = 0.0, 0, time.perf_counter()
+        try:
+            with StopRequest() as stop:
+                while global_step < training_args.max_steps:
+                    learning_rate = schedule.at(global_step)
+                    apply_learning_rate(optimizer, learning_rate)
+                    step_loss = torch.zeros((), device=accelerator.device)
+                    for _ in range(training_args.gradient_accumulation_steps):
+                        batch = next(batches)
+                        with accelerator.accumulate(model), accelerator.autocast():
+                            loss = model(**batch).loss
+                            accelerator.backward(loss)
+                            if accelerator.sync_gradients and training_args.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
+                        step_loss += loss.detach() / training_args.gradient_accumulation_steps
+                    step_loss = accelerator.reduce(step_loss, reduction="mean").item()
+                    if not math.isfinite(step_loss):
+                        raise CommandFailure(
+                            f"non-finite loss at step {global_step}: lower --learning_rate, lengthen --warmup_steps "
+                            "or train in fp32, then continue with --resume_from_checkpoint."
+                        )
+                    global_step += 1
+                    window_loss, window_steps = window_loss + step_loss, window_steps + 1
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
+
+                    if (
+                        global_step % training_args.logging_steps == 0
+                        or global_step == training_args.max_steps
+                    ):
+                        elapsed = time.perf_counter() - window_started
+                        metrics_log.metrics(
+                            global_step,
+                            {
+                                "loss": window_loss / window_steps,
+                                "learning_rate": learning_rate,
+                                "epoch": round(
+                                    global_step
+                                    * training_args.gradient_accumulation_steps
+                                    / batches_per_epoch,
+                                    4,
+                                ),
+                                "images_per_second": window_steps * global_batch_size / elapsed
+                                if elapsed
+                                else None,
+                            },
+                        )
+                        window_loss, window_steps, window_started = 0.0, 0, time.perf_counter()
+                    record_uploads(uploader, metrics_log)
+                    stop_now = accelerator.reduce(
+                        torch.tensor(float(stop.requested), device=accelerator.device), reduction="sum"
+                    ).item()
+                    if stop_now or global_step == training_args.max_steps:
+                        progress.close()  # the bar's last state once, before the final lines are logged
+                    if stop_now:
+                        stopped_by = stop.signal_name or "another process's signal"
+                        path = checkpoint(global_step)
+                        metrics_log.event("stopped", global_step, signal=stopped_by, checkpoint=str(path))
+                        logger.warning(
+                            "Stopped by %s at step %d; continue with --resume_from_checkpoint latest.",
+                            stopped_by,
+                            global_step,
+                        )
+                        break
+                    every = training_args.checkpointing_steps
+                    if every and global_step % every == 0:
+                        checkpoint(global_step)
+                    every = training_args.eval_steps
+                    if every and global_step % every == 0 and global_step < training_args.max_steps:
+                        run_evaluation(global_step)
+
+                # ---- the end: a checkpoint, the evaluation, the model folder (whole) and its upload
+                if stopped_by is None:
+                    every = training_args.checkpointing_steps
+                    if not (every and global_step % every == 0):
+                        checkpoint(global_step)
+                    scores = run_evaluation(global_step)
+                    if accelerator.is_main_process:
+                        card = segmentation_card(
+                            model_args,
+                            data_args,
+                            training_args,
+                            backbone_class,
+                            names,
+                            global_step,
+                            global_batch_size,
+                            scores,
+                        )
+                        model_dir = save_model(unwrapped, processor, card, output_dir / MODEL_DIRNAME)
+                        record_complete(output_dir, global_step, FINAL_ARTEFACTS)
+                        metrics_log.event("saved", global_step, path=str(model_dir))
+                        logger.info("Model saved to %s", model_dir)
+                        if uploader is not None:
+                            uploader.submit(
+                                model_dir,
+                                global_step,
+                                commit_message=f"UperNet fine-tuned for {global_step} steps",
+                            )
+                    accelerator.wait_for_everyone()
+        finally:
+            progress.close()
+            batches.close()  # the data workers end now, not at the interpreter's exit
+            upload_report = wait_for_uploads(uploader, training_args, stopped_by, metrics_log)
+        metrics_log.event("end", global_step, stopped_by=stopped_by, scores=scores)
+        return FinetuningResult(
+            accelerator,
+            unwrapped,
+            global_step,
+            scores,
+            model_dir,
+            stopped_by,
+            upload_report,
+            uploads_complete=uploader is None or uploader.complete,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The script's exit status: 0 done, 2 wrong arguments, 1 failed, 3 trained but the model is not on the Hub
+    (docs/reliability.md), 128 + signal when pre-empted."""
+    result = train(*parse_arguments(argv))
+    result.accelerator.end_training()
+    return exit_status(PROG, result.stopped_by, result.uploads_complete, "the fine-tuned model")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The steps `train` names
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def backbone_source(model_args: SegmentationModelArguments, crop_size: list[int]):
@@ -117,8 +419,6 @@ def backbone_source(model_args: SegmentationModelArguments, crop_size: list[int]
 def build_model(
     model_args: SegmentationModelArguments, data_args: SegmentationDataArguments, names: list[str]
 ):
-    from selfpatch_hf.models.dense.heads import build_upernet
-
     source = backbone_source(model_args, data_args.crop_size)
     try:
         return build_upernet(
@@ -139,11 +439,6 @@ def load_data(
     data_args: SegmentationDataArguments, training_args: SegmentationTrainingArguments, accelerator
 ):
     """(train, eval or None, image column, mask column, class names), with the first training mask checked."""
-    import numpy as np
-
-    from selfpatch_hf.data.segmentation.augmentation import prepare_mask
-    from selfpatch_hf.data.segmentation.loading import find_columns, label_names, load_segmentation_splits
-
     try:
         with accelerator.main_process_first():  # one process builds / downloads, the others read its cache
             train, evaluation = load_segmentation_splits(
@@ -173,13 +468,44 @@ def load_data(
     return train, evaluation, image_column, mask_column, names
 
 
-def transforms(data_args: SegmentationDataArguments):
-    from selfpatch_hf.data.segmentation.augmentation import (
-        SegmentationEvalTransform,
-        SegmentationTrainTransform,
+def evaluation_processor(data_args: SegmentationDataArguments):
+    """The evaluation's preprocessing, as the image processor saved with the model: resize into --scale keeping
+    the aspect ratio (the short side to its smaller value unless the long side would exceed the larger: mmseg's
+    keep-ratio rescale), rescale, normalise. The whole-image evaluation is then exactly what
+    `pipeline("image-segmentation")` does with the saved folder."""
+    return build_segmentation_image_processor(
+        {"shortest_edge": min(data_args.scale), "longest_edge": max(data_args.scale)},
+        reduce_labels=data_args.reduce_labels,
     )
 
-    train = SegmentationTrainTransform(
+
+@dataclass
+class ProcessorEvalTransform:
+    """An evaluation example: the image through the saved image processor, the labels at full resolution."""
+
+    processor: Any
+    reduce_labels: bool
+    ignore_index: int
+
+    def __call__(self, image, mask) -> tuple[np.ndarray, np.ndarray]:
+        pixels = self.processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
+        return pixels, prepare_mask(mask, self.reduce_labels, self.ignore_index)
+
+
+def _single_thread_worker(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode and augment with numpy / PIL; torch threads would only contend
+
+
+def _started_with_workers(loader: torch.utils.data.DataLoader) -> Iterator:
+    """The loader's iterator, its workers started with the stop signals held: a SIGTERM to the whole process group
+    reaches this process (which checkpoints) and not the workers (selfpatch_hf.training.preemption)."""
+    with stop_signals_held():
+        return iter(loader)
+
+
+def train_batches(train, image_column, mask_column, data_args, training_args, accelerator, start_step):
+    """This process's endless micro-batches, from optimiser step `start_step` on (moved to the device)."""
+    transform = SegmentationTrainTransform(
         crop_size=tuple(data_args.crop_size),
         scale=tuple(data_args.scale),
         ratio_range=tuple(data_args.ratio_range),
@@ -189,26 +515,6 @@ def transforms(data_args: SegmentationDataArguments):
         reduce_labels=data_args.reduce_labels,
         ignore_index=data_args.ignore_index,
     )
-    evaluation = SegmentationEvalTransform(
-        scale=tuple(data_args.scale),
-        reduce_labels=data_args.reduce_labels,
-        ignore_index=data_args.ignore_index,
-    )
-    return train, evaluation
-
-
-def train_batches(
-    train, image_column, mask_column, transform, data_args, training_args, accelerator, start_step
-):
-    """This process's endless micro-batches, from optimiser step `start_step` on (moved to the device)."""
-    import torch
-
-    from selfpatch_hf.data.segmentation.loading import (
-        SegmentationBatchSampler,
-        SegmentationTrainSet,
-        collate_segmentation,
-    )
-
     sampler = SegmentationBatchSampler(
         len(train),
         training_args.per_device_train_batch_size,
@@ -229,27 +535,40 @@ def train_batches(
     )
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
-        for batch in loader:
+        for batch in _started_with_workers(loader):
             yield {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
 
     return batches(), sampler.batches_per_epoch
 
 
-def _single_thread_worker(_: int) -> None:
-    import torch
+def resume(
+    checkpoints: CheckpointManager, training_args: SegmentationTrainingArguments, global_batch_size: int
+) -> tuple[int, Path | None]:
+    """The step to continue from (0: a fresh run) and the checkpoint it was loaded from."""
+    which = training_args.checkpoint_to_resume()
+    if not which:
+        return 0, None
+    try:
+        path = checkpoints.resolve(which)
+        loaded = checkpoints.load(path) if path is not None else None
+    except DamagedCheckpointError as error:
+        raise CommandFailure(f"Cannot resume: {error}") from None
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--resume_from_checkpoint: {error}") from None
+    if loaded is None:
+        return 0, None
+    trainer_state, _ = loaded
+    if trainer_state["global_batch_size"] != global_batch_size:
+        raise UsageError(
+            f"{path} was trained with a global batch of {trainer_state['global_batch_size']}, this run has "
+            f"{global_batch_size}: resume with the same processes x per-device batch x accumulation."
+        )
+    return trainer_state["step"], path
 
-    torch.set_num_threads(1)  # workers decode and augment with numpy / PIL; torch threads would only contend
 
-
-def evaluate(
-    model, evaluation, image_column, mask_column, transform, data_args, training_args, accelerator, names
-):
-    """mIoU / mAcc / aAcc over the evaluation split; each process scores its share, the confusion matrices add up."""
-    import torch
-
-    from selfpatch_hf.data.segmentation.loading import SegmentationEvalSet
-    from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
-
+def evaluate(model, evaluation, columns, processor, data_args, training_args, accelerator, names):
+    """mIoU / mAcc / aAcc over the evaluation split; each process scores its share, the confusion matrices add up.
+    Whole images go in as `pipeline("image-segmentation")` feeds them (the saved processor's resize, no padding)."""
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.num_processes > 1:
         # DDP keeps the weights equal but not the BatchNorm running statistics (each rank updates them with its own
@@ -259,22 +578,26 @@ def evaluate(
         for buffer in unwrapped.buffers():
             dist.broadcast(buffer.data, src=0)
     indices = range(accelerator.process_index, len(evaluation), accelerator.num_processes)
+    transform = ProcessorEvalTransform(processor, data_args.reduce_labels, data_args.ignore_index)
     examples = torch.utils.data.DataLoader(
-        SegmentationEvalSet(evaluation, image_column, mask_column, transform, indices),
+        SegmentationEvalSet(evaluation, *columns, transform, indices),
         batch_size=None,
         num_workers=data_args.num_workers,
         worker_init_fn=_single_thread_worker,
         generator=torch.Generator(),  # leaves the global torch RNG (drop-path masks) alone
     )
+    whole = training_args.inference_mode == "whole"
     confusion = evaluate_segmentation(
         unwrapped,
-        ((pixels.numpy(), labels.numpy()) for pixels, labels in examples),
+        ((pixels.numpy(), labels.numpy()) for pixels, labels in _started_with_workers(examples)),
         len(names),
         data_args.ignore_index,
         training_args.inference_mode,
         tuple(data_args.crop_size),
         tuple(training_args.slide_stride),
-        unwrapped.backbone.config.patch_size,
+        # whole images unpadded, as the pipeline runs them (a ViT drops a partial last patch; UperNet resizes its
+        # logits to the input); sliding windows have the crop size, a multiple of the patch size
+        1 if whole else unwrapped.backbone.config.patch_size,
         accelerator.device,
         accelerator.autocast,
     )
@@ -288,320 +611,61 @@ def evaluate(
     }
 
 
-def save_model(model, processor, card_info, output_dir: Path) -> Path:
-    """`output_dir/model`: config, safetensors, image processor, card; swapped in atomically."""
-    from selfpatch_hf.atomic_folders import staged_folder
-    from selfpatch_hf.hub.cards.segmentation import write_segmentation_card
-
-    target = output_dir / MODEL_DIRNAME
-    with staged_folder(target) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        write_segmentation_card(staging, card_info)
-    return target
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def train(
+def segmentation_card(
     model_args: SegmentationModelArguments,
     data_args: SegmentationDataArguments,
     training_args: SegmentationTrainingArguments,
-) -> FinetuningResult:
-    import torch
-    from accelerate.utils import DistributedType, set_seed
-    from tqdm.auto import tqdm
-
-    from selfpatch_hf.hub.cards.segmentation import SegmentationCardInfo
-    from selfpatch_hf.models.dense.heads import build_segmentation_image_processor
-    from selfpatch_hf.training.checkpointing import CHECKPOINTS_DIRNAME, CheckpointManager
-    from selfpatch_hf.training.finetuning_optimization import (
-        FinetuningSchedule,
-        apply_learning_rate,
-        build_finetuning_optimizer,
-    )
-    from selfpatch_hf.training.metrics_log import METRICS_FILENAME, MetricsLog
-    from selfpatch_hf.training.preemption import StopRequest
-
-    accelerator = build_accelerator(training_args)
-    logging.basicConfig(
-        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    output_dir = Path(training_args.output_dir)
-    global_batch_size = (
-        accelerator.num_processes
-        * training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-    )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
-            shutil.rmtree(output_dir / CHECKPOINTS_DIRNAME, ignore_errors=True)
-            (output_dir / METRICS_FILENAME).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-
-    limit_cpu_threads(accelerator, data_args.num_workers, training_args.cpu_threads)
-
-    # ---- data
-    train_set, eval_set, image_column, mask_column, names = load_data(data_args, training_args, accelerator)
-    train_transform, eval_transform = transforms(data_args)
-
-    # ---- model, optimiser, schedule (the same seed on every process gives the same initial heads)
-    set_seed(training_args.seed)
-    model = build_model(model_args, data_args, names)
-    backbone_class = type(model.backbone).__name__
-    num_layers = model.backbone.config.num_hidden_layers
-    if training_args.gradient_checkpointing:
-        model.backbone.activation_checkpointing_enable()
-    if training_args.sync_batch_norm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
-    if max(model.backbone.config.out_indices) < num_layers:  # later blocks get no gradient
-        accelerator.ddp_handler.find_unused_parameters = True
-    optimizer = build_finetuning_optimizer(
-        model, training_args.weight_decay, training_args.layer_decay, num_layers
-    )
-    schedule = FinetuningSchedule(
+    backbone_class: str,
+    names: list[str],
+    step: int,
+    global_batch_size: int,
+    scores: dict[str, float] | None,
+) -> SegmentationCardInfo:
+    """The model card: backbone, data, recipe and the evaluation's scores."""
+    hub_dataset = None
+    if data_args.dataset_name != OFFLINE_SCENES and not os.path.exists(data_args.dataset_name):
+        hub_dataset = data_args.dataset_name
+    return SegmentationCardInfo(
+        backbone=model_args.backbone,
+        backbone_class=backbone_class,
+        dataset=data_args.dataset_name,
+        num_labels=len(names),
+        crop_size=tuple(data_args.crop_size),
+        steps=step,
+        global_batch_size=global_batch_size,
         learning_rate=training_args.learning_rate,
-        total_steps=training_args.max_steps,
-        warmup_steps=training_args.warmup_steps,
-        warmup_ratio=training_args.warmup_ratio,
-        kind=training_args.lr_scheduler,
-        power=training_args.poly_power,
-        min_learning_rate=training_args.min_learning_rate,
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
-        raise UsageError("Several processes but no distributed set-up: launch with `accelerate launch`.")
-    # drop-path masks differ between processes
-    set_seed(training_args.seed, device_specific=True)
-
-    # ---- resume
-    checkpoints = CheckpointManager(accelerator, output_dir, training_args.checkpoints_total_limit)
-    metrics_log = MetricsLog(accelerator, output_dir)
-    global_step = 0
-    if training_args.resume_from_checkpoint:
-        try:
-            path = checkpoints.resolve(training_args.resume_from_checkpoint)
-            loaded = checkpoints.load(path) if path is not None else None
-        except (FileNotFoundError, ValueError) as error:
-            raise UsageError(f"--resume_from_checkpoint: {error}") from None
-        if loaded is not None:
-            trainer_state, _ = loaded
-            if trainer_state["global_batch_size"] != global_batch_size:
-                raise UsageError(
-                    f"{path} was trained with a global batch of {trainer_state['global_batch_size']}, this run has "
-                    f"{global_batch_size}: resume with the same processes x per-device batch x accumulation."
-                )
-            global_step = trainer_state["step"]
-            metrics_log.event("resumed", global_step, checkpoint=str(path))
-            logger.info("Resumed from %s at step %d.", path, global_step)
-
-    def save_checkpoint(step: int) -> Path:
-        trainer_state = {
-            "step": step,
-            "global_batch_size": global_batch_size,
-            "num_processes": accelerator.num_processes,
-            "arguments": {**asdict(model_args), **asdict(data_args), **training_args.public_dict()},
-        }
-        path = checkpoints.save(step, trainer_state, {"rank": accelerator.process_index})
-        metrics_log.event("checkpoint", step, path=str(path))
-        return path
-
-    def run_evaluation(step: int) -> dict[str, float] | None:
-        if eval_set is None:
-            return None
-        started = time.perf_counter()
-        scores = evaluate(
-            model,
-            eval_set,
-            image_column,
-            mask_column,
-            eval_transform,
-            data_args,
-            training_args,
-            accelerator,
-            names,
-        )
-        metrics_log.metrics(step, {f"eval_{key}": value for key, value in scores.items()})
-        logger.info(
-            "Step %d: mIoU %.2f, mAcc %.2f, aAcc %.2f (%.0f s)",
-            step,
-            100 * scores["mean_iou"],
-            100 * scores["mean_accuracy"],
-            100 * scores["overall_accuracy"],
-            time.perf_counter() - started,
-        )
-        return scores
-
-    # ---- trackers
-    if accelerator.is_main_process and training_args.report_to != "none":
-        values = {**asdict(model_args), **asdict(data_args), **training_args.public_dict()}
-        accelerator.init_trackers(
-            training_args.run_name,
-            config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()},
-        )
-
-    batches, batches_per_epoch = train_batches(
-        train_set,
-        image_column,
-        mask_column,
-        train_transform,
-        data_args,
-        training_args,
-        accelerator,
-        global_step,
-    )
-    logger.info(
-        "Fine-tuning %s (%s, %d blocks, out_indices %s) on %s: %d steps of %d images (%.1f epochs of %d), peak lr %g.",
-        model_args.backbone,
-        backbone_class,
-        num_layers,
-        unwrapped.backbone.config.out_indices,
-        data_args.dataset_name,
-        training_args.max_steps,
-        global_batch_size,
-        training_args.max_steps * training_args.gradient_accumulation_steps / batches_per_epoch,
-        len(train_set),
-        training_args.learning_rate,
-    )
-    metrics_log.event(
-        "start", global_step, total_steps=training_args.max_steps, global_batch_size=global_batch_size
+        layer_decay=training_args.layer_decay,
+        schedule=training_args.lr_scheduler,
+        inference_mode=training_args.inference_mode,
+        scores=scores,
+        eval_split=data_args.eval_split,
+        hub_dataset_id=hub_dataset,
+        data_description=(
+            "the offline synthetic scenes (real photographs from scikit-image composed with known masks)"
+            if data_args.dataset_name == OFFLINE_SCENES
+            else None
+        ),
     )
 
-    # ---- the loop
-    progress = tqdm(
-        total=training_args.max_steps,
-        initial=global_step,
-        disable=not accelerator.is_main_process,
-        desc="fine-tuning",
-    )
-    scores = None
-    stopped_by = None
-    window_loss, window_steps, window_started = 0.0, 0, time.perf_counter()
-    with StopRequest() as stop:
-        while global_step < training_args.max_steps:
-            learning_rate = schedule.at(global_step)
-            apply_learning_rate(optimizer, learning_rate)
-            step_loss = torch.zeros((), device=accelerator.device)
-            for _ in range(training_args.gradient_accumulation_steps):
-                batch = next(batches)
-                with accelerator.accumulate(model), accelerator.autocast():
-                    loss = model(**batch).loss
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and training_args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_loss += loss.detach() / training_args.gradient_accumulation_steps
-            step_loss = accelerator.reduce(step_loss, reduction="mean").item()
-            if not math.isfinite(step_loss):
-                raise CommandFailure(
-                    f"non-finite loss at step {global_step}: lower --learning_rate, lengthen --warmup_steps or "
-                    "train in fp32, then continue with --resume_from_checkpoint."
-                )
-            global_step += 1
-            window_loss, window_steps = window_loss + step_loss, window_steps + 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
 
-            if global_step % training_args.logging_steps == 0 or global_step == training_args.max_steps:
-                elapsed = time.perf_counter() - window_started
-                metrics_log.metrics(
-                    global_step,
-                    {
-                        "loss": window_loss / window_steps,
-                        "learning_rate": learning_rate,
-                        "epoch": round(
-                            global_step * training_args.gradient_accumulation_steps / batches_per_epoch, 4
-                        ),
-                        "images_per_second": window_steps * global_batch_size / elapsed if elapsed else None,
-                    },
-                )
-                window_loss, window_steps, window_started = 0.0, 0, time.perf_counter()
-            stop_now = accelerator.reduce(
-                torch.tensor(float(stop.requested), device=accelerator.device), reduction="sum"
-            ).item()
-            if stop_now:
-                stopped_by = stop.signal_name or "another process's signal"
-                path = save_checkpoint(global_step)
-                metrics_log.event("stopped", global_step, signal=stopped_by, checkpoint=str(path))
-                logger.warning(
-                    "Stopped by %s at step %d; continue with --resume_from_checkpoint latest.",
-                    stopped_by,
-                    global_step,
-                )
-                break
-            if training_args.checkpointing_steps and global_step % training_args.checkpointing_steps == 0:
-                save_checkpoint(global_step)
-            if (
-                training_args.eval_steps
-                and global_step % training_args.eval_steps == 0
-                and global_step < training_args.max_steps
-            ):
-                run_evaluation(global_step)
-    progress.close()
+def save_model(model, processor, card_info: SegmentationCardInfo, target: Path) -> Path:
+    """`target`: config, safetensors, image processor, card; written staged and swapped in whole (a failure is one
+    line naming the folder)."""
+    if any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.modules()):
+        model = _with_plain_batch_norm(model)
 
-    model_dir = None
-    upload_report: list[str] = []
-    if stopped_by is None:
-        if not (training_args.checkpointing_steps and global_step % training_args.checkpointing_steps == 0):
-            save_checkpoint(global_step)
-        scores = run_evaluation(global_step)
-        if accelerator.is_main_process:
-            to_save = unwrapped
-            if any(isinstance(module, torch.nn.SyncBatchNorm) for module in to_save.modules()):
-                to_save = _with_plain_batch_norm(to_save)
-            processor = build_segmentation_image_processor(
-                data_args.crop_size, reduce_labels=data_args.reduce_labels
-            )
-            from selfpatch_hf.data.segmentation.loading import OFFLINE_SCENES
+    def write() -> None:
+        with staged_folder(target) as staging:
+            model.save_pretrained(staging)
+            processor.save_pretrained(staging)
+            write_segmentation_card(staging, card_info)
 
-            hub_dataset = None
-            if data_args.dataset_name != OFFLINE_SCENES and not os.path.exists(data_args.dataset_name):
-                hub_dataset = data_args.dataset_name
-            card = SegmentationCardInfo(
-                backbone=model_args.backbone,
-                backbone_class=backbone_class,
-                dataset=data_args.dataset_name,
-                num_labels=len(names),
-                crop_size=tuple(data_args.crop_size),
-                steps=global_step,
-                global_batch_size=global_batch_size,
-                learning_rate=training_args.learning_rate,
-                layer_decay=training_args.layer_decay,
-                schedule=training_args.lr_scheduler,
-                inference_mode=training_args.inference_mode,
-                scores=scores,
-                eval_split=data_args.eval_split,
-                hub_dataset_id=hub_dataset,
-                data_description=(
-                    "the offline synthetic scenes (real photographs from scikit-image composed with known masks)"
-                    if data_args.dataset_name == OFFLINE_SCENES
-                    else None
-                ),
-            )
-            model_dir = save_model(to_save, processor, card, output_dir)
-            metrics_log.event("saved", global_step, path=str(model_dir))
-            logger.info("Model saved to %s", model_dir)
-            if training_args.push_to_hub:
-                upload_report = push_model(model_dir, global_step, training_args, output_dir)
-        accelerator.wait_for_everyone()
-    metrics_log.event("end", global_step, stopped_by=stopped_by, scores=scores)
-    return FinetuningResult(accelerator, unwrapped, global_step, scores, model_dir, stopped_by, upload_report)
+    write_final_folder(target, "the fine-tuned model", write)
+    return target
 
 
 def _with_plain_batch_norm(model):
     """A copy of `model` with SyncBatchNorm layers turned back into BatchNorm2d (the saved class's own modules)."""
-    import copy
-
-    import torch
-
     model = copy.deepcopy(model)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
@@ -610,41 +674,6 @@ def _with_plain_batch_norm(model):
                 plain.load_state_dict(child.state_dict())
                 setattr(module, child_name, plain)
     return model
-
-
-def push_model(
-    model_dir: Path, step: int, training_args: SegmentationTrainingArguments, output_dir: Path
-) -> list[str]:
-    from selfpatch_hf.hub.uploads import AsyncHubUploader
-
-    uploader = AsyncHubUploader(
-        training_args.hub_model_id,
-        output_dir / ".hub_uploads",
-        token=training_args.hub_token,
-        private=training_args.hub_private,
-    )
-    uploader.submit(model_dir, step, commit_message=f"UperNet fine-tuned for {step} steps")
-    outcomes = uploader.finish(timeout=None)  # Ctrl-C ends the wait; the report says what is not on the Hub
-    report = uploader.report()
-    for line in report:
-        logger.info("Hub upload %s", line)
-    failed = [outcome for outcome in outcomes if outcome.status != "uploaded"]
-    if failed:  # the model is saved locally; say so and how to push it later
-        raise CommandFailure(
-            f"the Hub upload did not finish: {failed[-1].describe(training_args.hub_model_id)}"
-        )
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, training_args = parse_finetuning_arguments(
-        list(sys.argv[1:] if argv is None else argv), description=__doc__
-    )
-    result = train(model_args, data_args, training_args)
-    result.accelerator.end_training()
-    if result.stopped_by is not None:
-        return 128 + {"SIGTERM": 15, "SIGINT": 2}.get(result.stopped_by, 15)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,24 +1,25 @@
 #!/usr/bin/env python
-r"""Pretrain a SelfPatch (or plain DINO) ViT with Accelerate on streamed images, and publish its backbone.
+r"""Pretrain a SelfPatch (or plain DINO, or MoBY) backbone with Accelerate on streamed images, and publish it.
 
     accelerate launch training/pretrain.py training/configs/selfpatch_vit_small_imagenet.yaml
     accelerate launch --num_processes 8 training/pretrain.py RECIPE.yaml --output_dir runs/vits16 \
         --push_to_hub --hub_model_id me/selfpatch-vits16
-    python training/pretrain.py --preset vit-tiny-patch16 --config_overrides global_crop_size=96 \
+    python training/pretrain.py --preset vit-tiny-patch16 --global_crop_size 96 \
         --dataset_name offline-sample --max_steps 20 --output_dir runs/demo
     accelerate launch training/pretrain.py RECIPE.yaml --resume_from_checkpoint latest
 
 A recipe file (YAML or JSON, the first argument) sets any option below; options given on the command line after it
 override the file. `config_overrides` sets any field of `SelfPatchConfig` or of the backbone's `ViTConfig`
-(`key=value` pairs on the command line, a mapping in a recipe file; both merge, the command line winning).
+(`key=value` pairs on the command line, a mapping in a recipe file; both merge, the command line winning). The
+options left unset take the image objective's recipe (selfpatch_hf.models.selfpatch.recipes).
 
 The run writes into `--output_dir`: `metrics.jsonl` (and tracker logs under `logs/`), `checkpoints/checkpoint-<step>`
 (accelerate state + per-process data positions, written atomically), `backbone/` (the teacher's backbone as a plain
 `ViTModel` with image processor and model card, loadable with `AutoModel.from_pretrained`) and, at the end,
-`pretraining_model/` (the whole `SelfPatchViTForPretraining`). Schedules are defined per optimiser step of the
-GLOBAL batch (processes x per-device batch x accumulation); see `selfpatch_hf.training.schedules` and docs/method.md
-section 10. Running the same command again with `--resume_from_checkpoint latest` continues an interrupted run, or
-reports a finished one.
+`pretraining_model/` (the whole `SelfPatchForPretraining`) and `run_complete.json` (their manifest: the run is
+complete). Schedules are defined per optimiser step of the GLOBAL batch (processes x per-device batch x
+accumulation); see `selfpatch_hf.training.schedules` and docs/method.md section 10. Running the same command again
+with `--resume_from_checkpoint latest` continues an interrupted run, or reports a finished one.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from selfpatch_hf.training.arguments.pretraining import (
     DataArguments,
     ModelArguments,
     PretrainingArguments,
+    build_config,
+    card_training_data,
+    one_line_message,
     parse_pretraining_arguments,
     validate_arguments,
 )
@@ -56,116 +60,302 @@ if __name__ == "__main__":
 
 # ruff: noqa: E402 -- the heavy imports come after that early answer
 import logging
-import math
-import os
-import shutil
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
-import transformers
-from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining, export_backbone
-from selfpatch_hf.atomic_folders import apply_default_permissions
+from selfpatch_hf import SelfPatchConfig, SelfPatchForPretraining, export_backbone
+from selfpatch_hf.atomic_folders import staged_folder
 from selfpatch_hf.data.augmentation import MultiCropAugmentation
 from selfpatch_hf.data.streaming import MultiCropDataLoader, load_image_stream
 from selfpatch_hf.hub.cards.backbone import BackboneCardInfo
-from selfpatch_hf.hub.request_limits import DEFAULT_CONNECT_TIMEOUT, bound_hub_requests
-from selfpatch_hf.hub.uploads import AsyncHubUploader
 from selfpatch_hf.models.selfpatch.modeling import sync_batch_norm
-from selfpatch_hf.training.checkpointing import (
-    CHECKPOINTS_DIRNAME,
-    CheckpointManager,
-    CheckpointWriteError,
-    DamagedCheckpointError,
-)
+from selfpatch_hf.models.selfpatch.recipes import CropRecipe
+from selfpatch_hf.training.checkpointing import CheckpointManager, DamagedCheckpointError
 from selfpatch_hf.training.compilation import compile_for_training
-from selfpatch_hf.training.cuda_setup import adamw_kwargs, ddp_kwargs, enable_tf32
+from selfpatch_hf.training.cuda_setup import adamw_kwargs, ddp_kwargs
 from selfpatch_hf.training.divergence import DivergenceMonitor, weight_norm
-from selfpatch_hf.training.host_memory import keep_freed_host_memory
-from selfpatch_hf.training.metrics_log import METRICS_FILENAME, MetricsLog, WindowMeans
-from selfpatch_hf.training.mixed_precision import (
-    MAX_CONSECUTIVE_SKIPPED_STEPS,
-    ScalerSkipGuard,
-    step_was_skipped,
+from selfpatch_hf.training.loop import (
+    NonFiniteLossError,
+    StepResult,
+    endless_batches,
+    take_batches,
+    train_step,
 )
-from selfpatch_hf.training.optimization import (
-    apply_schedule,
-    build_optimizer,
-    cancel_gradients,
-    clip_gradients,
-)
+from selfpatch_hf.training.metrics_log import MetricsLog, WindowMeans
+from selfpatch_hf.training.mixed_precision import MAX_CONSECUTIVE_SKIPPED_STEPS
+from selfpatch_hf.training.optimization import apply_schedule, build_optimizer
+from selfpatch_hf.training.output_folder import completed_step, record_complete, write_final_folder
 from selfpatch_hf.training.preemption import StopRequest
 from selfpatch_hf.training.resume import check_resumable, config_snapshot
-from selfpatch_hf.training.schedules import PretrainingSchedule, ScheduleValues, optimizer_steps_per_epoch
+from selfpatch_hf.training.runtime import (
+    configure_host,
+    create_accelerator,
+    enable_activation_checkpointing,
+    exit_status,
+    init_trackers,
+    limit_hub_requests,
+    output_folder,
+    record_uploads,
+    save_checkpoint,
+    start_uploader,
+    wait_for_uploads,
+)
+from selfpatch_hf.training.schedules import PretrainingSchedule, optimizer_steps_per_epoch
 
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 BACKBONE_DIRNAME = "backbone"
-PRETRAINING_MODEL_DIRNAME = "pretraining_model"  # written last: its presence marks a finished run
-UPLOADS_INCOMPLETE = 3  # exit status: trained to the end, but the last export did not reach the Hub
+PRETRAINING_MODEL_DIRNAME = "pretraining_model"
+FINAL_ARTEFACTS = (BACKBONE_DIRNAME, PRETRAINING_MODEL_DIRNAME)  # recorded in run_complete.json, written last
 # library objects check their own settings; their ValueErrors are argument mistakes of this script
 LIBRARY_ARGUMENT_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
 
+@dataclass
+class PretrainingResult:
+    """What `train` leaves behind (the accelerator and model are still alive: `run` ends the run)."""
+
+    accelerator: Any
+    model: SelfPatchForPretraining  # unwrapped
+    global_step: int
+    total_steps: int
+    stopped_by: str | None  # signal name when pre-empted
+    export_dir: Path | None
+    upload_report: list[str] = field(default_factory=list)
+    uploads_complete: bool = True  # False: --push_to_hub, but the last export is not on the Hub
+
+
+@dataclass
+class StepPlan:
+    """The run's length in optimiser steps of the GLOBAL batch, and the schedules along those steps."""
+
+    global_batch_size: int  # processes x per-device batch x accumulation
+    steps_per_epoch: int
+    total_steps: int
+    schedule: PretrainingSchedule
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Building blocks, in the order `train` uses them
+# The run, top to bottom
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def setup_logging(accelerator: Accelerator) -> None:
-    """Our progress on the main process, warnings elsewhere; the libraries' own chatter kept to warnings."""
-    level = logging.INFO if accelerator.is_main_process else logging.WARNING
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        level=level,
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: PretrainingArguments,
+    config_overrides: dict[str, Any],
+) -> PretrainingResult:
+    """One pretraining run: arguments, accelerator, then the model configuration, data and schedules (every
+    mistake in them is found before anything is written), the output folder (held by this run), model and
+    optimiser, the resume, the loop, the final artefacts and the uploads."""
+    validate_arguments(data_args, training_args)
+    limit_hub_requests(training_args)
+    accelerator = create_accelerator(
+        training_args,
+        # DDP broadcasts no buffers: the centres are all-reduced inside forward (on CUDA also bucket views)
+        ddp_kwargs(
+            "cpu" if training_args.cpu or not torch.cuda.is_available() else "cuda",
+            training_args.gradient_accumulation_steps,
+        ),
     )
-    logging.getLogger("selfpatch_hf").setLevel(level)
-    # a line per data pass is noise; skipped images still show (warnings)
-    logging.getLogger("selfpatch_hf.data.streaming").setLevel(logging.WARNING)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    datasets.utils.logging.set_verbosity_warning()
-    transformers.utils.logging.set_verbosity_warning()
-    transformers.utils.logging.disable_progress_bar()
-    logger.info(accelerator.state, main_process_only=False)
+    config, crops = build_config(model_args, data_args, training_args, config_overrides)
+    dataset, image_column = open_image_stream(data_args, training_args)
+    train_loader = build_dataloader(dataset, image_column, crops, data_args, training_args, accelerator)
+    plan = plan_steps(accelerator, data_args, training_args)
+    configure_host(accelerator, training_args, data_args.num_workers)
+
+    with output_folder(accelerator, training_args, FINAL_ARTEFACTS) as output_dir:
+        metrics_log = MetricsLog(accelerator, output_dir)
+        checkpoints = CheckpointManager(accelerator, output_dir, training_args.checkpoints_total_limit)
+        model, optimizer = build_model_and_optimizer(accelerator, config, training_args)
+        unwrapped = accelerator.unwrap_model(model)
+        monitor = DivergenceMonitor() if training_args.divergence_check else None
+
+        global_step, resumed_from = resume(
+            accelerator, checkpoints, training_args, plan, config, crops, data_args, train_loader, monitor
+        )
+        if global_step >= plan.total_steps and completed_step(output_dir, FINAL_ARTEFACTS) is not None:
+            return report_complete_run(accelerator, unwrapped, output_dir, global_step, plan)
+        if resumed_from is not None:
+            logger.info("Resumed from %s at optimiser step %d.", resumed_from, global_step)
+            metrics_log.event("resumed", global_step, checkpoint=str(resumed_from))
+        uploader = start_uploader(training_args, accelerator)
+        init_trackers(
+            accelerator,
+            training_args,
+            {
+                **asdict(model_args),
+                **asdict(data_args),
+                **training_args.public_dict(),
+                **{f"config.{k}": v for k, v in config_overrides.items()},
+            },
+        )
+        announce_start(
+            accelerator, model_args, data_args, training_args, plan, unwrapped, metrics_log, global_step
+        )
+
+        def checkpoint(step: int) -> Path:
+            """A checkpoint of `step` with what resuming checks, marked healthy or not by the divergence check."""
+            trainer_state = {
+                "step": step,
+                "epoch": step / plan.steps_per_epoch,
+                "global_batch_size": plan.global_batch_size,
+                "num_processes": accelerator.num_processes,
+                "schedule": plan.schedule.to_dict(),
+                "model_config": config_snapshot(config),
+                "crop_recipe": crops.to_dict(),
+                "config_overrides": config_overrides,
+                "arguments": {**asdict(model_args), **asdict(data_args), **training_args.public_dict()},
+                "divergence": monitor.state_dict() if monitor is not None else None,
+            }
+            rank_state = {"rank": accelerator.process_index, "data": train_loader.state_dict()}
+            health = monitor.health() if monitor is not None else None
+            return save_checkpoint(checkpoints, metrics_log, step, trainer_state, rank_state, health)
+
+        def export(step: int) -> Path:
+            """The teacher's backbone with its model card, written whole and queued for upload."""
+            card = backbone_card(config, crops, model_args, data_args, training_args, plan, step)
+            message = f"Teacher backbone at step {step} of {plan.total_steps}"
+            return export_teacher(
+                accelerator,
+                unwrapped,
+                output_dir / BACKBONE_DIRNAME,
+                step,
+                card,
+                crops,
+                metrics_log,
+                uploader,
+                message,
+            )
+
+        # ---- the loop: step, judge, log, checkpoint, export
+        if monitor is not None:
+            monitor.start(weight_norm(unwrapped.student.parameters()))
+        batches = endless_batches(train_loader)
+        progress = tqdm(
+            total=plan.total_steps,
+            initial=global_step,
+            disable=not accelerator.is_main_process,
+            desc="pretraining",
+        )
+        window = WindowMeans()
+        skipped_steps = skips_in_a_row = 0
+        stopped_by = export_dir = None
+        try:
+            with StopRequest() as stop, logging_redirect_tqdm():
+                while global_step < plan.total_steps:
+                    started = time.perf_counter()
+                    values = plan.schedule.at(global_step)
+                    apply_schedule(optimizer, values)
+                    try:
+                        result = train_step(
+                            accelerator,
+                            model,
+                            optimizer,
+                            take_batches(batches, training_args.gradient_accumulation_steps),
+                            values,
+                            training_args.clip_grad,
+                            stop.requested,
+                            clip_grad_mode=training_args.clip_grad_mode,
+                        )
+                    except NonFiniteLossError as error:
+                        metrics_log.event("non_finite_loss", error.step, **error.losses)
+                        raise CommandFailure(non_finite_loss_message(error, plan, checkpoints)) from None
+                    if result.skipped:  # fp16 overflow: nothing moved; the same schedule step runs again
+                        skipped_steps, skips_in_a_row = skipped_steps + 1, skips_in_a_row + 1
+                        record_skipped_step(accelerator, metrics_log, global_step, skips_in_a_row)
+                        continue
+                    skips_in_a_row = 0
+                    global_step += 1
+                    check_divergence(monitor, unwrapped, metrics_log, checkpoints, global_step, result)
+                    window.add(
+                        {
+                            "loss": result.loss,
+                            "image_loss": result.image_loss,
+                            "patch_loss": result.patch_loss,
+                        },
+                        plan.global_batch_size,
+                        time.perf_counter() - started,
+                    )
+                    show_progress(progress, result, values.learning_rate, window)
+                    if global_step % training_args.logging_steps == 0 or global_step == plan.total_steps:
+                        log_metrics(
+                            accelerator,
+                            metrics_log,
+                            train_loader,
+                            plan,
+                            global_step,
+                            values,
+                            window,
+                            skipped_steps,
+                        )
+                    record_uploads(uploader, metrics_log)
+                    if result.stop_requested or global_step == plan.total_steps:
+                        progress.close()  # the bar's last state once, before the final lines are logged
+                    if result.stop_requested:  # SIGTERM / SIGINT on any process: a checkpoint at once
+                        stopped_by = stop.signal_name or "another process's signal"
+                        path = checkpoint(global_step)
+                        metrics_log.event("stopped", global_step, signal=stopped_by, checkpoint=str(path))
+                        logger.warning(
+                            "Stopped by %s at step %d; checkpoint %s. Continue with --resume_from_checkpoint latest.",
+                            stopped_by,
+                            global_step,
+                            path,
+                        )
+                        break
+                    every = training_args.checkpointing_steps
+                    if (every and global_step % every == 0) or global_step == plan.total_steps:
+                        checkpoint(global_step)
+                    every = training_args.export_steps
+                    if every and global_step % every == 0 and global_step < plan.total_steps:
+                        export(global_step)
+                if stopped_by is None:
+                    export_dir = write_final_artefacts(
+                        accelerator, unwrapped, output_dir, global_step, export
+                    )
+        finally:
+            progress.close()
+            batches.close()  # the data workers end now, not at the interpreter's exit
+            upload_report = wait_for_uploads(uploader, training_args, stopped_by, metrics_log)
+        metrics_log.event(
+            "end", global_step, stopped_by=stopped_by, export=str(export_dir) if export_dir else None
+        )
+        return PretrainingResult(
+            accelerator,
+            unwrapped,
+            global_step,
+            plan.total_steps,
+            stopped_by,
+            export_dir,
+            upload_report,
+            uploads_complete=uploader is None or uploader.complete,
+        )
 
 
-def _message(error: Exception) -> str:
-    """One line for a library's argument error (a strict dataclass wraps the validator's own error)."""
-    while isinstance(error, StrictDataclassError) and error.__cause__ is not None:
-        error = error.__cause__
-    return " ".join(str(error).split())
+def run(argv: list[str] | None = None) -> int:
+    result = train(*parse_arguments(argv))
+    result.accelerator.end_training()
+    return exit_status(PROG, result.stopped_by, result.uploads_complete, "its last export")
 
 
-def build_config(model_args: ModelArguments, overrides: dict[str, Any]) -> SelfPatchConfig:
-    try:
-        config = SelfPatchConfig.from_preset(model_args.preset, **overrides)
-    except LIBRARY_ARGUMENT_ERRORS as error:
-        raise UsageError(f"Invalid model configuration: {_message(error)}") from None
-    return config
+def main(argv: list[str] | None = None) -> int:
+    """The script's exit status: 0 done, 2 wrong arguments, 1 failed, 3 trained but the last export is not on the
+    Hub (docs/reliability.md), 128 + signal when pre-empted."""
+    return run_command(PROG, run, argv)
 
 
-def card_training_data(dataset_name: str) -> dict[str, Any]:
-    """How the model card names the training data: a Hub dataset id goes into its `datasets` metadata; the offline
-    sample and local files are described in its body (they are no Hub datasets)."""
-    from selfpatch_hf.data.samples.photographs import SAMPLE_DATASET_DESCRIPTION
-    from selfpatch_hf.data.streaming import hub_dataset_id
-
-    if dataset_name == OFFLINE_SAMPLE:
-        return {"training_data": SAMPLE_DATASET_DESCRIPTION}
-    hub_id = hub_dataset_id(dataset_name)
-    return {"datasets": [hub_id]} if hub_id else {"training_data": f"local files (`{dataset_name}`)"}
+# ---------------------------------------------------------------------------------------------------------------------
+# The steps `train` names, in the order it takes them
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def open_image_stream(data_args: DataArguments, training_args: PretrainingArguments):
@@ -193,27 +383,18 @@ def open_image_stream(data_args: DataArguments, training_args: PretrainingArgume
 def build_dataloader(
     dataset,
     image_column: str,
+    crops: CropRecipe,
     data_args: DataArguments,
     training_args: PretrainingArguments,
-    config: SelfPatchConfig,
-    accelerator: Accelerator,
+    accelerator,
 ) -> MultiCropDataLoader:
     """This process's stream of multi-crop batches. Each process reads its own part of the data; the loader is not
     passed through `accelerator.prepare`, whose default for iterable datasets would make rank 0 read for everyone."""
     try:
-        augmentation = MultiCropAugmentation(
-            global_crop_size=config.global_crop_size,
-            local_crop_size=config.local_crop_size,
-            num_local_crops=config.num_local_crops,
-            global_crops_scale=config.global_crops_scale,
-            local_crops_scale=config.local_crops_scale,
-            # MoBY keeps torchvision's default bilinear resampling for its two views (DINO/SelfPatch: bicubic)
-            interpolation="bilinear" if config.image_objective == "moby" else "bicubic",
-        )
         return MultiCropDataLoader(
             dataset,
             image_column,
-            augmentation,
+            MultiCropAugmentation.from_recipe(crops),
             training_args.per_device_train_batch_size,
             num_workers=data_args.num_workers,
             rank=accelerator.process_index,
@@ -226,286 +407,12 @@ def build_dataloader(
             augmentation_device=data_args.augmentation_device,
         )
     except LIBRARY_ARGUMENT_ERRORS as error:
-        raise UsageError(_message(error)) from None
+        raise UsageError(one_line_message(error)) from None
 
 
-def set_cpu_threads(accelerator: Accelerator, num_workers: int, requested: int | None) -> None:
-    """Torch threads per process on the CPU: `requested`, or the cores left to each process after its data
-    workers. Oversubscribed cores make torch's threads wait for each other at every parallel region, which costs
-    far more than the threads gain (5-25x slower steps on 2 cores)."""
-    if requested is not None:
-        torch.set_num_threads(requested)
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    threads = max(1, min(torch.get_num_threads(), cores // max(1, local_processes) - num_workers))
-    if threads < torch.get_num_threads():
-        asked = os.environ.get("OMP_NUM_THREADS")
-        logger.info(
-            "Using %d torch thread(s) per process instead of %s: %d core(s) for %d process(es) with %d data "
-            "worker(s) each. Set --cpu_threads to choose.",
-            threads,
-            f"OMP_NUM_THREADS={asked} (accelerate launch: --num_cpu_threads_per_process)"
-            if asked
-            else "all cores",
-            cores,
-            local_processes,
-            num_workers,
-        )
-        torch.set_num_threads(threads)
-
-
-def configure_cpu_training(
-    accelerator: Accelerator, data_args: DataArguments, training_args: PretrainingArguments
-) -> None:
-    """Torch threads, host-memory reuse and precision warnings for training on the CPU (nothing on accelerators)."""
-    if accelerator.device.type != "cpu":
-        return
-    set_cpu_threads(accelerator, data_args.num_workers, training_args.cpu_threads)
-    if training_args.keep_freed_host_memory and keep_freed_host_memory():
-        logger.info("Freed host memory is kept for reuse (glibc mallopt).")
-    if accelerator.mixed_precision == "fp16":
-        logger.warning("--mixed_precision fp16 has no effect on the CPU (accelerate runs fp32 there).")
-    elif accelerator.mixed_precision == "bf16":
-        logger.warning(
-            "bf16 on a CPU without bf16 units is far slower than fp32; consider --mixed_precision no."
-        )
-
-
-def enable_activation_checkpointing(backbone: torch.nn.Module) -> None:
-    """Recompute the backbone's activations in the backward pass. Older transformers 5 releases (e.g. 5.17) have
-    only the older method name; both checkpoint non-reentrantly."""
-    enable = getattr(backbone, "activation_checkpointing_enable", None)
-    (enable or backbone.gradient_checkpointing_enable)()
-
-
-def _tracker_values(hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """Trackers take numbers, strings and booleans: anything else (lists, None) as its text."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hyperparameters.items()}
-
-
-def endless_batches(loader: MultiCropDataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Passes over the stream, one after the other (each with a new order and new crops)."""
-    empty_passes = 0
-    while True:
-        produced = 0
-        for batch in loader:
-            produced += 1
-            yield batch
-        # a pass resumed at its very end may legitimately be empty; two in a row mean too little data
-        empty_passes = empty_passes + 1 if produced == 0 else 0
-        if empty_passes >= 2:
-            raise CommandFailure(
-                f"a whole pass over the data gave process {loader.rank} no batch of "
-                f"{loader.batch_size} images: the dataset is too small for this per-device batch size and "
-                f"{loader.num_workers} worker(s) (each worker drops its incomplete last batch), or all its images "
-                f"were skipped ({loader.skipped_images} so far). Use a smaller batch or fewer workers."
-            )
-
-
-def _take(batches: Iterator, count: int) -> Iterator:
-    """The next `count` batches. Reading them must not touch the global torch RNG that drop-path draws from:
-    every DataLoader iteration draws its base seed from it, and a resumed run starts one more iteration than an
-    uninterrupted one (the rest of the interrupted pass), which would shift every later drop-path mask."""
-    for _ in range(count):
-        with torch.random.fork_rng(devices=[]):
-            batch = next(batches)
-        yield batch
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# One optimiser step
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class NonFiniteLossError(RuntimeError):
-    def __init__(self, step: int, losses: dict[str, float]):
-        super().__init__(f"non-finite loss at optimiser step {step}: {losses}")
-        self.step = step
-        self.losses = losses
-
-
-@dataclass
-class StepResult:
-    loss: float
-    image_loss: float
-    patch_loss: float | None
-    stop_requested: bool
-    skipped: bool = False  # the fp16 loss scaler skipped the optimiser step (inf/NaN gradients)
-    grad_norm: float = math.nan  # of the student's gradients before clipping (the divergence check reads it)
-
-
-def train_step(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    values: ScheduleValues,
-    clip_grad: float,
-    stop_requested: bool = False,
-    clip_grad_mode: str = "per_parameter",
-) -> StepResult:
-    """One optimiser step over `gradient_accumulation_steps` micro-batches, then the teacher's EMA update (MoBY:
-    the target's momentum update runs inside the first micro-batch's forward, before its keys, as MoBY does).
-
-    `model` is the prepared (DDP-wrapped) model, so gradients are averaged over processes; the centres are
-    all-reduced inside its forward. Losses are averaged over micro-batches and processes, and the stop flag is
-    or-ed over processes, in one all-reduce before the optimiser step: every process takes the same decision, and
-    a non-finite loss raises `NonFiniteLossError` before it can reach the weights.
-    """
-    unwrapped = accelerator.unwrap_model(model)
-    objective = unwrapped.objective
-    moves_teacher = objective.moves_teacher_in_forward  # MoBY
-    # fp16: a step the loss scaler skips leaves centres, queues and (MoBY) the target as they were
-    # (selfpatch_hf.training.mixed_precision)
-    guard = ScalerSkipGuard(unwrapped, enabled=accelerator.scaler is not None, include_teacher=moves_teacher)
-    guard.before_forward()
-    totals = torch.zeros(3, device=accelerator.device)
-    micro_steps = 0
-    for global_crops, local_crops in micro_batches:
-        global_crops = global_crops.to(accelerator.device, non_blocking=True)
-        local_crops = local_crops.to(accelerator.device, non_blocking=True)
-        # the objective's per-step schedule values (DINO: the teacher temperature); an objective that moves the
-        # teacher in its forward (MoBY) takes the momentum with the first micro-batch: once per optimiser step
-        inputs = {name: getattr(values, name) for name in objective.step_inputs}
-        if moves_teacher:
-            inputs["teacher_momentum"] = values.teacher_momentum if micro_steps == 0 else None
-        if not objective.uses_local_crops:  # MoBY: two views, no local crops
-            local_crops = None
-        with accelerator.accumulate(model):
-            outputs = model(global_crops, local_crops, **inputs)
-            accelerator.backward(outputs.loss)
-            patch_loss = (
-                outputs.patch_loss if outputs.patch_loss is not None else torch.full_like(outputs.loss, -1)
-            )
-            totals += torch.stack([outputs.loss, outputs.image_loss, patch_loss]).detach().float()
-            micro_steps += 1
-            if accelerator.sync_gradients:
-                flag = torch.tensor([float(stop_requested)], device=accelerator.device)
-                reduced = accelerator.reduce(
-                    torch.cat([totals / micro_steps, flag]), reduction="mean"
-                ).tolist()
-                loss, image_loss, patch_value, stop_share = reduced
-                if not all(math.isfinite(v) for v in (loss, image_loss, patch_value)):
-                    optimizer.zero_grad(set_to_none=True)
-                    raise NonFiniteLossError(
-                        values.step, {"loss": loss, "image_loss": image_loss, "patch_loss": patch_value}
-                    )
-                accelerator.unscale_gradients(optimizer)  # fp16: measure and clip the true gradients
-                # the norm before clipping feeds the divergence check; the clip measures it anyway
-                grad_norm = clip_gradients(unwrapped.student.parameters(), clip_grad, clip_grad_mode)
-                if values.freeze_last_layer:
-                    cancel_gradients(unwrapped.get_last_layer_parameters())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    skipped = guard.after_step(step_was_skipped(optimizer))
-    if not skipped and not moves_teacher:  # the student did not move: neither does the teacher
-        unwrapped.update_teacher(values.teacher_momentum)
-    return StepResult(
-        loss=loss,
-        image_loss=image_loss,
-        patch_loss=patch_value if outputs.patch_loss is not None else None,
-        stop_requested=stop_share > 0,
-        skipped=skipped,
-        grad_norm=grad_norm,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Training: `train` runs these phases in order
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PretrainingResult:
-    """What `train` leaves behind (the accelerator and model are still alive: `main` ends the run)."""
-
-    accelerator: Accelerator
-    model: SelfPatchViTForPretraining  # unwrapped
-    global_step: int
-    total_steps: int
-    stopped_by: str | None  # signal name when pre-empted
-    export_dir: Path | None
-    upload_report: list[str] = field(default_factory=list)
-    uploads_complete: bool = True  # False: --push_to_hub, but the last export is not on the Hub
-
-
-@dataclass
-class StepPlan:
-    """The run's length in optimiser steps of the GLOBAL batch, and the schedules along those steps."""
-
-    global_batch_size: int  # processes x per-device batch x accumulation
-    steps_per_epoch: int
-    total_steps: int
-    schedule: PretrainingSchedule
-
-
-@dataclass
-class TrainingRun:
-    """What the phases of one run share, built by `train` before the loop starts."""
-
-    accelerator: Accelerator
-    model_args: ModelArguments
-    data_args: DataArguments
-    training_args: PretrainingArguments
-    config_overrides: dict[str, Any]
-    config: SelfPatchConfig
-    train_loader: MultiCropDataLoader
-    plan: StepPlan
-    checkpoints: CheckpointManager
-    metrics_log: MetricsLog
-    model: torch.nn.Module  # prepared (DDP-wrapped)
-    optimizer: torch.optim.Optimizer
-    unwrapped: SelfPatchViTForPretraining
-    monitor: DivergenceMonitor | None  # None: --no_divergence_check
-    uploader: AsyncHubUploader | None = None  # main process with --push_to_hub only; started after the resume
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.training_args.output_dir)
-
-
-def limit_hub_requests(training_args: PretrainingArguments) -> None:
-    """huggingface_hub gives uploads (and some dataset calls) no timeout: a silent server would hold them, and the
-    final wait for the uploads, forever."""
-    bound_hub_requests(
-        min(DEFAULT_CONNECT_TIMEOUT, training_args.hub_request_timeout), training_args.hub_request_timeout
-    )
-
-
-def create_accelerator(training_args: PretrainingArguments) -> Accelerator:
-    """The accelerator (device, processes, mixed precision, accumulation, trackers) and the logging set-up. DDP
-    broadcasts no buffers: the centres are all-reduced inside forward (on CUDA also bucket views, static graph)."""
-    output_dir = Path(training_args.output_dir)
-    accelerator = Accelerator(
-        cpu=training_args.cpu,
-        mixed_precision=training_args.mixed_precision,
-        gradient_accumulation_steps=training_args.gradient_accumulation_steps,
-        log_with=None if training_args.report_to == "none" else training_args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
-        ),
-        kwargs_handlers=[
-            DistributedDataParallelKwargs(
-                **ddp_kwargs(
-                    "cpu" if training_args.cpu or not torch.cuda.is_available() else "cuda",
-                    training_args.gradient_accumulation_steps,
-                )
-            )
-        ],
-    )
-    enable_tf32(accelerator.device)  # CUDA only: TF32 for what runs in fp32
-    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
-        raise UsageError("Several processes but no distributed setup: launch with `accelerate launch`.")
-    setup_logging(accelerator)
-    return accelerator
-
-
-def plan_steps(
-    accelerator: Accelerator, data_args: DataArguments, training_args: PretrainingArguments
-) -> tuple[StepPlan, CheckpointManager]:
-    """The global batch, the run's length and its schedules, and the checkpoint folder's manager; a setting that
-    cannot work is an argument mistake naming the batch arithmetic, found before anything is written."""
+def plan_steps(accelerator, data_args: DataArguments, training_args: PretrainingArguments) -> StepPlan:
+    """The global batch, the run's length and its schedules; a setting that cannot work is an argument mistake
+    naming the batch arithmetic, found before anything is written."""
     global_batch_size = (
         accelerator.num_processes
         * training_args.per_device_train_batch_size
@@ -524,38 +431,20 @@ def plan_steps(
             total_steps=total_steps,
             global_batch_size=global_batch_size,
         )
-        checkpoints = CheckpointManager(
-            accelerator, training_args.output_dir, training_args.checkpoints_total_limit
-        )
     except ValueError as error:
         raise UsageError(
             f"{error} (samples_per_epoch {data_args.samples_per_epoch}, global batch {global_batch_size} = "
             f"{accelerator.num_processes} processes x {training_args.per_device_train_batch_size} per device x "
             f"{training_args.gradient_accumulation_steps} accumulation steps)"
         ) from None
-    return StepPlan(global_batch_size, steps_per_epoch, total_steps, schedule), checkpoints
+    return StepPlan(global_batch_size, steps_per_epoch, total_steps, schedule)
 
 
-def prepare_output_dir(accelerator: Accelerator, training_args: PretrainingArguments) -> None:
-    """Creates the output folder; with --overwrite_output_dir removes an earlier run's checkpoints, final model and
-    metrics, which `--resume_from_checkpoint latest` would otherwise take for this run's."""
-    output_dir = Path(training_args.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if training_args.overwrite_output_dir:
-            shutil.rmtree(output_dir / CHECKPOINTS_DIRNAME, ignore_errors=True)
-            shutil.rmtree(output_dir / PRETRAINING_MODEL_DIRNAME, ignore_errors=True)
-            (output_dir / METRICS_FILENAME).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-
-
-def build_model_and_optimizer(
-    accelerator: Accelerator, config: SelfPatchConfig, training_args: PretrainingArguments
-) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build_model_and_optimizer(accelerator, config: SelfPatchConfig, training_args: PretrainingArguments):
     """The model and its AdamW, prepared by the accelerator. The same seed on every process gives the same initial
     weights; afterwards each process gets its own seed, so that drop-path masks differ between processes."""
     set_seed(training_args.seed)
-    model = SelfPatchViTForPretraining(config)
+    model = SelfPatchForPretraining(config)
     if config.image_objective == "moby" and accelerator.num_processes > 1:
         model = sync_batch_norm(model, accelerator.device)  # MoBY's BatchNorm over the global batch (GPUs)
     if training_args.gradient_checkpointing:
@@ -569,165 +458,99 @@ def build_model_and_optimizer(
     return model, optimizer
 
 
-def run_is_complete(run: TrainingRun, step: int) -> bool:
-    """A run resumed at its last step whose final model was written (`pretraining_model/` is written last)."""
-    return step >= run.plan.total_steps and (run.output_dir / PRETRAINING_MODEL_DIRNAME).is_dir()
-
-
-def resume(run: TrainingRun) -> int:
+def resume(
+    accelerator,
+    checkpoints: CheckpointManager,
+    training_args: PretrainingArguments,
+    plan: StepPlan,
+    config: SelfPatchConfig,
+    crops: CropRecipe,
+    data_args: DataArguments,
+    train_loader: MultiCropDataLoader,
+    monitor: DivergenceMonitor | None,
+) -> tuple[int, Path | None]:
     """Loads the checkpoint named by --resume_from_checkpoint (weights, optimiser, RNGs, data positions, divergence
     history) after checking it belongs to this model and run; returns the optimiser step to continue from (0: no
-    checkpoint yet). A damaged checkpoint is a failure; a missing or foreign one an argument mistake."""
-    which = run.training_args.checkpoint_to_resume()
+    checkpoint yet) and the checkpoint. A damaged checkpoint is a failure; a missing or foreign one an argument
+    mistake."""
+    which = training_args.checkpoint_to_resume()
     if not which:
-        return 0
+        return 0, None
     try:
-        checkpoint = run.checkpoints.resolve(which)
-        loaded = run.checkpoints.load(checkpoint) if checkpoint is not None else None
+        path = checkpoints.resolve(which)
+        loaded = checkpoints.load(path) if path is not None else None
     except DamagedCheckpointError as error:  # its files do not match its manifest: a failure, not usage
         raise CommandFailure(f"Cannot resume: {error}") from None
     except (FileNotFoundError, ValueError) as error:  # no such checkpoint, or not one of this model/run
         raise UsageError(f"Cannot resume: {error}") from None
     if loaded is None:
-        logger.info("No checkpoint in %s yet: starting from scratch.", run.checkpoints.directory)
-        return 0
+        logger.info("No checkpoint in %s yet: starting from scratch.", checkpoints.directory)
+        return 0, None
     trainer_state, rank_state = loaded
     check_resumable(
         trainer_state,
-        checkpoint,
-        global_batch_size=run.plan.global_batch_size,
-        arguments={**asdict(run.data_args), **asdict(run.training_args)},
-        model_config=config_snapshot(run.config),
+        path,
+        global_batch_size=plan.global_batch_size,
+        arguments={**asdict(data_args), **asdict(training_args)},
+        model_config=config_snapshot(config),
+        crop_recipe=crops.to_dict(),
     )
-    changed = run.plan.schedule.differences(PretrainingSchedule.from_dict(trainer_state["schedule"]))
+    changed = plan.schedule.differences(PretrainingSchedule.from_dict(trainer_state["schedule"]))
     if changed:
         logger.warning("Schedules differ from the checkpoint's (now, saved): %s", changed)
     try:
-        run.train_loader.load_state_dict(rank_state["data"])
+        train_loader.load_state_dict(rank_state["data"])
     except ValueError as error:  # a data-stream setting check_resumable does not know
-        raise UsageError(f"Cannot resume from {checkpoint}: {error}") from None
-    step = trainer_state["step"]
-    if run.monitor is not None and trainer_state.get("divergence"):
-        run.monitor.load_state_dict(trainer_state["divergence"])
-    if not run_is_complete(run, step):
-        logger.info("Resumed from %s at optimiser step %d.", checkpoint, step)
-        run.metrics_log.event("resumed", step, checkpoint=str(checkpoint))
-    return step
+        raise UsageError(f"Cannot resume from {path}: {error}") from None
+    if monitor is not None and trainer_state.get("divergence"):
+        monitor.load_state_dict(trainer_state["divergence"])
+    return trainer_state["step"], path
 
 
-def report_complete_run(run: TrainingRun, step: int) -> PretrainingResult:
+def report_complete_run(
+    accelerator, unwrapped, output_dir: Path, step: int, plan: StepPlan
+) -> PretrainingResult:
     """A second run of a finished command: says so and where the backbone is, trains nothing."""
     logger.info(
         "The run in %s is already complete (optimiser step %d of %d); its backbone is in %s. Nothing to "
         "do: pass a larger --max_steps / --epochs to train on, or --overwrite_output_dir to start again.",
-        run.output_dir,
+        output_dir,
         step,
-        run.plan.total_steps,
-        run.output_dir / BACKBONE_DIRNAME,
+        plan.total_steps,
+        output_dir / BACKBONE_DIRNAME,
     )
     return PretrainingResult(
-        run.accelerator, run.unwrapped, step, run.plan.total_steps, None, run.output_dir / BACKBONE_DIRNAME
+        accelerator, unwrapped, step, plan.total_steps, None, output_dir / BACKBONE_DIRNAME
     )
 
 
-def start_uploader(training_args: PretrainingArguments, accelerator: Accelerator) -> AsyncHubUploader | None:
-    """With --push_to_hub, the main process's background uploader of the exported backbones (retries included)."""
-    if not (training_args.push_to_hub and accelerator.is_main_process):
-        return None
-    return AsyncHubUploader(
-        training_args.hub_model_id,
-        Path(training_args.output_dir) / ".hub_uploads",
-        token=training_args.hub_token,
-        private=training_args.hub_private,
-        max_attempts=training_args.hub_upload_attempts,
-        retry_delay=training_args.hub_retry_delay,
-    )
-
-
-def announce_start(run: TrainingRun, step: int) -> None:
-    """The hyperparameters to the trackers, the run's size to the log, a `start` event to metrics.jsonl."""
-    accelerator, training_args, plan = run.accelerator, run.training_args, run.plan
-    if accelerator.is_main_process and training_args.report_to != "none":
-        hyperparameters = {
-            **asdict(run.model_args),
-            **asdict(run.data_args),
-            **training_args.public_dict(),
-            **{f"config.{k}": v for k, v in run.config_overrides.items()},
-        }
-        accelerator.init_trackers(training_args.run_name, config=_tracker_values(hyperparameters))
+def announce_start(
+    accelerator,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: PretrainingArguments,
+    plan: StepPlan,
+    unwrapped: SelfPatchForPretraining,
+    metrics_log: MetricsLog,
+    step: int,
+) -> None:
+    """The run's size to the log, a `start` event to metrics.jsonl."""
     logger.info(
         "Training %s on %s: %d optimiser steps (%.2f epochs of %d images), global batch %d = %d processes x %d x %d "
         "accumulation, peak lr %.3g, %d student parameters.",
-        run.model_args.preset,
-        run.data_args.dataset_name,
+        model_args.preset,
+        data_args.dataset_name,
         plan.total_steps,
         plan.total_steps / plan.steps_per_epoch,
-        run.data_args.samples_per_epoch,
+        data_args.samples_per_epoch,
         plan.global_batch_size,
         accelerator.num_processes,
         training_args.per_device_train_batch_size,
         training_args.gradient_accumulation_steps,
         plan.schedule.learning_rate,
-        sum(p.numel() for p in run.unwrapped.student.parameters() if p.requires_grad),
+        sum(p.numel() for p in unwrapped.student.parameters() if p.requires_grad),
     )
-    run.metrics_log.event(
-        "start", step, total_steps=plan.total_steps, global_batch_size=plan.global_batch_size
-    )
-
-
-def save_checkpoint(run: TrainingRun, step: int) -> Path:
-    """A checkpoint of `step` (accelerate state + this process's data position + what resuming checks), marked
-    healthy or not by the divergence check. A failed write ends the run; the earlier checkpoints are untouched."""
-    trainer_state = {
-        "step": step,
-        "epoch": step / run.plan.steps_per_epoch,
-        "global_batch_size": run.plan.global_batch_size,
-        "num_processes": run.accelerator.num_processes,
-        "schedule": run.plan.schedule.to_dict(),
-        "model_config": config_snapshot(run.config),
-        "config_overrides": run.config_overrides,
-        "arguments": {**asdict(run.model_args), **asdict(run.data_args), **run.training_args.public_dict()},
-        "divergence": run.monitor.state_dict() if run.monitor is not None else None,
-    }
-    rank_state = {"rank": run.accelerator.process_index, "data": run.train_loader.state_dict()}
-    try:
-        path = run.checkpoints.save(
-            step, trainer_state, rank_state, health=run.monitor.health() if run.monitor is not None else None
-        )
-    except CheckpointWriteError as error:  # the partial checkpoint is gone, the earlier ones untouched
-        run.metrics_log.event("checkpoint_failed", step, error=str(error))
-        raise CommandFailure(str(error)) from None
-    run.metrics_log.event("checkpoint", step, path=str(path))
-    return path
-
-
-def export(run: TrainingRun, step: int) -> Path | None:
-    """The teacher's backbone as a plain ViTModel folder with its model card, queued for upload (main process).
-    Draws nothing from the training RNG (export_backbone leaves it as it was), so that a resumed run stays exact."""
-    path = None
-    if run.accelerator.is_main_process:
-        training_args, plan = run.training_args, run.plan
-        card = BackboneCardInfo.from_selfpatch_config(
-            run.config,
-            architecture=run.model_args.preset,
-            source="trained",
-            **card_training_data(run.data_args.dataset_name),
-            epochs=round(step / plan.steps_per_epoch, 4),
-            steps=step,
-            global_batch_size=plan.global_batch_size,
-            learning_rate=plan.schedule.learning_rate,
-            repo_id=training_args.hub_model_id if training_args.push_to_hub else None,
-        )
-        path = export_backbone(
-            run.unwrapped, run.output_dir / BACKBONE_DIRNAME, source="teacher", card_info=card
-        )
-        run.metrics_log.event("export", step, path=str(path))
-        if run.uploader is not None:
-            run.uploader.submit(
-                path, step, commit_message=f"Teacher backbone at step {step} of {plan.total_steps}"
-            )
-    run.accelerator.wait_for_everyone()
-    return path
+    metrics_log.event("start", step, total_steps=plan.total_steps, global_batch_size=plan.global_batch_size)
 
 
 def _last_healthy(checkpoints: CheckpointManager) -> str:
@@ -736,40 +559,18 @@ def _last_healthy(checkpoints: CheckpointManager) -> str:
     return f"the last healthy checkpoint is {healthy}" if healthy else "there is no healthy checkpoint yet"
 
 
-# ---- the loop body: step, log, checkpoint, export
+def non_finite_loss_message(error: NonFiniteLossError, plan: StepPlan, checkpoints: CheckpointManager) -> str:
+    return (
+        f"non-finite loss at optimiser step {error.step} (epoch {error.step / plan.steps_per_epoch:.2f}; "
+        f"{error.losses}); {_last_healthy(checkpoints)}. Lower --learning_rate, lengthen --warmup_epochs, lower "
+        "--clip_grad or train in fp32, then continue with --resume_from_checkpoint."
+    )
 
 
-def optimiser_step(
-    run: TrainingRun, batches: Iterator, values: ScheduleValues, stop_requested: bool
-) -> StepResult:
-    """`train_step` on the next micro-batches with the schedules' values of this step. A non-finite loss ends the
-    run before it reaches the weights, naming the checkpoint to continue from."""
-    apply_schedule(run.optimizer, values)
-    micro_batches = _take(batches, run.training_args.gradient_accumulation_steps)
-    try:
-        return train_step(
-            run.accelerator,
-            run.model,
-            run.optimizer,
-            micro_batches,
-            values,
-            run.training_args.clip_grad,
-            stop_requested,
-            clip_grad_mode=run.training_args.clip_grad_mode,
-        )
-    except NonFiniteLossError as error:
-        run.metrics_log.event("non_finite_loss", error.step, **error.losses)
-        raise CommandFailure(
-            f"non-finite loss at optimiser step {error.step} (epoch {error.step / run.plan.steps_per_epoch:.2f}; "
-            f"{error.losses}); {_last_healthy(run.checkpoints)}. Lower --learning_rate, lengthen --warmup_epochs, "
-            "lower --clip_grad or train in fp32, then continue with --resume_from_checkpoint."
-        ) from None
-
-
-def record_skipped_step(run: TrainingRun, step: int, in_a_row: int) -> None:
-    """fp16 overflow: the scaler halved its scale and no weight moved; the same schedule step runs again on the
-    next batch (selfpatch_hf.training.mixed_precision). Too many in a row end the run."""
-    run.metrics_log.event("skipped_step", step, loss_scale=run.accelerator.scaler.get_scale())
+def record_skipped_step(accelerator, metrics_log: MetricsLog, step: int, in_a_row: int) -> None:
+    """fp16 overflow: the scaler halved its scale and nothing moved (selfpatch_hf.training.mixed_precision). Too
+    many in a row end the run."""
+    metrics_log.event("skipped_step", step, loss_scale=accelerator.scaler.get_scale())
     if in_a_row >= MAX_CONSECUTIVE_SKIPPED_STEPS:
         raise CommandFailure(
             f"the fp16 loss scaler skipped {in_a_row} optimiser steps in a row at step {step}: the gradients "
@@ -778,20 +579,25 @@ def record_skipped_step(run: TrainingRun, step: int, in_a_row: int) -> None:
         )
 
 
-def check_divergence(run: TrainingRun, step: int, result: StepResult) -> None:
+def check_divergence(
+    monitor: DivergenceMonitor | None,
+    unwrapped: SelfPatchForPretraining,
+    metrics_log: MetricsLog,
+    checkpoints: CheckpointManager,
+    step: int,
+    result: StepResult,
+) -> None:
     """Judges the step before anything is saved, so that a diverging state never becomes a checkpoint: a diverged
     run ends naming the last healthy checkpoint; a suspect step is said once and marks checkpoints unhealthy."""
-    if run.monitor is None:
+    if monitor is None:
         return
-    previous = run.monitor.last.status if run.monitor.last is not None else "ok"
-    verdict = run.monitor.update(
-        step, result.loss, result.grad_norm, weight_norm(run.unwrapped.student.parameters())
-    )
+    previous = monitor.last.status if monitor.last is not None else "ok"
+    verdict = monitor.update(step, result.loss, result.grad_norm, weight_norm(unwrapped.student.parameters()))
     if verdict.status == "diverged":
-        run.metrics_log.event("diverged", step, reasons=verdict.reasons)
+        metrics_log.event("diverged", step, reasons=verdict.reasons)
         raise CommandFailure(
             f"training diverged at optimiser step {step} ({'; '.join(verdict.reasons)}); "
-            f"nothing was saved from this state; {_last_healthy(run.checkpoints)}. Lower "
+            f"nothing was saved from this state; {_last_healthy(checkpoints)}. Lower "
             "--learning_rate, lengthen --warmup_epochs or lower --clip_grad, then continue with "
             "--resume_from_checkpoint PATH."
         )
@@ -803,250 +609,120 @@ def check_divergence(run: TrainingRun, step: int, result: StepResult) -> None:
         )
 
 
-def log_step(
-    run: TrainingRun,
-    step: int,
-    result: StepResult,
-    values: ScheduleValues,
-    window: WindowMeans,
-    progress: tqdm,
-    seconds: float,
-    skipped_steps: int,
-) -> None:
-    """The step on the progress bar; every --logging_steps (and at the end) the window's means, the schedules'
-    values and the data's skipped images (summed over processes) to metrics.jsonl and the trackers; finished
-    uploads to metrics.jsonl."""
-    window.add(
-        {"loss": result.loss, "image_loss": result.image_loss, "patch_loss": result.patch_loss},
-        run.plan.global_batch_size,
-        seconds,
-    )
+def show_progress(progress: tqdm, result: StepResult, learning_rate: float, window: WindowMeans) -> None:
     progress.update(1)
     progress.set_postfix(
         loss=f"{result.loss:.4f}",
         img=f"{result.image_loss:.4f}",
         patch="-" if result.patch_loss is None else f"{result.patch_loss:.4f}",
-        lr=f"{values.learning_rate:.2e}",
+        lr=f"{learning_rate:.2e}",
         ips=f"{window.images_per_second or 0:.1f}",
         refresh=False,
     )
-    if step % run.training_args.logging_steps == 0 or step == run.plan.total_steps:
-        skipped = run.accelerator.reduce(
-            torch.tensor(run.train_loader.skipped_images, device=run.accelerator.device), reduction="sum"
-        ).item()
-        run.metrics_log.metrics(
-            step,
-            {
-                **window.means(),
-                "epoch": round(step / run.plan.steps_per_epoch, 6),
-                "learning_rate": values.learning_rate,
-                "weight_decay": values.weight_decay,
-                "teacher_momentum": values.teacher_momentum,
-                "teacher_temperature": values.teacher_temperature,
-                "images_per_second": window.images_per_second,
-                "samples_seen": step * run.plan.global_batch_size,
-                "skipped_images": int(skipped),
-                "skipped_steps": skipped_steps,  # by the fp16 loss scaler, in this process's run
-            },
-        )
-        window.reset()
-    if run.uploader is not None:
-        for outcome in run.uploader.poll():
-            run.metrics_log.event("upload", outcome.step, status=outcome.status, url=outcome.commit_url)
 
 
-def checkpoint_when_stopped(run: TrainingRun, step: int, stopped_by: str) -> None:
-    """A process got SIGTERM / SIGINT: a checkpoint at once, and how to continue."""
-    checkpoint = save_checkpoint(run, step)
-    run.metrics_log.event("stopped", step, signal=stopped_by, checkpoint=str(checkpoint))
-    logger.warning(
-        "Stopped by %s at step %d; checkpoint %s. Continue with --resume_from_checkpoint latest.",
-        stopped_by,
+def log_metrics(
+    accelerator,
+    metrics_log: MetricsLog,
+    train_loader: MultiCropDataLoader,
+    plan: StepPlan,
+    step: int,
+    values,
+    window: WindowMeans,
+    skipped_steps: int,
+) -> None:
+    """The window's means, the schedules' values and the data's skipped images (summed over processes) to
+    metrics.jsonl and the trackers."""
+    skipped = accelerator.reduce(
+        torch.tensor(train_loader.skipped_images, device=accelerator.device), reduction="sum"
+    ).item()
+    metrics_log.metrics(
         step,
-        checkpoint,
+        {
+            **window.means(),
+            "epoch": round(step / plan.steps_per_epoch, 6),
+            "learning_rate": values.learning_rate,
+            "weight_decay": values.weight_decay,
+            "teacher_momentum": values.teacher_momentum,
+            "teacher_temperature": values.teacher_temperature,
+            "images_per_second": window.images_per_second,
+            "samples_seen": step * plan.global_batch_size,
+            "skipped_images": int(skipped),
+            "skipped_steps": skipped_steps,  # by the fp16 loss scaler, in this process's run
+        },
     )
+    window.reset()
 
 
-def checkpoint_and_export(run: TrainingRun, step: int) -> None:
-    """A checkpoint every --checkpointing_steps and at the last step; a backbone export every --export_steps
-    (the last step's export is the final one, after the loop)."""
-    every = run.training_args.checkpointing_steps
-    if (every and step % every == 0) or step == run.plan.total_steps:
-        save_checkpoint(run, step)
-    every = run.training_args.export_steps
-    if every and step % every == 0 and step < run.plan.total_steps:
-        export(run, step)
-
-
-def final_export(run: TrainingRun, step: int) -> Path | None:
-    """The last backbone export, then the whole pretraining model (written last: its presence marks a finished
-    run)."""
-    export_dir = export(run, step)
-    if run.accelerator.is_main_process:
-        run.unwrapped.save_pretrained(run.output_dir / PRETRAINING_MODEL_DIRNAME)
-        apply_default_permissions(run.output_dir / PRETRAINING_MODEL_DIRNAME)
-        logger.info("Done: %d steps; teacher backbone in %s", step, export_dir)
-    return export_dir
-
-
-def wait_for_uploads(run: TrainingRun, stopped_by: str | None) -> list[str]:
-    """Waits for the pending Hub uploads (at most --hub_upload_timeout; SIGTERM / Ctrl-C end the wait with the same
-    report) and reports them. A pre-empted run does not wait: the grace period before SIGKILL is short."""
-    uploader = run.uploader
-    if uploader is None:
-        return []
-    if uploader.pending and not stopped_by:
-        logger.info(
-            "Waiting for the pending Hub upload(s), at most %g s (--hub_upload_timeout)...",
-            run.training_args.hub_upload_timeout,
-        )
-    if stopped_by:
-        uploader.finish(0, why_not_waiting=f"not waited for: the run was stopped by {stopped_by}")
-    else:
-        uploader.finish(run.training_args.hub_upload_timeout)
-    upload_report = uploader.report()
-    for outcome in uploader.outcomes:
-        run.metrics_log.event("upload", outcome.step, status=outcome.status, url=outcome.commit_url)
-    for line in upload_report:
-        logger.info("Hub upload %s", line)
-    return upload_report
-
-
-def training_loop(run: TrainingRun, global_step: int) -> PretrainingResult:
-    """Optimiser steps from `global_step` to the last (step, log, checkpoint, export), or to a stop signal; then
-    the final export. The uploads are waited for and reported whatever happened."""
-    if run.monitor is not None:
-        run.monitor.start(weight_norm(run.unwrapped.student.parameters()))
-    total_steps = run.plan.total_steps
-    batches = endless_batches(run.train_loader)
-    progress = tqdm(
-        total=total_steps,
-        initial=global_step,
-        disable=not run.accelerator.is_main_process,
-        desc="pretraining",
-    )
-    window = WindowMeans()
-    skipped_steps = skips_in_a_row = 0
-    stopped_by = None
-    export_dir = None
-    try:
-        with StopRequest() as stop, logging_redirect_tqdm():
-            while global_step < total_steps:
-                started = time.perf_counter()
-                values = run.plan.schedule.at(global_step)
-                result = optimiser_step(run, batches, values, stop.requested)
-                if result.skipped:
-                    skipped_steps += 1
-                    skips_in_a_row += 1
-                    record_skipped_step(run, global_step, skips_in_a_row)
-                    continue
-                skips_in_a_row = 0
-                global_step += 1
-                check_divergence(run, global_step, result)
-                log_step(
-                    run,
-                    global_step,
-                    result,
-                    values,
-                    window,
-                    progress,
-                    time.perf_counter() - started,
-                    skipped_steps,
-                )
-                if result.stop_requested:
-                    stopped_by = stop.signal_name or "another process's signal"
-                    checkpoint_when_stopped(run, global_step, stopped_by)
-                    break
-                checkpoint_and_export(run, global_step)
-            if stopped_by is None:
-                export_dir = final_export(run, global_step)
-    finally:
-        progress.close()
-        upload_report = wait_for_uploads(run, stopped_by)
-    run.metrics_log.event(
-        "end", global_step, stopped_by=stopped_by, export=str(export_dir) if export_dir else None
-    )
-    return PretrainingResult(
-        run.accelerator,
-        run.unwrapped,
-        global_step,
-        total_steps,
-        stopped_by,
-        export_dir,
-        upload_report,
-        uploads_complete=run.uploader is None or run.uploader.complete,
-    )
-
-
-def train(
+def backbone_card(
+    config: SelfPatchConfig,
+    crops: CropRecipe,
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: PretrainingArguments,
-    config_overrides: dict[str, Any],
-) -> PretrainingResult:
-    """One pretraining run, in the order things happen: arguments, accelerator, then the model configuration, data
-    and schedules (every mistake in them is found before anything is written), the output folder, model and
-    optimiser, the resume, the loop and the final export with its uploads."""
-    validate_arguments(data_args, training_args)
-    limit_hub_requests(training_args)
-    accelerator = create_accelerator(training_args)
-
-    config = build_config(model_args, config_overrides)
-    training_args.apply_objective_defaults(config)  # unset options: the objective's defaults
-    dataset, image_column = open_image_stream(data_args, training_args)
-    train_loader = build_dataloader(dataset, image_column, data_args, training_args, config, accelerator)
-    plan, checkpoints = plan_steps(accelerator, data_args, training_args)
-
-    configure_cpu_training(accelerator, data_args, training_args)
-    prepare_output_dir(accelerator, training_args)
-    metrics_log = MetricsLog(accelerator, Path(training_args.output_dir))
-
-    model, optimizer = build_model_and_optimizer(accelerator, config, training_args)
-    run = TrainingRun(
-        accelerator,
-        model_args,
-        data_args,
-        training_args,
-        config_overrides,
+    plan: StepPlan,
+    step: int,
+) -> BackboneCardInfo:
+    """The exported backbone's model card: architecture, method, crop recipe, data and training so far."""
+    return BackboneCardInfo.from_selfpatch_config(
         config,
-        train_loader,
-        plan,
-        checkpoints,
-        metrics_log,
-        model,
-        optimizer,
-        unwrapped=accelerator.unwrap_model(model),
-        monitor=DivergenceMonitor() if training_args.divergence_check else None,
+        architecture=model_args.preset,
+        source="trained",
+        **crops.card_fields(),
+        **card_training_data(data_args.dataset_name),
+        epochs=round(step / plan.steps_per_epoch, 4),
+        steps=step,
+        global_batch_size=plan.global_batch_size,
+        learning_rate=plan.schedule.learning_rate,
+        repo_id=training_args.hub_model_id if training_args.push_to_hub else None,
     )
 
-    global_step = resume(run)
-    if run_is_complete(run, global_step):
-        return report_complete_run(run, global_step)
-    run.uploader = start_uploader(training_args, accelerator)
-    announce_start(run, global_step)
-    return training_loop(run, global_step)
 
-
-def run(argv: list[str] | None = None) -> int:
-    result = train(*parse_arguments(argv))
-    result.accelerator.end_training()
-    if result.stopped_by is not None:
-        return 128 + {"SIGTERM": 15, "SIGINT": 2}.get(result.stopped_by, 15)
-    if not result.uploads_complete:
-        print(
-            f"{PROG}: training finished, but its last export did not reach the Hub; the snapshots that are not on "
-            "the Hub are kept (see the upload report above): push them with the `hf upload` command given there "
-            "instead of training again.",
-            file=sys.stderr,
+def export_teacher(
+    accelerator,
+    unwrapped: SelfPatchForPretraining,
+    path: Path,
+    step: int,
+    card: BackboneCardInfo,
+    crops: CropRecipe,
+    metrics_log: MetricsLog,
+    uploader,
+    commit_message: str,
+) -> Path:
+    """The teacher's backbone as a plain ViTModel / SwinModel folder (main process), written staged (its image
+    processor at the global crop size) and queued for upload. Draws nothing from the training RNG (export_backbone
+    leaves it as it was), so that a resumed run stays exact."""
+    if accelerator.is_main_process:
+        write_final_folder(
+            path,
+            f"the teacher backbone of step {step}",
+            lambda: export_backbone(
+                unwrapped, path, source="teacher", card_info=card, image_size=crops.global_crop_size
+            ),
         )
-        return UPLOADS_INCOMPLETE
-    return 0
+        metrics_log.event("export", step, path=str(path))
+        if uploader is not None:
+            uploader.submit(path, step, commit_message=commit_message)
+    accelerator.wait_for_everyone()
+    return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The script's exit status: 0 done, 2 wrong arguments, 1 failed, 3 trained but the last export is not on the
-    Hub (docs/reliability.md), 128 + signal when pre-empted."""
-    return run_command(PROG, run, argv)
+def write_final_artefacts(accelerator, unwrapped, output_dir: Path, step: int, export) -> Path | None:
+    """The last backbone export, the whole pretraining model, then the completion record (their manifest): a run
+    is complete only when both are there and whole."""
+    export_dir = export(step)
+    if accelerator.is_main_process:
+        target = output_dir / PRETRAINING_MODEL_DIRNAME
+
+        def save() -> None:
+            with staged_folder(target) as staging:
+                unwrapped.save_pretrained(staging)
+
+        write_final_folder(target, "the pretraining model", save)
+        record_complete(output_dir, step, FINAL_ARTEFACTS)
+        logger.info("Done: %d steps; teacher backbone in %s", step, export_dir)
+    accelerator.wait_for_everyone()
+    return export_dir
 
 
 if __name__ == "__main__":

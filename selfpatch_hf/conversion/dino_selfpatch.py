@@ -414,12 +414,9 @@ def dino_to_pretraining_model(
     args = checkpoint.args
     backbone_config = vit_config(arch)
     overrides: dict[str, Any] = {
-        "global_crop_size": arch.image_size,
         "image_representation": "aggregation" if recipe == "selfpatch" else "cls",
         "patch_loss_weight": 0.1 if recipe == "selfpatch" else 0.0,
     }
-    if isinstance(args.get("local_crops_number"), int):
-        overrides["num_local_crops"] = args["local_crops_number"]
     if isinstance(args.get("drop_path_rate"), (int, float)):
         overrides["drop_path_rate"] = float(args["drop_path_rate"])
     head = None

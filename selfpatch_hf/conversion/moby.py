@@ -350,7 +350,6 @@ def moby_to_pretraining_model(
     swin = backbone.model_type == "swin"
     overrides: dict[str, Any] = {
         "image_objective": "moby",
-        "global_crop_size": arch.image_size,
         "moby_projection_dim": out_dim,
         "moby_projector_hidden_dim": hidden,
         "moby_predictor_hidden_dim": predictor_hidden,
@@ -358,7 +357,6 @@ def moby_to_pretraining_model(
     }
     for field_name, key in (
         ("moby_temperature", "CONTRAST_TEMPERATURE"),
-        ("moby_momentum", "CONTRAST_MOMENTUM"),
         ("drop_path_rate", "ONLINE_DROP_PATH_RATE"),
     ):
         value = checkpoint.config_value("MODEL", "MOBY", key)

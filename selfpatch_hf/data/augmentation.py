@@ -15,8 +15,10 @@ local_crops_scale=(0.05, 0.25), mean=IMAGENET_MEAN, std=IMAGENET_STD, ratio=(3/4
   `RandomResizedCrop.get_params` algorithm, drawn from a numpy Generator; `aug.crop_boxes(rng, width, height)` draws
   the boxes of all crops of one image, `aug.resize_crop(source, box, size)` resamples one (the pieces the
   device-side paths share with this one).
-- `MultiCropAugmentation.from_recipe(name, **overrides)` with `name` in `AUGMENTATION_RECIPES`: "selfpatch" (the
-  defaults), "dino" (DINO's crop scales) or "moby" (MoBY's BYOL views, below).
+- `MultiCropAugmentation.from_recipe(recipe, **overrides)` with `recipe` a `CropRecipe` or a name of
+  `AUGMENTATION_RECIPES`: "selfpatch" (the defaults), "dino" (DINO's crop scales) or "moby" (MoBY's BYOL views,
+  below). The recipes, and the constructor's defaults, are the objectives' table
+  (`selfpatch_hf.models.selfpatch.recipes`), which the training script reads too.
 
 MoBY (public code Transformer-SSL, `data/build.py`, the "byol" SSL augmentation) is this recipe with two views and
 no local crops: RandomResizedCrop to 224 with scale (0.08, 1) and torchvision's default BILINEAR resampling, then
@@ -65,6 +67,7 @@ processes each get their own copy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -76,6 +79,7 @@ import torch
 from PIL import Image
 
 from selfpatch_hf.image_conventions import IMAGENET_MEAN, IMAGENET_STD, SizeLike, as_height_width
+from selfpatch_hf.models.selfpatch.recipes import CROP_RECIPES, INTERPOLATIONS, NUM_GLOBAL_CROPS, CropRecipe
 
 # albumentations asks PyPI for a newer version at import unless told not to (no network at run time).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -91,26 +95,12 @@ BLUR_PROBABILITY = {"global_1": 1.0, "global_2": 0.1, "local": 0.5}
 SOLARIZE_PROBABILITY_GLOBAL_2 = 0.2
 SOLARIZE_THRESHOLD = 128
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-# Resampling of the random resized crop: DINO/SelfPatch ask torchvision for BICUBIC, MoBY keeps its BILINEAR default
-# (both antialiased when shrinking, as PIL resizes).
-INTERPOLATIONS = ("bicubic", "bilinear")
+# Resampling of the random resized crop (`INTERPOLATIONS`): DINO/SelfPatch ask torchvision for BICUBIC, MoBY keeps
+# its BILINEAR default (both antialiased when shrinking, as PIL resizes).
 
-# Named settings of `MultiCropAugmentation` (the photometric ops are the same for all of them).
-AUGMENTATION_RECIPES: dict[str, dict] = {
-    "selfpatch": {
-        "global_crops_scale": (0.25, 1.0),
-        "local_crops_scale": (0.05, 0.25),
-        "num_local_crops": 8,
-        "interpolation": "bicubic",
-    },
-    "dino": {
-        "global_crops_scale": (0.4, 1.0),
-        "local_crops_scale": (0.05, 0.4),
-        "num_local_crops": 8,
-        "interpolation": "bicubic",
-    },
-    "moby": {"global_crops_scale": (0.08, 1.0), "num_local_crops": 0, "interpolation": "bilinear"},
-}
+# Named crop recipes of `MultiCropAugmentation.from_recipe` (the photometric ops are the same for all of them).
+AUGMENTATION_RECIPES: dict[str, CropRecipe] = CROP_RECIPES
+_DEFAULT = CROP_RECIPES["selfpatch"]  # the constructor's defaults
 
 RngLike = int | np.random.Generator | None
 
@@ -250,15 +240,15 @@ class MultiCropAugmentation:
 
     def __init__(
         self,
-        global_crop_size: SizeLike = 224,
-        local_crop_size: SizeLike = 96,
-        num_local_crops: int = 8,
-        global_crops_scale: Sequence[float] = (0.25, 1.0),
-        local_crops_scale: Sequence[float] = (0.05, 0.25),
+        global_crop_size: SizeLike = _DEFAULT.global_crop_size,
+        local_crop_size: SizeLike = _DEFAULT.local_crop_size,
+        num_local_crops: int = _DEFAULT.num_local_crops,
+        global_crops_scale: Sequence[float] = _DEFAULT.global_crops_scale,
+        local_crops_scale: Sequence[float] = _DEFAULT.local_crops_scale,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         ratio: Sequence[float] = DEFAULT_RATIO,
-        interpolation: str = "bicubic",
+        interpolation: str = _DEFAULT.interpolation,
     ):
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}.")
@@ -286,18 +276,21 @@ class MultiCropAugmentation:
         self.local_transforms = _photometric_pipeline(BLUR_PROBABILITY["local"], 0.0)
 
     @classmethod
-    def from_recipe(cls, name: str, **overrides) -> MultiCropAugmentation:
-        """The named recipe of `AUGMENTATION_RECIPES` ("selfpatch", "dino", "moby"), with `overrides` on top (e.g.
+    def from_recipe(cls, recipe: str | CropRecipe, **overrides) -> MultiCropAugmentation:
+        """The augmentation of a `CropRecipe` (e.g. an objective's, `OBJECTIVE_RECIPES["moby"].crops`) or of a
+        named one of `AUGMENTATION_RECIPES` ("selfpatch", "dino", "moby"), with `overrides` on top (e.g.
         `global_crop_size`)."""
-        if name not in AUGMENTATION_RECIPES:
-            raise ValueError(
-                f"Unknown augmentation recipe {name!r}; choose one of {', '.join(AUGMENTATION_RECIPES)}."
-            )
-        return cls(**{**AUGMENTATION_RECIPES[name], **overrides})
+        if isinstance(recipe, str):
+            if recipe not in AUGMENTATION_RECIPES:
+                raise ValueError(
+                    f"Unknown augmentation recipe {recipe!r}; choose one of {', '.join(AUGMENTATION_RECIPES)}."
+                )
+            recipe = AUGMENTATION_RECIPES[recipe]
+        return cls(**{**dataclasses.asdict(recipe), **overrides})
 
     @property
     def num_global_crops(self) -> int:
-        return 2
+        return NUM_GLOBAL_CROPS
 
     def __repr__(self) -> str:
         return (
@@ -344,7 +337,7 @@ class MultiCropAugmentation:
         for pipeline in (self.global_1_transforms, self.global_2_transforms, self.local_transforms):
             pipeline.set_random_state(rng, py_random)
 
-        global_crops = np.empty((2, *self.global_crop_size, 3), dtype=np.uint8)
+        global_crops = np.empty((NUM_GLOBAL_CROPS, *self.global_crop_size, 3), dtype=np.uint8)
         for index, pipeline in enumerate((self.global_1_transforms, self.global_2_transforms)):
             box = sample_crop_box(rng, width, height, self.global_crops_scale, self.ratio)
             crop = self.resize_crop(source, box, self.global_crop_size)

@@ -49,6 +49,7 @@ from selfpatch_hf.data.augmentation import (
     as_generator,
     to_rgb_array,
 )
+from selfpatch_hf.models.selfpatch.recipes import NUM_GLOBAL_CROPS
 
 # Layout of one crop's parameter row (float32). The jitter order holds the op indices (0 brightness, 1 contrast,
 # 2 saturation, 3 hue) in the order they run.
@@ -131,7 +132,7 @@ def crops_with_parameters(
     source = torch.from_numpy(to_rgb_array(image)).permute(2, 0, 1).unsqueeze(0)
     height, width = source.shape[-2:]
     boxes, flips, parameters = sample_crop_parameters(augmentation, as_generator(rng), width, height)
-    global_crops = np.empty((2, *augmentation.global_crop_size, 3), dtype=np.uint8)
+    global_crops = np.empty((NUM_GLOBAL_CROPS, *augmentation.global_crop_size, 3), dtype=np.uint8)
     local_crops = np.empty((augmentation.num_local_crops, *augmentation.local_crop_size, 3), dtype=np.uint8)
     outputs = [*global_crops, *local_crops]  # views into the two arrays
     for output, box, size, flip in zip(outputs, boxes, augmentation.crop_sizes, flips):

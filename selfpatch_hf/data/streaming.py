@@ -86,6 +86,7 @@ from selfpatch_hf.data.sources import (
     load_image_stream,
 )
 from selfpatch_hf.data.stream_state import STATE_VERSION, StreamPosition
+from selfpatch_hf.models.selfpatch.recipes import NUM_GLOBAL_CROPS
 
 logger = logging.getLogger(__name__)
 
@@ -132,14 +133,16 @@ class _CropBuffers:
 
     def __init__(self, augmentation: MultiCropAugmentation, batch_size: int, parameters: bool, shared: bool):
         buffers = [
-            torch.empty((batch_size, 2, *augmentation.global_crop_size, 3), dtype=torch.uint8),
+            torch.empty((batch_size, NUM_GLOBAL_CROPS, *augmentation.global_crop_size, 3), dtype=torch.uint8),
             torch.empty(
                 (batch_size, augmentation.num_local_crops, *augmentation.local_crop_size, 3),
                 dtype=torch.uint8,
             ),
         ]
         if parameters:  # each crop's photometric decisions, applied on the training device
-            buffers.append(torch.empty((batch_size, 2 + augmentation.num_local_crops, NUM_PARAMETERS)))
+            buffers.append(
+                torch.empty((batch_size, NUM_GLOBAL_CROPS + augmentation.num_local_crops, NUM_PARAMETERS))
+            )
         if shared:
             for buffer in buffers:
                 buffer.share_memory_()

@@ -428,8 +428,8 @@ def teacher_positives(
     """Runs the SelfPatch teacher of a `SelfPatchForPretraining` on one image, as during pretraining.
 
     The image is resized (bicubic) to `image_size` ((height, width), or an int for the shorter side with the aspect
-    ratio kept; default: the config's global crop size as the shorter side) and normalised with ImageNet
-    statistics, like a training crop. Returns the resized picture, its `(h, w)` patch grid and the
+    ratio kept; default: the backbone's image_size, the global crop size of training, as the shorter side) and
+    normalised with ImageNet statistics, like a training crop. Returns the resized picture, its `(h, w)` patch grid and the
     teacher's `(N, k)` positive indices, ready for `positives_figure`.
     """
     from selfpatch_hf.models.selfpatch.modeling import select_positive_neighbors
@@ -438,7 +438,7 @@ def teacher_positives(
     patch = config.patch_size
     picture = _as_pil(image)
     if image_size is None:  # the global crop's shorter side, the picture's aspect ratio kept
-        image_size = min(as_height_width(config.global_crop_size))
+        image_size = min(as_height_width(config.backbone_config.image_size))
     height, width = network_input_size(picture.size, image_size, patch)
     if height % patch or width % patch:
         raise ValueError(f"image_size {height}x{width} is not divisible by the patch size {patch}.")

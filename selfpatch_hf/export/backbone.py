@@ -110,6 +110,7 @@ def export_backbone(
     output_dir: str | os.PathLike,
     source: Literal["teacher", "student"] = "teacher",
     card_info: BackboneCardInfo | None = None,
+    image_size: int | Sequence[int] | None = None,
 ) -> Path:
     """Writes the teacher's (default; what the paper evaluates) or student's backbone as a plain `ViTModel` or
     `SwinModel` folder.
@@ -117,16 +118,16 @@ def export_backbone(
     The folder holds `config.json` (`model_type: "vit"` or `"swin"`), `model.safetensors`, `preprocessor_config.json` and, when
     `card_info` is given, a model card `README.md`. It is written next to `output_dir` and swapped in atomically:
     a crash mid-export leaves the previous export intact. Files get the user's normal permissions (umask), and the
-    global RNG is left as it was.
+    global RNG is left as it was. The image processor resizes to `image_size` (training passes its global crop
+    size); by default to the backbone's `image_size`, the resolution of its position grid.
     """
     target = Path(output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     backbone = extract_backbone(model, source)
     with staged_folder(target) as staging:
         backbone.save_pretrained(staging)
-        build_image_processor(model.config.global_crop_size, backbone.config.model_type).save_pretrained(
-            staging
-        )
+        size = image_size if image_size is not None else backbone.config.image_size
+        build_image_processor(size, backbone.config.model_type).save_pretrained(staging)
         if card_info is not None:
             from selfpatch_hf.hub.cards.backbone import write_backbone_card
 

@@ -149,7 +149,8 @@ def resolve_checkpoint(checkpoints_dir: str | os.PathLike, which: str) -> Path |
     return path
 
 
-def _write_json(path: Path, payload: Any) -> None:
+def write_json_atomically(path: Path, payload: Any) -> None:
+    """`payload` as JSON at `path`, written to a temporary file, synced and renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
         handle.write(json.dumps(payload, indent=2, sort_keys=True))
@@ -199,8 +200,8 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
         files = read_marker(path).get("files")
     except DamagedCheckpointError as error:
         return error.problems
-    problems = []
     if files is None:  # an older checkpoint: at least the JSON state must parse
+        problems = []
         for name in [
             TRAINER_STATE_NAME,
             *sorted(p.name for p in path.glob(RANK_STATE_PATTERN.format(rank="*"))),
@@ -210,8 +211,15 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
                 problems.append(f"{name} cannot be read ({error})")
         return problems
+    return verify_files(path, files)
+
+
+def verify_files(folder: str | os.PathLike, files: dict[str, dict[str, Any]]) -> list[str]:
+    """What differs between the files under `folder` and their `file_manifest` (empty: all there and whole)."""
+    folder = Path(folder)
+    problems = []
     for name, expected in sorted(files.items()):
-        file = path / name
+        file = folder / name
         if not file.is_file():
             problems.append(f"{name} is missing")
         elif (size := file.stat().st_size) != expected["size"]:
@@ -300,9 +308,11 @@ class CheckpointManager:
 
         try:
             accelerator.save_state(str(staging))
-            _write_json(staging / RANK_STATE_PATTERN.format(rank=accelerator.process_index), rank_state)
+            write_json_atomically(
+                staging / RANK_STATE_PATTERN.format(rank=accelerator.process_index), rank_state
+            )
             if accelerator.is_main_process:
-                _write_json(staging / TRAINER_STATE_NAME, {**trainer_state, "step": step})
+                write_json_atomically(staging / TRAINER_STATE_NAME, {**trainer_state, "step": step})
         except (OSError, RuntimeError) as error:  # torch's zip writer raises RuntimeError on a short write
             failure = error
         self._raise_if_any_failed(failure, step, staging)  # also the barrier: every process has written
@@ -319,7 +329,7 @@ class CheckpointManager:
                 "health": health if health is not None else {"healthy": True},
             }
             try:
-                _write_json(staging / COMPLETE_MARKER, marker)
+                write_json_atomically(staging / COMPLETE_MARKER, marker)
             except OSError as error:
                 failure = error
         self._raise_if_any_failed(failure, step, staging)
@@ -327,8 +337,8 @@ class CheckpointManager:
             if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
                 _remove_tree(final)
             os.replace(staging, final)
-            self._rotate()
             logger.info("Saved checkpoint %s", final)
+            self._rotate()
         accelerator.wait_for_everyone()
         return final
 
@@ -343,7 +353,7 @@ class CheckpointManager:
         if not failed:
             return
         # judge the free space before the partial files are deleted (which frees it again)
-        disk_full = _looks_like_full_disk(failure, self.directory)
+        disk_full = looks_like_full_disk(failure, self.directory)
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -436,7 +446,7 @@ def _read_json(file: Path, checkpoint: Path) -> dict[str, Any]:
         raise DamagedCheckpointError(checkpoint, [f"{file.name} cannot be read ({error})"]) from None
 
 
-def _looks_like_full_disk(error: BaseException | None, directory: Path) -> bool:
+def looks_like_full_disk(error: BaseException | None, directory: Path) -> bool:
     """ENOSPC / EDQUOT, or a serializer's short-write error while the device is (nearly) full: torch's zip writer
     reports a full disk only as "unexpected pos"."""
     if error is None:
@@ -467,7 +477,10 @@ __all__ = [
     "is_healthy_checkpoint",
     "last_healthy_checkpoint",
     "list_checkpoints",
+    "looks_like_full_disk",
     "read_marker",
     "resolve_checkpoint",
     "verify_checkpoint",
+    "verify_files",
+    "write_json_atomically",
 ]

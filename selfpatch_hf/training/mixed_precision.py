@@ -11,8 +11,10 @@ not happen: the student did not move, so
 
 - the teacher is NOT updated (an EMA toward an unchanged student would still pull the teacher; the reference code
   does so, which makes the teacher depend on how often fp16 overflows);
-- the state the forward already moved is restored (`ScalerSkipGuard`): DINO's centres, MoBY's key queues and
-  their pointer, and, for MoBY, whose target takes its momentum step inside the forward, the target's weights;
+- the state the forward already moved is restored (`ScalerSkipGuard`): every buffer of the model (DINO's centres,
+  MoBY's key queues and their pointer, the BatchNorm running statistics and batch counters of MoBY's projectors and
+  predictors, ...) and, for an objective whose forward moves its teacher (MoBY's target takes its momentum step
+  inside the forward), the teacher's weights;
 - the schedules do not advance: the loop does not count the step, so the next batch is trained at the same
   learning rate, weight decay, momentum and temperature. The batch itself is consumed (the data stream moves on).
 
@@ -30,10 +32,10 @@ MAX_CONSECUTIVE_SKIPPED_STEPS = 25
 
 
 class ScalerSkipGuard:
-    """Keeps what a forward moves across one step, to restore it if the loss scaler skips the step: the model's
-    objective's buffers (DINO's `image_center` / `patch_center`, MoBY's `queue1` / `queue2` / `queue_ptr`) and, with
-    `include_teacher` (MoBY: the target's momentum step runs in the forward), the teacher's parameters. Disabled
-    (no copies) when there is no scaler."""
+    """Keeps what a forward moves across one step, to restore it if the loss scaler skips the step: every buffer of
+    the model (whatever the objective keeps there: centres, queues, BatchNorm statistics) and, with
+    `include_teacher` (objectives whose forward moves the teacher, e.g. MoBY's momentum step), the teacher's
+    parameters. Disabled (no copies) when there is no scaler."""
 
     def __init__(self, model: nn.Module, enabled: bool = True, include_teacher: bool = False):
         self.model = model
@@ -42,7 +44,7 @@ class ScalerSkipGuard:
         self.snapshot: list[torch.Tensor] | None = None
 
     def _state(self) -> list[torch.Tensor]:
-        state = list(self.model.objective.buffers())
+        state = list(self.model.buffers())
         if self.include_teacher:
             state += list(self.model.teacher.parameters())
         return state

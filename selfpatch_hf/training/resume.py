@@ -5,7 +5,9 @@
   into micro-batches of the per-device batch, so the same global batch through other accumulation steps would
   continue at another place of the stream;
 - the model configuration (`config_snapshot`): a field that changes no weight's shape (e.g. `num_positives`) would
-  otherwise load without a word and train another model from the checkpoint's weights.
+  otherwise load without a word and train another model from the checkpoint's weights;
+- the crop recipe (sizes, counts, scales, resampling): the same weights trained on other crops are another run.
+  Checkpoints of earlier versions recorded it in the model configuration; it is compared from there.
 
 Mismatches raise `UsageError` naming each setting, its saved and its current value. (The number of processes and
 the weights' names and shapes are checked when the checkpoint is loaded.)
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from selfpatch_hf.cli.errors import UsageError
+from selfpatch_hf.models.selfpatch.recipes import CROP_FIELDS, MOVED_TO_TRAINING
 
 # arguments a checkpoint's per-process data positions depend on
 DATA_STREAM_ARGUMENTS = ("per_device_train_batch_size", "num_workers", "seed", "shuffle_buffer_size")
@@ -51,9 +54,11 @@ def check_resumable(
     global_batch_size: int,
     arguments: Mapping[str, Any],
     model_config: Mapping[str, Any],
+    crop_recipe: Mapping[str, Any] | None = None,
 ) -> None:
-    """Raises `UsageError` unless the run described by `global_batch_size`, `arguments` (all option values) and
-    `model_config` (a `config_snapshot`) can continue `checkpoint`, whose `trainer_state` is given."""
+    """Raises `UsageError` unless the run described by `global_batch_size`, `arguments` (all option values),
+    `model_config` (a `config_snapshot`) and `crop_recipe` (`CropRecipe.to_dict()`) can continue `checkpoint`, whose
+    `trainer_state` is given."""
     saved_batch = trainer_state["global_batch_size"]
     if saved_batch != global_batch_size:
         raise UsageError(
@@ -72,17 +77,32 @@ def check_resumable(
             f"{checkpoint} saved each process's data position for {', '.join(changed)}; resume with those values "
             "(the same global batch through other accumulation steps cuts the stream differently)."
         )
-    if "model_config" in trainer_state:  # checkpoints of older versions did not record it
-        from selfpatch_hf.models.selfpatch.configuration import LEGACY_MODEL_TYPES
+    # checkpoints of older versions did not record the model configuration
+    saved_config = dict(trainer_state.get("model_config", {}))
+    saved_crops = trainer_state.get("crop_recipe")
+    if saved_crops is None:  # earlier versions kept the crop recipe (and MoBY's momentum) in the model config
+        saved_crops = {name: saved_config[name] for name in CROP_FIELDS if name in saved_config}
+    for name in MOVED_TO_TRAINING:
+        saved_config.pop(name, None)
+    from selfpatch_hf.models.selfpatch.configuration import LEGACY_MODEL_TYPES  # loads transformers: here
 
-        saved_config = dict(trainer_state["model_config"])
-        if saved_config.get("model_type") in LEGACY_MODEL_TYPES:  # the same model, under its former type name
-            saved_config["model_type"] = model_config.get("model_type")
+    if saved_config.get("model_type") in LEGACY_MODEL_TYPES:  # the same model, under its former type name
+        saved_config["model_type"] = model_config.get("model_type")
+    if "model_config" in trainer_state:
         differences = _differences(saved_config, model_config)
         if differences:
             raise UsageError(
                 f"{checkpoint} was trained with another model configuration ({'; '.join(differences)}). Resume with "
                 "the recipe's config_overrides, or start a new run (another --output_dir, or --overwrite_output_dir)."
+            )
+    if crop_recipe is not None and saved_crops:
+        differences = _differences(
+            saved_crops, {name: crop_recipe[name] for name in saved_crops if name in crop_recipe}
+        )
+        if differences:
+            raise UsageError(
+                f"{checkpoint} was trained with another crop recipe ({'; '.join(differences)}). Resume with the "
+                "recipe's crop options, or start a new run (another --output_dir, or --overwrite_output_dir)."
             )
 
 

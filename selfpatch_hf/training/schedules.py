@@ -4,8 +4,9 @@ Every schedule is a pure function of the optimiser step, so a run is right for a
 gradient accumulation: an epoch is `steps_per_epoch = samples_per_epoch // global_batch_size` optimiser steps, and
 everything the reference code states in epochs is converted to steps once.
 
-- learning rate: linear warm-up from 0, then cosine to `min_learning_rate`; the peak follows the linear scaling rule
-  `base_learning_rate * global_batch_size / 256`;
+- learning rate: linear warm-up from `warmup_learning_rate` (DINO: 0), then cosine to `min_learning_rate`; the peak
+  follows the linear scaling rule `base_learning_rate * global_batch_size / 256`, and with
+  `learning_rate_scaling="all"` (MoBY) so do the warm-up start and the minimum;
 - weight decay: cosine from `weight_decay` to `weight_decay_end` (no warm-up), for the decayed parameter group only;
 - teacher momentum: cosine from `teacher_momentum` to `teacher_momentum_end` (1.0);
 - teacher temperature: linear warm-up from `warmup_teacher_temperature` to `teacher_temperature`, then constant;
@@ -23,8 +24,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-# The batch size the reference learning rate is quoted for (linear scaling rule).
-REFERENCE_BATCH_SIZE = 256
+from selfpatch_hf.models.selfpatch.recipes import REFERENCE_BATCH_SIZE, ScheduleRecipe
 
 
 def scaled_learning_rate(base_learning_rate: float, global_batch_size: int) -> float:
@@ -92,25 +92,6 @@ class ScheduleValues:
 
 
 @dataclass(frozen=True)
-class ScheduleRecipe:
-    """The schedule settings of a recipe, in epochs and per 256 images: by default the reference ViT-S/16
-    ImageNet recipe (DINO's). `PretrainingSchedule.from_recipe` turns them into steps for one run; the
-    training script's options of the same names take their defaults from here."""
-
-    learning_rate: float = 5e-4  # peak, for a global batch of 256 (linear scaling rule)
-    min_learning_rate: float = 1e-6
-    warmup_epochs: float = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    teacher_momentum: float = 0.996
-    teacher_momentum_end: float = 1.0
-    teacher_temperature: float = 0.04
-    warmup_teacher_temperature: float = 0.04
-    warmup_teacher_temperature_epochs: float = 0
-    freeze_last_layer_epochs: float = 1
-
-
-@dataclass(frozen=True)
 class PretrainingSchedule:
     """The schedules of one run, in optimiser steps. Build it with `from_recipe` (or `from_epochs`); query it with `at(step)`.
 
@@ -131,6 +112,9 @@ class PretrainingSchedule:
     warmup_teacher_temperature: float
     teacher_temperature_warmup_steps: int
     freeze_last_layer_steps: int
+    warmup_learning_rate: float = (
+        0.0  # where the warm-up starts (after the scaling rule); older checkpoints: 0
+    )
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -162,14 +146,25 @@ class PretrainingSchedule:
             )
         if not recipe.learning_rate > 0:  # also refuses NaN
             raise ValueError(f"learning_rate must be > 0, got {recipe.learning_rate}.")
-        if (
-            not 0
-            <= recipe.min_learning_rate
-            <= recipe.learning_rate * global_batch_size / REFERENCE_BATCH_SIZE
-        ):
+        if recipe.learning_rate_scaling not in ("peak", "all"):
             raise ValueError(
-                f"min_learning_rate must lie between 0 and the peak learning rate, got {recipe.min_learning_rate}."
+                f"learning_rate_scaling must be 'peak' or 'all', got {recipe.learning_rate_scaling!r}."
             )
+        peak = scaled_learning_rate(recipe.learning_rate, global_batch_size)
+        scale_all = recipe.learning_rate_scaling == "all"
+        lowest = {
+            name: scaled_learning_rate(getattr(recipe, name), global_batch_size)
+            if scale_all
+            else getattr(recipe, name)
+            for name in ("min_learning_rate", "warmup_learning_rate")
+        }
+        for name, value in lowest.items():
+            if not 0 <= value <= peak:  # also refuses NaN
+                raise ValueError(
+                    _learning_rate_bound_message(
+                        name, getattr(recipe, name), value, peak, recipe, global_batch_size
+                    )
+                )
         for name in ("weight_decay", "weight_decay_end"):
             if not getattr(recipe, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(recipe, name)}.")
@@ -182,8 +177,8 @@ class PretrainingSchedule:
         return cls(
             total_steps=total_steps,
             steps_per_epoch=steps_per_epoch,
-            learning_rate=scaled_learning_rate(recipe.learning_rate, global_batch_size),
-            min_learning_rate=recipe.min_learning_rate,
+            learning_rate=peak,
+            min_learning_rate=lowest["min_learning_rate"],
             warmup_steps=min(to_steps(recipe.warmup_epochs, "warmup_epochs"), total_steps),
             weight_decay=recipe.weight_decay,
             weight_decay_end=recipe.weight_decay_end,
@@ -196,6 +191,7 @@ class PretrainingSchedule:
                 total_steps,
             ),
             freeze_last_layer_steps=to_steps(recipe.freeze_last_layer_epochs, "freeze_last_layer_epochs"),
+            warmup_learning_rate=lowest["warmup_learning_rate"],
         )
 
     @classmethod
@@ -223,7 +219,12 @@ class PretrainingSchedule:
             step=step,
             epoch=step / self.steps_per_epoch,
             learning_rate=cosine_schedule(
-                step, self.total_steps, self.learning_rate, self.min_learning_rate, self.warmup_steps
+                step,
+                self.total_steps,
+                self.learning_rate,
+                self.min_learning_rate,
+                self.warmup_steps,
+                self.warmup_learning_rate,
             ),
             weight_decay=cosine_schedule(step, self.total_steps, self.weight_decay, self.weight_decay_end),
             teacher_momentum=cosine_schedule(
@@ -250,6 +251,23 @@ class PretrainingSchedule:
         """`{field: (self's value, other's value)}` for every setting that differs."""
         mine, theirs = self.to_dict(), other.to_dict()
         return {key: (mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]}
+
+
+def _learning_rate_bound_message(
+    name: str, given: float, value: float, peak: float, recipe: ScheduleRecipe, global_batch_size: int
+) -> str:
+    """One line: which learning rate is out of [0, peak], the arithmetic, and the fix."""
+    scaled = recipe.learning_rate_scaling == "all"
+    what = f"{given:g} per {REFERENCE_BATCH_SIZE} images = {value:.3g}" if scaled else f"{value:g}"
+    fix = (
+        f"pass --{name} below --learning_rate"
+        if scaled
+        else f"pass --{name} at most {peak:.3g}, or --learning_rate_scaling all to scale it with the batch too"
+    )
+    return (
+        f"{name} must lie between 0 and the peak learning rate, got {what} with a peak of {peak:.3g} "
+        f"(learning_rate {recipe.learning_rate:g} x global batch {global_batch_size} / {REFERENCE_BATCH_SIZE}): {fix}."
+    )
 
 
 __all__ = [

@@ -114,9 +114,8 @@ class BackboneCardInfo:
 
     @classmethod
     def from_selfpatch_config(cls, config: Any, **fields: Any) -> BackboneCardInfo:
-        """Fills the architecture and method fields from a `SelfPatchConfig`; `fields` add or override the rest."""
-        from selfpatch_hf.models.selfpatch.configuration import NUM_GLOBAL_CROPS
-
+        """Fills the architecture and method fields from a `SelfPatchConfig`; `fields` add or override the rest (the
+        training's crop recipe: `**CropRecipe.card_fields()`)."""
         backbone = config.backbone_config
         image_size = backbone.image_size if isinstance(backbone.image_size, int) else backbone.image_size[0]
         patch_size = backbone.patch_size if isinstance(backbone.patch_size, int) else backbone.patch_size[0]
@@ -135,10 +134,6 @@ class BackboneCardInfo:
             "num_positives": config.num_positives if use_patch else None,
             "neighborhood_size": config.neighborhood_size if use_patch else None,
             "image_representation": config.image_representation,
-            "global_crop_size": config.global_crop_size,
-            "local_crop_size": config.local_crop_size if config.num_local_crops else None,
-            "num_global_crops": NUM_GLOBAL_CROPS,
-            "num_local_crops": config.num_local_crops,
         }
         if config.backbone_type == "swin":
             depths = "-".join(str(depth) for depth in backbone.depths)

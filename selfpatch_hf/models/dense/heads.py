@@ -159,21 +159,25 @@ def build_dpt(
 
 
 def build_segmentation_image_processor(
-    size: int | Sequence[int],
+    size: int | Sequence[int] | Mapping[str, int],
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
     reduce_labels: bool = False,
 ) -> SegformerImageProcessorPil:
     """The processor `AutoImageProcessor` maps UperNet to (Segformer's): resize to `size` (whole-image inference),
     rescale, normalise; `post_process_semantic_segmentation` (what `pipeline("image-segmentation")` calls) resizes
-    the logits back to the image. `reduce_labels` records the ADE20K convention for anyone preparing labels with it.
+    the logits back to the image. `size` is `(height, width)` (or an int), or a transformers size mapping such as
+    `{"shortest_edge": 512, "longest_edge": 2048}` (aspect ratio kept: mmseg's evaluation rescale). `reduce_labels`
+    records the ADE20K convention for anyone preparing labels with it.
     """
     from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
 
-    height, width = as_height_width(size, "size")
+    if not isinstance(size, Mapping):
+        height, width = as_height_width(size, "size")
+        size = {"height": height, "width": width}
     return SegformerImageProcessorPil(
         do_resize=True,
-        size={"height": height, "width": width},
+        size=dict(size),
         resample=PILImageResampling.BILINEAR,
         do_rescale=True,
         do_normalize=True,

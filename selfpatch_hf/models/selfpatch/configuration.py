@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from numbers import Real
 from typing import Any, ClassVar, Literal
@@ -11,7 +12,9 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedConfig, SwinConfig, ViTConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from selfpatch_hf.image_conventions import as_height_width
+from selfpatch_hf.models.selfpatch.recipes import MOVED_TO_TRAINING, NUM_GLOBAL_CROPS, objective_recipe
+
+logger = logging.getLogger(__name__)
 
 # ViT backbones of the paper (docs/method.md section 2). DINO/timm conventions: exact GELU, LayerNorm eps 1e-6,
 # biased qkv. `image_size` is the resolution of the learned position grid (global crops); other crop sizes are
@@ -87,9 +90,6 @@ BACKBONE_PRESETS["swin-tiny-patch4-window7"] = {
 _BACKBONE_CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {"vit": ViTConfig, "swin": SwinConfig}
 # `vit-small-patch16` is the paper's main model; it is also what `SelfPatchConfig()` builds.
 DEFAULT_PRESET = "vit-small-patch16"
-# Every image gives exactly 2 global crops (the teacher's image-level views, with the recipe's per-crop blur and
-# solarisation probabilities); only the number of local crops is a setting.
-NUM_GLOBAL_CROPS = 2
 
 # Settings that only one image-level objective reads. Setting one (to anything but its default) with the other
 # objective is refused: it would silently do nothing.
@@ -102,8 +102,6 @@ DINO_ONLY_FIELDS = (
     "norm_last_layer",
     "student_temperature",
     "center_momentum",
-    "local_crop_size",
-    "local_crops_scale",
 )
 MOBY_ONLY_FIELDS = (
     "moby_projection_dim",
@@ -111,16 +109,8 @@ MOBY_ONLY_FIELDS = (
     "moby_predictor_hidden_dim",
     "moby_temperature",
     "moby_queue_size",
-    "moby_momentum",
     "patch_negatives",
 )
-# Defaults that depend on the objective (the field's default is None = "the objective's default").
-OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
-    # SelfPatch's multi-crop recipe and student drop-path (docs/method.md sections 9-10)
-    "dino": {"num_local_crops": 8, "global_crops_scale": (0.25, 1.0), "drop_path_rate": 0.1},
-    # MoBY: two 224 px views of BYOL's augmentation (scale 0.08-1), no local crops, online drop-path 0.2
-    "moby": {"num_local_crops": 0, "global_crops_scale": (0.08, 1.0), "drop_path_rate": 0.2},
-}
 
 
 class SelfPatchConfigError(StrictDataclassError, ValueError):
@@ -160,7 +150,6 @@ _COUNT_FIELDS = (
     "head_num_layers",
     "num_aggregation_blocks",
     "num_positives",
-    "num_local_crops",
     "moby_projection_dim",
     "moby_projector_hidden_dim",
     "moby_predictor_hidden_dim",
@@ -174,7 +163,6 @@ _REAL_FIELDS = (
     "drop_path_rate",
     "initializer_range",
     "moby_temperature",
-    "moby_momentum",
 )
 
 
@@ -193,7 +181,8 @@ class SelfPatchConfig(PreTrainedConfig):
 
     Defaults follow the reference ViT-S/16 ImageNet run (docs/method.md section 10); `docs/moby_swin.md` gives MoBY
     and Swin. Settings that only one objective reads (`DINO_ONLY_FIELDS`, `MOBY_ONLY_FIELDS`) are refused with the
-    other one.
+    other one. The training recipe (crops, schedules, clipping) is not part of the model: see
+    `selfpatch_hf.models.selfpatch.recipes` (`MOVED_TO_TRAINING` lists the fields earlier versions kept here).
 
     backbone_config (`ViTConfig`, `SwinConfig` or `dict`, *optional*):
         The backbone. Defaults to ViT-S/16 with DINO conventions (exact GELU, LayerNorm eps 1e-6).
@@ -232,21 +221,9 @@ class SelfPatchConfig(PreTrainedConfig):
         Temperature of the student's softmax (both losses).
     center_momentum (`float`, *optional*, defaults to 0.9):
         EMA momentum of the image and patch centres.
-    drop_path_rate (`float`, *optional*, defaults to 0.1 for DINO, 0.2 for MoBY):
+    drop_path_rate (`float`, *optional*, defaults to the objective's recipe: 0.1 for DINO, 0.2 for MoBY):
         Stochastic depth of the student backbone, linearly increasing with depth up to this rate. The teacher has
         none.
-    global_crop_size (`int` or `(height, width)`, *optional*, defaults to 224):
-        Size of the global crops of the training recipe (also the image processor size of exported backbones).
-    local_crop_size (`int` or `(height, width)`, *optional*, defaults to 96):
-        Size of the local crops of the training recipe.
-    num_local_crops (`int`, *optional*, defaults to 8 for DINO, 0 for MoBY):
-        Number of local crops per image (every image also has exactly 2 global crops, `NUM_GLOBAL_CROPS`; MoBY
-        trains on those two views only).
-    global_crops_scale (`(float, float)`, *optional*, defaults to `(0.25, 1.0)` for DINO, `(0.08, 1.0)` for MoBY):
-        Area range (fraction of the image) of the global crops' random resized crop (SelfPatch; DINO uses 0.4-1.0;
-        MoBY's two views 0.08-1.0).
-    local_crops_scale (`(float, float)`, *optional*, defaults to `(0.05, 0.25)`):
-        Area range of the local crops (SelfPatch; DINO uses 0.05-0.4).
     initializer_range (`float`, *optional*, defaults to 0.02):
         Standard deviation of the truncated-normal initialisation of the heads and the aggregation module.
     moby_projection_dim (`int`, *optional*, defaults to 256):
@@ -259,9 +236,6 @@ class SelfPatchConfig(PreTrainedConfig):
         MoBY: temperature of the InfoNCE losses (image level, and patch level with negatives).
     moby_queue_size (`int`, *optional*, defaults to 4096):
         MoBY: keys per queue (one queue per view), the negatives of the image-level loss.
-    moby_momentum (`float`, *optional*, defaults to 0.99):
-        MoBY: the target momentum at the start of training; the training loop raises it to 1 on a cosine over
-        all steps and passes each step's value to `forward(teacher_momentum=...)`.
     patch_negatives (`bool`, *optional*, defaults to `True`):
         MoBY + SelfPatch: the patch loss is an InfoNCE whose negatives are the other images' target image
         representations (the paper's Table 5 "Negative"); `False`: BYOL's `2 - 2 cos` without negatives.
@@ -302,18 +276,12 @@ class SelfPatchConfig(PreTrainedConfig):
     student_temperature: float = 0.1
     center_momentum: float = 0.9
     drop_path_rate: float | int | None = None
-    global_crop_size: int | list[int] | tuple[int, int] = 224
-    local_crop_size: int | list[int] | tuple[int, int] = 96
-    num_local_crops: int | None = None
-    global_crops_scale: list[float] | tuple[float, float] | None = None
-    local_crops_scale: list[float] | tuple[float, float] = (0.05, 0.25)
     initializer_range: float = 0.02
     moby_projection_dim: int = 256
     moby_projector_hidden_dim: int = 4096
     moby_predictor_hidden_dim: int = 4096
     moby_temperature: float = 0.2
     moby_queue_size: int = 4096
-    moby_momentum: float = 0.99
     patch_negatives: bool = True
 
     # ------------------------------------------------------------------ folders of older versions
@@ -386,11 +354,17 @@ class SelfPatchConfig(PreTrainedConfig):
                 f"backbone_config has model_type {self.backbone_config['model_type']!r}; SelfPatch supports "
                 f"{', '.join(_BACKBONE_CONFIG_CLASSES)}."
             )
-        # objective-dependent defaults (None = the objective's default); an unknown objective is reported by
-        # validate_method
-        for name, value in OBJECTIVE_DEFAULTS.get(self.image_objective, OBJECTIVE_DEFAULTS["dino"]).items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        # the objective's drop-path when unset; an unknown objective is reported by validate_method
+        if self.drop_path_rate is None:
+            known = self.image_objective if self.image_objective in ("dino", "moby") else "dino"
+            self.drop_path_rate = objective_recipe(known).drop_path_rate
+        moved = sorted(name for name in MOVED_TO_TRAINING if kwargs.pop(name, None) is not None)
+        if moved:  # a config.json of an earlier version: these never changed the model
+            logger.info(
+                "Ignoring %s of an earlier SelfPatchConfig: training settings now (training/pretrain.py %s).",
+                ", ".join(moved),
+                " ".join(MOVED_TO_TRAINING[name] for name in moved),
+            )
         super().__post_init__(**kwargs)
 
     def validate_all_field_types(self) -> None:
@@ -467,28 +441,6 @@ class SelfPatchConfig(PreTrainedConfig):
                 "(the teacher has none, and exported backbones keep the backbone config)."
             )
 
-    def validate_crops(self) -> None:
-        for name in ("global_crop_size", "local_crop_size"):
-            height, width = as_height_width(getattr(self, name), name)
-            if height <= 0 or width <= 0 or height % self.patch_size or width % self.patch_size:
-                raise ValueError(
-                    f"{name}={getattr(self, name)!r} is not a positive multiple of the patch size {self.patch_size}: "
-                    f"the patch grid would drop pixels. Use e.g. "
-                    f"{max(1, round(height / self.patch_size)) * self.patch_size}."
-                )
-        if self.num_local_crops < 0:
-            raise ValueError(f"num_local_crops must be >= 0, got {self.num_local_crops}.")
-        for name in ("global_crops_scale", "local_crops_scale"):
-            scale = getattr(self, name)
-            numbers = isinstance(scale, list | tuple) and all(
-                isinstance(x, Real) and not isinstance(x, bool) for x in scale
-            )
-            if not numbers or len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-                raise ValueError(
-                    f"{name} must be a pair (min, max) of image-area fractions with 0 < min <= max <= 1, got "
-                    f"{scale!r}."
-                )
-
     def validate_method(self) -> None:
         for name, allowed in (
             ("image_objective", ("dino", "moby")),
@@ -560,15 +512,8 @@ class SelfPatchConfig(PreTrainedConfig):
                 )
         if self.image_objective != "moby":
             return
-        if self.num_local_crops != 0:
-            raise ValueError(
-                f"num_local_crops={self.num_local_crops}: MoBY trains on two views (the 2 global crops) without local "
-                'crops; set num_local_crops=0 or use image_objective="dino".'
-            )
         if not 0 < self.moby_temperature:
             raise ValueError(f"moby_temperature must be > 0, got {self.moby_temperature}.")
-        if not 0 <= self.moby_momentum <= 1:
-            raise ValueError(f"moby_momentum must be in [0, 1], got {self.moby_momentum}.")
         for name in (
             "moby_projection_dim",
             "moby_projector_hidden_dim",
@@ -600,6 +545,12 @@ class SelfPatchConfig(PreTrainedConfig):
         backbone_fields = set(backbone_class.__dataclass_fields__)
         config_kwargs: dict[str, Any] = {}
         for key, value in overrides.items():
+            if key in MOVED_TO_TRAINING:
+                raise ValueError(
+                    f"{key} is no SelfPatchConfig field any more: it is a training setting (training/pretrain.py "
+                    f"{MOVED_TO_TRAINING[key]}, or MultiCropAugmentation(...)); the backbone's position grid is "
+                    "image_size."
+                )
             if key == "initializer_range":
                 backbone_kwargs[key] = value
                 config_kwargs[key] = value
@@ -613,19 +564,7 @@ class SelfPatchConfig(PreTrainedConfig):
                     "field."
                 )
         if backbone_class is SwinConfig:
-            if "image_size" not in overrides and "global_crop_size" in config_kwargs:
-                # a Swin has no position grid; image_size is only what its config reports
-                height, width = as_height_width(config_kwargs["global_crop_size"], "global_crop_size")
-                if height == width:
-                    backbone_kwargs["image_size"] = height
             return cls(backbone_config=SwinConfig(**backbone_kwargs), **config_kwargs)
-        if "global_crop_size" in config_kwargs and "image_size" not in overrides:
-            height, width = as_height_width(config_kwargs["global_crop_size"], "global_crop_size")
-            patch = backbone_kwargs["patch_size"]
-            patch = patch if isinstance(patch, int) else patch[0]
-            # a size off the patch grid is left for validate_crops to report under its own name
-            if height == width and height % patch == 0:
-                backbone_kwargs["image_size"] = height
         return cls(backbone_config=ViTConfig(**backbone_kwargs), **config_kwargs)
 
 
@@ -657,6 +596,7 @@ AutoConfig.register(LegacySelfPatchViTConfig.model_type, LegacySelfPatchViTConfi
 __all__ = [
     "BACKBONE_PRESETS",
     "LEGACY_MODEL_TYPES",
+    "MOVED_TO_TRAINING",
     "NUM_GLOBAL_CROPS",
     "LegacySelfPatchViTConfig",
     "SelfPatchConfig",

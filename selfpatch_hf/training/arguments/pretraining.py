@@ -2,10 +2,14 @@
 but the arguments.
 
 `parse_pretraining_arguments(["recipe.yaml", "--learning_rate", "1e-3"])` reads a recipe file (YAML or JSON, a
-mapping of option: value) and the command line after it, the command line winning (see `recipes`): every value of
-the file is typed and checked exactly like the same option on the command line. `config_overrides`
+mapping of option: value) and the command line after it, the command line winning (see `recipe_files`): every value
+of the file is typed and checked exactly like the same option on the command line. `config_overrides`
 (`key=value` pairs on the command line; a mapping or a list of `key=value` strings in a file) set fields of
 `SelfPatchConfig` or of its backbone's `ViTConfig`; both sources merge, the command line winning.
+
+The options whose default depends on the image-level objective (the crop recipe, the schedules, the clipping) are
+unset (None) until `apply_objective_defaults` fills them from the objective's recipe
+(`selfpatch_hf.models.selfpatch.recipes.OBJECTIVE_RECIPES`, the one table of those defaults).
 
 Mistakes raise `selfpatch_hf.cli.errors.UsageError` (exit status 2, one line naming the option and the fix).
 Checks the library makes itself (the model configuration, the schedules, the crop recipe, the data loader) are not
@@ -17,62 +21,51 @@ Importing this module loads no torch, datasets or model code, so `--help` and ar
 from __future__ import annotations
 
 import dataclasses
-import os
+import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from selfpatch_hf.cli.errors import UsageError
-from selfpatch_hf.training.arguments.recipe_files import (
-    check_no_unresumed_run,
-    check_trackers_installed,
-    option,
-    parse_recipe_and_command_line,
-    yaml_problem,
+from selfpatch_hf.models.selfpatch.recipes import (
+    CROP_FIELDS,
+    MOVED_TO_TRAINING,
+    OBJECTIVE_RECIPES,
+    CropRecipe,
+    ScheduleRecipe,
+    objective_recipe,
 )
-from selfpatch_hf.training.schedules import ScheduleRecipe
+from selfpatch_hf.training.arguments.common import RuntimeArguments, validate_runtime_arguments
+from selfpatch_hf.training.arguments.recipe_files import option, parse_recipe_and_command_line, yaml_problem
 
 if TYPE_CHECKING:
     from selfpatch_hf.models.selfpatch.configuration import SelfPatchConfig
+
+logger = logging.getLogger(__name__)
 
 # the photographs bundled with scikit-image (selfpatch_hf.data.samples.photographs)
 OFFLINE_SAMPLE = "offline-sample"
 IMAGENET_TRAIN_SIZE = 1_281_167
 SCRIPT = "training/pretrain.py"
-_SCHEDULE_DEFAULTS = ScheduleRecipe()  # the schedules' defaults are written once, in `ScheduleRecipe`
-# The options whose default depends on the image-level objective (`SelfPatchConfig.image_objective`): left unset
-# (None) on the command line and in the recipe, they take these values. DINO: `ScheduleRecipe`'s (the reference
-# ViT-S/16 run) and DINO's per-tensor clipping. MoBY (its public code, Transformer-SSL): lr 1e-3 per 512 images
-# (= 5e-4 per 256; min 5e-6), 5 warm-up epochs, constant weight decay 0.05, momentum 0.99 -> 1 (cosine), the
-# gradient clipped to a global norm of 5.0 over all parameters, no last layer to freeze.
-OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dino": {
-        **{name: getattr(_SCHEDULE_DEFAULTS, name) for name in ("min_learning_rate", "warmup_epochs")},
-        **{name: getattr(_SCHEDULE_DEFAULTS, name) for name in ("weight_decay", "weight_decay_end")},
-        "teacher_momentum": _SCHEDULE_DEFAULTS.teacher_momentum,
-        "freeze_last_layer_epochs": _SCHEDULE_DEFAULTS.freeze_last_layer_epochs,
-        "clip_grad": 3.0,
-        "clip_grad_mode": "per_parameter",
-    },
-    "moby": {
-        "min_learning_rate": 5e-6,
-        "warmup_epochs": 5.0,
-        "weight_decay": 0.05,
-        "weight_decay_end": 0.05,
-        "teacher_momentum": None,  # the model config's `moby_momentum` (one home: converted checkpoints set it)
-        "freeze_last_layer_epochs": 0.0,
-        "clip_grad": 5.0,
-        "clip_grad_mode": "global",
-    },
-}
+_DEFAULTS = {name: recipe.option_defaults() for name, recipe in OBJECTIVE_RECIPES.items()}
+_OBJECTIVE_NAMES = {"dino": "DINO", "moby": "MoBY"}
+
+
+def _shown(value: Any) -> str:
+    return " ".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
 
 
 def _by_objective(name: str) -> str:
-    dino, moby = OBJECTIVE_DEFAULTS["dino"][name], OBJECTIVE_DEFAULTS["moby"][name]
-    moby = "the config's moby_momentum, 0.99 by default" if moby is None else moby
-    return f" Default: the image objective's (DINO {dino}, MoBY {moby})."
+    values = ", ".join(
+        f"{_OBJECTIVE_NAMES[objective]} {_shown(defaults[name])}" for objective, defaults in _DEFAULTS.items()
+    )
+    return f" Default: the image objective's recipe ({values})."
+
+
+def _recipe_default(name: str) -> Any:
+    """The default of an option every objective's recipe agrees on (tests check that they do)."""
+    return _DEFAULTS["dino"][name]
 
 
 @dataclass
@@ -85,8 +78,9 @@ class ModelArguments:
     config_overrides: list[str] | None = option(
         None,
         "key=value pairs setting any SelfPatchConfig or ViTConfig field, e.g. `patch_loss_weight=0 "
-        "image_representation=cls` (plain DINO), `num_local_crops=6 local_crop_size=96 drop_path_rate=0.1`, "
-        "`num_hidden_layers=6`. Values are read as YAML (numbers, true/false, [224,160]).",
+        "image_representation=cls` (plain DINO), `image_objective=moby`, `drop_path_rate=0.1 num_hidden_layers=6`. "
+        "Values are read as YAML (numbers, true/false, [224,160]). The crop recipe is set by the crop options "
+        "below (older recipes' `global_crop_size=...` overrides are taken as those options).",
     )
 
 
@@ -120,31 +114,60 @@ class DataArguments:
         "the workers), crops, resizes and photometric ops on the device, workers only read bytes. Same "
         "distributions, reproducible and resumable.",
     )
+    # the multi-crop recipe (docs/method.md section 9); unset: the objective's (recipes.OBJECTIVE_RECIPES)
+    global_crop_size: list[int] | None = option(
+        None,
+        "Side of the 2 global crops, or height width; also the backbone's position grid (image_size) and the "
+        "exported image processor's size." + _by_objective("global_crop_size"),
+    )
+    local_crop_size: list[int] | None = option(
+        None, "Side (or height width) of the local crops." + _by_objective("local_crop_size")
+    )
+    num_local_crops: int | None = option(
+        None, "Local crops per image (MoBY: none, it trains on two views)." + _by_objective("num_local_crops")
+    )
+    global_crops_scale: list[float] | None = option(
+        None,
+        "Area range (min max, image fractions) of the global crops." + _by_objective("global_crops_scale"),
+    )
+    local_crops_scale: list[float] | None = option(
+        None, "Area range (min max) of the local crops." + _by_objective("local_crops_scale")
+    )
+    crop_interpolation: Literal["bicubic", "bilinear"] | None = option(
+        None, "Resampling of the resized crops." + _by_objective("crop_interpolation")
+    )
+
+    def crop_recipe(self) -> CropRecipe:
+        """The crop recipe of these options (fill the unset ones first: `apply_objective_defaults`); a ValueError
+        names a wrong value."""
+        values = {name: getattr(self, name) for name in CROP_FIELDS}
+        return CropRecipe(**values, interpolation=self.crop_interpolation)
 
 
 @dataclass
-class PretrainingArguments:
+class PretrainingArguments(RuntimeArguments):
     output_dir: str | None = option(None, "Where metrics, checkpoints and exports go (required).")
-    overwrite_output_dir: bool = option(
-        False,
-        "Start afresh even if output_dir holds checkpoints of an earlier run (they are deleted; it overrides "
-        "--resume_from_checkpoint latest).",
-    )
-    seed: int = option(0, "Seed of the initialisation, data order and crops.")
     per_device_train_batch_size: int = option(64, "Images per process per micro-batch.")
-    gradient_accumulation_steps: int = option(1, "Micro-batches per optimiser step.")
     epochs: float = option(300, "Training length in epochs of samples_per_epoch images.")
     max_steps: int = option(-1, "Training length in optimiser steps; overrides epochs when > 0.")
-    # the schedules (selfpatch_hf.training.schedules.ScheduleRecipe holds their defaults)
+    # the schedules (selfpatch_hf.training.schedules; defaults: the objective's recipe)
     learning_rate: float = option(
-        _SCHEDULE_DEFAULTS.learning_rate,
+        _recipe_default("learning_rate"),
         "Peak learning rate for a global batch of 256; scaled linearly with the global batch.",
     )
     min_learning_rate: float | None = option(
         None, "Learning rate at the end of the cosine." + _by_objective("min_learning_rate")
     )
+    warmup_learning_rate: float | None = option(
+        None, "Learning rate where the linear warm-up starts." + _by_objective("warmup_learning_rate")
+    )
+    learning_rate_scaling: Literal["peak", "all"] | None = option(
+        None,
+        "Which learning rates scale with the global batch (x batch / 256): the peak only (min and warm-up start "
+        "as given, DINO's code), or all three (MoBY's code)." + _by_objective("learning_rate_scaling"),
+    )
     warmup_epochs: float | None = option(
-        None, "Linear learning-rate warm-up from 0." + _by_objective("warmup_epochs")
+        None, "Linear learning-rate warm-up." + _by_objective("warmup_epochs")
     )
     weight_decay: float | None = option(
         None, "Weight decay at the start (cosine schedule)." + _by_objective("weight_decay")
@@ -158,16 +181,16 @@ class PretrainingArguments:
         + _by_objective("teacher_momentum"),
     )
     teacher_momentum_end: float = option(
-        _SCHEDULE_DEFAULTS.teacher_momentum_end, "Teacher EMA momentum at the end."
+        _recipe_default("teacher_momentum_end"), "Teacher EMA momentum at the end."
     )
     teacher_temperature: float = option(
-        _SCHEDULE_DEFAULTS.teacher_temperature, "Teacher temperature after the warm-up."
+        _recipe_default("teacher_temperature"), "DINO's teacher temperature after the warm-up."
     )
     warmup_teacher_temperature: float = option(
-        _SCHEDULE_DEFAULTS.warmup_teacher_temperature, "Teacher temperature at step 0."
+        _recipe_default("warmup_teacher_temperature"), "DINO's teacher temperature at step 0."
     )
     warmup_teacher_temperature_epochs: float = option(
-        _SCHEDULE_DEFAULTS.warmup_teacher_temperature_epochs,
+        _recipe_default("warmup_teacher_temperature_epochs"),
         "Linear teacher-temperature warm-up (DINO ViT-S: 0.04 -> 0.07 over 30).",
     )
     freeze_last_layer_epochs: float | None = option(
@@ -183,20 +206,6 @@ class PretrainingArguments:
         "per_parameter: each parameter tensor's gradient clipped to clip_grad (DINO); global: one norm over all "
         "parameters (MoBY, torch.nn.utils.clip_grad_norm_)." + _by_objective("clip_grad_mode"),
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
-        None, "Autocast precision (default: accelerate launch's setting). fp16 uses loss scaling."
-    )
-    cpu: bool = option(False, "Train on the CPU even if an accelerator is present.")
-    cpu_threads: int | None = option(
-        None,
-        "Torch threads per process on the CPU (default: the cores left after the data workers, at most "
-        "OMP_NUM_THREADS).",
-    )
-    keep_freed_host_memory: bool = option(
-        True,
-        "On the CPU, keep freed memory in the process for the next step instead of page-faulting it in again "
-        "(glibc only; ViT-S/16 SelfPatch steps 1.16-1.26x faster; the resident size stays at its peak).",
-    )
     gradient_checkpointing: bool = option(
         False, "Recompute the student backbone's activations in the backward pass."
     )
@@ -211,70 +220,20 @@ class PretrainingArguments:
         "graphs without generating code (a quick check of a set-up, e.g. on CPUs, where inductor compiles for "
         "minutes).",
     )
-    logging_steps: int = option(10, "Log metrics every N optimiser steps.")
-    report_to: Literal["none", "tensorboard", "wandb", "all"] = option(
-        "none", "Trackers for the metrics (metrics.jsonl is always written)."
-    )
     run_name: str = option("selfpatch-pretraining", "Tracker project / run name.")
-    checkpointing_steps: int = option(
-        1000, "Write a checkpoint every N optimiser steps (0: only at the end)."
-    )
-    checkpoints_total_limit: int | None = option(2, "Keep at most this many checkpoints (oldest deleted).")
-    resume_from_checkpoint: str | None = option(
-        None,
-        "`latest` (of output_dir; starts afresh when there is none) or a checkpoint-<step> folder to continue from.",
-    )
     export_steps: int = option(0, "Export (and push) the teacher backbone every N steps; always at the end.")
     push_to_hub: bool = option(False, "Upload every export to the Hub, in the background.")
-    hub_model_id: str | None = option(None, "Hub repository to push to (user/name).")
-    hub_private: bool = option(False, "Create the Hub repository private.")
-    hub_token: str | None = option(
-        None, "Hub token for pushing and gated datasets (default: HF_TOKEN / login)."
-    )
-    hub_upload_attempts: int = option(3, "Attempts per upload before giving up.")
-    hub_retry_delay: float = option(30.0, "Seconds before retrying a failed upload (doubled each time).")
-    hub_request_timeout: float = option(
-        60.0,
-        "Seconds a Hub request (uploads, dataset reads) may go without any data before it fails (and is retried).",
-    )
-    hub_upload_timeout: float = option(
-        900.0,
-        "At the end, wait at most this many seconds for the uploads; what is not on the Hub by then is reported and "
-        "kept under output_dir/.hub_uploads (exit status 3).",
-    )
     divergence_check: bool = option(
         True,
         "Stop before saving when the weights, gradients or loss explode (docs/reliability.md); checkpoints record "
         "whether training was healthy.",
     )
 
-    def apply_objective_defaults(self, config: SelfPatchConfig) -> None:
-        """Fills the options left unset with the defaults of `config.image_objective` (`OBJECTIVE_DEFAULTS`), in
-        place; MoBY's starting momentum is the config's `moby_momentum`."""
-        for name, value in OBJECTIVE_DEFAULTS[config.image_objective].items():
-            if getattr(self, name) is None:
-                setattr(self, name, config.moby_momentum if value is None else value)
-
-    def checkpoint_to_resume(self) -> str | None:
-        """`resume_from_checkpoint`, or None when the run starts afresh: none given, or `latest` together with
-        `overwrite_output_dir` (whose earlier checkpoints are deleted), e.g. a recipe that always resumes run with
-        --overwrite_output_dir."""
-        if self.overwrite_output_dir and self.resume_from_checkpoint == "latest":
-            return None
-        return self.resume_from_checkpoint or None
-
     def schedule_recipe(self) -> ScheduleRecipe:
         """The schedule settings of these arguments (in epochs; the schedules check them when built)."""
         return ScheduleRecipe(
             **{item.name: getattr(self, item.name) for item in dataclasses.fields(ScheduleRecipe)}
         )
-
-    def public_dict(self) -> dict[str, Any]:
-        """The arguments without secrets (what checkpoints and trackers record)."""
-        values = dataclasses.asdict(self)
-        if values["hub_token"]:
-            values["hub_token"] = "***"
-        return values
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PretrainingArguments)
@@ -323,81 +282,153 @@ def parse_pretraining_arguments(
     return model_args, data_args, training_args, overrides
 
 
+def take_moved_overrides(
+    overrides: dict[str, Any], data_args: DataArguments, training_args: PretrainingArguments
+) -> None:
+    """Moves the config overrides of settings that are training options now (the crop recipe, `moby_momentum`:
+    `MOVED_TO_TRAINING`) to those options, saying so once; the same setting given both ways with two values is
+    refused."""
+    for key in [key for key in overrides if key in MOVED_TO_TRAINING]:
+        if key == "moby_momentum" and overrides.get("image_objective") != "moby":
+            raise UsageError(
+                f"config_overrides moby_momentum={_shown(overrides[key])} is a MoBY setting, but the image objective "
+                "is DINO: remove it, or set image_objective=moby (its momentum is --teacher_momentum now)."
+            )
+        value = overrides.pop(key)
+        name = MOVED_TO_TRAINING[key].removeprefix("--")
+        group = data_args if hasattr(data_args, name) else training_args
+        wanted = list(value) if isinstance(value, (list, tuple)) else value
+        if name in ("global_crop_size", "local_crop_size") and not isinstance(wanted, list):
+            wanted = [wanted]  # the option's form: one side, or height width
+        given = getattr(group, name)
+        if given is not None and given != wanted:
+            raise UsageError(
+                f"config_overrides {key}={_shown(value)} and --{name} {_shown(given)} set the same thing: keep "
+                f"--{name} only."
+            )
+        setattr(group, name, wanted)
+        logger.warning(
+            "config_overrides %s=%s is the training option --%s now (the model configuration no longer holds it); "
+            "using it.",
+            key,
+            _shown(value),
+            name,
+        )
+
+
+def apply_objective_defaults(
+    image_objective: str, data_args: DataArguments, training_args: PretrainingArguments
+) -> None:
+    """Fills the options left unset (None) with the recipe of `image_objective` (`OBJECTIVE_RECIPES`), in place.
+    MoBY trains on its two views: local-crop options given with it are refused (they would do nothing)."""
+    try:
+        defaults = objective_recipe(image_objective).option_defaults()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if image_objective == "moby":
+        given = [
+            name for name in ("local_crop_size", "local_crops_scale") if getattr(data_args, name) is not None
+        ]
+        if data_args.num_local_crops:
+            given.insert(0, "num_local_crops")
+        if given:
+            raise UsageError(
+                f"--{' --'.join(given)}: MoBY trains on two views (the 2 global crops) without local crops; drop "
+                "the local-crop options, or use image_objective=dino."
+            )
+    for group in (data_args, training_args):
+        for name, value in defaults.items():
+            if hasattr(group, name) and getattr(group, name) is None:
+                setattr(group, name, list(value) if isinstance(value, tuple) else value)
+
+
+def one_line_message(error: Exception) -> str:
+    """One line for a library's argument error (a strict dataclass wraps the validator's own error)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    while isinstance(error, StrictDataclassError) and error.__cause__ is not None:
+        error = error.__cause__
+    return " ".join(str(error).split())
+
+
+def build_config(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: PretrainingArguments,
+    overrides: dict[str, Any],
+) -> tuple[SelfPatchConfig, CropRecipe]:
+    """The model configuration and the crop recipe of these options. Config overrides of settings that are training
+    options now are taken as those options (`take_moved_overrides`); the options left unset take the image
+    objective's recipe (`apply_objective_defaults`; both in place); the backbone's position grid (`image_size`) is
+    the global crop size when the crops are square, unless `config_overrides` sets it. Wrong values raise
+    `UsageError` (one line: the library's own message)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from selfpatch_hf.models.selfpatch.configuration import SelfPatchConfig
+
+    def from_preset(**extra: Any) -> SelfPatchConfig:
+        try:
+            return SelfPatchConfig.from_preset(model_args.preset, **overrides, **extra)
+        except (ValueError, TypeError, StrictDataclassError) as error:
+            raise UsageError(f"Invalid model configuration: {one_line_message(error)}") from None
+
+    overrides = dict(overrides)
+    take_moved_overrides(overrides, data_args, training_args)
+    config = from_preset()
+    apply_objective_defaults(config.image_objective, data_args, training_args)
+    try:
+        crops = data_args.crop_recipe()
+        crops.check_patch_grid(config.patch_size)
+    except ValueError as error:
+        raise UsageError(one_line_message(error)) from None
+    side = crops.square_global_side
+    if side is not None and "image_size" not in overrides and side != config.backbone_config.image_size:
+        config = from_preset(image_size=side)
+    return config, crops
+
+
+def card_training_data(dataset_name: str) -> dict[str, Any]:
+    """How the model card names `--dataset_name`: a Hub dataset id goes into its `datasets` metadata; the offline
+    sample and local files are described in its body (they are no Hub datasets)."""
+    from selfpatch_hf.data.samples.photographs import SAMPLE_DATASET_DESCRIPTION
+    from selfpatch_hf.data.streaming import hub_dataset_id
+
+    if dataset_name == OFFLINE_SAMPLE:
+        return {"training_data": SAMPLE_DATASET_DESCRIPTION}
+    hub_id = hub_dataset_id(dataset_name)
+    return {"datasets": [hub_id]} if hub_id else {"training_data": f"local files (`{dataset_name}`)"}
+
+
 def validate_arguments(data_args: DataArguments, training_args: PretrainingArguments) -> None:
     """The checks that need nothing but the arguments and that no library object makes: the output folder, the
-    training length and logging period, the Hub repository id, the trackers."""
-    output_dir = training_args.output_dir
-    if not output_dir:
-        raise UsageError(
-            "--output_dir is required (metrics, checkpoints and the exported backbone go there)."
-        )
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UsageError(
-            f"--output_dir {output_dir} is a file, not a folder: pass a folder (new or of this run)."
-        )
+    training length and logging period, the Hub repository id, the trackers (`validate_runtime_arguments`), and
+    pretraining's own."""
+    validate_runtime_arguments(training_args, hub_model_example="your-name/selfpatch-vit-small-patch16")
     if not data_args.dataset_name.strip():
         raise UsageError(f"--dataset_name is empty: name a Hub dataset, a local path or `{OFFLINE_SAMPLE}`.")
-    at_least_one = {
-        "per_device_train_batch_size": training_args.per_device_train_batch_size,
-        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-        "samples_per_epoch": data_args.samples_per_epoch,
-        "logging_steps": training_args.logging_steps,
-        "hub_upload_attempts": training_args.hub_upload_attempts,
-    }
-    for name, value in at_least_one.items():
-        if value < 1:
-            raise UsageError(f"--{name} must be >= 1, got {value}.")
+    if data_args.samples_per_epoch < 1:
+        raise UsageError(f"--samples_per_epoch must be >= 1, got {data_args.samples_per_epoch}.")
     if training_args.max_steps <= 0 and training_args.epochs <= 0:
         raise UsageError("Give a training length: --epochs > 0 or --max_steps > 0.")
-    for name in ("checkpointing_steps", "export_steps"):
-        if getattr(training_args, name) < 0:
-            raise UsageError(
-                f"--{name} must be >= 0 (0: only at the end), got {getattr(training_args, name)}."
-            )
-    if training_args.cpu_threads is not None and training_args.cpu_threads < 1:
+    if training_args.export_steps < 0:
         raise UsageError(
-            f"--cpu_threads must be >= 1 (or unset: automatic), got {training_args.cpu_threads}."
+            f"--export_steps must be >= 0 (0: only at the end), got {training_args.export_steps}."
         )
-    if training_args.push_to_hub and not training_args.hub_model_id:
-        raise UsageError("--push_to_hub needs --hub_model_id (e.g. your-name/selfpatch-vit-small-patch16).")
-    for name in ("hub_request_timeout", "hub_upload_timeout"):
-        if not getattr(training_args, name) > 0:  # also NaN
-            raise UsageError(f"--{name} must be > 0 seconds, got {getattr(training_args, name)}.")
-    if training_args.hub_model_id is not None:
-        from huggingface_hub.errors import HFValidationError
-        from huggingface_hub.utils import validate_repo_id
-
-        try:
-            validate_repo_id(training_args.hub_model_id)
-        except HFValidationError as error:
-            reason = str(error).replace(" Use `repo_type` argument if needed.", "")  # not an option of ours
-            raise UsageError(
-                f"--hub_model_id {training_args.hub_model_id!r} is not a valid Hub repository id ({reason}). Use "
-                "`user-or-org/name`."
-            ) from None
-    check_trackers_installed(training_args.report_to)
-    from selfpatch_hf.training.checkpointing import CHECKPOINTS_DIRNAME  # not needed for --help
-
-    checkpoints_dir = Path(output_dir) / CHECKPOINTS_DIRNAME
-    resume = training_args.checkpoint_to_resume()
-    if training_args.overwrite_output_dir and resume is not None:
-        if Path(resume).resolve().is_relative_to(checkpoints_dir.resolve()):
-            raise UsageError(
-                f"--overwrite_output_dir deletes the checkpoints in {checkpoints_dir}, including "
-                f"--resume_from_checkpoint {resume}: drop one of the two (or copy the checkpoint elsewhere first)."
-            )
-    check_no_unresumed_run(output_dir, resume, training_args.overwrite_output_dir)
 
 
 __all__ = [
     "ARGUMENT_CLASSES",
-    "OBJECTIVE_DEFAULTS",
     "IMAGENET_TRAIN_SIZE",
     "OFFLINE_SAMPLE",
     "DataArguments",
     "ModelArguments",
     "PretrainingArguments",
+    "apply_objective_defaults",
+    "build_config",
+    "card_training_data",
+    "one_line_message",
     "parse_config_overrides",
     "parse_pretraining_arguments",
+    "take_moved_overrides",
     "validate_arguments",
 ]

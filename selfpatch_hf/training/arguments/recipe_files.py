@@ -5,17 +5,19 @@ is a superset of JSON) is turned into command-line tokens, so that every value o
 exactly like the same option on the command line; options after it override the file. Mistakes raise
 `selfpatch_hf.cli.errors.UsageError` (exit status 2, one line naming the file or option and the fix).
 
-Importing this module loads no torch, transformers, datasets or model code (`HfArgumentParser` is loaded from its
-own file, see `_load_hf_argument_parser`), so that `--help` and argument mistakes answer at once.
+Importing this module loads no torch, transformers, datasets or model code. Parsing uses transformers' public
+`HfArgumentParser`, imported on first use: `import transformers` indexes the library's models (about a second on a
+quiet machine, no torch), which `--help` pays, while argument mistakes found by the recipe file's own checks answer
+before it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,33 +25,6 @@ from typing import Any
 import yaml
 
 from selfpatch_hf.cli.errors import UsageError
-
-
-def _load_hf_argument_parser() -> type:
-    """transformers' `HfArgumentParser`, without running the `transformers` package's `__init__` where possible.
-
-    That `__init__` indexes every model of the library (about a second of CPU, several on a busy machine), while
-    `hf_argparser.py` itself needs only the standard library and yaml: loading that one file keeps `--help` at a
-    few tenths of a second. Should a release give the file other imports, the ordinary import is used.
-    """
-    name = "selfpatch_hf.training._hf_argparser"
-    if name in sys.modules:
-        return sys.modules[name].HfArgumentParser
-    try:
-        package = importlib.util.find_spec("transformers")
-        spec = importlib.util.spec_from_file_location(name, Path(package.origin).parent / "hf_argparser.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module.HfArgumentParser
-    except Exception:  # noqa: BLE001 -- any surprise: the ordinary, slower import
-        sys.modules.pop(name, None)
-        from transformers.hf_argparser import HfArgumentParser
-
-        return HfArgumentParser
-
-
-HfArgumentParser = _load_hf_argument_parser()
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -65,17 +40,25 @@ def option(default: Any = None, help: str = "", *, default_factory: Any = datacl
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-class RecipeArgumentParser(HfArgumentParser):
-    """`HfArgumentParser` whose mistakes raise `UsageError` (argparse's documented `error` hook) instead of exiting,
-    so that a recipe file's mistakes can name the file. The description keeps its line breaks (usage examples)."""
+@functools.cache
+def recipe_argument_parser_class() -> type:
+    """`RecipeArgumentParser`: transformers' `HfArgumentParser` whose mistakes raise `UsageError` (argparse's
+    documented `error` hook) instead of exiting, so that a recipe file's mistakes can name the file. The
+    description keeps its line breaks (usage examples). Built on first use (see the module docstring)."""
+    from transformers import HfArgumentParser
 
-    def __init__(self, argument_classes: Sequence[type], description: str | None = None):
-        super().__init__(
-            argument_classes, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-        )
+    class RecipeArgumentParser(HfArgumentParser):
+        def __init__(self, argument_classes: Sequence[type], description: str | None = None):
+            super().__init__(
+                argument_classes,
+                description=description,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
 
-    def error(self, message: str):
-        raise UsageError(message)
+        def error(self, message: str):
+            raise UsageError(message)
+
+    return RecipeArgumentParser
 
 
 def yaml_problem(error: yaml.YAMLError) -> str:
@@ -145,7 +128,6 @@ def parse_recipe_and_command_line(
     """Parses `[RECIPE.yaml|json] [--option value ...]` into `argument_classes`. Recipe entries named in
     `set_aside` (values with a richer form in a file, e.g. a mapping) are returned as they are, for the caller.
     `--help` prints the options and exits (SystemExit 0)."""
-    parser = RecipeArgumentParser(argument_classes, description)
     argv = list(argv)
     parsed = ParsedCommandLine(groups=())
     tokens: list[str] = []
@@ -154,6 +136,8 @@ def parse_recipe_and_command_line(
         recipe = read_recipe(parsed.recipe_path)
         parsed.set_aside = {key: recipe.pop(key) for key in set_aside if key in recipe}
         tokens = recipe_tokens(recipe, argument_classes, parsed.recipe_path, script)
+    parser = recipe_argument_parser_class()(argument_classes, description)
+    if parsed.recipe_path is not None:
         try:  # the file alone first, so that its mistakes name it
             parser.parse_args_into_dataclasses(args=tokens, look_for_args_file=False)
         except UsageError as error:
@@ -194,12 +178,12 @@ def check_no_unresumed_run(
 __all__ = [
     "RECIPE_SUFFIXES",
     "ParsedCommandLine",
-    "RecipeArgumentParser",
     "check_no_unresumed_run",
     "check_trackers_installed",
     "option",
     "parse_recipe_and_command_line",
     "read_recipe",
+    "recipe_argument_parser_class",
     "recipe_tokens",
     "yaml_problem",
 ]

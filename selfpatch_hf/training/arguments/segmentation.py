@@ -11,18 +11,12 @@ Importing this module loads no torch, datasets or model code, so `--help` and ar
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from selfpatch_hf.cli.errors import UsageError
-from selfpatch_hf.training.arguments.recipe_files import (
-    check_no_unresumed_run,
-    check_trackers_installed,
-    option,
-    parse_recipe_and_command_line,
-)
+from selfpatch_hf.training.arguments.common import RuntimeArguments, validate_runtime_arguments
+from selfpatch_hf.training.arguments.recipe_files import option, parse_recipe_and_command_line
 
 RANDOM_BACKBONE_PREFIX = "random:"
 
@@ -89,12 +83,10 @@ class SegmentationDataArguments:
 
 
 @dataclass
-class SegmentationTrainingArguments:
+class SegmentationTrainingArguments(RuntimeArguments):
     output_dir: str | None = option(None, "Where metrics, checkpoints and the model go (required).")
-    overwrite_output_dir: bool = option(False, "Start afresh even if output_dir holds checkpoints of a run.")
     seed: int = option(0, "Seed of the head initialisation, data order and augmentation.")
     per_device_train_batch_size: int = option(4, "Images per process per micro-batch (>= 2: UperNet has BN).")
-    gradient_accumulation_steps: int = option(1, "Micro-batches per optimiser step.")
     max_steps: int = option(40000, "Training length in optimiser steps (iterations).")
     learning_rate: float = option(6e-5, "Peak learning rate (not scaled with the batch).")
     layer_decay: float = option(1.0, "Layer-wise learning-rate decay of the backbone (1: none; BEiT 0.65).")
@@ -106,7 +98,9 @@ class SegmentationTrainingArguments:
     warmup_ratio: float = option(1e-6, "Warm-up starts at this fraction of the learning rate.")
     max_grad_norm: float = option(0.0, "Clip the global gradient norm (0: no clipping, as the reference).")
     inference_mode: Literal["whole", "slide"] = option(
-        "whole", "Evaluation on whole images or sliding windows."
+        "whole",
+        "Evaluation on whole images (what pipeline(image-segmentation) does with the saved model and its image "
+        "processor) or sliding windows.",
     )
     slide_stride: list[int] | None = option(
         None, "Sliding-window stride (height width; default: two thirds of --crop_size, mmseg's 341 for 512)."
@@ -115,38 +109,13 @@ class SegmentationTrainingArguments:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
         None, "Autocast precision (default: accelerate launch's setting). The CPU stays fp32 by default."
     )
-    cpu: bool = option(False, "Train on the CPU even if an accelerator is present.")
-    cpu_threads: int | None = option(
-        None,
-        "Torch threads per process on the CPU (default: the cores left after the data workers; oversubscribed "
-        "cores make every step several times slower).",
-    )
     sync_batch_norm: bool = option(True, "SyncBatchNorm in the heads with several GPUs (mmseg's SyncBN).")
-    gradient_checkpointing: bool = option(False, "Recompute the backbone's activations in the backward pass.")
     logging_steps: int = option(50, "Log metrics every N optimiser steps.")
-    report_to: Literal["none", "tensorboard", "wandb", "all"] = option(
-        "none", "Trackers for the metrics (metrics.jsonl is always written)."
-    )
     run_name: str = option("selfpatch-segmentation", "Tracker project / run name.")
     checkpointing_steps: int = option(
         4000, "Write a checkpoint every N optimiser steps (0: only at the end)."
     )
-    checkpoints_total_limit: int | None = option(2, "Keep at most this many checkpoints.")
-    resume_from_checkpoint: str | None = option(
-        None, "`latest` (of output_dir; starts afresh when there is none) or a checkpoint-<step> folder."
-    )
     push_to_hub: bool = option(False, "Upload the final model folder to the Hub.")
-    hub_model_id: str | None = option(None, "Hub repository to push to (user/name).")
-    hub_private: bool = option(False, "Create the Hub repository private.")
-    hub_token: str | None = option(
-        None, "Hub token for pushing and gated datasets (default: HF_TOKEN / login)."
-    )
-
-    def public_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        if values["hub_token"]:
-            values["hub_token"] = "***"
-        return values
 
 
 ARGUMENT_CLASSES = (SegmentationModelArguments, SegmentationDataArguments, SegmentationTrainingArguments)
@@ -177,22 +146,10 @@ def validate_arguments(
     ):
         if not value:
             raise UsageError(f"--{name} is required (see --help).")
-    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
-        raise UsageError(f"--output_dir {training_args.output_dir} is a file: pass a folder.")
-    for name, owner in (
-        ("per_device_train_batch_size", training_args),
-        ("gradient_accumulation_steps", training_args),
-        ("max_steps", training_args),
-        ("logging_steps", training_args),
-        ("decoder_hidden_size", model_args),
-    ):
+    for name, owner in (("max_steps", training_args), ("decoder_hidden_size", model_args)):
         if getattr(owner, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(owner, name)}.")
-    if training_args.cpu_threads is not None and training_args.cpu_threads < 1:
-        raise UsageError(
-            f"--cpu_threads must be >= 1 (or unset: automatic), got {training_args.cpu_threads}."
-        )
-    for name in ("warmup_steps", "eval_steps", "checkpointing_steps", "num_workers"):
+    for name in ("warmup_steps", "eval_steps", "num_workers"):
         owner = data_args if hasattr(data_args, name) else training_args
         if getattr(owner, name) < 0:
             raise UsageError(f"--{name} must be >= 0, got {getattr(owner, name)}.")
@@ -219,14 +176,7 @@ def validate_arguments(
         raise UsageError(f"--layer_decay must be in (0, 1], got {training_args.layer_decay}.")
     if not 0 <= model_args.drop_path_rate < 1:
         raise UsageError(f"--drop_path_rate must be in [0, 1), got {model_args.drop_path_rate}.")
-    if training_args.push_to_hub and not training_args.hub_model_id:
-        raise UsageError(
-            "--push_to_hub needs --hub_model_id (e.g. your-name/upernet-selfpatch-vits16-ade20k)."
-        )
-    check_trackers_installed(training_args.report_to)
-    check_no_unresumed_run(
-        training_args.output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir
-    )
+    validate_runtime_arguments(training_args, hub_model_example="your-name/upernet-selfpatch-vits16-ade20k")
 
 
 __all__ = [

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from transformers import initialization as init
 
 from selfpatch_hf.models.selfpatch.objectives.base import ImageObjective, ObjectiveOutput
+from selfpatch_hf.models.selfpatch.recipes import DINO_TEACHER_TEMPERATURE
 
 if TYPE_CHECKING:
     from selfpatch_hf.models.selfpatch.configuration import SelfPatchConfig
@@ -235,10 +236,10 @@ class DINOObjective(ImageObjective):
         local_groups: list[torch.Tensor],
         *,
         update_state: bool,
-        teacher_temperature: float = 0.04,
+        teacher_temperature: float = DINO_TEACHER_TEMPERATURE,
     ) -> ObjectiveOutput:
         """
-        teacher_temperature (`float`, *optional*, defaults to 0.04):
+        teacher_temperature (`float`, *optional*, defaults to `DINO_TEACHER_TEMPERATURE`, 0.04):
             Teacher softmax temperature of this step (its warm-up schedule belongs to the training loop).
         """
         num_global = sum(group.shape[0] for group in global_groups)
