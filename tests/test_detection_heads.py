@@ -74,9 +74,7 @@ def instances(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit_backbone(tmp_path_factory):
     torch.manual_seed(0)
-    config = tiny_config(
-        num_hidden_layers=4, patch_size=16, image_size=64, global_crop_size=64, local_crop_size=32
-    )
+    config = tiny_config(num_hidden_layers=4, patch_size=16, image_size=64)
     return export_backbone(SelfPatchViTForPretraining(config), tmp_path_factory.mktemp("vit") / "backbone")
 
 

@@ -39,8 +39,6 @@ def _vit_export(tmp_path, **overrides):
         num_hidden_layers=4,
         patch_size=16,
         image_size=64,
-        global_crop_size=64,
-        local_crop_size=32,
         **overrides,
     )
     return export_backbone(SelfPatchViTForPretraining(config), tmp_path / "vit")
