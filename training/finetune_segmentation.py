@@ -83,6 +83,7 @@ from selfpatch_hf.data.segmentation.loading import (
 )
 from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
 from selfpatch_hf.hub.cards.segmentation import SegmentationCardInfo, write_segmentation_card
+from selfpatch_hf.models.dense.backbones import random_vit
 from selfpatch_hf.models.dense.heads import build_segmentation_image_processor, build_upernet
 from selfpatch_hf.training.checkpointing import CheckpointManager
 from selfpatch_hf.training.finetuning_optimization import (
@@ -404,17 +405,10 @@ def backbone_source(model_args: SegmentationModelArguments, crop_size: list[int]
     """The backbone argument as `build_upernet` takes it: a path / Hub id, or a random ViT for `random:PRESET`."""
     if not model_args.backbone.startswith(RANDOM_BACKBONE_PREFIX):
         return model_args.backbone
-    from transformers import ViTConfig, ViTModel
-
-    from selfpatch_hf.models.selfpatch.configuration import BACKBONE_PRESETS
-
-    preset = model_args.backbone[len(RANDOM_BACKBONE_PREFIX) :]
-    if preset not in BACKBONE_PRESETS:
-        raise UsageError(
-            f"--backbone {model_args.backbone}: unknown preset {preset!r}; known: {', '.join(sorted(BACKBONE_PRESETS))}."
-        )
-    config = ViTConfig(**{**BACKBONE_PRESETS[preset], "image_size": max(crop_size)})
-    return ViTModel(config, add_pooling_layer=False)
+    try:
+        return random_vit(model_args.backbone[len(RANDOM_BACKBONE_PREFIX) :], max(crop_size))
+    except ValueError as error:
+        raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
 
 
 def build_model(

@@ -102,9 +102,7 @@ def write_detection_card(folder: str | Path, info: DetectionCardInfo) -> Path:
 def read_card_scores(text: str) -> dict[str, Any]:
     """The `model-index` metrics of a rendered card as {metric type: value} (what a reader of the card sees)."""
     card = ModelCard(text)
-    return {
-        result.metric_type: result.metric_value for result in (card.data.eval_results or [])
-    }
+    return {result.metric_type: result.metric_value for result in (card.data.eval_results or [])}
 
 
 __all__ = [

@@ -70,10 +70,16 @@ class DetectionDataArguments:
         "validation", "Split to evaluate on (for a COCO json: its annotation file; none: no evaluation)."
     )
     image_dir: str | None = option(None, "Image folder of a COCO json (default: COCO's layout).")
-    eval_image_dir: str | None = option(None, "Image folder of the evaluation COCO json (default: COCO's layout).")
+    eval_image_dir: str | None = option(
+        None, "Image folder of the evaluation COCO json (default: COCO's layout)."
+    )
     image_column: str | None = option(None, "Image column (default: the Image feature).")
-    objects_column: str | None = option(None, "Objects column (default: the list-of-dicts feature, e.g. objects).")
-    label_names: list[str] | None = option(None, "Class names when the dataset's category is a plain integer.")
+    objects_column: str | None = option(
+        None, "Objects column (default: the list-of-dicts feature, e.g. objects)."
+    )
+    label_names: list[str] | None = option(
+        None, "Class names when the dataset's category is a plain integer."
+    )
     box_format: Literal["xywh", "xyxy"] = option(
         "xywh", "Box convention of the dataset (COCO: x y width height; some conversions: x0 y0 x1 y1)."
     )
@@ -85,7 +91,8 @@ class DetectionDataArguments:
     max_train_samples: int | None = option(None, "Use only the first N training images.")
     max_eval_samples: int | None = option(None, "Evaluate on the first N evaluation images only.")
     short_side: int = option(
-        800, "Largest shorter side of the multi-scale training resize (COCO's 800; the scales are DETR's, scaled)."
+        800,
+        "Largest shorter side of the multi-scale training resize (COCO's 800; the scales are DETR's, scaled).",
     )
     eval_scale: list[int] = option(
         help="Evaluation resize: shorter side, longest side (also the saved image processor's).",
@@ -106,7 +113,8 @@ class DetectionTrainingArguments(RuntimeArguments):
     weight_decay: float = option(0.05, "AdamW weight decay (none on biases, norms, position embeddings).")
     lr_scheduler: Literal["step", "cosine"] = option("step", "Decay after the warm-up.")
     lr_decay_steps: list[int] | None = option(
-        None, "--lr_scheduler step: steps at which the learning rate drops (default: at 8/12 and 11/12, the 1x)."
+        None,
+        "--lr_scheduler step: steps at which the learning rate drops (default: at 8/12 and 11/12, the 1x).",
     )
     lr_decay_factor: float = option(0.1, "--lr_scheduler step: factor of each drop.")
     min_learning_rate: float = option(0.0, "--lr_scheduler cosine: learning rate at the end.")
@@ -117,7 +125,9 @@ class DetectionTrainingArguments(RuntimeArguments):
     eval_batch_size: int = option(4, "Images per evaluation forward pass.")
     logging_steps: int = option(50, "Log metrics every N optimiser steps.")
     run_name: str = option("selfpatch-detection", "Tracker project / run name.")
-    checkpointing_steps: int = option(5000, "Write a checkpoint every N optimiser steps (0: only at the end).")
+    checkpointing_steps: int = option(
+        5000, "Write a checkpoint every N optimiser steps (0: only at the end)."
+    )
     push_to_hub: bool = option(False, "Upload the final model folder to the Hub.")
 
 
@@ -160,9 +170,13 @@ def validate_arguments(
         if value < 1:
             raise UsageError(f"--{name} must be >= 1, got {value}.")
     if model_args.head == "deformable-detr" and (model_args.decoder_layers or 2) < 2:
-        raise UsageError("--decoder_layers must be >= 2 for deformable-detr (its box heads are tied across layers).")
+        raise UsageError(
+            "--decoder_layers must be >= 2 for deformable-detr (its box heads are tied across layers)."
+        )
     if model_args.two_stage and not model_args.with_box_refine:
-        raise UsageError("--two_stage needs --with_box_refine (Deformable DETR's two-stage variant refines boxes).")
+        raise UsageError(
+            "--two_stage needs --with_box_refine (Deformable DETR's two-stage variant refines boxes)."
+        )
     for name in ("warmup_steps", "eval_steps", "num_workers"):
         owner = data_args if hasattr(data_args, name) else training_args
         if getattr(owner, name) < 0:
@@ -192,7 +206,9 @@ def validate_arguments(
         raise UsageError(f"--layer_decay must be in (0, 1], got {training_args.layer_decay}.")
     if not (0 <= model_args.drop_path_rate < 1 and math.isfinite(model_args.drop_path_rate)):
         raise UsageError(f"--drop_path_rate must be in [0, 1), got {model_args.drop_path_rate}.")
-    validate_runtime_arguments(training_args, hub_model_example="your-name/deformable-detr-selfpatch-vits16-coco")
+    validate_runtime_arguments(
+        training_args, hub_model_example="your-name/deformable-detr-selfpatch-vits16-coco"
+    )
 
 
 __all__ = [
