@@ -185,6 +185,8 @@ def validate_arguments(
         raise UsageError(
             f"--warmup_steps {training_args.warmup_steps} must be below --max_steps {training_args.max_steps}."
         )
+    if data_args.eval_split in ("", "none", "None"):
+        data_args.eval_split = None
     scale = data_args.eval_scale
     if len(scale) != 2 or not 1 <= scale[0] <= scale[1]:
         raise UsageError(f"--eval_scale takes two integers 1 <= shorter side <= longest side, got {scale}.")
