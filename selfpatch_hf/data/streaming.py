@@ -54,9 +54,11 @@ streaming=True, **loader_kwargs)` opens `source` (anything `load_image_stream` a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
+import sys
 from collections import Counter, deque
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -122,6 +124,23 @@ def _init_worker(worker_id: int) -> None:
     import fsspec.asyn
 
     fsspec.asyn.reset_lock()  # forked fsspec event-loop locks would hang remote reads
+
+
+@contextlib.contextmanager
+def _opencv_pool_stopped(forking: bool) -> Iterator[None]:
+    # OpenCV's thread pool does not survive fork(): a worker forked while the parent's pool threads exist inherits
+    # the pool's state without its threads and hangs on its first OpenCV call (seen in `cv2.setNumThreads`). Stop
+    # the parent's pool for the moment the workers are forked, then give it back its threads.
+    cv2 = sys.modules.get("cv2") if forking else None
+    if cv2 is None:
+        yield
+        return
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 class _CropBuffers:
@@ -560,7 +579,8 @@ class MultiCropDataLoader:
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
         )
         pending: list[deque] = [deque() for _ in range(workers)]
-        items = iter(loader)
+        with _opencv_pool_stopped(self.num_workers > 0):
+            items = iter(loader)  # forks the workers
         try:
             while active:
                 # Next worker in round-robin order among those not exhausted.
