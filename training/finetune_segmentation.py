@@ -83,16 +83,18 @@ from selfpatch_hf.data.segmentation.loading import (
 )
 from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
 from selfpatch_hf.hub.cards.segmentation import SegmentationCardInfo, write_segmentation_card
+from selfpatch_hf.models.dense.backbones import random_vit
 from selfpatch_hf.models.dense.heads import build_segmentation_image_processor, build_upernet
-from selfpatch_hf.training.checkpointing import CheckpointManager, DamagedCheckpointError
+from selfpatch_hf.training.checkpointing import CheckpointManager
 from selfpatch_hf.training.finetuning_optimization import (
     FinetuningSchedule,
     apply_learning_rate,
     build_finetuning_optimizer,
 )
+from selfpatch_hf.training.finetuning_run import resume_step, single_thread_worker, started_with_workers
 from selfpatch_hf.training.metrics_log import MetricsLog
 from selfpatch_hf.training.output_folder import completed_step, record_complete, write_final_folder
-from selfpatch_hf.training.preemption import StopRequest, stop_signals_held
+from selfpatch_hf.training.preemption import StopRequest
 from selfpatch_hf.training.runtime import (
     configure_host,
     create_accelerator,
@@ -180,7 +182,7 @@ def train(
     with output_folder(accelerator, training_args, FINAL_ARTEFACTS) as output_dir:
         metrics_log = MetricsLog(accelerator, output_dir)
         checkpoints = CheckpointManager(accelerator, output_dir, training_args.checkpoints_total_limit)
-        global_step, resumed_from = resume(checkpoints, training_args, global_batch_size)
+        global_step, resumed_from = resume_step(checkpoints, training_args, global_batch_size)
         if global_step >= training_args.max_steps and completed_step(output_dir, FINAL_ARTEFACTS) is not None:
             logger.info(
                 "The run in %s is already complete (step %d of %d); its model is in %s. Nothing to do: pass a "
@@ -403,17 +405,10 @@ def backbone_source(model_args: SegmentationModelArguments, crop_size: list[int]
     """The backbone argument as `build_upernet` takes it: a path / Hub id, or a random ViT for `random:PRESET`."""
     if not model_args.backbone.startswith(RANDOM_BACKBONE_PREFIX):
         return model_args.backbone
-    from transformers import ViTConfig, ViTModel
-
-    from selfpatch_hf.models.selfpatch.configuration import BACKBONE_PRESETS
-
-    preset = model_args.backbone[len(RANDOM_BACKBONE_PREFIX) :]
-    if preset not in BACKBONE_PRESETS:
-        raise UsageError(
-            f"--backbone {model_args.backbone}: unknown preset {preset!r}; known: {', '.join(sorted(BACKBONE_PRESETS))}."
-        )
-    config = ViTConfig(**{**BACKBONE_PRESETS[preset], "image_size": max(crop_size)})
-    return ViTModel(config, add_pooling_layer=False)
+    try:
+        return random_vit(model_args.backbone[len(RANDOM_BACKBONE_PREFIX) :], max(crop_size))
+    except ValueError as error:
+        raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
 
 
 def build_model(
@@ -492,17 +487,6 @@ class ProcessorEvalTransform:
         return pixels, prepare_mask(mask, self.reduce_labels, self.ignore_index)
 
 
-def _single_thread_worker(_: int) -> None:
-    torch.set_num_threads(1)  # workers decode and augment with numpy / PIL; torch threads would only contend
-
-
-def _started_with_workers(loader: torch.utils.data.DataLoader) -> Iterator:
-    """The loader's iterator, its workers started with the stop signals held: a SIGTERM to the whole process group
-    reaches this process (which checkpoints) and not the workers (selfpatch_hf.training.preemption)."""
-    with stop_signals_held():
-        return iter(loader)
-
-
 def train_batches(train, image_column, mask_column, data_args, training_args, accelerator, start_step):
     """This process's endless micro-batches, from optimiser step `start_step` on (moved to the device)."""
     transform = SegmentationTrainTransform(
@@ -528,42 +512,17 @@ def train_batches(train, image_column, mask_column, data_args, training_args, ac
         batch_sampler=sampler,
         num_workers=data_args.num_workers,
         collate_fn=collate_segmentation,
-        worker_init_fn=_single_thread_worker,
+        worker_init_fn=single_thread_worker,
         # its own generator: creating the iterator draws a seed, which would otherwise shift the global torch RNG
         # (drop-path masks) between an uninterrupted and a resumed run
         generator=torch.Generator().manual_seed(training_args.seed),
     )
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
-        for batch in _started_with_workers(loader):
+        for batch in started_with_workers(loader):
             yield {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
 
     return batches(), sampler.batches_per_epoch
-
-
-def resume(
-    checkpoints: CheckpointManager, training_args: SegmentationTrainingArguments, global_batch_size: int
-) -> tuple[int, Path | None]:
-    """The step to continue from (0: a fresh run) and the checkpoint it was loaded from."""
-    which = training_args.checkpoint_to_resume()
-    if not which:
-        return 0, None
-    try:
-        path = checkpoints.resolve(which)
-        loaded = checkpoints.load(path) if path is not None else None
-    except DamagedCheckpointError as error:
-        raise CommandFailure(f"Cannot resume: {error}") from None
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(f"--resume_from_checkpoint: {error}") from None
-    if loaded is None:
-        return 0, None
-    trainer_state, _ = loaded
-    if trainer_state["global_batch_size"] != global_batch_size:
-        raise UsageError(
-            f"{path} was trained with a global batch of {trainer_state['global_batch_size']}, this run has "
-            f"{global_batch_size}: resume with the same processes x per-device batch x accumulation."
-        )
-    return trainer_state["step"], path
 
 
 def evaluate(model, evaluation, columns, processor, data_args, training_args, accelerator, names):
@@ -583,13 +542,13 @@ def evaluate(model, evaluation, columns, processor, data_args, training_args, ac
         SegmentationEvalSet(evaluation, *columns, transform, indices),
         batch_size=None,
         num_workers=data_args.num_workers,
-        worker_init_fn=_single_thread_worker,
+        worker_init_fn=single_thread_worker,
         generator=torch.Generator(),  # leaves the global torch RNG (drop-path masks) alone
     )
     whole = training_args.inference_mode == "whole"
     confusion = evaluate_segmentation(
         unwrapped,
-        ((pixels.numpy(), labels.numpy()) for pixels, labels in _started_with_workers(examples)),
+        ((pixels.numpy(), labels.numpy()) for pixels, labels in started_with_workers(examples)),
         len(names),
         data_args.ignore_index,
         training_args.inference_mode,

@@ -20,18 +20,21 @@ from typing import Literal
 import torch
 from torch import nn
 
-# the backbone's block index in a live parameter name: Dinov2Backbone `encoder.layer.N.`, SigLIP `encoder.layers.N.`
-_BLOCK = re.compile(r"(?:^|\.)encoder\.layers?\.(\d+)\.")
+# the backbone's block index in a live parameter name: Dinov2Backbone `encoder.layer.N.`, SigLIP `encoder.layers.N.`,
+# BeitBackbone `beit.layers.N.`, SwinBackbone `encoder.layers.N.` (a stage)
+_BLOCK = re.compile(r"(?:^|\.)(?:encoder|beit)\.layers?\.(\d+)\.")
 _NO_DECAY_NAMES = ("position_embedding", "cls_token", "mask_token")
 # key marking the learning-rate multiplier of a group (the schedule multiplies it in every step)
 LR_SCALE = "lr_scale"
 
 
-def layer_id(name: str, num_layers: int) -> int:
-    """Layer id of a live parameter name of a dense model whose backbone sits under `backbone.`."""
-    if not name.startswith("backbone."):
-        return num_layers + 1  # decode and auxiliary heads
-    if ".embeddings." in name or name.startswith("backbone.embeddings."):
+def layer_id(name: str, num_layers: int, backbone_prefix: str = "backbone.") -> int:
+    """Layer id of a live parameter name of a dense model whose backbone sits under `backbone_prefix` (UperNet:
+    `backbone.`; Deformable DETR: `model.backbone.model.`; Mask2Former: `model.pixel_level_module.encoder.`)."""
+    if not name.startswith(backbone_prefix):
+        return num_layers + 1  # decode and auxiliary heads, detection transformers
+    name = name[len(backbone_prefix) :]
+    if name.startswith("embeddings.") or ".embeddings." in name:
         return 0
     match = _BLOCK.search(name)
     if match:
@@ -44,7 +47,11 @@ def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def layer_decay_param_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float, num_layers: int
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float,
+    num_layers: int,
+    backbone_prefix: str = "backbone.",
 ) -> list[dict]:
     """AdamW groups over the trainable parameters of `model` (a UperNet / DPT with `backbone.`), one per (layer id,
     decay or not), each with its `lr_scale`."""
@@ -54,7 +61,7 @@ def layer_decay_param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        layer = layer_id(name, num_layers)
+        layer = layer_id(name, num_layers, backbone_prefix)
         decay = not _no_weight_decay(name, param)
         group = groups.setdefault(
             (layer, decay),
@@ -76,9 +83,10 @@ def build_finetuning_optimizer(
     layer_decay: float,
     num_layers: int,
     betas: tuple[float, float] = (0.9, 0.999),
+    backbone_prefix: str = "backbone.",
 ) -> torch.optim.AdamW:
     """AdamW over `layer_decay_param_groups`; the learning rates are set every step by `apply_learning_rate`."""
-    groups = layer_decay_param_groups(model, weight_decay, layer_decay, num_layers)
+    groups = layer_decay_param_groups(model, weight_decay, layer_decay, num_layers, backbone_prefix)
     for group in groups:
         group.pop("names")
     return torch.optim.AdamW(groups, lr=0.0, betas=betas)
@@ -87,26 +95,31 @@ def build_finetuning_optimizer(
 @dataclass(frozen=True)
 class FinetuningSchedule:
     """Linear warm-up from `warmup_ratio * peak`, then poly (power `power`) or cosine decay to `min_learning_rate`
-    at `total_steps` (mmseg's `PolyLR` / `CosineAnnealingLR` with `warmup="linear"`, by iteration)."""
+    at `total_steps` (mmseg's `PolyLR` / `CosineAnnealingLR` with `warmup="linear"`, by iteration), or step decay
+    (mmdet's 1x `MultiStepLR`: times `decay_factor` at each of `decay_steps`)."""
 
     learning_rate: float
     total_steps: int
     warmup_steps: int = 0
     warmup_ratio: float = 1e-6
-    kind: Literal["poly", "cosine"] = "poly"
+    kind: Literal["poly", "cosine", "step"] = "poly"
     power: float = 1.0
     min_learning_rate: float = 0.0
+    decay_steps: tuple[int, ...] = ()
+    decay_factor: float = 0.1
 
     def __post_init__(self):
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}.")
         if not 0 <= self.warmup_steps < self.total_steps:
             raise ValueError(f"warmup_steps must be in [0, {self.total_steps}), got {self.warmup_steps}.")
-        if self.kind not in ("poly", "cosine"):
-            raise ValueError(f"kind must be 'poly' or 'cosine', got {self.kind!r}.")
+        if self.kind not in ("poly", "cosine", "step"):
+            raise ValueError(f"kind must be 'poly', 'cosine' or 'step', got {self.kind!r}.")
 
     def _decayed(self, step: int) -> float:
         progress = min(step, self.total_steps) / self.total_steps
+        if self.kind == "step":
+            return self.learning_rate * self.decay_factor ** sum(step >= drop for drop in self.decay_steps)
         span = self.learning_rate - self.min_learning_rate
         if self.kind == "poly":
             return self.min_learning_rate + span * (1 - progress) ** self.power

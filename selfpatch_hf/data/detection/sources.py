@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from selfpatch_hf.data.detection.instances import AnnotationIssues, BoxFormat, Instances, check_instances
@@ -189,6 +190,23 @@ class HubDetectionSource(DetectionSource):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def first_unknown_category(self, chunk_size: int = 4096) -> tuple[int, Any] | None:
+        """(row, category) of the first object whose category lies outside the label map, read from the objects
+        column alone (no image is decoded), or None: a training run checks this before its first step rather
+        than stopping at the first batch that holds it. Categories given by name are checked when read."""
+        if self._names_by_value is not None:
+            return None
+        column = self.dataset.select_columns([self.objects_column])
+        count = len(self.label_names)
+        for start in range(0, len(column), chunk_size):
+            for offset, objects in enumerate(column[start : start + chunk_size][self.objects_column]):
+                for obj in _rows_of(objects):
+                    category = obj.get(self.category_field)
+                    valid = isinstance(category, (int, np.integer)) and not isinstance(category, bool)
+                    if not valid or not 0 <= category < count:
+                        return start + offset, category
+        return None
 
     def raw(self, index: int) -> tuple[Any, Image.Image, list[dict[str, Any]]]:
         row = self.dataset[int(index)]

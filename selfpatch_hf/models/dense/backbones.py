@@ -347,7 +347,20 @@ def export_dense_backbone(
     return target
 
 
+def random_vit(preset: str, image_size: int) -> ViTModel:
+    """A randomly initialised ViT of one of `BACKBONE_PRESETS` (the fine-tuning scripts' `--backbone random:PRESET`,
+    the baseline without pretraining) with position embeddings for `image_size`."""
+    from selfpatch_hf.models.selfpatch.configuration import BACKBONE_PRESETS
+
+    if preset not in BACKBONE_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(sorted(BACKBONE_PRESETS))}.")
+    return ViTModel(
+        ViTConfig(**{**BACKBONE_PRESETS[preset], "image_size": int(image_size)}), add_pooling_layer=False
+    )
+
+
 __all__ = [
+    "random_vit",
     "BackboneSource",
     "DenseBackbone",
     "dense_backbone",

@@ -1,0 +1,725 @@
+#!/usr/bin/env python
+"""Fine-tune a SelfPatch / DINO backbone for COCO-style object detection (Deformable DETR) or instance segmentation
+(Mask2Former) with Accelerate, and save a transformers model folder that `AutoModelForObjectDetection` /
+`AutoModelForUniversalSegmentation` and `pipeline("object-detection")` / `pipeline("image-segmentation")` load.
+
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision fp16 training/finetune_detection.py \\
+        training/configs/coco_vit_small_deformable_detr.yaml --backbone runs/selfpatch-vits16/backbone
+    python training/finetune_detection.py training/configs/detection_offline.yaml            # CPU minutes
+    python training/finetune_detection.py training/configs/instance_segmentation_offline.yaml
+    accelerate launch training/finetune_detection.py RECIPE.yaml --resume_from_checkpoint latest
+
+A recipe file (YAML or JSON, the first argument) sets any option below; options after it override the file.
+
+The backbone (a ViTModel / SwinModel folder, a converted CLS-free SelfPatch model, or `random:PRESET`) feeds the
+paper's multi-scale neck (strides 4-32: `BeitBackbone(add_fpn=True)` for a ViT, `SwinBackbone` for a Swin); the
+head is new (selfpatch_hf.models.dense.detection). The data is any `datasets` dataset in the Hub's COCO layout, a
+local COCO json + image folder, or the offline instance scenes (the default). Training follows DETR's COCO recipe
+(flip, multi-scale resize with a resize-crop-resize branch, applied to the image, its boxes and masks together;
+batches padded with a pixel mask), AdamW with optional layer-wise decay, linear warm-up then step (the 1x) or cosine
+decay, per optimiser step.
+
+The run writes into --output_dir: `metrics.jsonl` (and tracker logs under `logs/`), `checkpoints/checkpoint-<step>`
+(accelerate state, written atomically; resuming continues the same batch order and augmentation) and, at the end,
+`model/`: the detector + the image processor the evaluation used (resize to --eval_scale, normalise:
+the pipelines reproduce the evaluation) + a model card with the COCO AP it measured (box AP; mask AP for
+Mask2Former), then `run_complete.json`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from selfpatch_hf.cli.errors import CommandFailure, UsageError, run_command
+from selfpatch_hf.training.arguments.detection import (
+    DetectionDataArguments,
+    DetectionModelArguments,
+    DetectionTrainingArguments,
+    parse_detection_arguments,
+)
+from selfpatch_hf.training.arguments.segmentation import RANDOM_BACKBONE_PREFIX
+
+PROG = "finetune_detection.py"
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """`(model_args, data_args, training_args)` of `[RECIPE.yaml] [--option value ...]`, checked."""
+    return parse_detection_arguments(list(sys.argv[1:] if argv is None else argv), description=__doc__)
+
+
+def check_arguments(argv: list[str] | None = None) -> None:
+    """Parses and checks the arguments, nothing else: `--help` and argument mistakes are answered here."""
+    parse_arguments(argv)
+
+
+if __name__ == "__main__":
+    # answer --help and argument mistakes before the imports below load torch, transformers and datasets (seconds)
+    if status := run_command(PROG, check_arguments):
+        sys.exit(status)
+
+# ruff: noqa: E402 -- the heavy imports come after that early answer
+import functools
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from selfpatch_hf.atomic_folders import staged_folder
+from selfpatch_hf.data.detection.augmentation import DetectionAugmentation, DetectionTrainTransform
+from selfpatch_hf.data.detection.batching import collate_detection
+from selfpatch_hf.data.detection.sources import (
+    OFFLINE_INSTANCES,
+    DetectionSource,
+    HubDetectionSource,
+    load_detection_source,
+)
+from selfpatch_hf.data.segmentation.loading import SegmentationBatchSampler
+from selfpatch_hf.evaluation.configs import CocoEvalConfig
+from selfpatch_hf.evaluation.detection import evaluate_coco
+from selfpatch_hf.hub.cards.detection import DetectionCardInfo, write_detection_card
+from selfpatch_hf.models.dense.backbones import random_vit
+from selfpatch_hf.models.dense.detection import (
+    build_deformable_detr,
+    build_detection_image_processor,
+    build_instance_segmentation_image_processor,
+    build_mask2former,
+)
+from selfpatch_hf.training.checkpointing import CheckpointManager
+from selfpatch_hf.training.finetuning_optimization import (
+    FinetuningSchedule,
+    apply_learning_rate,
+    build_finetuning_optimizer,
+)
+from selfpatch_hf.training.finetuning_run import resume_step, single_thread_worker, started_with_workers
+from selfpatch_hf.training.metrics_log import MetricsLog
+from selfpatch_hf.training.output_folder import completed_step, record_complete, write_final_folder
+from selfpatch_hf.training.preemption import StopRequest
+from selfpatch_hf.training.runtime import (
+    configure_host,
+    create_accelerator,
+    enable_activation_checkpointing,
+    exit_status,
+    init_trackers,
+    limit_hub_requests,
+    output_folder,
+    record_uploads,
+    save_checkpoint,
+    start_uploader,
+    wait_for_uploads,
+)
+
+MODEL_DIRNAME = "model"
+FINAL_ARTEFACTS = (MODEL_DIRNAME,)  # recorded in run_complete.json, written last
+LABEL_FORMATS = {"deformable-detr": "detr", "mask2former": "mask2former"}
+logger = logging.getLogger("finetune_detection")
+
+
+@dataclass
+class FinetuningResult:
+    accelerator: Any
+    model: Any
+    global_step: int
+    scores: dict[str, dict[str, float]] | None  # per IoU type, coco_scores' fractions
+    model_dir: Path | None
+    stopped_by: str | None
+    upload_report: list[str]
+    uploads_complete: bool = True  # False: --push_to_hub, but the model is not on the Hub
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run, top to bottom
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def train(
+    model_args: DetectionModelArguments,
+    data_args: DetectionDataArguments,
+    training_args: DetectionTrainingArguments,
+) -> FinetuningResult:
+    """One fine-tuning run: accelerator, data and model (every mistake in them is found before anything is
+    written), the output folder (held by this run), the resume, the loop, the evaluation, the final model and its
+    upload."""
+    limit_hub_requests(training_args)
+    # blocks after the last selected one and some of the heads' parameters get no gradient in a step
+    accelerator = create_accelerator(training_args, {"find_unused_parameters": True})
+    configure_host(accelerator, training_args, data_args.num_workers)
+
+    # ---- data, model, optimiser, schedule (the same seed on every process gives the same initial heads)
+    train_source, eval_source = load_data(model_args, data_args, training_args, accelerator)
+    processor = evaluation_processor(model_args, data_args)
+    set_seed(training_args.seed)
+    model = build_model(model_args, data_args, train_source.label_names)
+    prefix, backbone = find_backbone(model)
+    backbone_class = type(backbone).__name__
+    num_layers = backbone_depth(backbone)
+    if training_args.gradient_checkpointing:
+        enable_activation_checkpointing(backbone)
+    optimizer = build_finetuning_optimizer(
+        model, training_args.weight_decay, training_args.layer_decay, num_layers, backbone_prefix=prefix
+    )
+    schedule = FinetuningSchedule(
+        learning_rate=training_args.learning_rate,
+        total_steps=training_args.max_steps,
+        warmup_steps=training_args.warmup_steps,
+        warmup_ratio=training_args.warmup_ratio,
+        kind=training_args.lr_scheduler,
+        min_learning_rate=training_args.min_learning_rate,
+        decay_steps=tuple(training_args.lr_decay_steps),
+        decay_factor=training_args.lr_decay_factor,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    unwrapped = accelerator.unwrap_model(model)
+    set_seed(training_args.seed, device_specific=True)  # drop-path masks differ between processes
+    global_batch_size = (
+        accelerator.num_processes
+        * training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+    )
+    hyperparameters = {**asdict(model_args), **asdict(data_args), **training_args.public_dict()}
+
+    with output_folder(accelerator, training_args, FINAL_ARTEFACTS) as output_dir:
+        metrics_log = MetricsLog(accelerator, output_dir)
+        checkpoints = CheckpointManager(accelerator, output_dir, training_args.checkpoints_total_limit)
+        global_step, resumed_from = resume_step(checkpoints, training_args, global_batch_size)
+        if global_step >= training_args.max_steps and completed_step(output_dir, FINAL_ARTEFACTS) is not None:
+            logger.info(
+                "The run in %s is already complete (step %d of %d); its model is in %s. Nothing to do: pass a "
+                "larger --max_steps to train on, or --overwrite_output_dir to start again.",
+                output_dir,
+                global_step,
+                training_args.max_steps,
+                output_dir / MODEL_DIRNAME,
+            )
+            return FinetuningResult(
+                accelerator, unwrapped, global_step, None, output_dir / MODEL_DIRNAME, None, []
+            )
+        if resumed_from is not None:
+            metrics_log.event("resumed", global_step, checkpoint=str(resumed_from))
+            logger.info("Resumed from %s at step %d.", resumed_from, global_step)
+        uploader = start_uploader(training_args, accelerator)
+        init_trackers(accelerator, training_args, hyperparameters)
+
+        def checkpoint(step: int) -> Path:
+            trainer_state = {
+                "step": step,
+                "global_batch_size": global_batch_size,
+                "num_processes": accelerator.num_processes,
+                "arguments": hyperparameters,
+            }
+            return save_checkpoint(
+                checkpoints, metrics_log, step, trainer_state, {"rank": accelerator.process_index}
+            )
+
+        def run_evaluation(step: int) -> dict[str, dict[str, float]] | None:
+            if eval_source is None:
+                return None
+            started = time.perf_counter()
+            scores = evaluate(model, eval_source, processor, data_args, training_args, accelerator)
+            metrics_log.metrics(
+                step,
+                {
+                    f"eval_{'box' if iou_type == 'bbox' else 'mask'}_{name}": value
+                    for iou_type, values in scores.items()
+                    for name, value in values.items()
+                },
+            )
+            logger.info(
+                "Step %d: %s (%.0f s)",
+                step,
+                ", ".join(
+                    f"{'box' if iou_type == 'bbox' else 'mask'} AP {100 * values['AP']:.2f}"
+                    for iou_type, values in scores.items()
+                ),
+                time.perf_counter() - started,
+            )
+            return scores
+
+        batches, batches_per_epoch = train_batches(
+            train_source, model_args, data_args, training_args, accelerator, global_step
+        )
+        logger.info(
+            "Fine-tuning %s on %s (%s, %d blocks) on %s: %d steps of %d images (%.1f epochs of %d), peak lr %g.",
+            model_args.head,
+            model_args.backbone,
+            backbone_class,
+            num_layers,
+            data_args.dataset_name,
+            training_args.max_steps,
+            global_batch_size,
+            training_args.max_steps * training_args.gradient_accumulation_steps / batches_per_epoch,
+            len(train_source),
+            training_args.learning_rate,
+        )
+        metrics_log.event(
+            "start", global_step, total_steps=training_args.max_steps, global_batch_size=global_batch_size
+        )
+
+        # ---- the loop
+        progress = tqdm(
+            total=training_args.max_steps,
+            initial=global_step,
+            disable=not accelerator.is_main_process,
+            desc=f"fine-tuning {model_args.head}",
+        )
+        scores = model_dir = stopped_by = None
+        window_loss, window_steps, window_started = 0.0, 0, time.perf_counter()
+        try:
+            with StopRequest() as stop:
+                while global_step < training_args.max_steps:
+                    learning_rate = schedule.at(global_step)
+                    apply_learning_rate(optimizer, learning_rate)
+                    step_loss = torch.zeros((), device=accelerator.device)
+                    for _ in range(training_args.gradient_accumulation_steps):
+                        batch = next_batch(batches)
+                        with accelerator.accumulate(model), accelerator.autocast():
+                            loss = model(**batch).loss
+                            accelerator.backward(loss)
+                            if accelerator.sync_gradients and training_args.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
+                        step_loss += loss.detach() / training_args.gradient_accumulation_steps
+                    step_loss = accelerator.reduce(step_loss, reduction="mean").item()
+                    if not math.isfinite(step_loss):
+                        raise CommandFailure(
+                            f"non-finite loss at step {global_step}: lower --learning_rate, lengthen --warmup_steps "
+                            "or train in fp32, then continue with --resume_from_checkpoint."
+                        )
+                    global_step += 1
+                    window_loss, window_steps = window_loss + step_loss, window_steps + 1
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
+
+                    if (
+                        global_step % training_args.logging_steps == 0
+                        or global_step == training_args.max_steps
+                    ):
+                        elapsed = time.perf_counter() - window_started
+                        metrics_log.metrics(
+                            global_step,
+                            {
+                                "loss": window_loss / window_steps,
+                                "learning_rate": learning_rate,
+                                "epoch": round(
+                                    global_step
+                                    * training_args.gradient_accumulation_steps
+                                    / batches_per_epoch,
+                                    4,
+                                ),
+                                "images_per_second": window_steps * global_batch_size / elapsed
+                                if elapsed
+                                else None,
+                            },
+                        )
+                        window_loss, window_steps, window_started = 0.0, 0, time.perf_counter()
+                    record_uploads(uploader, metrics_log)
+                    stop_now = accelerator.reduce(
+                        torch.tensor(float(stop.requested), device=accelerator.device), reduction="sum"
+                    ).item()
+                    if stop_now or global_step == training_args.max_steps:
+                        progress.close()  # the bar's last state once, before the final lines are logged
+                    if stop_now:
+                        stopped_by = stop.signal_name or "another process's signal"
+                        path = checkpoint(global_step)
+                        metrics_log.event("stopped", global_step, signal=stopped_by, checkpoint=str(path))
+                        logger.warning(
+                            "Stopped by %s at step %d; continue with --resume_from_checkpoint latest.",
+                            stopped_by,
+                            global_step,
+                        )
+                        break
+                    every = training_args.checkpointing_steps
+                    if every and global_step % every == 0:
+                        checkpoint(global_step)
+                    every = training_args.eval_steps
+                    if every and global_step % every == 0 and global_step < training_args.max_steps:
+                        run_evaluation(global_step)
+
+                # ---- the end: a checkpoint, the evaluation, the model folder (whole) and its upload
+                if stopped_by is None:
+                    every = training_args.checkpointing_steps
+                    if not (every and global_step % every == 0):
+                        checkpoint(global_step)
+                    scores = run_evaluation(global_step)
+                    if accelerator.is_main_process:
+                        card = detection_card(
+                            model_args,
+                            data_args,
+                            training_args,
+                            backbone_class,
+                            train_source.label_names,
+                            global_step,
+                            global_batch_size,
+                            scores,
+                            eval_source,
+                        )
+                        model_dir = save_model(unwrapped, processor, card, output_dir / MODEL_DIRNAME)
+                        record_complete(output_dir, global_step, FINAL_ARTEFACTS)
+                        metrics_log.event("saved", global_step, path=str(model_dir))
+                        logger.info("Model saved to %s", model_dir)
+                        if uploader is not None:
+                            uploader.submit(
+                                model_dir,
+                                global_step,
+                                commit_message=f"{model_args.head} fine-tuned for {global_step} steps",
+                            )
+                    accelerator.wait_for_everyone()
+        finally:
+            progress.close()
+            batches.close()  # the data workers end now, not at the interpreter's exit
+            upload_report = wait_for_uploads(uploader, training_args, stopped_by, metrics_log)
+        metrics_log.event("end", global_step, stopped_by=stopped_by, scores=scores)
+        return FinetuningResult(
+            accelerator,
+            unwrapped,
+            global_step,
+            scores,
+            model_dir,
+            stopped_by,
+            upload_report,
+            uploads_complete=uploader is None or uploader.complete,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The script's exit status: 0 done, 2 wrong arguments, 1 failed, 3 trained but the model is not on the Hub
+    (docs/reliability.md), 128 + signal when pre-empted."""
+    result = train(*parse_arguments(argv))
+    result.accelerator.end_training()
+    return exit_status(PROG, result.stopped_by, result.uploads_complete, "the fine-tuned model")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The steps `train` names
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def backbone_source(model_args: DetectionModelArguments, data_args: DetectionDataArguments):
+    """The backbone argument as the builders take it: a path / Hub id, or a random ViT for `random:PRESET`."""
+    if not model_args.backbone.startswith(RANDOM_BACKBONE_PREFIX):
+        return model_args.backbone
+    try:
+        return random_vit(model_args.backbone[len(RANDOM_BACKBONE_PREFIX) :], data_args.short_side)
+    except ValueError as error:
+        raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
+
+
+def build_model(model_args: DetectionModelArguments, data_args: DetectionDataArguments, names: list[str]):
+    """The detector of --head on the backbone, its heads sized by the options (None: the model's default)."""
+    source = backbone_source(model_args, data_args)
+    common = {"out_indices": model_args.out_indices, "multi_scale": model_args.multi_scale}
+    common["drop_path_rate"] = model_args.drop_path_rate
+    common["encoder_layers"] = model_args.encoder_layers
+    optional = {"num_queries": model_args.num_queries, "decoder_layers": model_args.decoder_layers}
+    width = model_args.feedforward_size
+    if model_args.head == "deformable-detr":
+        optional |= {"encoder_ffn_dim": width, "decoder_ffn_dim": width}
+        build = functools.partial(
+            build_deformable_detr,
+            d_model=model_args.hidden_size,
+            encoder_attention_heads=model_args.attention_heads,
+            decoder_attention_heads=model_args.attention_heads,
+            with_box_refine=model_args.with_box_refine,
+            two_stage=model_args.two_stage,
+        )
+    else:
+        optional |= {
+            "dim_feedforward": width,
+            "encoder_feedforward_dim": width,
+            "train_num_points": model_args.train_num_points,
+        }
+        build = functools.partial(
+            build_mask2former,
+            hidden_dim=model_args.hidden_size,
+            feature_size=model_args.hidden_size,
+            num_attention_heads=model_args.attention_heads,
+        )
+    try:
+        return build(
+            source, names, **common, **{key: value for key, value in optional.items() if value is not None}
+        )
+    except (OSError, ValueError, TypeError) as error:
+        raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
+
+
+def find_backbone(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """(parameter-name prefix, module) of the multi-scale backbone inside a detector: the layer-wise decay's
+    blocks are counted under that prefix."""
+    for name, module in model.named_modules():
+        if name and type(module).__name__.endswith("Backbone"):
+            return f"{name}.", module
+    raise TypeError(f"{type(model).__name__} holds no backbone module.")
+
+
+def backbone_depth(backbone: torch.nn.Module) -> int:
+    """Blocks of a ViT backbone, stages of a Swin one (the units of the layer-wise decay)."""
+    config = backbone.config
+    depths = getattr(config, "depths", None)
+    return len(depths) if depths else int(config.num_hidden_layers)
+
+
+def _source(data_args: DetectionDataArguments, training_args, split: str, image_dir: str | None):
+    """One split: a COCO json split is a json file (`split` itself, or --dataset_name for the training split)."""
+    dataset = data_args.dataset_name
+    if split.endswith(".json"):
+        dataset = split
+    options: dict[str, Any] = {}
+    if not str(dataset).endswith(".json"):
+        options = {
+            "image_column": data_args.image_column,
+            "objects_column": data_args.objects_column,
+            "label_names": data_args.label_names,
+            "box_format": data_args.box_format,
+        }
+    return load_detection_source(
+        dataset,
+        split,
+        image_dir=image_dir,
+        config_name=data_args.dataset_config_name,
+        revision=data_args.dataset_revision,
+        token=training_args.hub_token,
+        offline_data_dir=data_args.offline_data_dir,
+        **options,
+    )
+
+
+def check_categories(source: DetectionSource, option: str) -> None:
+    """Every object's category inside the label map (COCO json categories are renumbered from the file's list)."""
+    unknown = source.first_unknown_category() if isinstance(source, HubDetectionSource) else None
+    if unknown is not None:
+        row, category = unknown
+        count = len(source.label_names)
+        raise UsageError(
+            f"{option}: row {row} has category {category!r}, beyond the label map of {count} names (ids "
+            f"0..{count - 1}): pass --label_names covering every category."
+        )
+
+
+def load_data(
+    model_args: DetectionModelArguments,
+    data_args: DetectionDataArguments,
+    training_args: DetectionTrainingArguments,
+    accelerator,
+) -> tuple[DetectionSource, DetectionSource | None]:
+    """(training source, evaluation source or None), checked: columns, categories, masks for Mask2Former, and the
+    same label names in both splits."""
+    option = f"--dataset_name {data_args.dataset_name}"
+    try:
+        with accelerator.main_process_first():  # one process builds / downloads, the others read its cache
+            train_source = _source(data_args, training_args, data_args.train_split, data_args.image_dir)
+            eval_source = None
+            if data_args.eval_split:
+                eval_source = _source(
+                    data_args, training_args, data_args.eval_split, data_args.eval_image_dir
+                )
+    except (FileNotFoundError, ValueError, ConnectionError, KeyError) as error:
+        raise UsageError(f"{option}: {error}") from None
+    if model_args.head == "mask2former" and not train_source.with_masks:
+        raise UsageError(f"{option}: --head mask2former trains on masks; the data has no segmentation field.")
+    if eval_source is not None and list(eval_source.label_names) != list(train_source.label_names):
+        raise UsageError(
+            f"{option}: the {data_args.eval_split!r} split's classes {eval_source.label_names[:5]} differ from the "
+            f"training split's {train_source.label_names[:5]}."
+        )
+    for source in (train_source, eval_source):
+        if source is not None:
+            check_categories(source, option)
+    if data_args.max_train_samples:
+        train_source = _limited(train_source, data_args.max_train_samples)
+    return train_source, eval_source
+
+
+def _limited(source: DetectionSource, count: int) -> DetectionSource:
+    if isinstance(source, HubDetectionSource):
+        source.dataset = source.dataset.select(range(min(count, len(source.dataset))))
+        return source
+    source.image_ids = source.image_ids[:count]  # CocoJsonSource
+    return source
+
+
+def evaluation_processor(model_args: DetectionModelArguments, data_args: DetectionDataArguments):
+    """The evaluation's preprocessing, as the image processor saved with the model (resize to --eval_scale keeping
+    the aspect ratio, rescale, normalise): `evaluate_coco` and the pipelines run the same."""
+    build = (
+        build_instance_segmentation_image_processor
+        if model_args.head == "mask2former"
+        else build_detection_image_processor
+    )
+    return build(*data_args.eval_scale)
+
+
+class DetectionTrainSet(torch.utils.data.Dataset):
+    """Indexed by `(epoch, index)`: example `index` augmented with `default_rng([seed, epoch, index])`, so a resumed
+    run sees exactly the images and augmentations the uninterrupted one would."""
+
+    def __init__(self, source: DetectionSource, transform: DetectionTrainTransform, seed: int):
+        self.source = source
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, int(epoch), int(index)])
+        return self.transform(self.source[int(index)], rng)
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, list):
+        return [_to_device(item, device) for item in value]
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    return value
+
+
+def train_batches(source, model_args, data_args, training_args, accelerator, start_step):
+    """This process's endless micro-batches, from optimiser step `start_step` on (moved to the device)."""
+    recipe = DetectionAugmentation.for_short_side(
+        data_args.short_side, crop_prob=data_args.crop_prob, flip_prob=data_args.flip_prob
+    )
+    sampler = SegmentationBatchSampler(  # (epoch, index) keys of a seeded permutation per epoch: resumable
+        len(source),
+        training_args.per_device_train_batch_size,
+        training_args.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        start_batch=start_step * training_args.gradient_accumulation_steps,
+    )
+    loader = torch.utils.data.DataLoader(
+        DetectionTrainSet(source, DetectionTrainTransform(recipe), training_args.seed),
+        batch_sampler=sampler,
+        num_workers=data_args.num_workers,
+        collate_fn=functools.partial(collate_detection, label_format=LABEL_FORMATS[model_args.head]),
+        worker_init_fn=single_thread_worker,
+        # its own generator: creating the iterator draws a seed, which would otherwise shift the global torch RNG
+        # (drop-path masks) between an uninterrupted and a resumed run
+        generator=torch.Generator().manual_seed(training_args.seed),
+    )
+
+    def batches() -> Iterator[dict[str, Any]]:
+        for batch in started_with_workers(loader):
+            yield _to_device(batch, accelerator.device)
+
+    return batches(), sampler.batches_per_epoch
+
+
+def next_batch(batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """The next micro-batch; an annotation the data checks refuse (an unreadable mask, a malformed box) stops the
+    run with its own line (a data worker's error arrives with the worker's traceback around it)."""
+    try:
+        return next(batches)
+    except ValueError as error:
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise CommandFailure(
+            f"training data: {lines[-1] if lines else error} (fix or drop that annotation, then resume with "
+            "--resume_from_checkpoint latest)."
+        ) from None
+
+
+def evaluate(model, source, processor, data_args, training_args, accelerator) -> dict[str, dict[str, float]]:
+    """COCO AP over the evaluation split with `evaluate_coco` (the saved image processor's resize, the pipelines'
+    post-processing), on the main process; the others wait."""
+    unwrapped = accelerator.unwrap_model(model)
+    scores: list[Any] = [None]
+    if accelerator.is_main_process:
+        config = CocoEvalConfig(
+            batch_size=training_args.eval_batch_size,
+            max_samples=data_args.max_eval_samples,
+            device=str(accelerator.device),
+        )
+        with accelerator.autocast():
+            result = evaluate_coco(unwrapped, source, config, image_processor=processor)
+        scores[0] = {
+            iou_type: {
+                name: float(value) for name, value in values.items() if isinstance(value, (int, float))
+            }
+            for iou_type, values in result.scores.items()
+        }
+    unwrapped.train()
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(scores, src=0)
+    return scores[0]
+
+
+def detection_card(
+    model_args: DetectionModelArguments,
+    data_args: DetectionDataArguments,
+    training_args: DetectionTrainingArguments,
+    backbone_class: str,
+    names: list[str],
+    step: int,
+    global_batch_size: int,
+    scores: dict[str, dict[str, float]] | None,
+    eval_source: DetectionSource | None,
+) -> DetectionCardInfo:
+    """The model card: head, backbone, data, recipe and the evaluation's AP."""
+    dataset = data_args.dataset_name
+    hub_dataset = None
+    if dataset != OFFLINE_INSTANCES and not os.path.exists(dataset):
+        hub_dataset = dataset
+    num_images = None
+    if eval_source is not None:
+        num_images = len(eval_source)
+        if data_args.max_eval_samples:
+            num_images = min(num_images, data_args.max_eval_samples)
+    return DetectionCardInfo(
+        head=model_args.head,
+        model_class=(
+            "Mask2FormerForUniversalSegmentation"
+            if model_args.head == "mask2former"
+            else "DeformableDetrForObjectDetection"
+        ),
+        backbone=model_args.backbone,
+        backbone_class=backbone_class,
+        dataset=dataset,
+        num_labels=len(names),
+        eval_scale=tuple(data_args.eval_scale),
+        steps=step,
+        global_batch_size=global_batch_size,
+        learning_rate=training_args.learning_rate,
+        layer_decay=training_args.layer_decay,
+        schedule=training_args.lr_scheduler,
+        scores=scores,
+        eval_split=data_args.eval_split,
+        num_eval_images=num_images,
+        hub_dataset_id=hub_dataset,
+        data_description=(
+            "the offline instance scenes (real photographs from scikit-image pasted as instances with known masks)"
+            if dataset == OFFLINE_INSTANCES
+            else None
+        ),
+    )
+
+
+def save_model(model, processor, card_info: DetectionCardInfo, target: Path) -> Path:
+    """`target`: config, safetensors, image processor, card; written staged and swapped in whole (a failure is one
+    line naming the folder)."""
+
+    def write() -> None:
+        with staged_folder(target) as staging:
+            model.save_pretrained(staging)
+            processor.save_pretrained(staging)
+            write_detection_card(staging, card_info)
+
+    write_final_folder(target, "the fine-tuned model", write)
+    return target
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(PROG, main))
