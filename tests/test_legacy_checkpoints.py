@@ -54,13 +54,15 @@ def test_an_old_save_pretrained_folder_loads_with_identical_tensors_and_losses(c
     assert set(objective_state(model)) == {key for key in saved if key in LEGACY_STATE_NAMES}
     assert not any(p.requires_grad for p in model.teacher.parameters())
 
-    # the old code's losses on this folder, and its state after a training-mode call (tolerance: loaded tensors
-    # may sit at other memory alignments, which can change the last bits of some CPU kernels)
+    # the old code's losses on this folder, and its state after a training-mode call. Tolerance: loaded tensors may
+    # sit at other memory alignments and another CPU picks other kernels, which changes the last bits (seen: 1.3e-6
+    # relative in a MoBY queue after one training step on a CPU without AVX-512); a changed computation moves these
+    # values by 1e-3 or more.
     expected = load_file(FIXTURES / "expected.safetensors")
     got = record(model, case)
     assert set(got) == {key for key in expected if key.startswith(f"{case}.")}
     for key, value in got.items():
-        torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=key)
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
     # saved again: today's model type, and the same names on disk (the objective's state keeps its former names
     # there, as the backbones keep transformers' v4 names), so it loads to the same tensors
