@@ -86,6 +86,14 @@ def config_kwargs(case: str) -> tuple[str, dict[str, Any]]:
     return ("swin-tiny-patch4-window7" if backbone == "swin" else "vit-tiny-patch16"), kwargs
 
 
+def current_config_kwargs(case: str) -> tuple[str, dict[str, Any]]:
+    """The same model as the current code builds it: the crop recipe is a training setting now, not a config field."""
+    from selfpatch_hf.models.selfpatch.recipes import MOVED_TO_TRAINING
+
+    preset, kwargs = config_kwargs(case)
+    return preset, {key: value for key, value in kwargs.items() if key not in MOVED_TO_TRAINING}
+
+
 def inputs(case: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The crops of the recorded calls: 2 images of 2 global 16 px crops, and 2 local 8 px crops (DINO)."""
     generator = torch.Generator().manual_seed(7)

@@ -13,7 +13,7 @@ from legacy_checkpoints import (
     CASES,
     FIXTURES,
     LEGACY_STATE_NAMES,
-    config_kwargs,
+    current_config_kwargs,
     objective_state,
     record,
 )
@@ -55,14 +55,14 @@ def test_an_old_save_pretrained_folder_loads_with_identical_tensors_and_losses(c
     assert not any(p.requires_grad for p in model.teacher.parameters())
 
     # the old code's losses on this folder, and its state after a training-mode call. Tolerance: loaded tensors may
-    # sit at other memory alignments and another CPU picks other kernels, which changes the last bits (seen: 1.3e-6
-    # relative in a MoBY queue after one training step on a CPU without AVX-512); a changed computation moves these
+    # sit at other memory alignments and another CPU picks other kernels, which changes the last bits (seen: up to
+    # 2.2e-6 in the unit-norm MoBY queue keys after one training step on a CPU without AVX-512); a changed computation moves these
     # values by 1e-3 or more.
     expected = load_file(FIXTURES / "expected.safetensors")
     got = record(model, case)
     assert set(got) == {key for key in expected if key.startswith(f"{case}.")}
     for key, value in got.items():
-        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=5e-6, msg=key)
 
     # saved again: today's model type, and the same names on disk (the objective's state keeps its former names
     # there, as the backbones keep transformers' v4 names), so it loads to the same tensors
@@ -82,7 +82,7 @@ def test_an_old_accelerate_checkpoint_loads_with_identical_tensors(case):
     checkpoint into a freshly built model. The old `save_pretrained` folder of the same model agrees with it."""
     from accelerate import Accelerator
 
-    preset, kwargs = config_kwargs(case)
+    preset, kwargs = current_config_kwargs(case)
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(SelfPatchForPretraining(SelfPatchConfig.from_preset(preset, **kwargs)))
     accelerator.load_state(FIXTURES / "accelerate" / case)
