@@ -56,7 +56,7 @@ def test_an_old_save_pretrained_folder_loads_with_identical_tensors_and_losses(c
 
     # the old code's losses on this folder, and its state after a training-mode call. Tolerance: loaded tensors may
     # sit at other memory alignments and another CPU picks other kernels, which changes the last bits (seen: up to
-    # 2.2e-6 in the unit-norm MoBY queue keys after one training step on a CPU without AVX-512); a changed computation moves these
+    # 2.2e-6 in the unit-norm MoBY queue keys after one training step on another CPU); a changed computation moves these
     # values by 1e-3 or more.
     expected = load_file(FIXTURES / "expected.safetensors")
     got = record(model, case)
