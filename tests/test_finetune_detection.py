@@ -197,3 +197,12 @@ def test_bad_inputs_are_one_line(inputs, tmp_path):
     with pytest.raises(UsageError, match=re.escape("--two_stage needs --with_box_refine")):
         script.parse_detection_arguments([*arguments, "--two_stage"])
     assert not (tmp_path / "run").exists()  # nothing written before the mistakes were found
+
+
+@pytest.mark.parametrize("recipe", ["detection_offline", "instance_segmentation_offline"])
+def test_shipped_detection_recipes_parse(recipe):
+    model_args, data_args, training_args = _script().parse_arguments(
+        [str(SCRIPT.parent / "configs" / f"{recipe}.yaml")]
+    )
+    assert training_args.output_dir
+    assert model_args.head == ("mask2former" if recipe.startswith("instance") else "deformable-detr")

@@ -474,8 +474,8 @@ def test_an_output_dir_with_checkpoints_needs_resume_or_overwrite(tmp_path, caps
 PRETRAINING_RECIPES = sorted(
     path
     for path in (REPO_ROOT / "training" / "configs").glob("*.yaml")
-    if not path.stem.startswith("segmentation")
-)  # the segmentation recipes belong to training/finetune_segmentation.py
+    if not path.stem.startswith(("segmentation", "detection", "instance_segmentation"))
+)  # the others belong to training/finetune_segmentation.py and training/finetune_detection.py
 
 
 @pytest.mark.parametrize("recipe", PRETRAINING_RECIPES, ids=lambda p: p.stem)
