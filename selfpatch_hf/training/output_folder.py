@@ -51,6 +51,25 @@ _WEIGHT_SUFFIXES = (".safetensors",)
 
 
 # ---------------------------------------------------------------------------------------------------- the lock
+# The lock files' descriptors this process holds. A forked child (a DataLoader worker) would share the lock's open
+# file description, and the lock lives until every sharer is gone: a run killed with SIGKILL would stay "in use"
+# while its orphaned workers wind down. Children close their copies at once.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_LOCK_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class OutputFolderLock:
     """An exclusive, non-blocking `flock` on `folder/.run.lock`; `acquire` returns None when held, else a
     description of the run holding it."""
@@ -84,6 +103,7 @@ class OutputFolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(owner).encode(), 0)
         self._fd = fd
+        _HELD_LOCK_FDS.add(fd)
         return None
 
     def release(self) -> None:
@@ -91,6 +111,7 @@ class OutputFolderLock:
         if self._fd is not None:
             import fcntl
 
+            _HELD_LOCK_FDS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
