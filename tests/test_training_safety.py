@@ -218,8 +218,11 @@ def test_sigterm_to_the_process_group_of_a_two_process_run(recipe, tmp_path):
     assert json.loads((checkpoint / "COMPLETE").read_text())["num_processes"] == 2
     assert all((checkpoint / f"rank_state_{rank}.json").is_file() for rank in (0, 1))
     assert "Stopped by SIGTERM" in text
-    # the launcher (torch's elastic agent) forwards the signal, waits for the ranks, then fails with it
-    assert process.returncode != 0 and "SignalException" in text, text[-4000:]
+    # the launcher (torch's elastic agent) forwards the signal, waits for the ranks, then fails with it; whether
+    # its SignalException traceback reaches the log before it exits depends on timing (CI saw only the agent's
+    # "Received 15 death signal" line and exit code 143), so the test asks for the agent's own record of the signal
+    assert process.returncode != 0, text[-4000:]
+    assert "SignalException" in text or "Received 15 death signal" in text, text[-4000:]
 
 
 def test_sigterm_to_the_process_group_of_a_fine_tuning_run(tmp_path):
