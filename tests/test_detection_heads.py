@@ -4,6 +4,7 @@ pipelines in a process that never imports selfpatch_hf, and scored by `evaluate_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -298,6 +299,9 @@ def test_saved_models_load_without_selfpatch_and_pipelines_score_as_evaluate_coc
                 ]
                 == from_pipeline["bbox"]
             )
+            # and `pipeline_boxes` is that rounding
+            whole = evaluate_coco(folders[name], subset, dataclasses.replace(config, pipeline_boxes=True))
+            assert whole.scores["bbox"] == from_pipeline["bbox"]
             assert ours.scores["bbox"]["AP"] == pytest.approx(from_pipeline["bbox"]["AP"], abs=0.05)
         else:
             assert ours.scores["segm"]["AP50"] > 0.05, ours.scores

@@ -630,19 +630,30 @@ def next_batch(batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
         ) from None
 
 
+def evaluation_config(data_args: DetectionDataArguments, training_args, device: str) -> CocoEvalConfig:
+    """The card's evaluation is what the pipelines return for the call the card states: the image-segmentation
+    pipeline's one-map masks (not each query's own mask) and the detection pipeline's whole-pixel boxes, at
+    --eval_threshold."""
+    return CocoEvalConfig(
+        threshold=data_args.eval_threshold,
+        overlapping_masks=False,
+        pipeline_boxes=True,
+        batch_size=training_args.eval_batch_size,
+        max_samples=data_args.max_eval_samples,
+        device=device,
+    )
+
+
 def evaluate(model, source, processor, data_args, training_args, accelerator) -> dict[str, dict[str, float]]:
     """COCO AP over the evaluation split with `evaluate_coco` (the saved image processor's resize, the pipelines'
     post-processing), on the main process; the others wait."""
     unwrapped = accelerator.unwrap_model(model)
     scores: list[Any] = [None]
     if accelerator.is_main_process:
-        config = CocoEvalConfig(
-            batch_size=training_args.eval_batch_size,
-            max_samples=data_args.max_eval_samples,
-            device=str(accelerator.device),
-        )
-        with accelerator.autocast():
-            result = evaluate_coco(unwrapped, source, config, image_processor=processor)
+        config = evaluation_config(data_args, training_args, str(accelerator.device))
+        # fp32, no autocast: the pipeline a user runs on the saved folder computes in fp32, and the card's AP is
+        # its AP
+        result = evaluate_coco(unwrapped, source, config, image_processor=processor)
         scores[0] = {
             iou_type: {
                 name: float(value) for name, value in values.items() if isinstance(value, (int, float))
@@ -690,6 +701,7 @@ def detection_card(
         dataset=dataset,
         num_labels=len(names),
         eval_scale=tuple(data_args.eval_scale),
+        eval_threshold=data_args.eval_threshold,
         steps=step,
         global_batch_size=global_batch_size,
         learning_rate=training_args.learning_rate,

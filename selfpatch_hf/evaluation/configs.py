@@ -227,6 +227,12 @@ class CocoEvalConfig:
         "instead of each query's own mask",
         option="--pipeline-masks",
     )
+    pipeline_boxes: bool = setting(
+        False,
+        "round boxes down to whole pixels, as pipeline('object-detection') returns them (the AP a pipeline user "
+        "measures; at COCO's scale a few hundredths of a point)",
+        option="--pipeline-boxes",
+    )
     batch_size: int = setting(
         8, "images per forward pass (of one processed size; does not change the results)"
     )

@@ -12,7 +12,8 @@ outputs go through the processor's own post-processing (`post_process_object_det
 `pipeline("object-detection")` / `pipeline("image-segmentation", subtask="instance")` do:
 
 - detection: every query above `threshold` (default 0: all, and COCOeval keeps the 100 best per image). The
-  pipeline also rounds boxes down to whole pixels; this function keeps them as floats.
+  pipeline also rounds boxes down to whole pixels; this function keeps them as floats unless `pipeline_boxes`.
+  On small images that rounding matters: a box 20 pixels wide whose IoU is near 0.5 can cross it either way.
 - instance masks: `overlapping_masks=True` (default, Mask2Former's own COCO evaluation) keeps each query's binary
   mask (`return_binary_maps`); `overlapping_masks=False` is the pipeline's reading: one segmentation map in which
   later masks cover earlier ones, each segment's mask taken from it. transformers' post-processing stretches the
@@ -135,9 +136,11 @@ def _detections(
     processor, outputs, sizes, labels: dict[int, int], config: CocoEvalConfig
 ) -> list[dict[str, Any]]:
     results = processor.post_process_object_detection(outputs, threshold=config.threshold, target_sizes=sizes)
+    # the pipeline's int() of each coordinate: truncation toward zero
+    whole = np.trunc if config.pipeline_boxes else np.asarray
     return [
         {
-            "boxes": result["boxes"].detach().cpu().numpy().astype(np.float64).reshape(-1, 4),
+            "boxes": whole(result["boxes"].detach().cpu().numpy().astype(np.float64).reshape(-1, 4)),
             "scores": result["scores"].detach().cpu().numpy().astype(np.float64),
             "labels": np.asarray([labels[int(label)] for label in result["labels"]], np.int64),
         }

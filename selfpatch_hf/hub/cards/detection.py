@@ -28,6 +28,7 @@ class DetectionCardInfo:
     dataset: str
     num_labels: int
     eval_scale: tuple[int, int]  # shorter side, longest side
+    eval_threshold: float  # the pipeline's `threshold` the card's AP was measured at
     steps: int
     global_batch_size: int
     learning_rate: float

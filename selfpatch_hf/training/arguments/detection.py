@@ -18,6 +18,7 @@ from selfpatch_hf.training.arguments.recipe_files import option, parse_recipe_an
 from selfpatch_hf.training.arguments.segmentation import RANDOM_BACKBONE_PREFIX
 
 HEADS = ("deformable-detr", "mask2former")
+DEFAULT_EVAL_THRESHOLDS = {"deformable-detr": 0.0, "mask2former": 0.5}
 
 
 @dataclass
@@ -97,6 +98,13 @@ class DetectionDataArguments:
     eval_scale: list[int] = option(
         help="Evaluation resize: shorter side, longest side (also the saved image processor's).",
         default_factory=lambda: [800, 1333],
+    )
+    eval_threshold: float | None = option(
+        None,
+        "Score threshold of the evaluation, and of the pipeline call the model card states (the card's AP is what "
+        "that call scores). Default: 0 for deformable-detr (every box; COCOeval keeps the best 100), 0.5 for "
+        "mask2former (the image-segmentation pipeline paints all kept instances into one map, later ones over "
+        "earlier ones, so low-scoring instances would cover the good ones).",
     )
     crop_prob: float = option(0.5, "Probability of the resize-crop-resize branch (DETR's).")
     flip_prob: float = option(0.5, "Horizontal flip probability.")
@@ -190,7 +198,9 @@ def validate_arguments(
     scale = data_args.eval_scale
     if len(scale) != 2 or not 1 <= scale[0] <= scale[1]:
         raise UsageError(f"--eval_scale takes two integers 1 <= shorter side <= longest side, got {scale}.")
-    for name in ("crop_prob", "flip_prob"):
+    if data_args.eval_threshold is None:
+        data_args.eval_threshold = DEFAULT_EVAL_THRESHOLDS[model_args.head]
+    for name in ("crop_prob", "flip_prob", "eval_threshold"):
         value = getattr(data_args, name)
         if not 0 <= value <= 1:
             raise UsageError(f"--{name} must be in [0, 1], got {value}.")
@@ -215,6 +225,7 @@ def validate_arguments(
 
 __all__ = [
     "ARGUMENT_CLASSES",
+    "DEFAULT_EVAL_THRESHOLDS",
     "HEADS",
     "DetectionDataArguments",
     "DetectionModelArguments",
