@@ -196,10 +196,39 @@ def test_bad_inputs_are_one_line(inputs, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written before the mistakes were found
 
 
-@pytest.mark.parametrize("recipe", ["detection_offline", "instance_segmentation_offline"])
+DETECTION_RECIPES = sorted(
+    path.stem
+    for pattern in ("detection_*.yaml", "instance_segmentation_*.yaml", "coco_*.yaml")
+    for path in (SCRIPT.parent / "configs").glob(pattern)
+)
+
+
+def test_every_detection_recipe_is_parsed_below():
+    assert {"coco_vit_small_deformable_detr", "coco_vit_small_mask2former"} <= set(DETECTION_RECIPES)
+    assert {"detection_offline", "instance_segmentation_offline"} <= set(DETECTION_RECIPES)
+
+
+@pytest.mark.parametrize("recipe", DETECTION_RECIPES)
 def test_shipped_detection_recipes_parse(recipe):
     model_args, data_args, training_args = _script().parse_arguments(
         [str(SCRIPT.parent / "configs" / f"{recipe}.yaml")]
     )
     assert training_args.output_dir
-    assert model_args.head == ("mask2former" if recipe.startswith("instance") else "deformable-detr")
+    masks = recipe.startswith("instance") or recipe.endswith("mask2former")
+    assert model_args.head == ("mask2former" if masks else "deformable-detr")
+    assert data_args.eval_threshold == (0.0 if model_args.head == "deformable-detr" else 0.5)
+    if recipe.startswith("coco_"):  # the 1x: 12 epochs of COCO train2017's annotated images, 16 per step
+        assert model_args.multi_scale and model_args.out_indices == [4, 6, 8, 12]
+        assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * 8 == 16
+        steps_per_epoch = 117_266 / 16
+        assert training_args.max_steps == round(12 * steps_per_epoch)
+        assert training_args.lr_decay_steps == [round(8 * steps_per_epoch), round(11 * steps_per_epoch)]
+        assert training_args.lr_scheduler == "step" and 0 < training_args.warmup_steps < 1000
+        assert 0 < training_args.layer_decay < 1 and training_args.weight_decay == 0.05
+        assert (data_args.short_side, data_args.eval_scale) == (800, [800, 1333])
+        assert data_args.crop_prob == 0.5 and data_args.flip_prob == 0.5
+        assert data_args.dataset_name == (
+            "detection-datasets/coco"
+            if model_args.head == "deformable-detr"
+            else "data/coco/annotations/instances_train2017.json"
+        )

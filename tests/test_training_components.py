@@ -474,7 +474,7 @@ def test_an_output_dir_with_checkpoints_needs_resume_or_overwrite(tmp_path, caps
 PRETRAINING_RECIPES = sorted(
     path
     for path in (REPO_ROOT / "training" / "configs").glob("*.yaml")
-    if not path.stem.startswith(("segmentation", "detection", "instance_segmentation"))
+    if not path.stem.startswith(("segmentation", "detection", "instance_segmentation", "coco_"))
 )  # the others belong to training/finetune_segmentation.py and training/finetune_detection.py
 
 
