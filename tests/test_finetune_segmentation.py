@@ -98,18 +98,12 @@ print(json.dumps({
 """
 
 
-def test_saved_model_loads_with_plain_transformers(uninterrupted, tmp_path):
-    result, output_dir = uninterrupted
-    umask = os.umask(0o022)
-    os.umask(umask)
-    assert (output_dir / "model").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
-    for file in (output_dir / "model").iterdir():  # not save_pretrained's 0600
-        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file.name
-    pixels = torch.randn(2, 3, 32, 48)
+def _load_elsewhere(folder: Path, pixels: torch.Tensor, tmp_path: Path) -> dict:
+    """LOADER on `folder` in a process without this package: its report, and its logits of `pixels`."""
     np.save(tmp_path / "pixels.npy", pixels.numpy())
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     completed = subprocess.run(
-        [sys.executable, "-c", LOADER, str(output_dir / "model"), str(tmp_path / "pixels.npy")],
+        [sys.executable, "-c", LOADER, str(folder), str(tmp_path / "pixels.npy")],
         capture_output=True,
         text=True,
         cwd=tmp_path,  # not the repository: nothing of ours on the path
@@ -118,15 +112,59 @@ def test_saved_model_loads_with_plain_transformers(uninterrupted, tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
+    report["logits"] = np.load(tmp_path / "logits.npy")
+    return report
+
+
+def test_the_default_neck_is_multiscale_and_single_stays_an_option(uninterrupted, inputs, tmp_path):
+    """The default model reads strides 2-16 of the 8-pixel-patch backbone (patch / 4 ... 2 x patch) through the
+    reference's neck; `--neck single` trains UperNet on the blocks at the patch stride, and its saved folder loads
+    as a plain Dinov2Backbone UperNet too."""
+    result, _ = uninterrupted
+    backbone = result.model.backbone
+    assert backbone.config.add_fpn and backbone.config.out_indices == [1, 2, 3, 4]
+    pixels = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        maps = backbone(pixel_values=pixels).feature_maps
+    assert [tuple(m.shape[-2:]) for m in maps] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+
+    output_dir = tmp_path / "single"
+    script = _script()
+    arguments = script.parse_finetuning_arguments(_arguments(inputs, output_dir, "--neck", "single"))
+    single = script.train(*arguments)
+    single.accelerator.end_training()
+    losses = _losses(output_dir)
+    assert len(losses) == 8 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, losses
+    assert type(single.model.backbone).__name__ == "Dinov2Backbone"
+    card = (output_dir / "model" / "README.md").read_text()
+    assert "at a single stride" in card and "made from four blocks by the reference" not in card
+    report = _load_elsewhere(output_dir / "model", pixels, tmp_path)
+    assert report["backbone"] == "Dinov2Backbone" and report["imported_selfpatch"] is False
+    with torch.no_grad():
+        expected = single.model.eval()(pixel_values=pixels).logits.numpy()
+    np.testing.assert_allclose(report["logits"], expected, rtol=0, atol=1e-5)
+
+
+def test_saved_model_loads_with_plain_transformers(uninterrupted, tmp_path):
+    result, output_dir = uninterrupted
+    assert "made from four blocks by the reference" in (output_dir / "model" / "README.md").read_text()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (output_dir / "model").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    for file in (output_dir / "model").iterdir():  # not save_pretrained's 0600
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file.name
+    pixels = torch.randn(2, 3, 32, 48)
+    report = _load_elsewhere(output_dir / "model", pixels, tmp_path)
     assert report["model"] == "UperNetForSemanticSegmentation"
-    assert report["backbone"] == "Dinov2Backbone"
+    # the default neck: strides 4-32 from BeitBackbone(add_fpn=True)
+    assert report["backbone"] == "BeitBackbone"
     assert report["imported_selfpatch"] is False
     assert report["labels"] and all(size == [70, 50] for size in report["mask_sizes"])
     names = set(result.model.config.id2label.values())
     assert set(report["labels"]) <= names
     with torch.no_grad():
         expected = result.model.eval()(pixel_values=pixels).logits.numpy()
-    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(report["logits"], expected, rtol=0, atol=1e-5)
 
 
 PIPELINE_SCORE = """
@@ -209,6 +247,8 @@ def test_shipped_recipes_parse(recipe, tmp_path):
     )
     assert model_args.backbone and data_args.dataset_name
     assert training_args.warmup_steps < training_args.max_steps
+    if "ade20k" in recipe:  # multi-scale UperNet on blocks 3, 6, 9, 12, the reference's Semantic FPN blocks
+        assert model_args.neck == "multiscale" and model_args.out_indices == [3, 6, 9, 12]
 
 
 @pytest.mark.slow

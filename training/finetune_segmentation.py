@@ -13,7 +13,9 @@ The data is any `datasets` dataset with an image and a mask column (`scene_parse
 --reduce_labels; `offline-scenes` is the synthetic set of selfpatch_hf.data.samples.synthetic_scenes). Training follows
 mmsegmentation's ADE20K recipe (random rescale 0.5-2x, crop, flip, photometric distortion; AdamW with optional
 layer-wise learning-rate decay; linear warm-up then poly or cosine decay, per iteration). The head is transformers'
-UperNet on the backbone's selected blocks (the paper used a Semantic FPN in mmsegmentation, which transformers lacks).
+UperNet; by default (--neck multiscale) on strides 4-32 made from four blocks by the reference's neck
+(`BeitBackbone(add_fpn=True)`, the maps the paper's Semantic FPN reads; transformers has no Semantic FPN), with
+--neck single on four blocks at the patch stride (`Dinov2Backbone`).
 
 The run writes into --output_dir: `metrics.jsonl` (and tracker logs under `logs/`), `checkpoints/checkpoint-<step>`
 (accelerate state, written atomically; resuming continues the same batch order and crops) and, at the end, `model/`:
@@ -155,7 +157,9 @@ def train(
         enable_activation_checkpointing(model.backbone)
     if training_args.sync_batch_norm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
-    if max(model.backbone.config.out_indices) < num_layers:  # later blocks get no gradient
+    # later blocks get no gradient, nor does BEiT's output norm: the multi-scale neck reads the raw block outputs
+    multi_scale_neck = getattr(model.backbone.config, "add_fpn", False)
+    if max(model.backbone.config.out_indices) < num_layers or multi_scale_neck:
         accelerator.ddp_handler.find_unused_parameters = True
     optimizer = build_finetuning_optimizer(
         model, training_args.weight_decay, training_args.layer_decay, num_layers
@@ -425,6 +429,7 @@ def build_model(
             auxiliary_loss_weight=model_args.auxiliary_loss_weight,
             ignore_index=data_args.ignore_index,
             drop_path_rate=model_args.drop_path_rate,
+            multi_scale=model_args.neck == "multiscale",
         )
     except (OSError, ValueError, TypeError) as error:
         raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
@@ -596,6 +601,7 @@ def segmentation_card(
         layer_decay=training_args.layer_decay,
         schedule=training_args.lr_scheduler,
         inference_mode=training_args.inference_mode,
+        multi_scale=model_args.neck == "multiscale" or backbone_class == "SwinBackbone",
         scores=scores,
         eval_split=data_args.eval_split,
         hub_dataset_id=hub_dataset,

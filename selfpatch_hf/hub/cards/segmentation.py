@@ -19,7 +19,7 @@ TEMPLATE_NAME = "segmentation_template.md"
 @dataclass
 class SegmentationCardInfo:
     backbone: str  # where the backbone came from (path or Hub id)
-    backbone_class: str  # Dinov2Backbone / SelfPatchSiglipBackbone
+    backbone_class: str  # Dinov2Backbone / BeitBackbone / SwinBackbone / SelfPatchSiglipBackbone
     dataset: str
     num_labels: int
     crop_size: tuple[int, int]
@@ -29,6 +29,7 @@ class SegmentationCardInfo:
     layer_decay: float
     schedule: str
     inference_mode: str
+    multi_scale: bool = False  # UperNet on strides 4-32 (the reference's neck, or Swin's stages)
     scores: dict[str, float] | None = None  # mean_iou, mean_accuracy, overall_accuracy (fractions)
     eval_split: str | None = None
     hub_dataset_id: str | None = None

@@ -29,8 +29,16 @@ class SegmentationModelArguments:
         "CLS-free SelfPatch SiglipVisionModel, a SelfPatch pretraining folder, a Dinov2Backbone folder, or "
         f"`{RANDOM_BACKBONE_PREFIX}PRESET` (a randomly initialised ViT, e.g. {RANDOM_BACKBONE_PREFIX}vit-tiny-patch16).",
     )
+    neck: Literal["multiscale", "single"] = option(
+        "multiscale",
+        "multiscale: UperNet on strides 4, 8, 16, 32 made from four blocks by the reference's neck "
+        "(BeitBackbone(add_fpn=True); the paper's Semantic FPN reads such maps); single: UperNet on four blocks at "
+        "the patch stride (Dinov2Backbone). A Swin backbone is multi-scale either way.",
+    )
     out_indices: list[int] | None = option(
-        None, "Blocks whose outputs feed the head (default: a third, half, two thirds and all of the depth)."
+        None,
+        "Blocks whose outputs feed the head (default: --neck multiscale 3, 6, 9, 12 of 12 (a quarter, half, three "
+        "quarters and all of the depth; exactly four), --neck single 4, 6, 8, 12 (a third, half, two thirds, all)).",
     )
     decoder_hidden_size: int = option(512, "UperNet's channel width.")
     use_auxiliary_head: bool = option(True, "Train UperNet's auxiliary FCN head on the third feature map.")
