@@ -193,6 +193,8 @@ def test_bad_inputs_are_one_line(inputs, tmp_path):
     assert "\n" not in str(caught.value)
     with pytest.raises(UsageError, match=re.escape("--two_stage needs --with_box_refine")):
         script.parse_detection_arguments([*arguments, "--two_stage"])
+    with pytest.raises(UsageError, match=re.escape("--eval_threshold must be in [0, 1], got 1.5")):
+        script.parse_detection_arguments([*arguments, "--eval_threshold", "1.5"])
     assert not (tmp_path / "run").exists()  # nothing written before the mistakes were found
 
 

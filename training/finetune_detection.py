@@ -23,7 +23,8 @@ The run writes into --output_dir: `metrics.jsonl` (and tracker logs under `logs/
 (accelerate state, written atomically; resuming continues the same batch order and augmentation) and, at the end,
 `model/`: the detector + the image processor the evaluation used (resize to --eval_scale, normalise:
 the pipelines reproduce the evaluation) + a model card with the COCO AP it measured (box AP; mask AP for
-Mask2Former), then `run_complete.json`.
+Mask2Former), which is the AP of the pipeline call the card states (`threshold=--eval_threshold`; the evaluation
+reads boxes and masks as the pipelines return them), then `run_complete.json`.
 """
 
 from __future__ import annotations
