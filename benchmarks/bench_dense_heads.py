@@ -10,9 +10,12 @@ The models are the ones the recipes build (random weights: speed does not depend
   layers, 100 queries) on strides 4-32.
 
 Per head: the median over `--repeats` of an inference forward (no gradient) on one image, and of a training step
-(forward, backward, AdamW step) on two images (UperNet's BatchNorm needs two) divided by two; at 512 x 512 for
-UperNet (the ADE20K crop) and `--detection-size` for the detectors (default 800 x 1088: a 640 x 480 COCO image at
-the evaluation scale, rounded to a multiple of 32). The detectors train on five random objects per image.
+(forward, backward, AdamW step) divided by its images. UperNet runs at 512 x 512 (the ADE20K crop) both ways and
+trains on two images (its pooling branch's BatchNorm needs two). The detectors infer at `--detection-size`
+(default 800 x 1088: a 640 x 480 COCO image at the evaluation scale, rounded to a multiple of 32) and train on one
+image of `--detection-train-size` (default 512 x 672, the smallest multi-scale training resize of such an image)
+with five random objects: a Deformable DETR step on two images held about 18 GB of memory at 800 x 1088 and more
+than 10 GB at 512 x 672, more than a shared 23 GB machine can spare.
 
     python benchmarks/bench_dense_heads.py --threads 1 --repeats 3
 """
@@ -53,7 +56,8 @@ def build(head: str, names: list[str]):
     return build_mask2former(vit, names, out_indices=[4, 6, 8, 12], num_queries=100)
 
 
-TRAIN_BATCH = 2
+def train_batch(head: str) -> int:
+    return 2 if head.startswith("upernet") else 1
 
 
 def labels(head: str, size: tuple[int, int], num_labels: int, generator: torch.Generator) -> dict:
@@ -91,33 +95,37 @@ def median_seconds(function, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(head: str, size: tuple[int, int], repeats: int) -> dict:
+def measure(head: str, size: tuple[int, int], train_size: tuple[int, int], repeats: int) -> dict:
     names = [f"class-{index}" for index in range(150 if head.startswith("upernet") else 80)]
     torch.manual_seed(0)
     model = build(head, names)
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(TRAIN_BATCH, 3, *size, generator=generator)
-    targets = batch_labels(head, [labels(head, size, len(names), generator) for _ in range(TRAIN_BATCH)])
+    pixels = torch.randn(1, 3, *size, generator=generator)
+    batch = train_batch(head)
+    train_pixels = torch.randn(batch, 3, *train_size, generator=generator)
+    targets = batch_labels(head, [labels(head, train_size, len(names), generator) for _ in range(batch)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def infer() -> None:
         model.eval()
         with torch.no_grad():
-            model(pixel_values=pixels[:1])
+            model(pixel_values=pixels)
 
     def train_step() -> None:
         model.train()
-        loss = model(pixel_values=pixels, **targets).loss
+        loss = model(pixel_values=train_pixels, **targets).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return {
         "head": head,
-        "size": list(size),
+        "inference_size": list(size),
+        "training_size": list(train_size),
         "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "inference_seconds_per_image": round(median_seconds(infer, repeats), 2),
-        "training_seconds_per_image": round(median_seconds(train_step, repeats) / TRAIN_BATCH, 2),
+        "training_batch": batch,
+        "training_seconds_per_image": round(median_seconds(train_step, repeats) / batch, 2),
     }
 
 
@@ -131,11 +139,17 @@ def main() -> None:
     parser.add_argument(
         "--detection-size", type=int, nargs=2, default=[800, 1088], metavar=("HEIGHT", "WIDTH")
     )
+    parser.add_argument(
+        "--detection-train-size", type=int, nargs=2, default=[512, 672], metavar=("HEIGHT", "WIDTH")
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for head in args.heads:
-        size = (512, 512) if head.startswith("upernet") else tuple(args.detection_size)
-        print(json.dumps({**measure(head, size, args.repeats), "threads": args.threads}), flush=True)
+        if head.startswith("upernet"):
+            sizes = ((512, 512), (512, 512))
+        else:
+            sizes = (tuple(args.detection_size), tuple(args.detection_train_size))
+        print(json.dumps({**measure(head, *sizes, args.repeats), "threads": args.threads}), flush=True)
 
 
 if __name__ == "__main__":
