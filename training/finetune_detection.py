@@ -631,7 +631,9 @@ def next_batch(batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
         ) from None
 
 
-def evaluation_config(data_args: DetectionDataArguments, training_args, device: str) -> CocoEvalConfig:
+def evaluation_config(
+    data_args: DetectionDataArguments, training_args: DetectionTrainingArguments, device: str
+) -> CocoEvalConfig:
     """The card's evaluation is what the pipelines return for the call the card states: the image-segmentation
     pipeline's one-map masks (not each query's own mask) and the detection pipeline's whole-pixel boxes, at
     --eval_threshold."""

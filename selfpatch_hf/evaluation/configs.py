@@ -230,7 +230,7 @@ class CocoEvalConfig:
     pipeline_boxes: bool = setting(
         False,
         "round boxes down to whole pixels, as pipeline('object-detection') returns them (the AP a pipeline user "
-        "measures; at COCO's scale a few hundredths of a point)",
+        "measures)",
         option="--pipeline-boxes",
     )
     batch_size: int = setting(
