@@ -14,8 +14,9 @@ Per head: the median over `--repeats` of an inference forward (no gradient) on o
 trains on two images (its pooling branch's BatchNorm needs two). The detectors infer at `--detection-size`
 (default 800 x 1088: a 640 x 480 COCO image at the evaluation scale, rounded to a multiple of 32) and train on one
 image of `--detection-train-size` (default 512 x 672, the smallest multi-scale training resize of such an image)
-with five random objects: a Deformable DETR step on two images held about 18 GB of memory at 800 x 1088 and more
-than 10 GB at 512 x 672, more than a shared 23 GB machine can spare.
+with five random objects. Deformable DETR's training steps grew past what a shared 23 GB machine can spare: about
+18 GB for two images at 800 x 1088, over 10 GB for two and over 9 GB for one at 512 x 672 (stopped there); pass
+`--detection-train-size 384 512` on such a machine.
 
     python benchmarks/bench_dense_heads.py --threads 1 --repeats 3
 """
