@@ -202,6 +202,18 @@ def validate_arguments(
     steps = training_args.lr_decay_steps
     if any(step < 1 for step in steps) or steps != sorted(steps):
         raise UsageError(f"--lr_decay_steps takes increasing positive steps, got {steps}.")
+    if not training_args.learning_rate > 0:
+        raise UsageError(f"--learning_rate must be > 0, got {training_args.learning_rate}.")
+    if not 0 <= training_args.min_learning_rate <= training_args.learning_rate:
+        raise UsageError(
+            f"--min_learning_rate must lie between 0 and --learning_rate {training_args.learning_rate}, got "
+            f"{training_args.min_learning_rate}."
+        )
+    for name in ("weight_decay", "max_grad_norm"):
+        if getattr(training_args, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(training_args, name)}.")
+    if not 0 <= training_args.warmup_ratio <= 1:
+        raise UsageError(f"--warmup_ratio must lie in [0, 1], got {training_args.warmup_ratio}.")
     if not 0 < training_args.lr_decay_factor <= 1:
         raise UsageError(f"--lr_decay_factor must be in (0, 1], got {training_args.lr_decay_factor}.")
     if not 0 < training_args.layer_decay <= 1:

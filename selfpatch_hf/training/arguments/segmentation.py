@@ -172,6 +172,30 @@ def validate_arguments(
     low, high = data_args.ratio_range if len(data_args.ratio_range) == 2 else (0, -1)
     if not 0 < low <= high:
         raise UsageError(f"--ratio_range takes two numbers 0 < low <= high, got {data_args.ratio_range}.")
+    if not training_args.learning_rate > 0:
+        raise UsageError(f"--learning_rate must be > 0, got {training_args.learning_rate}.")
+    if not 0 <= training_args.min_learning_rate <= training_args.learning_rate:
+        raise UsageError(
+            f"--min_learning_rate must lie between 0 and --learning_rate {training_args.learning_rate}, got "
+            f"{training_args.min_learning_rate}."
+        )
+    for name, owner in (
+        ("weight_decay", training_args),
+        ("max_grad_norm", training_args),
+        ("poly_power", training_args),
+        ("auxiliary_loss_weight", model_args),
+    ):
+        if getattr(owner, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(owner, name)}.")
+    if not 0 < data_args.cat_max_ratio <= 1:
+        raise UsageError(f"--cat_max_ratio must lie in (0, 1], got {data_args.cat_max_ratio}.")
+    for name, owner in (("flip_prob", data_args), ("warmup_ratio", training_args)):
+        if not 0 <= getattr(owner, name) <= 1:
+            raise UsageError(f"--{name} must lie in [0, 1], got {getattr(owner, name)}.")
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be >= 1 (or unset: all), got {value}.")
     if not 0 < training_args.layer_decay <= 1:
         raise UsageError(f"--layer_decay must be in (0, 1], got {training_args.layer_decay}.")
     if not 0 <= model_args.drop_path_rate < 1:
