@@ -622,7 +622,8 @@ def test_a_moby_queue_smaller_than_a_step_s_keys_is_an_argument_mistake():
     pretrain = load_pretrain_script()
     config = SelfPatchConfig.from_preset(TINY_PRESET, image_objective="moby", moby_queue_size=16)
     accelerator = SimpleNamespace(num_processes=2)
-    pretrain.check_moby_queue(config, accelerator, SimpleNamespace(per_device_train_batch_size=8))  # 16 keys fit
+    fits = SimpleNamespace(per_device_train_batch_size=8)  # 2 x 8 = 16 keys
+    pretrain.check_moby_queue(config, accelerator, fits)
     with pytest.raises(UsageError, match="moby_queue_size=16 is smaller than the 18 keys each step writes"):
         pretrain.check_moby_queue(config, accelerator, SimpleNamespace(per_device_train_batch_size=9))
 
