@@ -195,10 +195,43 @@ def test_argument_mistakes_are_one_line_errors(inputs, tmp_path, capsys):
     assert "unknown option(s) ['learning_rat']" in capsys.readouterr().err
     assert run_command("finetune_segmentation.py", script.main, ["--dataset_name", "x"]) == 2
     assert "--backbone is required" in capsys.readouterr().err
-    missing = _arguments(inputs, tmp_path / "out")
-    missing[missing.index("--backbone") + 1] = str(tmp_path / "nowhere")
-    assert run_command("finetune_segmentation.py", script.main, missing) == 2
-    assert "--backbone" in capsys.readouterr().err
+
+    def refused(message: str, *extra: str, backbone: Path | None = None) -> None:
+        arguments = _arguments(inputs, tmp_path / "out", *extra)
+        if backbone is not None:
+            arguments[arguments.index("--backbone") + 1] = str(backbone)
+        assert run_command("finetune_segmentation.py", script.main, arguments) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        assert message in err.strip().splitlines()[-1], err
+        assert not (tmp_path / "out").exists()
+
+    refused(f"--backbone {tmp_path / 'nowhere'}: no such folder", backbone=tmp_path / "nowhere")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(inputs["backbone"], damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    refused("its weights cannot be read (SafetensorError", backbone=damaged)
+    weights.unlink()
+    torch.save({"unrelated": torch.zeros(2)}, damaged / "pytorch_model.bin")
+    refused("its weights lack 70 of the ViTModel's tensors", backbone=damaged)
+    torch.save({"payload": print}, damaged / "pytorch_model.bin")  # a pickle that would call a function
+    refused(
+        "its weights cannot be read (UnpicklingError: WeightsUnpickler error: Unsupported global",
+        backbone=damaged,
+    )
+    labels = tmp_path / "labels.json"
+    labels.write_text('{"sky": 0, "sea": 1}')
+    index = _arguments(inputs, tmp_path).index("--label_names") + 1
+    arguments = _arguments(inputs, tmp_path / "out")
+    arguments[index] = str(labels)
+    assert run_command("finetune_segmentation.py", script.main, arguments) == 2
+    assert f"--label_names {labels} must hold a list" in capsys.readouterr().err
+    refused("--mask_column 'masks' is not a column of the dataset", "--mask_column", "masks")
+    refused("--image_column 'label' holds ClassLabel", "--image_column", "label")
+    refused("has 12 images, fewer than one global batch of 16", "--per_device_train_batch_size", "16")
+    refused("--learning_rate must be a finite number, got nan.", "--learning_rate", "nan")
+    refused("--max_grad_norm must be >= 0, got -1.0.", "--max_grad_norm", "-1")
 
 
 @pytest.mark.parametrize("recipe", ["segmentation_ade20k_vit_small.yaml", "segmentation_offline.yaml"])
@@ -275,3 +308,94 @@ def test_push_to_hub_uploads_the_model_folder(inputs, tmp_path, hub_server):
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         assert files[name] == (local / name).read_bytes(), name
     assert b"pipeline_tag: image-segmentation" in files["README.md"]
+
+
+def _altered_scenes(source: Path, target: Path, split: str, alter) -> Path:
+    """A copy of the scenes whose `split` has `alter(index, image_bytes, mask) -> (image_bytes, mask_bytes)`."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from selfpatch_hf.data.samples.synthetic_scenes import segmentation_features
+
+    (target / "data").mkdir(parents=True)
+    for name in ("train", "validation"):
+        parquet = f"{name}-00000-of-00001.parquet"
+        if name != split:
+            shutil.copy(source / "data" / parquet, target / "data" / parquet)
+            continue
+        rows = datasets.Dataset.from_parquet(str(source / "data" / parquet))
+        rows = rows.cast_column("image", datasets.Image(decode=False))
+        rows = rows.cast_column("mask", datasets.Image(decode=False))
+        images, masks = [], []
+        for index, row in enumerate(rows):
+            mask = np.asarray(Image.open(io.BytesIO(row["mask"]["bytes"])))
+            image, mask = alter(index, row["image"]["bytes"], mask)
+            if isinstance(mask, np.ndarray):
+                buffer = io.BytesIO()
+                Image.fromarray(mask).save(buffer, format="TIFF" if mask.dtype == np.float32 else "PNG")
+                mask = buffer.getvalue()
+            images.append({"bytes": image, "path": None})
+            masks.append({"bytes": mask, "path": None})
+        altered = datasets.Dataset.from_dict(
+            {"image": images, "mask": masks, "label": rows["label"]}, features=segmentation_features()
+        )
+        altered.to_parquet(str(target / "data" / parquet))
+    return target
+
+
+def _beyond_the_classes(mask: np.ndarray) -> np.ndarray:
+    return np.where(mask == 255, mask, mask + 20).astype(np.uint8)
+
+
+def test_masks_that_cannot_be_trained_on_are_one_line_and_undecodable_examples_are_skipped(
+    inputs, tmp_path, capsys, caplog
+):
+    from selfpatch_hf.cli.errors import run_command
+
+    script = _script()
+
+    def run(data: Path, name: str) -> tuple[int, str]:
+        arguments = _arguments({**inputs, "data": data}, tmp_path / f"{name}-run", "--max_steps", "3")
+        code = run_command("finetune_segmentation.py", script.main, arguments)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        return code, err.strip().splitlines()[-1]
+
+    def late_label(index, image, mask):
+        return image, _beyond_the_classes(mask) if index == 5 else mask
+
+    code, error = run(_altered_scenes(inputs["data"], tmp_path / "late", "train", late_label), "late")
+    assert code == 1 and error.startswith("finetune_segmentation.py: error: "), error
+    assert "(train split): training example 5: its mask holds label" in error
+    assert "but there are 12 classes (0..11, 255 = ignore): pass the dataset's class names" in error
+
+    def eval_label(index, image, mask):
+        return image, _beyond_the_classes(mask) if index == 2 else mask
+
+    code, error = run(_altered_scenes(inputs["data"], tmp_path / "eval", "validation", eval_label), "eval")
+    assert code == 2 and "(validation split): evaluation example 2: its mask holds label" in error, error
+    assert not (tmp_path / "eval-run").exists()
+
+    def fractional(index, image, mask):
+        return image, mask.astype(np.float32) + 0.5
+
+    code, error = run(_altered_scenes(inputs["data"], tmp_path / "float", "train", fractional), "float")
+    assert code == 2 and "training example 0: its mask holds values that are no class ids" in error, error
+
+    def corrupt(index, image, mask):
+        return (image[:40] if index == 2 else image), (b"\x89PNG broken" if index == 7 else mask)
+
+    with caplog.at_level("WARNING"):
+        code, error = run(_altered_scenes(inputs["data"], tmp_path / "corrupt", "train", corrupt), "corrupt")
+    assert code == 0, error
+    warnings = [
+        record.getMessage() for record in caplog.records if "Skipped training example" in record.message
+    ]
+    assert sorted(message.split(" (")[0] for message in warnings) == [
+        "Skipped training example 2",
+        "Skipped training example 7",
+    ], warnings
+    assert "2 skipped so far" in warnings[-1]
+    assert (tmp_path / "corrupt-run" / "model" / "config.json").is_file()

@@ -58,6 +58,8 @@ import copy
 import logging
 import math
 import os
+import pickle
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -67,21 +69,28 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from selfpatch_hf.atomic_folders import staged_folder
 from selfpatch_hf.data.segmentation.augmentation import SegmentationTrainTransform, prepare_mask
 from selfpatch_hf.data.segmentation.loading import (
     OFFLINE_SCENES,
+    ExampleProblem,
     SegmentationBatchSampler,
+    SegmentationDataError,
     SegmentationEvalSet,
     SegmentationTrainSet,
+    SkippedExample,
+    check_evaluation_masks,
+    check_label_range,
     collate_segmentation,
     find_columns,
     label_names,
     load_segmentation_splits,
 )
 from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
+from selfpatch_hf.evaluation.semseg_metrics import MaskValueError
 from selfpatch_hf.hub.cards.segmentation import SegmentationCardInfo, write_segmentation_card
 from selfpatch_hf.models.dense.backbones import random_vit
 from selfpatch_hf.models.dense.heads import build_segmentation_image_processor, build_upernet
@@ -242,7 +251,14 @@ def train(
             return scores
 
         batches, batches_per_epoch = train_batches(
-            train_set, image_column, mask_column, data_args, training_args, accelerator, global_step
+            train_set,
+            image_column,
+            mask_column,
+            data_args,
+            training_args,
+            accelerator,
+            global_step,
+            len(names),
         )
         logger.info(
             "Fine-tuning %s (%s, %d blocks, out_indices %s) on %s: %d steps of %d images (%.1f epochs of %d), peak "
@@ -404,7 +420,16 @@ def main(argv: list[str] | None = None) -> int:
 def backbone_source(model_args: SegmentationModelArguments, crop_size: list[int]):
     """The backbone argument as `build_upernet` takes it: a path / Hub id, or a random ViT for `random:PRESET`."""
     if not model_args.backbone.startswith(RANDOM_BACKBONE_PREFIX):
-        return model_args.backbone
+        path = model_args.backbone
+        # a Hub id is `name` or `namespace/name`: anything else can only be a folder, so say it is missing
+        if (path.startswith(("/", ".", "~")) or path.count("/") > 1) and not os.path.exists(
+            os.path.expanduser(path)
+        ):
+            raise UsageError(
+                f"--backbone {path}: no such folder; give an exported backbone folder, a Hub id or "
+                f"{RANDOM_BACKBONE_PREFIX}PRESET."
+            )
+        return path
     try:
         return random_vit(model_args.backbone[len(RANDOM_BACKBONE_PREFIX) :], max(crop_size))
     except ValueError as error:
@@ -427,7 +452,20 @@ def build_model(
             drop_path_rate=model_args.drop_path_rate,
         )
     except (OSError, ValueError, TypeError) as error:
-        raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
+        raise UsageError(f"--backbone {model_args.backbone}: {' '.join(str(error).split())}") from None
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        # truncated or damaged weights, or a pickle that torch's weights-only loader refuses to run
+        lines = [
+            line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()
+        ]
+        # torch's refusal of a pickle names the offending global on its "WeightsUnpickler error" line
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), " ".join(lines))[
+            :300
+        ]
+        raise UsageError(
+            f"--backbone {model_args.backbone}: its weights cannot be read ({type(error).__name__}: {reason}); the "
+            "file is damaged, truncated or not a plain tensor file: export or download the backbone again."
+        ) from None
 
 
 def load_data(
@@ -446,21 +484,70 @@ def load_data(
                 data_args.dataset_revision,
             )
         image_column, mask_column = find_columns(train, data_args.image_column, data_args.mask_column)
-        names = label_names(data_args.label_names, data_args.dataset_name)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
         raise UsageError(f"--dataset_name {data_args.dataset_name}: {error}") from None
+    try:
+        names = label_names(data_args.label_names, data_args.dataset_name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if data_args.max_train_samples:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if evaluation is not None and data_args.max_eval_samples:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
-    labels = prepare_mask(train[0][mask_column], data_args.reduce_labels, data_args.ignore_index)
-    present = np.unique(labels[labels != data_args.ignore_index])
-    if present.size and (present.min() < 0 or present.max() >= len(names)):
+    global_batch = training_args.per_device_train_batch_size * accelerator.num_processes
+    if len(train) < global_batch:
         raise UsageError(
-            f"The first training mask holds label {int(present.max())} but there are {len(names)} classes: pass "
-            "the dataset's class names with --label_names, or --reduce_labels for ADE20K-style masks (0 = other)."
+            f"--dataset_name {data_args.dataset_name}: its {data_args.train_split} split has {len(train)} images, "
+            f"fewer than one global batch of {global_batch} ({accelerator.num_processes} processes x "
+            f"{training_args.per_device_train_batch_size}): lower --per_device_train_batch_size."
         )
+    try:  # the first mask now: a dataset that needs other label settings fails before any work
+        labels = prepare_mask(train[0][mask_column], data_args.reduce_labels, data_args.ignore_index)
+        check_label_range(labels, len(names), data_args.ignore_index)
+    except (SegmentationDataError, MaskValueError) as error:
+        raise UsageError(f"--dataset_name {data_args.dataset_name}: training example 0: {error}.") from None
+    except Exception:  # undecodable: skipped and counted by the training set
+        pass
+    if evaluation is not None:
+        evaluation = checked_evaluation_split(evaluation, image_column, mask_column, data_args, len(names))
     return train, evaluation, image_column, mask_column, names
+
+
+def checked_evaluation_split(evaluation, image_column, mask_column, data_args, num_labels: int):
+    """The evaluation split without its undecodable examples (named in a warning), after every mask was read: a
+    mask that cannot be scored stops the run now, before training, not when the trained model is evaluated."""
+    if image_column not in evaluation.column_names or mask_column not in evaluation.column_names:
+        raise UsageError(
+            f"--dataset_name {data_args.dataset_name}: the {data_args.eval_split} split has no column "
+            f"{image_column!r} / {mask_column!r} (columns: {evaluation.column_names}); pass --image_column / "
+            "--mask_column, or --eval_split none."
+        )
+    try:
+        indices, skipped = check_evaluation_masks(
+            evaluation,
+            image_column,
+            mask_column,
+            num_labels,
+            data_args.ignore_index,
+            lambda mask: prepare_mask(mask, data_args.reduce_labels, data_args.ignore_index),
+        )
+    except SegmentationDataError as error:
+        raise UsageError(
+            f"--dataset_name {data_args.dataset_name} ({data_args.eval_split} split): {error}"
+        ) from None
+    if skipped:
+        logger.warning(
+            "Skipping %d of the %d evaluation examples, which cannot be decoded (%s%s).",
+            len(skipped),
+            len(evaluation),
+            skipped[0].reason,
+            "; ..." if len(skipped) > 1 else "",
+        )
+    if not indices:
+        raise UsageError(
+            f"--dataset_name {data_args.dataset_name}: no example of the {data_args.eval_split} split can be decoded."
+        )
+    return evaluation.select(indices) if skipped else evaluation
 
 
 def evaluation_processor(data_args: SegmentationDataArguments):
@@ -487,8 +574,12 @@ class ProcessorEvalTransform:
         return pixels, prepare_mask(mask, self.reduce_labels, self.ignore_index)
 
 
-def train_batches(train, image_column, mask_column, data_args, training_args, accelerator, start_step):
-    """This process's endless micro-batches, from optimiser step `start_step` on (moved to the device)."""
+def train_batches(
+    train, image_column, mask_column, data_args, training_args, accelerator, start_step, num_labels=None
+):
+    """This process's endless micro-batches, from optimiser step `start_step` on (moved to the device). An
+    undecodable example is replaced by the next readable one and named once in a warning; a mask that cannot be
+    trained on (labels beyond `num_labels`, another size than its image) ends the run in one line."""
     transform = SegmentationTrainTransform(
         crop_size=tuple(data_args.crop_size),
         scale=tuple(data_args.scale),
@@ -508,7 +599,15 @@ def train_batches(train, image_column, mask_column, data_args, training_args, ac
         start_batch=start_step * training_args.gradient_accumulation_steps,
     )
     loader = torch.utils.data.DataLoader(
-        SegmentationTrainSet(train, image_column, mask_column, transform, training_args.seed),
+        SegmentationTrainSet(
+            train,
+            image_column,
+            mask_column,
+            transform,
+            training_args.seed,
+            num_labels,
+            data_args.ignore_index,
+        ),
         batch_sampler=sampler,
         num_workers=data_args.num_workers,
         collate_fn=collate_segmentation,
@@ -518,8 +617,23 @@ def train_batches(train, image_column, mask_column, data_args, training_args, ac
         generator=torch.Generator().manual_seed(training_args.seed),
     )
 
+    skipped: set[int] = set()
+
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         for batch in started_with_workers(loader):
+            if "problem" in batch:
+                raise CommandFailure(
+                    f"--dataset_name {data_args.dataset_name} ({data_args.train_split} split): {batch['problem']}"
+                )
+            for example in batch.pop("skipped"):
+                if example.index not in skipped:
+                    skipped.add(example.index)
+                    logger.warning(
+                        "Skipped training example %d (%s), the next readable one takes its place; %d skipped so far.",
+                        example.index,
+                        example.reason,
+                        len(skipped),
+                    )
             yield {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
 
     return batches(), sampler.batches_per_epoch
@@ -546,9 +660,23 @@ def evaluate(model, evaluation, columns, processor, data_args, training_args, ac
         generator=torch.Generator(),  # leaves the global torch RNG (drop-path masks) alone
     )
     whole = training_args.inference_mode == "whole"
+    skipped: list[SkippedExample] = []
+
+    def scored_examples() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for example in started_with_workers(examples):
+            if isinstance(
+                example, ExampleProblem
+            ):  # checked before training: only a changed dataset gets here
+                raise CommandFailure(f"--dataset_name {data_args.dataset_name}: {example.message}")
+            if isinstance(example, SkippedExample):  # truncated image data behind a readable header
+                skipped.append(example)
+                continue
+            pixels, labels = example
+            yield pixels.numpy(), labels.numpy()
+
     confusion = evaluate_segmentation(
         unwrapped,
-        ((pixels.numpy(), labels.numpy()) for pixels, labels in started_with_workers(examples)),
+        scored_examples(),
         len(names),
         data_args.ignore_index,
         training_args.inference_mode,
@@ -560,6 +688,12 @@ def evaluate(model, evaluation, columns, processor, data_args, training_args, ac
         accelerator.device,
         accelerator.autocast,
     )
+    if skipped:
+        logger.warning(
+            "The evaluation skipped %d example(s) that cannot be decoded (%s).",
+            len(skipped),
+            skipped[0].reason,
+        )
     total = accelerator.reduce(torch.as_tensor(confusion.matrix, device=accelerator.device), reduction="sum")
     confusion.matrix = total.cpu().numpy()
     scores = confusion.compute()
