@@ -184,6 +184,46 @@ def test_a_swin_too_small_for_its_window_is_refused(tmp_path):
         convert_checkpoint(tmp_path / "small.pth", tmp_path / "out")
 
 
+@pytest.mark.parametrize("make", [moby_swin_checkpoint, moby_deit_checkpoint], ids=["swin", "deit"])
+def test_a_moby_checkpoint_without_its_momentum_encoder_is_told_so(tmp_path, make):
+    checkpoint, _, _ = make()
+    cut = {
+        **checkpoint,
+        "model": {k: v for k, v in checkpoint["model"].items() if not k.startswith("encoder_k.")},
+    }
+    save_with_yacs_config(cut, tmp_path / "online_only.pth")
+    with pytest.raises(
+        ConversionError, match=r"online_only.pth lacks its momentum encoder \(encoder_k\.\*\)"
+    ):
+        convert_checkpoint(tmp_path / "online_only.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_swin_missing_a_whole_block_is_refused_naming_its_keys(tmp_path):
+    from reference_moby import FakeYacsConfig
+
+    checkpoint, _, _ = moby_swin_checkpoint()
+    depths = list(TINY_SWIN["depths"])
+    checkpoint["config"]["MODEL"]["SWIN"] = FakeYacsConfig(DEPTHS=depths)
+    save_with_yacs_config(checkpoint, tmp_path / "whole.pth")
+    assert convert_checkpoint(tmp_path / "whole.pth", tmp_path / "whole").max_abs_difference <= TOLERANCE
+    last = f"layers.{len(depths) - 1}.blocks.{depths[-1] - 1}."
+    shallower = [*depths[:-1], depths[-1] - 1]
+    cut = _damage(
+        checkpoint,
+        lambda m: [m.pop(k) for k in list(m) if k.startswith((f"encoder.{last}", f"encoder_k.{last}"))],
+    )
+    save_with_yacs_config(cut, tmp_path / "cut.pth")
+    with pytest.raises(ConversionError) as raised:
+        convert_checkpoint(tmp_path / "cut.pth", tmp_path / "out")
+    message = str(raised.value)
+    assert (
+        f"config records Swin depths {depths}, but its weights hold {shallower} blocks per stage" in message
+    )
+    assert f"missing keys (14): {last}attn.proj.bias" in message and f"{last}norm2.weight" in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_command_line(tmp_path, capsys):
     checkpoint, _, _ = moby_swin_checkpoint()
     save_with_yacs_config(checkpoint, tmp_path / "moby.pth")
