@@ -915,10 +915,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("warmup", "budget", "pretrain_timeout", "data_seconds"):
+    for name in ("warmup", "data_seconds"):
         value = getattr(args, name)
         if value is not None and not 0 <= value < math.inf:  # also NaN
             parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for name in ("budget", "pretrain_timeout"):  # 0 s would skip or fail every timed section
+        value = getattr(args, name)
+        if not 0 < value < math.inf:
+            parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds > 0, got {value}")
+    import torch._dynamo
+
+    if args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        parser.error(
+            f"--compile-backend {args.compile_backend!r} is not a torch.compile backend "
+            "(torch._dynamo.list_backends() lists them)"
+        )
+    # the report is written at the end: a folder that cannot take it must fail now, not after the whole run
+    output = Path(args.output)
+    if output.is_dir():
+        parser.error(f"--output {output} is a folder; give a file name, e.g. {output / 'device_check.json'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(
+            f"--output {output}: cannot create its folder {output.parent} ({error.strerror or error})"
+        )
+    if not os.access(output.parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        parser.error(f"--output {output}: {output.parent} is not writable; give another --output")
     args.cpu_mode = args.cpu or not torch.cuda.is_available()
     args.steps = args.steps or (2 if args.cpu_mode else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu_mode else 3)
@@ -990,8 +1013,16 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": elapsed,
         "passed": not failed,
     }
-    Path(args.output).write_text(json.dumps(payload, indent=2, default=str))
-    print(f"\n{'FAILED' if failed else 'passed'} in {elapsed:.0f} s; report in {args.output}", flush=True)
+    text = json.dumps(payload, indent=2, default=str)
+    try:
+        Path(args.output).write_text(text)
+        where = args.output
+    except OSError as error:  # e.g. the disk filled during the run: keep the results somewhere
+        with tempfile.NamedTemporaryFile("w", prefix="device_check-", suffix=".json", delete=False) as file:
+            file.write(text)
+        where = file.name
+        print(f"cannot write --output {args.output} ({error.strerror or error}); the report went to {where}")
+    print(f"\n{'FAILED' if failed else 'passed'} in {elapsed:.0f} s; report in {where}", flush=True)
     if skipped:
         print(f"skipped: {'; '.join(sorted(skipped))}", flush=True)
     return 1 if failed else 0
