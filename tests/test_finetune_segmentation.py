@@ -129,6 +129,21 @@ def test_saved_model_loads_with_plain_transformers(uninterrupted, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_the_saved_image_processor_takes_any_image_mode_as_rgb(uninterrupted, mode):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    _, output_dir = uninterrupted
+    processor = AutoImageProcessor.from_pretrained(output_dir / "model")
+    colours = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    image = Image.fromarray(colours).convert(mode)
+    pixels = processor(images=image, return_tensors="np")["pixel_values"]
+    expected = processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"]
+    assert pixels.shape == expected.shape and pixels.shape[1] == 3
+    np.testing.assert_array_equal(pixels, expected)
+
+
 PIPELINE_SCORE = """
 import json, sys
 import datasets
