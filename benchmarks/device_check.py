@@ -246,19 +246,19 @@ def tf32(enabled: bool):
 
 
 def section_correctness(report: Report, device: torch.device, args) -> None:
-    from selfpatch_hf import SelfPatchViTForPretraining
+    from selfpatch_hf import SelfPatchForPretraining
     from selfpatch_hf.training.cuda_setup import adamw_kwargs, sdpa_backends
     from selfpatch_hf.training.optimization import build_param_groups
 
     torch.manual_seed(0)
-    reference = SelfPatchViTForPretraining(tiny_config()).train()
+    reference = SelfPatchForPretraining(tiny_config()).train()
     generator = torch.Generator().manual_seed(1)
     global_crops = torch.randn(4, 2, 3, 32, 32, generator=generator)
     local_crops = torch.randn(4, 4, 3, 16, 16, generator=generator)
     with torch.no_grad():
         cpu_loss = reference(global_crops, local_crops, update_state=False).loss.item()
 
-    model = SelfPatchViTForPretraining(tiny_config()).train()
+    model = SelfPatchForPretraining(tiny_config()).train()
     model.load_state_dict(reference.state_dict())
     model.to(device)
     crops = (global_crops.to(device), local_crops.to(device))
@@ -285,7 +285,7 @@ def section_correctness(report: Report, device: torch.device, args) -> None:
             f"{losses[precision]:.6f}",
         )
     for precision in ("fp32", "bf16", "fp16"):
-        model = SelfPatchViTForPretraining(tiny_config()).train()
+        model = SelfPatchForPretraining(tiny_config()).train()
         model.load_state_dict(reference.state_dict())
         model.to(device)
         optimizer = torch.optim.AdamW(build_param_groups(model.student), lr=1e-3, **adamw_kwargs(device))
@@ -373,7 +373,7 @@ def model_shapes(args) -> dict:
 
 
 def build_model(shapes: dict, variant: str, attn: str = "sdpa"):
-    from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
+    from selfpatch_hf import SelfPatchConfig, SelfPatchForPretraining
 
     overrides = {"image_representation": "cls", "patch_loss_weight": 0.0} if variant == "dino" else {}
     if shapes["preset"] is None:
@@ -383,7 +383,7 @@ def build_model(shapes: dict, variant: str, attn: str = "sdpa"):
     config._attn_implementation = attn
     config.backbone_config._attn_implementation = attn
     torch.manual_seed(0)
-    return SelfPatchViTForPretraining(config).train()
+    return SelfPatchForPretraining(config).train()
 
 
 def make_step(model, shapes: dict, device: torch.device, precision: str, crops=None):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tiny_models import tiny_config
 
-from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
+from selfpatch_hf import SelfPatchForPretraining, export_backbone
 
 CHILD = textwrap.dedent(
     """
@@ -49,9 +49,9 @@ CHILD = textwrap.dedent(
 )
 
 
-def trained_tiny_model() -> SelfPatchViTForPretraining:
+def trained_tiny_model() -> SelfPatchForPretraining:
     torch.manual_seed(0)
-    model = SelfPatchViTForPretraining(tiny_config())
+    model = SelfPatchForPretraining(tiny_config())
     with torch.no_grad():  # make student and teacher differ, as after training
         for p in model.student.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -19,7 +19,7 @@ from hub_server import closed_port, stalled_endpoint
 from tiny_models import tiny_config, tiny_dino_config
 from training_runs import TINY_PRESET, prepared_model, tiny_arguments, train_a_bit
 
-from selfpatch_hf import SelfPatchViTForPretraining
+from selfpatch_hf import SelfPatchForPretraining
 from selfpatch_hf.hub.uploads import AsyncHubUploader
 from selfpatch_hf.training.checkpointing import (
     COMPLETE_MARKER,
@@ -52,7 +52,7 @@ def load_pretrain_script():
 
 # ------------------------------------------------------------------------------------------------------ optimiser
 def test_param_groups_follow_dino():
-    model = SelfPatchViTForPretraining(tiny_config())
+    model = SelfPatchForPretraining(tiny_config())
     decayed, not_decayed = build_param_groups(model.student)
     names = {id(p): n for n, p in model.student.named_parameters()}
     decayed_names = {names[id(p)] for p in decayed["params"]}
@@ -80,7 +80,7 @@ def test_param_groups_follow_dino():
 
 
 def test_apply_schedule_sets_lr_everywhere_and_weight_decay_on_the_decayed_group_only():
-    model = SelfPatchViTForPretraining(tiny_dino_config())
+    model = SelfPatchForPretraining(tiny_dino_config())
     optimizer = build_optimizer(model.student)
     schedule = PretrainingSchedule.from_epochs(
         steps_per_epoch=10, total_steps=100, base_learning_rate=5e-4, global_batch_size=256, warmup_epochs=2
@@ -145,7 +145,7 @@ def test_clip_gradients_returns_the_norm_before_clipping(mode):
 
 
 def test_cancelled_last_layer_gets_no_update():
-    model = SelfPatchViTForPretraining(tiny_config())
+    model = SelfPatchForPretraining(tiny_config())
     optimizer = build_optimizer(model.student, weight_decay=0.1)
     apply_schedule(
         optimizer,

@@ -276,9 +276,9 @@ def load_source_model(source: str | os.PathLike) -> PreTrainedModel:
     if (
         model_type == SelfPatchConfig.model_type
     ):  # a pretraining folder: its teacher, what the paper evaluates
-        from selfpatch_hf.models.selfpatch.modeling import SelfPatchViTForPretraining
+        from selfpatch_hf.models.selfpatch.modeling import SelfPatchForPretraining
 
-        return SelfPatchViTForPretraining.from_pretrained(str(source))
+        return SelfPatchForPretraining.from_pretrained(str(source))
     raise ValueError(
         f"{source} holds a {model_type!r} model. Dense backbones come from a ViTModel or SwinModel folder "
         "(`selfpatch export`, `selfpatch-convert` of a DINO or MoBY checkpoint), a converted SelfPatch "
@@ -299,7 +299,7 @@ def dense_backbone(
     """
     if not isinstance(source, PreTrainedModel):
         source = load_source_model(source)
-    if hasattr(source, "teacher") and hasattr(source.teacher, "backbone"):  # SelfPatchViTForPretraining
+    if hasattr(source, "teacher") and hasattr(source.teacher, "backbone"):  # SelfPatchForPretraining
         from selfpatch_hf.export.backbone import extract_backbone
 
         source = extract_backbone(source, "teacher")
