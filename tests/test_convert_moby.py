@@ -305,3 +305,37 @@ def test_moby_pretraining_checkpoint_restarts_moby_exactly(tmp_path, backbone):
     torch.testing.assert_close(model.objective.queue2, state["queue2"])
     with pytest.raises(ConversionError, match="--pretraining-recipe dino is for DINO checkpoints"):
         convert_checkpoint(tmp_path / "moby.pth", tmp_path / "bad", pretraining_recipe="dino", **kwargs)
+
+
+def test_a_conversion_that_cannot_write_its_folders_is_one_line_and_changes_nothing(tmp_path):
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit_file_size():  # writes beyond 100 kB fail with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    checkpoint, _, _ = moby_swin_checkpoint()
+    save_with_yacs_config(checkpoint, tmp_path / "moby.pth")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    failed = subprocess.run(
+        [sys.executable, "-m", "selfpatch_hf.conversion", str(tmp_path / "moby.pth"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        preexec_fn=limit_file_size,
+    )
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"selfpatch-convert: error: converting {tmp_path / 'moby.pth'} into {tmp_path / 'out'} failed:"
+    )
+    assert "nothing was changed in" in last
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["notes.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["moby.pth", "out"]  # no staging left
