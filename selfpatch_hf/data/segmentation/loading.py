@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from selfpatch_hf.atomic_folders import staged_folder
 from selfpatch_hf.data.segmentation.augmentation import (
     SegmentationDataError,
     check_label_range,
@@ -118,16 +117,9 @@ def offline_scenes_path(
     if (target / "data").is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".segmentation.tmp-", dir=target.parent))
-    try:
+    # staged as every model folder is: a build killed half-way leaves a staging folder the next build removes
+    with staged_folder(target) as staging:
         make_segmentation_dataset(staging, num_train, num_eval, image_size, seed)
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process built it first
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
