@@ -136,6 +136,21 @@ def test_export_rejects_unknown_source(tmp_path):
         export_backbone(trained_tiny_model(), tmp_path / "x", source="ema")
 
 
+def test_export_of_a_folder_that_is_no_pretraining_model_is_one_line(tmp_path, capsys):
+    from selfpatch_hf.export.cli import main
+
+    backbone = export_backbone(trained_tiny_model(), tmp_path / "backbone")
+    capsys.readouterr()
+    assert main([str(backbone), str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"selfpatch export: error: {backbone} holds a 'vit' model, not a SelfPatchForPretraining (model_type "
+        "'selfpatch'): give the pretraining folder (e.g. runs/x/pretraining_model); an exported backbone is already "
+        "what this command writes."
+    )
+    assert not (tmp_path / "again").exists()
+
+
 def _modes(root) -> dict[str, int]:
     """`{relative path: permission bits}` of a folder and everything in it."""
     modes = {".": os.stat(root).st_mode & 0o777}

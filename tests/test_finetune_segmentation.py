@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from segmentation_inputs import SCRIPT, load_finetune_script, segmentation_inputs
 from segmentation_inputs import finetune_arguments as _arguments
 
@@ -230,6 +230,17 @@ def test_argument_mistakes_are_one_line_errors(inputs, tmp_path, capsys):
     weights.unlink()
     torch.save({"unrelated": torch.zeros(2)}, damaged / "pytorch_model.bin")
     refused("its weights lack 70 of the ViTModel's tensors", backbone=damaged)
+    (damaged / "pytorch_model.bin").unlink()
+    weights = {
+        name: tensor.clone() for name, tensor in load_file(inputs["backbone"] / "model.safetensors").items()
+    }
+    weights["embeddings.position_embeddings"].view(-1)[0] = float("nan")
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    refused(
+        "its weights hold NaN or infinite values in 1 tensor(s) (embeddings.position_embeddings)",
+        backbone=damaged,
+    )
+    (damaged / "model.safetensors").unlink()
     torch.save({"payload": print}, damaged / "pytorch_model.bin")  # a pickle that would call a function
     refused(
         "its weights cannot be read (UnpicklingError: WeightsUnpickler error: Unsupported global",
@@ -398,6 +409,14 @@ def test_masks_that_cannot_be_trained_on_are_one_line_and_undecodable_examples_a
 
     code, error = run(_altered_scenes(inputs["data"], tmp_path / "float", "train", fractional), "float")
     assert code == 2 and "training example 0: its mask holds values that are no class ids" in error, error
+
+    def unlabelled(index, image, mask):
+        return image, np.full_like(mask, 255)
+
+    code, error = run(
+        _altered_scenes(inputs["data"], tmp_path / "unlabelled", "train", unlabelled), "unlabelled"
+    )
+    assert code == 1 and "a batch of 4 training crops holds no labelled pixel" in error, error
 
     def corrupt(index, image, mask):
         return (image[:40] if index == 2 else image), (b"\x89PNG broken" if index == 7 else mask)

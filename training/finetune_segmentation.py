@@ -625,6 +625,14 @@ def train_batches(
                 raise CommandFailure(
                     f"--dataset_name {data_args.dataset_name} ({data_args.train_split} split): {batch['problem']}"
                 )
+            if bool((batch["labels"] == data_args.ignore_index).all()):
+                # the loss of a batch without a labelled pixel is NaN, which would read as a learning-rate problem
+                raise CommandFailure(
+                    f"--dataset_name {data_args.dataset_name} ({data_args.train_split} split): a batch of "
+                    f"{len(batch['labels'])} training crops holds no labelled pixel (every mask value is "
+                    f"--ignore_index {data_args.ignore_index}): check --ignore_index and --reduce_labels, or the "
+                    "masks themselves."
+                )
             for example in batch.pop("skipped"):
                 if example.index not in skipped:
                     skipped.add(example.index)

@@ -64,6 +64,20 @@ def _export(argv: Sequence[str] | None = None) -> int:
     from selfpatch_hf.export.backbone import export_backbone
     from selfpatch_hf.models.selfpatch.modeling import SelfPatchForPretraining
 
+    config_file = Path(args.pretraining_dir) / "config.json"
+    if config_file.is_file():  # a folder of another model would fail inside transformers with a traceback
+        import json
+
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        if model_type != SelfPatchForPretraining.config_class.model_type:
+            raise UsageError(
+                f"{args.pretraining_dir} holds a {model_type!r} model, not a SelfPatchForPretraining "
+                f"(model_type {SelfPatchForPretraining.config_class.model_type!r}): give the pretraining folder "
+                "(e.g. runs/x/pretraining_model); an exported backbone is already what this command writes."
+            )
     try:
         model = SelfPatchForPretraining.from_pretrained(args.pretraining_dir)
     except OSError as error:  # transformers' "is not a local folder and is not a valid model identifier" etc.

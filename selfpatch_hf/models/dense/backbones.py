@@ -236,6 +236,12 @@ def _complete_from_pretrained(model_class: type[PreTrainedModel], source: str | 
     keys, would otherwise fine-tune or evaluate a random backbone without a word."""
     model, info = model_class.from_pretrained(str(source), output_loading_info=True, **kwargs)
     missing = sorted(key for key in info["missing_keys"] if not key.startswith("pooler."))
+    non_finite = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+    if non_finite:  # training on them gives a NaN loss in the first step, which would blame the learning rate
+        raise ValueError(
+            f"{source}: its weights hold NaN or infinite values in {len(non_finite)} tensor(s) "
+            f"({', '.join(non_finite[:3])}): the backbone is damaged; export or download it again."
+        )
     if missing:
         raise ValueError(
             f"{source}: its weights lack {len(missing)} of the {model_class.__name__}'s tensors (e.g. "
