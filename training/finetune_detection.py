@@ -449,7 +449,7 @@ def build_model(model_args: DetectionModelArguments, data_args: DetectionDataArg
             source, names, **common, **{key: value for key, value in optional.items() if value is not None}
         )
     except (OSError, ValueError, TypeError) as error:
-        raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
+        raise UsageError(f"--backbone {model_args.backbone}: {' '.join(str(error).split())}") from None
 
 
 def find_backbone(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:

@@ -26,11 +26,14 @@ the folder's `model_type` (and `architectures`) instead.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoImageProcessor,
     BeitBackbone,
@@ -194,7 +197,14 @@ def source_model_type(source: str | os.PathLike) -> str:
 
 
 def _source_config(source: str | os.PathLike) -> dict[str, Any]:
-    config_dict, _ = PreTrainedConfig.get_config_dict(str(source))
+    text = os.fspath(source)
+    # a Hub id is `name` or `namespace/name`: anything else can only be a folder, which transformers would report
+    # as an invalid repo id
+    if (text.startswith(("/", ".", "~")) or text.count("/") > 1) and not os.path.exists(
+        os.path.expanduser(text)
+    ):
+        raise ValueError("no such folder; give an exported backbone folder or a Hub id")
+    config_dict, _ = PreTrainedConfig.get_config_dict(text)
     return config_dict
 
 
@@ -234,17 +244,29 @@ def _complete_from_pretrained(model_class: type[PreTrainedModel], source: str | 
     """`model_class.from_pretrained(source)` whose weights file holds every tensor of the model. transformers only
     reports missing tensors (and initialises them at random), so weights of another model, or a state dict of other
     keys, would otherwise fine-tune or evaluate a random backbone without a word."""
-    model, info = model_class.from_pretrained(str(source), output_loading_info=True, **kwargs)
+    try:
+        model, info = model_class.from_pretrained(str(source), output_loading_info=True, **kwargs)
+    except (SafetensorError, pickle.UnpicklingError, EOFError) as error:
+        # truncated or damaged weights, or a pickle that torch's weights-only loader refuses to run
+        lines = [
+            line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()
+        ]
+        # torch's refusal of a pickle names the offending global on its "WeightsUnpickler error" line
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), " ".join(lines))
+        raise ValueError(
+            f"its weights cannot be read ({type(error).__name__}: {reason[:300]}); the file is damaged, "
+            "truncated or not a plain tensor file: export or download the backbone again."
+        ) from None
     missing = sorted(key for key in info["missing_keys"] if not key.startswith("pooler."))
     non_finite = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
     if non_finite:  # training on them gives a NaN loss in the first step, which would blame the learning rate
         raise ValueError(
-            f"{source}: its weights hold NaN or infinite values in {len(non_finite)} tensor(s) "
+            f"its weights hold NaN or infinite values in {len(non_finite)} tensor(s) "
             f"({', '.join(non_finite[:3])}): the backbone is damaged; export or download it again."
         )
     if missing:
         raise ValueError(
-            f"{source}: its weights lack {len(missing)} of the {model_class.__name__}'s tensors (e.g. "
+            f"its weights lack {len(missing)} of the {model_class.__name__}'s tensors (e.g. "
             f"{', '.join(missing[:3])}), so they are not this model's weights: export, convert or download the "
             "backbone again."
         )
@@ -258,8 +280,11 @@ def _has_pooler(source: str | os.PathLike) -> bool:
         return True
     from safetensors import safe_open
 
-    with safe_open(str(weights), framework="pt") as handle:
-        return any(key.startswith("pooler.") for key in handle.keys())
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return any(key.startswith("pooler.") for key in handle.keys())
+    except SafetensorError:  # damaged: the load that follows says so in one line
+        return True
 
 
 def load_source_model(source: str | os.PathLike) -> PreTrainedModel:
