@@ -270,3 +270,36 @@ def test_a_failed_write_of_an_export_is_one_line_and_keeps_the_previous_export(t
     )
     assert {path.name: path.read_bytes() for path in target.iterdir()} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["backbone", "pretraining"]  # no staging left
+
+
+def test_weights_with_nan_are_never_exported_nor_pushed(tmp_path, capsys):
+    from selfpatch_hf.export.cli import main
+    from selfpatch_hf.hub.publishing import PublishError, check_backbone_folder
+
+    model = trained_tiny_model()
+    target = export_backbone(model, tmp_path / "backbone")
+    good = (target / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.teacher.backbone.embeddings.position_embeddings.view(-1)[0] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"the teacher's backbone holds NaN or infinite values in 1 tensor\(s\)"
+    ):
+        export_backbone(model, target)
+    assert (target / "model.safetensors").read_bytes() == good  # the good export stays
+    model.save_pretrained(tmp_path / "pretraining")
+    capsys.readouterr()
+    assert main([str(tmp_path / "pretraining"), str(target)]) == 1
+    assert "embeddings.position_embeddings); nothing was written" in capsys.readouterr().err
+    assert (target / "model.safetensors").read_bytes() == good
+    # a folder written by other means is not published either
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(target / "model.safetensors")
+    weights["embeddings.position_embeddings"] = weights["embeddings.position_embeddings"].clone()
+    weights["embeddings.position_embeddings"].view(-1)[0] = float("inf")
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    (target / "README.md").write_text("# card\n")
+    with pytest.raises(
+        PublishError, match=r"hold NaN or infinite values in 1 tensor\(s\) \(embeddings.position"
+    ):
+        check_backbone_folder(target)

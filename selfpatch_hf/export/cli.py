@@ -94,9 +94,10 @@ def _export(argv: Sequence[str] | None = None) -> int:
     )
     try:
         path = export_backbone(model, args.output_dir, source=args.source, card_info=card)
-    except (
-        Exception
-    ) as error:  # a read-only or full disk: the export is staged, the previous one is untouched
+    except ValueError as error:  # NaN / inf weights: refused before anything is written
+        raise CommandFailure(f"{args.pretraining_dir}: {error}") from None
+    except Exception as error:
+        # a read-only or full disk: the export is staged, the previous one is untouched
         reason = write_failure(error, args.output_dir)
         if reason is None:
             raise

@@ -72,6 +72,23 @@ def _check_weights(folder: Path) -> None:
         and not (folder / "model.safetensors.index.json").is_file()
     ):
         raise PublishError(f"{folder} has no model.safetensors (or model.safetensors.index.json).")
+    from safetensors import SafetensorError, safe_open
+
+    from selfpatch_hf.export.backbone import non_finite_tensors
+
+    bad = []
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                bad += non_finite_tensors({name: handle.get_tensor(name) for name in handle.keys()})
+        except SafetensorError as error:
+            raise PublishError(f"{weights} cannot be read ({error}): export the backbone again.") from None
+    if bad:
+        raise PublishError(
+            f"{folder}'s weights hold NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}): a diverged run's export is not published. Export a checkpoint from "
+            "before the values went bad."
+        )
 
 
 def pretraining_model_types() -> tuple[str, ...]:

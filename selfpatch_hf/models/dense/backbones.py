@@ -381,8 +381,12 @@ def export_dense_backbone(
     a `SelfPatchSiglipBackbone` folder (import `selfpatch_hf.models.dense.siglip_backbone` to load it).
     """
     from selfpatch_hf.atomic_folders import staged_folder
+    from selfpatch_hf.export.backbone import check_finite
 
     backbone = dense_backbone(source, out_indices, multi_scale=multi_scale)
+    check_finite(
+        backbone, f"the dense backbone of {source if isinstance(source, (str, os.PathLike)) else 'the model'}"
+    )
     processor = image_processor if image_processor is not None else _source_image_processor(source)
     target = Path(output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
