@@ -26,6 +26,7 @@ import textwrap
 from collections.abc import Sequence
 
 from selfpatch_hf.cli.errors import HelpFormatter, run_command
+from selfpatch_hf.evaluation.cli.common_options import check_output_paths
 
 PROG = "selfpatch eval"
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -88,6 +89,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command).parse_args(argv)
+    check_output_paths(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.run(args)
 
