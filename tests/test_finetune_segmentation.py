@@ -256,6 +256,7 @@ def test_argument_mistakes_are_one_line_errors(inputs, tmp_path, capsys):
     refused("--mask_column 'masks' is not a column of the dataset", "--mask_column", "masks")
     refused("--image_column 'label' holds ClassLabel", "--image_column", "label")
     refused("has 12 images, fewer than one global batch of 16", "--per_device_train_batch_size", "16")
+    refused("--per_device_train_batch_size 1 cannot train UperNet", "--per_device_train_batch_size", "1")
     refused("--learning_rate must be a finite number, got nan.", "--learning_rate", "nan")
     refused("--max_grad_norm must be >= 0, got -1.0.", "--max_grad_norm", "-1")
 

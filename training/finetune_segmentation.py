@@ -469,6 +469,14 @@ def load_data(
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if evaluation is not None and data_args.max_eval_samples:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    synced = (
+        training_args.sync_batch_norm and accelerator.num_processes > 1 and accelerator.device.type == "cuda"
+    )
+    if training_args.per_device_train_batch_size < 2 and not synced:
+        raise UsageError(
+            "--per_device_train_batch_size 1 cannot train UperNet: its BatchNorm layers (after the 1x1 pyramid "
+            "pooling) need at least 2 images per batch; use 2 or more (or several GPUs with --sync_batch_norm)."
+        )
     global_batch = training_args.per_device_train_batch_size * accelerator.num_processes
     if len(train) < global_batch:
         raise UsageError(
