@@ -1,19 +1,48 @@
-"""What every fine-tuning script (`training/finetune_segmentation.py`, `training/finetune_detection.py`) does around
-its data loaders and its resume, beyond `selfpatch_hf.training.runtime`: single-threaded data workers, workers
-started with the stop signals held, and the step a run continues from.
+"""The fine-tuning run every task shares (`training/finetune_segmentation.py`, `training/finetune_detection.py`):
+the output folder, the resume, the loop over optimiser steps with its logging, checkpoints and stop requests, the
+final evaluation, the model folder and its upload. A script builds its data, model, optimiser and schedule, then
+hands them with a `FinetuningTask` (what differs between tasks) to `run_finetuning`:
+
+    task = SegmentationTask(...)                   # train_batches / evaluate / save_model / describe ...
+    return run_finetuning(accelerator, model, optimizer, schedule, training_args, task, hyperparameters)
+
+Also here: single-threaded data workers, workers started with the stop signals held, and the step a run continues
+from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+from tqdm.auto import tqdm
 
 from selfpatch_hf.cli.errors import CommandFailure, UsageError
 from selfpatch_hf.training.arguments.common import RuntimeArguments
 from selfpatch_hf.training.checkpointing import CheckpointManager, DamagedCheckpointError
-from selfpatch_hf.training.preemption import stop_signals_held
+from selfpatch_hf.training.finetuning_optimization import FinetuningSchedule, apply_learning_rate
+from selfpatch_hf.training.metrics_log import MetricsLog
+from selfpatch_hf.training.output_folder import completed_step, record_complete
+from selfpatch_hf.training.preemption import StopRequest, stop_signals_held
+from selfpatch_hf.training.runtime import (
+    init_trackers,
+    output_folder,
+    record_uploads,
+    save_checkpoint,
+    start_uploader,
+    wait_for_uploads,
+)
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIRNAME = "model"
+FINAL_ARTEFACTS = (MODEL_DIRNAME,)  # recorded in run_complete.json, written last
 
 
 def single_thread_worker(_: int) -> None:
@@ -54,4 +83,268 @@ def resume_step(
     return trainer_state["step"], path
 
 
-__all__ = ["resume_step", "single_thread_worker", "started_with_workers"]
+class FinetuningTask(Protocol):
+    """What a fine-tuning task brings to `run_finetuning`; the task holds its own data, processor and arguments."""
+
+    #: the progress bar's label and the upload's commit message ("UperNet", "mask2former")
+    name: str
+
+    def train_batches(self, start_step: int) -> tuple[Iterator[dict[str, Any]], int]:
+        """This process's endless micro-batches from optimiser step `start_step` on (on the device), and the
+        micro-batches per epoch. The iterator is closed when the run ends (its data workers stop then)."""
+
+    def describe(self, global_batch_size: int, batches_per_epoch: int) -> str:
+        """The line logged before the first step: backbone, data, length, batch, learning rate."""
+
+    def evaluate(self, model: torch.nn.Module) -> Any | None:
+        """Scores on the evaluation split (every process calls it, all get the same scores), None without one."""
+
+    def score_metrics(self, scores: Any) -> dict[str, float]:
+        """`scores` as flat `eval_*` metrics for metrics.jsonl and the trackers."""
+
+    def score_summary(self, scores: Any) -> str:
+        """`scores` in one short line for the log ("mIoU 41.20, ...")."""
+
+    def save_model(
+        self, model: torch.nn.Module, target: Path, step: int, global_batch_size: int, scores: Any | None
+    ) -> Path:
+        """The final model folder of `model` (unwrapped): model, image processor, card with `scores`, written whole
+        at `target`; main process only."""
+
+
+@dataclass
+class FinetuningResult:
+    accelerator: Any
+    model: Any  # unwrapped
+    global_step: int
+    scores: Any | None  # the task's, None without an evaluation split or when stopped early
+    model_dir: Path | None
+    stopped_by: str | None
+    upload_report: list[str]
+    uploads_complete: bool = True  # False: --push_to_hub, but the model is not on the Hub
+
+
+def global_batch_size(accelerator, training_args: RuntimeArguments) -> int:
+    return (
+        accelerator.num_processes
+        * training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+    )
+
+
+def run_finetuning(
+    accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: FinetuningSchedule,
+    training_args: Any,
+    task: FinetuningTask,
+    hyperparameters: Mapping[str, Any],
+) -> FinetuningResult:
+    """The run after `accelerator.prepare(model, optimizer)`: takes the output folder (held by this run), resumes,
+    trains to `--max_steps` (checkpoints every `--checkpointing_steps`, evaluates every `--eval_steps`, stops
+    after a checkpoint on SIGTERM / SIGINT), then checkpoints, evaluates, saves and uploads the model."""
+    model.train()
+    unwrapped = accelerator.unwrap_model(model)
+    batch_size = global_batch_size(accelerator, training_args)
+    max_steps = training_args.max_steps
+
+    with output_folder(accelerator, training_args, FINAL_ARTEFACTS) as output_dir:
+        metrics_log = MetricsLog(accelerator, output_dir)
+        checkpoints = CheckpointManager(accelerator, output_dir, training_args.checkpoints_total_limit)
+        global_step, resumed_from = resume_step(checkpoints, training_args, batch_size)
+        if global_step >= max_steps and completed_step(output_dir, FINAL_ARTEFACTS) is not None:
+            logger.info(
+                "The run in %s is already complete (step %d of %d); its model is in %s. Nothing to do: pass a "
+                "larger --max_steps to train on, or --overwrite_output_dir to start again.",
+                output_dir,
+                global_step,
+                max_steps,
+                output_dir / MODEL_DIRNAME,
+            )
+            return FinetuningResult(
+                accelerator, unwrapped, global_step, None, output_dir / MODEL_DIRNAME, None, []
+            )
+        if resumed_from is not None:
+            metrics_log.event("resumed", global_step, checkpoint=str(resumed_from))
+            logger.info("Resumed from %s at step %d.", resumed_from, global_step)
+        uploader = start_uploader(training_args, accelerator)
+        init_trackers(accelerator, training_args, hyperparameters)
+
+        def checkpoint(step: int) -> Path:
+            trainer_state = {
+                "step": step,
+                "global_batch_size": batch_size,
+                "num_processes": accelerator.num_processes,
+                "arguments": dict(hyperparameters),
+            }
+            return save_checkpoint(
+                checkpoints, metrics_log, step, trainer_state, {"rank": accelerator.process_index}
+            )
+
+        def run_evaluation(step: int) -> Any | None:
+            started = time.perf_counter()
+            scores = task.evaluate(model)
+            if scores is not None:
+                metrics_log.metrics(step, task.score_metrics(scores))
+                logger.info(
+                    "Step %d: %s (%.0f s)", step, task.score_summary(scores), time.perf_counter() - started
+                )
+            return scores
+
+        batches, batches_per_epoch = task.train_batches(global_step)
+        logger.info("%s", task.describe(batch_size, batches_per_epoch))
+        metrics_log.event("start", global_step, total_steps=max_steps, global_batch_size=batch_size)
+
+        # ---- the loop
+        progress = tqdm(
+            total=max_steps,
+            initial=global_step,
+            disable=not accelerator.is_main_process,
+            desc=f"fine-tuning {task.name}",
+        )
+        scores = model_dir = stopped_by = None
+        window = _LossWindow()
+        try:
+            with StopRequest() as stop:
+                while global_step < max_steps:
+                    learning_rate = schedule.at(global_step)
+                    apply_learning_rate(optimizer, learning_rate)
+                    step_loss = _optimiser_step(accelerator, model, optimizer, batches, training_args)
+                    if not math.isfinite(step_loss):
+                        raise CommandFailure(
+                            f"non-finite loss at step {global_step}: lower --learning_rate, lengthen --warmup_steps "
+                            "or train in fp32, then continue with --resume_from_checkpoint."
+                        )
+                    global_step += 1
+                    window.add(step_loss)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
+                    if global_step % training_args.logging_steps == 0 or global_step == max_steps:
+                        epoch = global_step * training_args.gradient_accumulation_steps / batches_per_epoch
+                        metrics_log.metrics(
+                            global_step, window.flush(learning_rate, round(epoch, 4), batch_size)
+                        )
+                    record_uploads(uploader, metrics_log)
+                    stop_now = accelerator.reduce(
+                        torch.tensor(float(stop.requested), device=accelerator.device), reduction="sum"
+                    ).item()
+                    if stop_now or global_step == max_steps:
+                        progress.close()  # the bar's last state once, before the final lines are logged
+                    if stop_now:
+                        stopped_by = stop.signal_name or "another process's signal"
+                        path = checkpoint(global_step)
+                        metrics_log.event("stopped", global_step, signal=stopped_by, checkpoint=str(path))
+                        logger.warning(
+                            "Stopped by %s at step %d; continue with --resume_from_checkpoint latest.",
+                            stopped_by,
+                            global_step,
+                        )
+                        break
+                    every = training_args.checkpointing_steps
+                    if every and global_step % every == 0:
+                        checkpoint(global_step)
+                    every = training_args.eval_steps
+                    if every and global_step % every == 0 and global_step < max_steps:
+                        run_evaluation(global_step)
+
+                # ---- the end: a checkpoint, the evaluation, the model folder (whole) and its upload
+                if stopped_by is None:
+                    every = training_args.checkpointing_steps
+                    if not (every and global_step % every == 0):
+                        checkpoint(global_step)
+                    scores = run_evaluation(global_step)
+                    if accelerator.is_main_process:
+                        model_dir = task.save_model(
+                            unwrapped, output_dir / MODEL_DIRNAME, global_step, batch_size, scores
+                        )
+                        record_complete(output_dir, global_step, FINAL_ARTEFACTS)
+                        metrics_log.event("saved", global_step, path=str(model_dir))
+                        logger.info("Model saved to %s", model_dir)
+                        if uploader is not None:
+                            uploader.submit(
+                                model_dir,
+                                global_step,
+                                commit_message=f"{task.name} fine-tuned for {global_step} steps",
+                            )
+                    accelerator.wait_for_everyone()
+        finally:
+            progress.close()
+            batches.close()  # the data workers end now, not at the interpreter's exit
+            upload_report = wait_for_uploads(uploader, training_args, stopped_by, metrics_log)
+        metrics_log.event("end", global_step, stopped_by=stopped_by, scores=scores)
+        return FinetuningResult(
+            accelerator,
+            unwrapped,
+            global_step,
+            scores,
+            model_dir,
+            stopped_by,
+            upload_report,
+            uploads_complete=uploader is None or uploader.complete,
+        )
+
+
+def _optimiser_step(accelerator, model, optimizer, batches: Iterator[dict[str, Any]], training_args) -> float:
+    """One optimiser step over `--gradient_accumulation_steps` micro-batches; the loss averaged over them and over
+    the processes."""
+    step_loss = torch.zeros((), device=accelerator.device)
+    for _ in range(training_args.gradient_accumulation_steps):
+        batch = next_batch(batches)
+        with accelerator.accumulate(model), accelerator.autocast():
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and training_args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_loss += loss.detach() / training_args.gradient_accumulation_steps
+    return accelerator.reduce(step_loss, reduction="mean").item()
+
+
+def next_batch(batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """The next micro-batch; an example the data checks refuse (an unreadable mask, a malformed box) stops the run
+    with its own line (a data worker's error arrives with the worker's traceback around it)."""
+    try:
+        return next(batches)
+    except ValueError as error:
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise CommandFailure(
+            f"training data: {lines[-1] if lines else error} (fix or drop that example, then resume with "
+            "--resume_from_checkpoint latest)."
+        ) from None
+
+
+class _LossWindow:
+    """The steps since the last metrics line: their mean loss and throughput."""
+
+    def __init__(self) -> None:
+        self.loss, self.steps, self.started = 0.0, 0, time.perf_counter()
+
+    def add(self, loss: float) -> None:
+        self.loss, self.steps = self.loss + loss, self.steps + 1
+
+    def flush(self, learning_rate: float, epoch: float, global_batch_size: int) -> dict[str, float | None]:
+        elapsed = time.perf_counter() - self.started
+        metrics = {
+            "loss": self.loss / self.steps,
+            "learning_rate": learning_rate,
+            "epoch": epoch,
+            "images_per_second": self.steps * global_batch_size / elapsed if elapsed else None,
+        }
+        self.loss, self.steps, self.started = 0.0, 0, time.perf_counter()
+        return metrics
+
+
+__all__ = [
+    "FINAL_ARTEFACTS",
+    "MODEL_DIRNAME",
+    "FinetuningResult",
+    "FinetuningTask",
+    "global_batch_size",
+    "next_batch",
+    "resume_step",
+    "run_finetuning",
+    "single_thread_worker",
+    "started_with_workers",
+]
