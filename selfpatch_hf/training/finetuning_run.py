@@ -27,7 +27,7 @@ from selfpatch_hf.cli.errors import CommandFailure, UsageError
 from selfpatch_hf.training.arguments.common import RuntimeArguments
 from selfpatch_hf.training.checkpointing import CheckpointManager, DamagedCheckpointError
 from selfpatch_hf.training.finetuning_optimization import FinetuningSchedule, apply_learning_rate
-from selfpatch_hf.training.metrics_log import MetricsLog
+from selfpatch_hf.training.metrics_log import MetricsLog, WindowMeans
 from selfpatch_hf.training.output_folder import completed_step, record_complete
 from selfpatch_hf.training.preemption import StopRequest, stop_signals_held
 from selfpatch_hf.training.runtime import (
@@ -204,10 +204,11 @@ def run_finetuning(
             desc=f"fine-tuning {task.name}",
         )
         scores = model_dir = stopped_by = None
-        window = _LossWindow()
+        window = WindowMeans()
         try:
             with StopRequest() as stop:
                 while global_step < max_steps:
+                    started = time.perf_counter()
                     learning_rate = schedule.at(global_step)
                     apply_learning_rate(optimizer, learning_rate)
                     step_loss = _optimiser_step(accelerator, model, optimizer, batches, training_args)
@@ -217,14 +218,21 @@ def run_finetuning(
                             "or train in fp32, then continue with --resume_from_checkpoint."
                         )
                     global_step += 1
-                    window.add(step_loss)
+                    window.add({"loss": step_loss}, batch_size, time.perf_counter() - started)
                     progress.update(1)
                     progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
                     if global_step % training_args.logging_steps == 0 or global_step == max_steps:
                         epoch = global_step * training_args.gradient_accumulation_steps / batches_per_epoch
                         metrics_log.metrics(
-                            global_step, window.flush(learning_rate, round(epoch, 4), batch_size)
+                            global_step,
+                            {
+                                **window.means(),
+                                "learning_rate": learning_rate,
+                                "epoch": round(epoch, 4),
+                                "images_per_second": window.images_per_second,
+                            },
                         )
+                        window.reset()
                     record_uploads(uploader, metrics_log)
                     stop_now = accelerator.reduce(
                         torch.tensor(float(stop.requested), device=accelerator.device), reduction="sum"
@@ -313,27 +321,6 @@ def next_batch(batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
             f"training data: {lines[-1] if lines else error} (fix or drop that example, then resume with "
             "--resume_from_checkpoint latest)."
         ) from None
-
-
-class _LossWindow:
-    """The steps since the last metrics line: their mean loss and throughput."""
-
-    def __init__(self) -> None:
-        self.loss, self.steps, self.started = 0.0, 0, time.perf_counter()
-
-    def add(self, loss: float) -> None:
-        self.loss, self.steps = self.loss + loss, self.steps + 1
-
-    def flush(self, learning_rate: float, epoch: float, global_batch_size: int) -> dict[str, float | None]:
-        elapsed = time.perf_counter() - self.started
-        metrics = {
-            "loss": self.loss / self.steps,
-            "learning_rate": learning_rate,
-            "epoch": epoch,
-            "images_per_second": self.steps * global_batch_size / elapsed if elapsed else None,
-        }
-        self.loss, self.steps, self.started = 0.0, 0, time.perf_counter()
-        return metrics
 
 
 __all__ = [
