@@ -61,7 +61,7 @@ if __name__ == "__main__":
 import functools
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,6 @@ from selfpatch_hf.data.detection.sources import (
     HubDetectionSource,
     load_detection_source,
 )
-from selfpatch_hf.data.segmentation.loading import SegmentationBatchSampler
 from selfpatch_hf.evaluation.configs import CocoEvalConfig
 from selfpatch_hf.evaluation.detection import evaluate_coco
 from selfpatch_hf.hub.cards.detection import DetectionCardInfo, write_detection_card
@@ -90,22 +89,19 @@ from selfpatch_hf.models.dense.detection import (
     build_mask2former,
 )
 from selfpatch_hf.training.finetuning_optimization import (
-    FinetuningSchedule,
     build_finetuning_optimizer,
 )
 from selfpatch_hf.training.finetuning_run import (
     FinetuningResult,
+    finetuning_schedule,
+    resumable_batches,
     run_finetuning,
-    single_thread_worker,
-    started_with_workers,
+    start_accelerator,
 )
 from selfpatch_hf.training.output_folder import write_final_folder
 from selfpatch_hf.training.runtime import (
-    configure_host,
-    create_accelerator,
     enable_activation_checkpointing,
     exit_status,
-    limit_hub_requests,
 )
 
 LABEL_FORMATS = {"deformable-detr": "detr", "mask2former": "mask2former"}
@@ -124,10 +120,8 @@ def train(
     """One fine-tuning run: accelerator, data and model (every mistake in them is found before anything is
     written), then the shared run (selfpatch_hf.training.finetuning_run): output folder, resume, loop, evaluation,
     final model and its upload."""
-    limit_hub_requests(training_args)
     # blocks after the last selected one and some of the heads' parameters get no gradient in a step
-    accelerator = create_accelerator(training_args, {"find_unused_parameters": True})
-    configure_host(accelerator, training_args, data_args.num_workers)
+    accelerator = start_accelerator(training_args, data_args.num_workers, find_unused_parameters=True)
 
     # ---- data, model, optimiser, schedule (the same seed on every process gives the same initial heads)
     train_source, eval_source = load_data(model_args, data_args, training_args, accelerator)
@@ -140,16 +134,6 @@ def train(
     optimizer = build_finetuning_optimizer(
         model, training_args.weight_decay, training_args.layer_decay, num_layers, backbone_prefix=prefix
     )
-    schedule = FinetuningSchedule(
-        learning_rate=training_args.learning_rate,
-        total_steps=training_args.max_steps,
-        warmup_steps=training_args.warmup_steps,
-        warmup_ratio=training_args.warmup_ratio,
-        kind=training_args.lr_scheduler,
-        min_learning_rate=training_args.min_learning_rate,
-        decay_steps=tuple(training_args.lr_decay_steps),
-        decay_factor=training_args.lr_decay_factor,
-    )
     task = DetectionTask(
         model_args,
         data_args,
@@ -161,10 +145,12 @@ def train(
         backbone_class=type(backbone).__name__,
         num_layers=num_layers,
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    set_seed(training_args.seed, device_specific=True)  # drop-path masks differ between processes
-    hyperparameters = {**asdict(model_args), **asdict(data_args), **training_args.public_dict()}
-    return run_finetuning(accelerator, model, optimizer, schedule, training_args, task, hyperparameters)
+    schedule = finetuning_schedule(
+        training_args,
+        decay_steps=tuple(training_args.lr_decay_steps),
+        decay_factor=training_args.lr_decay_factor,
+    )
+    return run_finetuning(accelerator, model, optimizer, schedule, task, model_args, data_args, training_args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,45 +414,14 @@ class DetectionTrainSet(torch.utils.data.Dataset):
         return self.transform(self.source[int(index)], rng)
 
 
-def _to_device(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, list):
-        return [_to_device(item, device) for item in value]
-    if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    return value
-
-
 def train_batches(source, model_args, data_args, training_args, accelerator, start_step):
     """This process's endless micro-batches, from optimiser step `start_step` on (moved to the device)."""
     recipe = DetectionAugmentation.for_short_side(
         data_args.short_side, crop_prob=data_args.crop_prob, flip_prob=data_args.flip_prob
     )
-    sampler = SegmentationBatchSampler(  # (epoch, index) keys of a seeded permutation per epoch: resumable
-        len(source),
-        training_args.per_device_train_batch_size,
-        training_args.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        start_batch=start_step * training_args.gradient_accumulation_steps,
-    )
-    loader = torch.utils.data.DataLoader(
-        DetectionTrainSet(source, DetectionTrainTransform(recipe), training_args.seed),
-        batch_sampler=sampler,
-        num_workers=data_args.num_workers,
-        collate_fn=functools.partial(collate_detection, label_format=LABEL_FORMATS[model_args.head]),
-        worker_init_fn=single_thread_worker,
-        # its own generator: creating the iterator draws a seed, which would otherwise shift the global torch RNG
-        # (drop-path masks) between an uninterrupted and a resumed run
-        generator=torch.Generator().manual_seed(training_args.seed),
-    )
-
-    def batches() -> Iterator[dict[str, Any]]:
-        for batch in started_with_workers(loader):
-            yield _to_device(batch, accelerator.device)
-
-    return batches(), sampler.batches_per_epoch
+    dataset = DetectionTrainSet(source, DetectionTrainTransform(recipe), training_args.seed)
+    collate = functools.partial(collate_detection, label_format=LABEL_FORMATS[model_args.head])
+    return resumable_batches(dataset, collate, data_args.num_workers, training_args, accelerator, start_step)
 
 
 def evaluate(model, source, processor, data_args, training_args, accelerator) -> dict[str, dict[str, float]]:

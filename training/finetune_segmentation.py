@@ -57,7 +57,7 @@ if __name__ == "__main__":
 import copy
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,6 @@ from selfpatch_hf.atomic_folders import staged_folder
 from selfpatch_hf.data.segmentation.augmentation import SegmentationTrainTransform, prepare_mask
 from selfpatch_hf.data.segmentation.loading import (
     OFFLINE_SCENES,
-    SegmentationBatchSampler,
     SegmentationEvalSet,
     SegmentationTrainSet,
     collate_segmentation,
@@ -82,22 +81,21 @@ from selfpatch_hf.hub.cards.segmentation import SegmentationCardInfo, write_segm
 from selfpatch_hf.models.dense.backbones import random_vit
 from selfpatch_hf.models.dense.heads import build_segmentation_image_processor, build_upernet
 from selfpatch_hf.training.finetuning_optimization import (
-    FinetuningSchedule,
     build_finetuning_optimizer,
 )
 from selfpatch_hf.training.finetuning_run import (
     FinetuningResult,
+    finetuning_schedule,
+    resumable_batches,
     run_finetuning,
     single_thread_worker,
+    start_accelerator,
     started_with_workers,
 )
 from selfpatch_hf.training.output_folder import write_final_folder
 from selfpatch_hf.training.runtime import (
-    configure_host,
-    create_accelerator,
     enable_activation_checkpointing,
     exit_status,
-    limit_hub_requests,
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -113,10 +111,8 @@ def train(
     """One fine-tuning run: accelerator, data and model (every mistake in them is found before anything is
     written), then the shared run (selfpatch_hf.training.finetuning_run): output folder, resume, loop, evaluation,
     final model and its upload."""
-    limit_hub_requests(training_args)
-    # blocks after the last selected one get no gradient: tell DDP (see below)
-    accelerator = create_accelerator(training_args, {"find_unused_parameters": False})
-    configure_host(accelerator, training_args, data_args.num_workers)
+    # blocks after the last selected one get no gradient: DDP is told below when there are any
+    accelerator = start_accelerator(training_args, data_args.num_workers, find_unused_parameters=False)
 
     # ---- data, model, optimiser, schedule (the same seed on every process gives the same initial heads)
     train_set, eval_set, image_column, mask_column, names = load_data(data_args, training_args, accelerator)
@@ -132,15 +128,6 @@ def train(
     optimizer = build_finetuning_optimizer(
         model, training_args.weight_decay, training_args.layer_decay, num_layers
     )
-    schedule = FinetuningSchedule(
-        learning_rate=training_args.learning_rate,
-        total_steps=training_args.max_steps,
-        warmup_steps=training_args.warmup_steps,
-        warmup_ratio=training_args.warmup_ratio,
-        kind=training_args.lr_scheduler,
-        power=training_args.poly_power,
-        min_learning_rate=training_args.min_learning_rate,
-    )
     task = SegmentationTask(
         model_args,
         data_args,
@@ -155,10 +142,8 @@ def train(
         num_layers=num_layers,
         out_indices=list(model.backbone.config.out_indices),
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    set_seed(training_args.seed, device_specific=True)  # drop-path masks differ between processes
-    hyperparameters = {**asdict(model_args), **asdict(data_args), **training_args.public_dict()}
-    return run_finetuning(accelerator, model, optimizer, schedule, training_args, task, hyperparameters)
+    schedule = finetuning_schedule(training_args, power=training_args.poly_power)
+    return run_finetuning(accelerator, model, optimizer, schedule, task, model_args, data_args, training_args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,30 +328,10 @@ def train_batches(train, image_column, mask_column, data_args, training_args, ac
         reduce_labels=data_args.reduce_labels,
         ignore_index=data_args.ignore_index,
     )
-    sampler = SegmentationBatchSampler(
-        len(train),
-        training_args.per_device_train_batch_size,
-        training_args.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        start_batch=start_step * training_args.gradient_accumulation_steps,
+    dataset = SegmentationTrainSet(train, image_column, mask_column, transform, training_args.seed)
+    return resumable_batches(
+        dataset, collate_segmentation, data_args.num_workers, training_args, accelerator, start_step
     )
-    loader = torch.utils.data.DataLoader(
-        SegmentationTrainSet(train, image_column, mask_column, transform, training_args.seed),
-        batch_sampler=sampler,
-        num_workers=data_args.num_workers,
-        collate_fn=collate_segmentation,
-        worker_init_fn=single_thread_worker,
-        # its own generator: creating the iterator draws a seed, which would otherwise shift the global torch RNG
-        # (drop-path masks) between an uninterrupted and a resumed run
-        generator=torch.Generator().manual_seed(training_args.seed),
-    )
-
-    def batches() -> Iterator[dict[str, torch.Tensor]]:
-        for batch in started_with_workers(loader):
-            yield {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
-
-    return batches(), sampler.batches_per_epoch
 
 
 def evaluate(model, evaluation, columns, processor, data_args, training_args, accelerator, names):

@@ -1,29 +1,32 @@
 """The fine-tuning run every task shares (`training/finetune_segmentation.py`, `training/finetune_detection.py`):
-the output folder, the resume, the loop over optimiser steps with its logging, checkpoints and stop requests, the
-final evaluation, the model folder and its upload. A script builds its data, model, optimiser and schedule, then
-hands them with a `FinetuningTask` (what differs between tasks) to `run_finetuning`:
+the accelerator, the schedule, resumable training batches, and after that the output folder, the resume, the loop
+over optimiser steps with its logging, checkpoints and stop requests, the final evaluation, the model folder and its
+upload. A script builds its data and model, and hands them with a `FinetuningTask` (what differs between tasks) to
+`run_finetuning`:
 
+    accelerator = start_accelerator(training_args, data_args.num_workers, find_unused_parameters=False)
+    ... data, model, optimiser ...
     task = SegmentationTask(...)                   # train_batches / evaluate / save_model / describe ...
-    return run_finetuning(accelerator, model, optimizer, schedule, training_args, task, hyperparameters)
-
-Also here: single-threaded data workers, workers started with the stop signals held, and the step a run continues
-from.
+    return run_finetuning(accelerator, model, optimizer, finetuning_schedule(training_args), task, *arguments)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from selfpatch_hf.cli.errors import CommandFailure, UsageError
+from selfpatch_hf.data.segmentation.loading import SegmentationBatchSampler
 from selfpatch_hf.training.arguments.common import RuntimeArguments
 from selfpatch_hf.training.checkpointing import CheckpointManager, DamagedCheckpointError
 from selfpatch_hf.training.finetuning_optimization import FinetuningSchedule, apply_learning_rate
@@ -31,7 +34,10 @@ from selfpatch_hf.training.metrics_log import MetricsLog, WindowMeans
 from selfpatch_hf.training.output_folder import completed_step, record_complete
 from selfpatch_hf.training.preemption import StopRequest, stop_signals_held
 from selfpatch_hf.training.runtime import (
+    configure_host,
+    create_accelerator,
     init_trackers,
+    limit_hub_requests,
     output_folder,
     record_uploads,
     save_checkpoint,
@@ -43,6 +49,80 @@ logger = logging.getLogger(__name__)
 
 MODEL_DIRNAME = "model"
 FINAL_ARTEFACTS = (MODEL_DIRNAME,)  # recorded in run_complete.json, written last
+
+
+def start_accelerator(training_args: RuntimeArguments, num_workers: int, *, find_unused_parameters: bool):
+    """The run's `Accelerator`, after the Hub requests are bounded and before the host's threads are set.
+    `find_unused_parameters`: DDP must expect parameters without a gradient in a step (blocks after the last one
+    a head reads, heads whose losses skip some of their layers)."""
+    limit_hub_requests(training_args)  # before anything talks to the Hub
+    accelerator = create_accelerator(training_args, {"find_unused_parameters": find_unused_parameters})
+    configure_host(accelerator, training_args, num_workers)
+    return accelerator
+
+
+def finetuning_schedule(training_args: Any, **task_options: Any) -> FinetuningSchedule:
+    """The learning-rate schedule of the shared options (`FinetuningArguments`) and a task's own (`power` of the
+    poly decay, `decay_steps` / `decay_factor` of the step decay)."""
+    return FinetuningSchedule(
+        learning_rate=training_args.learning_rate,
+        total_steps=training_args.max_steps,
+        warmup_steps=training_args.warmup_steps,
+        warmup_ratio=training_args.warmup_ratio,
+        kind=training_args.lr_scheduler,
+        min_learning_rate=training_args.min_learning_rate,
+        **task_options,
+    )
+
+
+def resumable_batches(
+    dataset: torch.utils.data.Dataset,
+    collate_fn: Callable[[list[Any]], dict[str, Any]],
+    num_workers: int,
+    training_args: RuntimeArguments,
+    accelerator,
+    start_step: int,
+) -> tuple[Iterator[dict[str, Any]], int]:
+    """This process's endless micro-batches from optimiser step `start_step` on, moved to the device, and the
+    micro-batches per epoch. `dataset` is indexed by `(epoch, index)` keys of a seeded permutation per epoch
+    (`SegmentationBatchSampler`), so a resumed run sees exactly the batches the uninterrupted one would."""
+    try:
+        sampler = SegmentationBatchSampler(
+            len(dataset),
+            training_args.per_device_train_batch_size,
+            training_args.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            start_batch=start_step * training_args.gradient_accumulation_steps,
+        )
+    except ValueError as error:
+        raise UsageError(f"--per_device_train_batch_size: {error}") from None
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        worker_init_fn=single_thread_worker,
+        # its own generator: creating the iterator draws a seed, which would otherwise shift the global torch RNG
+        # (drop-path masks) between an uninterrupted and a resumed run
+        generator=torch.Generator().manual_seed(training_args.seed),
+    )
+
+    def batches() -> Iterator[dict[str, Any]]:
+        for batch in started_with_workers(loader):
+            yield _to_device(batch, accelerator.device)
+
+    return batches(), sampler.batches_per_epoch
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, list):
+        return [_to_device(item, device) for item in value]
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    return value
 
 
 def single_thread_worker(_: int) -> None:
@@ -137,13 +217,22 @@ def run_finetuning(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: FinetuningSchedule,
-    training_args: Any,
     task: FinetuningTask,
-    hyperparameters: Mapping[str, Any],
+    model_args: Any,
+    data_args: Any,
+    training_args: Any,
 ) -> FinetuningResult:
-    """The run after `accelerator.prepare(model, optimizer)`: takes the output folder (held by this run), resumes,
-    trains to `--max_steps` (checkpoints every `--checkpointing_steps`, evaluates every `--eval_steps`, stops
-    after a checkpoint on SIGTERM / SIGINT), then checkpoints, evaluates, saves and uploads the model."""
+    """Prepares `model` and `optimizer`, takes the output folder (held by this run), resumes, trains to
+    `--max_steps` (checkpoints every `--checkpointing_steps`, evaluates every `--eval_steps`, stops after a
+    checkpoint on SIGTERM / SIGINT), then checkpoints, evaluates, saves and uploads the model. The argument groups
+    are recorded in checkpoints and trackers."""
+    model, optimizer = accelerator.prepare(model, optimizer)
+    set_seed(training_args.seed, device_specific=True)  # drop-path masks differ between processes
+    hyperparameters = {
+        **dataclasses.asdict(model_args),
+        **dataclasses.asdict(data_args),
+        **training_args.public_dict(),
+    }
     model.train()
     unwrapped = accelerator.unwrap_model(model)
     batch_size = global_batch_size(accelerator, training_args)
@@ -176,7 +265,7 @@ def run_finetuning(
                 "step": step,
                 "global_batch_size": batch_size,
                 "num_processes": accelerator.num_processes,
-                "arguments": dict(hyperparameters),
+                "arguments": hyperparameters,
             }
             return save_checkpoint(
                 checkpoints, metrics_log, step, trainer_state, {"rank": accelerator.process_index}
@@ -329,9 +418,12 @@ __all__ = [
     "FinetuningResult",
     "FinetuningTask",
     "global_batch_size",
+    "finetuning_schedule",
     "next_batch",
+    "resumable_batches",
     "resume_step",
     "run_finetuning",
     "single_thread_worker",
+    "start_accelerator",
     "started_with_workers",
 ]
