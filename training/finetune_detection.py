@@ -37,7 +37,6 @@ from selfpatch_hf.training.arguments.detection import (
     DetectionTrainingArguments,
     parse_detection_arguments,
 )
-from selfpatch_hf.training.arguments.segmentation import RANDOM_BACKBONE_PREFIX
 
 PROG = "finetune_detection.py"
 
@@ -69,7 +68,6 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from selfpatch_hf.atomic_folders import staged_folder
 from selfpatch_hf.data.detection.augmentation import DetectionAugmentation, DetectionTrainTransform
 from selfpatch_hf.data.detection.batching import collate_detection
 from selfpatch_hf.data.detection.sources import (
@@ -81,7 +79,6 @@ from selfpatch_hf.data.detection.sources import (
 from selfpatch_hf.evaluation.configs import CocoEvalConfig
 from selfpatch_hf.evaluation.detection import evaluate_coco
 from selfpatch_hf.hub.cards.detection import DetectionCardInfo, write_detection_card
-from selfpatch_hf.models.dense.backbones import random_vit
 from selfpatch_hf.models.dense.detection import (
     build_deformable_detr,
     build_detection_image_processor,
@@ -93,15 +90,15 @@ from selfpatch_hf.training.finetuning_optimization import (
 )
 from selfpatch_hf.training.finetuning_run import (
     FinetuningResult,
+    backbone_source,
     finetuning_schedule,
     resumable_batches,
     run_finetuning,
+    save_model_folder,
     start_accelerator,
 )
-from selfpatch_hf.training.output_folder import write_final_folder
 from selfpatch_hf.training.runtime import (
     enable_activation_checkpointing,
-    exit_status,
 )
 
 LABEL_FORMATS = {"deformable-detr": "detr", "mask2former": "mask2former"}
@@ -154,11 +151,8 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The script's exit status: 0 done, 2 wrong arguments, 1 failed, 3 trained but the model is not on the Hub
-    (docs/reliability.md), 128 + signal when pre-empted."""
-    result = train(*parse_arguments(argv))
-    result.accelerator.end_training()
-    return exit_status(PROG, result.stopped_by, result.uploads_complete, "the fine-tuned model")
+    """The script's exit status (`FinetuningResult.finish`; docs/reliability.md)."""
+    return train(*parse_arguments(argv)).finish(PROG)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -236,25 +230,17 @@ class DetectionTask:
             scores,
             self.eval_source,
         )
-        return save_model(model, self.processor, card, target)
+        return save_model_folder(
+            target, model, self.processor, lambda folder: write_detection_card(folder, card)
+        )
 
 
 _IOU_NAMES = {"bbox": "box", "segm": "mask"}  # pycocotools' IoU types, as the metrics and the log name them
 
 
-def backbone_source(model_args: DetectionModelArguments, data_args: DetectionDataArguments):
-    """The backbone argument as the builders take it: a path / Hub id, or a random ViT for `random:PRESET`."""
-    if not model_args.backbone.startswith(RANDOM_BACKBONE_PREFIX):
-        return model_args.backbone
-    try:
-        return random_vit(model_args.backbone[len(RANDOM_BACKBONE_PREFIX) :], data_args.short_side)
-    except ValueError as error:
-        raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
-
-
 def build_model(model_args: DetectionModelArguments, data_args: DetectionDataArguments, names: list[str]):
     """The detector of --head on the backbone, its heads sized by the options (None: the model's default)."""
-    source = backbone_source(model_args, data_args)
+    source = backbone_source(model_args.backbone, data_args.short_side)
     common = {"out_indices": model_args.out_indices, "multi_scale": model_args.multi_scale}
     common["drop_path_rate"] = model_args.drop_path_rate
     common["encoder_layers"] = model_args.encoder_layers
@@ -499,20 +485,6 @@ def detection_card(
             else None
         ),
     )
-
-
-def save_model(model, processor, card_info: DetectionCardInfo, target: Path) -> Path:
-    """`target`: config, safetensors, image processor, card; written staged and swapped in whole (a failure is one
-    line naming the folder)."""
-
-    def write() -> None:
-        with staged_folder(target) as staging:
-            model.save_pretrained(staging)
-            processor.save_pretrained(staging)
-            write_detection_card(staging, card_info)
-
-    write_final_folder(target, "the fine-tuned model", write)
-    return target
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import sys
 
 from selfpatch_hf.cli.errors import UsageError, run_command
 from selfpatch_hf.training.arguments.segmentation import (
-    RANDOM_BACKBONE_PREFIX,
     SegmentationDataArguments,
     SegmentationModelArguments,
     SegmentationTrainingArguments,
@@ -65,7 +64,6 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from selfpatch_hf.atomic_folders import staged_folder
 from selfpatch_hf.data.segmentation.augmentation import SegmentationTrainTransform, prepare_mask
 from selfpatch_hf.data.segmentation.loading import (
     OFFLINE_SCENES,
@@ -78,24 +76,23 @@ from selfpatch_hf.data.segmentation.loading import (
 )
 from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
 from selfpatch_hf.hub.cards.segmentation import SegmentationCardInfo, write_segmentation_card
-from selfpatch_hf.models.dense.backbones import random_vit
 from selfpatch_hf.models.dense.heads import build_segmentation_image_processor, build_upernet
 from selfpatch_hf.training.finetuning_optimization import (
     build_finetuning_optimizer,
 )
 from selfpatch_hf.training.finetuning_run import (
     FinetuningResult,
+    backbone_source,
     finetuning_schedule,
     resumable_batches,
     run_finetuning,
+    save_model_folder,
     single_thread_worker,
     start_accelerator,
     started_with_workers,
 )
-from selfpatch_hf.training.output_folder import write_final_folder
 from selfpatch_hf.training.runtime import (
     enable_activation_checkpointing,
-    exit_status,
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,11 +144,8 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The script's exit status: 0 done, 2 wrong arguments, 1 failed, 3 trained but the model is not on the Hub
-    (docs/reliability.md), 128 + signal when pre-empted."""
-    result = train(*parse_arguments(argv))
-    result.accelerator.end_training()
-    return exit_status(PROG, result.stopped_by, result.uploads_complete, "the fine-tuned model")
+    """The script's exit status (`FinetuningResult.finish`; docs/reliability.md)."""
+    return train(*parse_arguments(argv)).finish(PROG)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -230,20 +224,10 @@ class SegmentationTask:
         return save_model(model, self.processor, card, target)
 
 
-def backbone_source(model_args: SegmentationModelArguments, crop_size: list[int]):
-    """The backbone argument as `build_upernet` takes it: a path / Hub id, or a random ViT for `random:PRESET`."""
-    if not model_args.backbone.startswith(RANDOM_BACKBONE_PREFIX):
-        return model_args.backbone
-    try:
-        return random_vit(model_args.backbone[len(RANDOM_BACKBONE_PREFIX) :], max(crop_size))
-    except ValueError as error:
-        raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
-
-
 def build_model(
     model_args: SegmentationModelArguments, data_args: SegmentationDataArguments, names: list[str]
 ):
-    source = backbone_source(model_args, data_args.crop_size)
+    source = backbone_source(model_args.backbone, max(data_args.crop_size))
     try:
         return build_upernet(
             source,
@@ -422,14 +406,9 @@ def save_model(model, processor, card_info: SegmentationCardInfo, target: Path) 
     if any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.modules()):
         model = _with_plain_batch_norm(model)
 
-    def write() -> None:
-        with staged_folder(target) as staging:
-            model.save_pretrained(staging)
-            processor.save_pretrained(staging)
-            write_segmentation_card(staging, card_info)
-
-    write_final_folder(target, "the fine-tuned model", write)
-    return target
+    return save_model_folder(
+        target, model, processor, lambda folder: write_segmentation_card(folder, card_info)
+    )
 
 
 def _with_plain_batch_norm(model):

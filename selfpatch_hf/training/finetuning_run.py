@@ -25,17 +25,20 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from selfpatch_hf.atomic_folders import staged_folder
 from selfpatch_hf.cli.errors import CommandFailure, UsageError
 from selfpatch_hf.data.segmentation.loading import SegmentationBatchSampler
 from selfpatch_hf.training.arguments.common import RuntimeArguments
+from selfpatch_hf.training.arguments.finetuning import RANDOM_BACKBONE_PREFIX
 from selfpatch_hf.training.checkpointing import CheckpointManager, DamagedCheckpointError
 from selfpatch_hf.training.finetuning_optimization import FinetuningSchedule, apply_learning_rate
 from selfpatch_hf.training.metrics_log import MetricsLog, WindowMeans
-from selfpatch_hf.training.output_folder import completed_step, record_complete
+from selfpatch_hf.training.output_folder import completed_step, record_complete, write_final_folder
 from selfpatch_hf.training.preemption import StopRequest, stop_signals_held
 from selfpatch_hf.training.runtime import (
     configure_host,
     create_accelerator,
+    exit_status,
     init_trackers,
     limit_hub_requests,
     output_folder,
@@ -125,6 +128,35 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def backbone_source(backbone: str, image_size: int):
+    """`--backbone` as the head builders take it: a path / Hub id, or for `random:PRESET` a randomly initialised
+    ViT of that preset for `image_size` inputs."""
+    if not backbone.startswith(RANDOM_BACKBONE_PREFIX):
+        return backbone
+    from selfpatch_hf.models.dense.backbones import random_vit
+
+    try:
+        return random_vit(backbone[len(RANDOM_BACKBONE_PREFIX) :], image_size)
+    except ValueError as error:
+        raise UsageError(f"--backbone {backbone}: {error}") from None
+
+
+def save_model_folder(
+    target: Path, model: torch.nn.Module, processor: Any, write_card: Callable[[Path], Any]
+) -> Path:
+    """`target`: config, safetensors, image processor and the card `write_card(folder)` writes; staged and swapped
+    in whole (a failure is one line naming the folder)."""
+
+    def write() -> None:
+        with staged_folder(target) as staging:
+            model.save_pretrained(staging)
+            processor.save_pretrained(staging)
+            write_card(staging)
+
+    write_final_folder(target, "the fine-tuned model", write)
+    return target
+
+
 def single_thread_worker(_: int) -> None:
     """`worker_init_fn`: workers decode and augment with numpy / PIL; torch threads would only contend."""
     torch.set_num_threads(1)
@@ -202,6 +234,12 @@ class FinetuningResult:
     stopped_by: str | None
     upload_report: list[str]
     uploads_complete: bool = True  # False: --push_to_hub, but the model is not on the Hub
+
+    def finish(self, prog: str) -> int:
+        """Ends the trackers; the script's exit status: 0 done, 1 failed, 2 wrong arguments, 3 trained but the
+        model is not on the Hub (docs/reliability.md), 128 + signal when pre-empted."""
+        self.accelerator.end_training()
+        return exit_status(prog, self.stopped_by, self.uploads_complete, "the fine-tuned model")
 
 
 def global_batch_size(accelerator, training_args: RuntimeArguments) -> int:
@@ -417,12 +455,14 @@ __all__ = [
     "MODEL_DIRNAME",
     "FinetuningResult",
     "FinetuningTask",
+    "backbone_source",
     "global_batch_size",
     "finetuning_schedule",
     "next_batch",
     "resumable_batches",
     "resume_step",
     "run_finetuning",
+    "save_model_folder",
     "single_thread_worker",
     "start_accelerator",
     "started_with_workers",
