@@ -275,3 +275,43 @@ def test_push_to_hub_uploads_the_model_folder(inputs, tmp_path, hub_server):
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         assert files[name] == (local / name).read_bytes(), name
     assert b"pipeline_tag: image-segmentation" in files["README.md"]
+
+
+def test_unreadable_training_images_and_masks_are_skipped_counted_and_reported(inputs, tmp_path, caplog):
+    """Corrupt image bytes in one row and a truncated mask in another: the run trains to the end on the readable
+    examples (each unreadable one replaced by the next readable one), warns with the row and the reason, and counts
+    them in metrics.jsonl; an unreadable row never ends a long run."""
+    import datasets
+
+    scenes = tmp_path / "scenes"
+    for split in ("train", "validation"):
+        source = inputs["data"] / "data" / f"{split}-00000-of-00001.parquet"
+        table = datasets.Dataset.from_parquet(str(source))
+        table = table.cast_column("image", datasets.Image(decode=False))
+        table = table.cast_column("mask", datasets.Image(decode=False))
+        if split == "train":
+            rows = table.to_list()
+            rows[2]["image"] = {"bytes": b"\x89PNG\r\n\x1a\n not an image", "path": None}
+            rows[5]["mask"] = {"bytes": rows[5]["mask"]["bytes"][:40], "path": None}  # truncated
+            table = datasets.Dataset.from_list(rows, features=table.features)
+        table = table.cast_column("image", datasets.Image()).cast_column("mask", datasets.Image())
+        (scenes / "data").mkdir(parents=True, exist_ok=True)
+        table.to_parquet(str(scenes / "data" / f"{split}-00000-of-00001.parquet"))
+    inputs = {**inputs, "data": scenes}
+    output = tmp_path / "run"
+    script = _script()
+    with caplog.at_level("WARNING"):
+        result = script.train(
+            *script.parse_finetuning_arguments(_arguments(inputs, output, "--max_steps", "6"))
+        )
+    result.accelerator.end_training()
+    assert result.global_step == 6 and result.model_dir is not None
+    warnings = [
+        record.getMessage() for record in caplog.records if "skipped unreadable" in record.getMessage()
+    ]
+    assert any("training example 2:" in message for message in warnings), warnings
+    assert any("training example 5:" in message for message in warnings), warnings
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    skipped = sum(record.get("skipped_examples", 0) for record in records)
+    # 12 rows, batches of 4, 6 steps: two epochs; each unreadable row is drawn once per epoch
+    assert skipped == 4 == len(warnings), (skipped, warnings)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from selfpatch_hf.atomic_folders import staged_folder
 from selfpatch_hf.cli.errors import CommandFailure, UsageError
 from selfpatch_hf.data.segmentation.loading import SegmentationBatchSampler
+from selfpatch_hf.data.unreadable_examples import SKIPPED_KEY, SkipUnreadable, collate_with_skipped
 from selfpatch_hf.training.arguments.common import RuntimeArguments
 from selfpatch_hf.training.arguments.finetuning import RANDOM_BACKBONE_PREFIX
 from selfpatch_hf.training.checkpointing import CheckpointManager, DamagedCheckpointError
@@ -88,7 +89,9 @@ def resumable_batches(
 ) -> tuple[Iterator[dict[str, Any]], int]:
     """This process's endless micro-batches from optimiser step `start_step` on, moved to the device, and the
     micro-batches per epoch. `dataset` is indexed by `(epoch, index)` keys of a seeded permutation per epoch
-    (`SegmentationBatchSampler`), so a resumed run sees exactly the batches the uninterrupted one would."""
+    (`SegmentationBatchSampler`), so a resumed run sees exactly the batches the uninterrupted one would. Examples
+    whose image cannot be read are replaced by the next readable one, their reasons under `SKIPPED_KEY`
+    (selfpatch_hf.data.unreadable_examples)."""
     try:
         sampler = SegmentationBatchSampler(
             len(dataset),
@@ -101,10 +104,10 @@ def resumable_batches(
     except ValueError as error:
         raise UsageError(f"--per_device_train_batch_size: {error}") from None
     loader = torch.utils.data.DataLoader(
-        dataset,
+        SkipUnreadable(dataset),
         batch_sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_fn,
+        collate_fn=collate_with_skipped(collate_fn),
         worker_init_fn=single_thread_worker,
         # its own generator: creating the iterator draws a seed, which would otherwise shift the global torch RNG
         # (drop-path masks) between an uninterrupted and a resumed run
@@ -332,13 +335,17 @@ def run_finetuning(
         )
         scores = model_dir = stopped_by = None
         window = WindowMeans()
+        skipped_in_window = 0
+        report_skipped = _SkippedReport()
         try:
             with StopRequest() as stop:
                 while global_step < max_steps:
                     started = time.perf_counter()
                     learning_rate = schedule.at(global_step)
                     apply_learning_rate(optimizer, learning_rate)
-                    step_loss = _optimiser_step(accelerator, model, optimizer, batches, training_args)
+                    step_loss, skipped = _optimiser_step(
+                        accelerator, model, optimizer, batches, training_args
+                    )
                     if not math.isfinite(step_loss):
                         raise CommandFailure(
                             f"non-finite loss at step {global_step}: lower --learning_rate, lengthen --warmup_steps "
@@ -346,6 +353,8 @@ def run_finetuning(
                         )
                     global_step += 1
                     window.add({"loss": step_loss}, batch_size, time.perf_counter() - started)
+                    skipped_in_window += len(skipped)
+                    report_skipped(skipped, global_step)
                     progress.update(1)
                     progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
                     if global_step % training_args.logging_steps == 0 or global_step == max_steps:
@@ -357,9 +366,15 @@ def run_finetuning(
                                 "learning_rate": learning_rate,
                                 "epoch": round(epoch, 4),
                                 "images_per_second": window.images_per_second,
+                                # since the last metrics line, all processes (a resume replays, as the loss)
+                                "skipped_examples": accelerator.reduce(
+                                    torch.tensor(skipped_in_window, device=accelerator.device),
+                                    reduction="sum",
+                                ).item(),
                             },
                         )
                         window.reset()
+                        skipped_in_window = 0
                     record_uploads(uploader, metrics_log)
                     stop_now = accelerator.reduce(
                         torch.tensor(float(stop.requested), device=accelerator.device), reduction="sum"
@@ -420,12 +435,16 @@ def run_finetuning(
         )
 
 
-def _optimiser_step(accelerator, model, optimizer, batches: Iterator[dict[str, Any]], training_args) -> float:
-    """One optimiser step over `--gradient_accumulation_steps` micro-batches; the loss averaged over them and over
-    the processes."""
+def _optimiser_step(
+    accelerator, model, optimizer, batches: Iterator[dict[str, Any]], training_args
+) -> tuple[float, list[str]]:
+    """One optimiser step over `--gradient_accumulation_steps` micro-batches: the loss averaged over them and over
+    the processes, and the reasons of this process's examples that were replaced as unreadable."""
     step_loss = torch.zeros((), device=accelerator.device)
+    skipped: list[str] = []
     for _ in range(training_args.gradient_accumulation_steps):
         batch = next_batch(batches)
+        skipped += batch.pop(SKIPPED_KEY, [])
         with accelerator.accumulate(model), accelerator.autocast():
             loss = model(**batch).loss
             accelerator.backward(loss)
@@ -434,7 +453,25 @@ def _optimiser_step(accelerator, model, optimizer, batches: Iterator[dict[str, A
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step_loss += loss.detach() / training_args.gradient_accumulation_steps
-    return accelerator.reduce(step_loss, reduction="mean").item()
+    return accelerator.reduce(step_loss, reduction="mean").item(), skipped
+
+
+class _SkippedReport:
+    """Warns of unreadable training examples: each of the first `detailed` with its reason, then one line per
+    further `every` (the metrics' `skipped_examples` count them all)."""
+
+    def __init__(self, detailed: int = 10, every: int = 100):
+        self.count, self.detailed, self.every = 0, detailed, every
+
+    def __call__(self, reasons: list[str], step: int) -> None:
+        for reason in reasons:
+            self.count += 1
+            if self.count <= self.detailed:
+                logger.warning(
+                    "Step %d: skipped unreadable %s (replaced by the next readable example).", step, reason
+                )
+            elif self.count % self.every == 0:
+                logger.warning("Step %d: %d unreadable training examples skipped so far.", step, self.count)
 
 
 def next_batch(batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
