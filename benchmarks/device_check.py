@@ -246,19 +246,19 @@ def tf32(enabled: bool):
 
 
 def section_correctness(report: Report, device: torch.device, args) -> None:
-    from selfpatch_hf import SelfPatchViTForPretraining
+    from selfpatch_hf import SelfPatchForPretraining
     from selfpatch_hf.training.cuda_setup import adamw_kwargs, sdpa_backends
     from selfpatch_hf.training.optimization import build_param_groups
 
     torch.manual_seed(0)
-    reference = SelfPatchViTForPretraining(tiny_config()).train()
+    reference = SelfPatchForPretraining(tiny_config()).train()
     generator = torch.Generator().manual_seed(1)
     global_crops = torch.randn(4, 2, 3, 32, 32, generator=generator)
     local_crops = torch.randn(4, 4, 3, 16, 16, generator=generator)
     with torch.no_grad():
         cpu_loss = reference(global_crops, local_crops, update_state=False).loss.item()
 
-    model = SelfPatchViTForPretraining(tiny_config()).train()
+    model = SelfPatchForPretraining(tiny_config()).train()
     model.load_state_dict(reference.state_dict())
     model.to(device)
     crops = (global_crops.to(device), local_crops.to(device))
@@ -285,7 +285,7 @@ def section_correctness(report: Report, device: torch.device, args) -> None:
             f"{losses[precision]:.6f}",
         )
     for precision in ("fp32", "bf16", "fp16"):
-        model = SelfPatchViTForPretraining(tiny_config()).train()
+        model = SelfPatchForPretraining(tiny_config()).train()
         model.load_state_dict(reference.state_dict())
         model.to(device)
         optimizer = torch.optim.AdamW(build_param_groups(model.student), lr=1e-3, **adamw_kwargs(device))
@@ -373,7 +373,7 @@ def model_shapes(args) -> dict:
 
 
 def build_model(shapes: dict, variant: str, attn: str = "sdpa"):
-    from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
+    from selfpatch_hf import SelfPatchConfig, SelfPatchForPretraining
 
     overrides = {"image_representation": "cls", "patch_loss_weight": 0.0} if variant == "dino" else {}
     if shapes["preset"] is None:
@@ -383,7 +383,7 @@ def build_model(shapes: dict, variant: str, attn: str = "sdpa"):
     config._attn_implementation = attn
     config.backbone_config._attn_implementation = attn
     torch.manual_seed(0)
-    return SelfPatchViTForPretraining(config).train()
+    return SelfPatchForPretraining(config).train()
 
 
 def make_step(model, shapes: dict, device: torch.device, precision: str, crops=None):
@@ -915,10 +915,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("warmup", "budget", "pretrain_timeout", "data_seconds"):
+    for name in ("warmup", "data_seconds"):
         value = getattr(args, name)
         if value is not None and not 0 <= value < math.inf:  # also NaN
             parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for name in ("budget", "pretrain_timeout"):  # 0 s would skip or fail every timed section
+        value = getattr(args, name)
+        if not 0 < value < math.inf:
+            parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds > 0, got {value}")
+    import torch._dynamo
+
+    if args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        parser.error(
+            f"--compile-backend {args.compile_backend!r} is not a torch.compile backend "
+            "(torch._dynamo.list_backends() lists them)"
+        )
+    # the report is written at the end: a folder that cannot take it must fail now, not after the whole run
+    output = Path(args.output)
+    if output.is_dir():
+        parser.error(f"--output {output} is a folder; give a file name, e.g. {output / 'device_check.json'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(
+            f"--output {output}: cannot create its folder {output.parent} ({error.strerror or error})"
+        )
+    if not os.access(output.parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        parser.error(f"--output {output}: {output.parent} is not writable; give another --output")
     args.cpu_mode = args.cpu or not torch.cuda.is_available()
     args.steps = args.steps or (2 if args.cpu_mode else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu_mode else 3)
@@ -990,8 +1013,16 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": elapsed,
         "passed": not failed,
     }
-    Path(args.output).write_text(json.dumps(payload, indent=2, default=str))
-    print(f"\n{'FAILED' if failed else 'passed'} in {elapsed:.0f} s; report in {args.output}", flush=True)
+    text = json.dumps(payload, indent=2, default=str)
+    try:
+        Path(args.output).write_text(text)
+        where = args.output
+    except OSError as error:  # e.g. the disk filled during the run: keep the results somewhere
+        with tempfile.NamedTemporaryFile("w", prefix="device_check-", suffix=".json", delete=False) as file:
+            file.write(text)
+        where = file.name
+        print(f"cannot write --output {args.output} ({error.strerror or error}); the report went to {where}")
+    print(f"\n{'FAILED' if failed else 'passed'} in {elapsed:.0f} s; report in {where}", flush=True)
     if skipped:
         print(f"skipped: {'; '.join(sorted(skipped))}", flush=True)
     return 1 if failed else 0

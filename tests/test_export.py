@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tiny_models import tiny_config
 
-from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
+from selfpatch_hf import SelfPatchForPretraining, export_backbone
 
 CHILD = textwrap.dedent(
     """
@@ -49,9 +49,9 @@ CHILD = textwrap.dedent(
 )
 
 
-def trained_tiny_model() -> SelfPatchViTForPretraining:
+def trained_tiny_model() -> SelfPatchForPretraining:
     torch.manual_seed(0)
-    model = SelfPatchViTForPretraining(tiny_config())
+    model = SelfPatchForPretraining(tiny_config())
     with torch.no_grad():  # make student and teacher differ, as after training
         for p in model.student.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -215,3 +215,43 @@ def test_the_readme_snippet_runs_on_any_photograph(tmp_path, mode):
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0 and "ran" in result.stdout, result.stderr[-3000:]
+
+
+def _limit_file_size():
+    """In the child: files cannot grow beyond 100 kB (writes fail with EFBIG, as on a full disk; not a signal)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+def test_a_failed_write_of_an_export_is_one_line_and_keeps_the_previous_export(tmp_path):
+    model = trained_tiny_model()
+    model.save_pretrained(tmp_path / "pretraining")
+    target = tmp_path / "backbone"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [
+        sys.executable,
+        "-m",
+        "selfpatch_hf.cli.main",
+        "export",
+        str(tmp_path / "pretraining"),
+        str(target),
+    ]
+    assert subprocess.run(command, capture_output=True, text=True, env=env, timeout=300).returncode == 0
+    before = {path.name: path.read_bytes() for path in target.iterdir()}
+    model.update_teacher(0.0)
+    model.save_pretrained(tmp_path / "pretraining")
+    failed = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=300, preexec_fn=_limit_file_size
+    )
+    assert failed.returncode == 1, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in failed.stderr, failed.stderr
+    assert last.startswith(f"selfpatch export: error: writing the backbone to {target} failed: "), last
+    assert last.endswith(
+        "the previous export is untouched. Free space or fix the folder's permissions, then run the same command again."
+    )
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["backbone", "pretraining"]  # no staging left

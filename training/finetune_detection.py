@@ -90,6 +90,7 @@ from selfpatch_hf.training.finetuning_optimization import (
 )
 from selfpatch_hf.training.finetuning_run import (
     FinetuningResult,
+    backbone_errors,
     backbone_source,
     finetuning_schedule,
     resumable_batches,
@@ -268,12 +269,10 @@ def build_model(model_args: DetectionModelArguments, data_args: DetectionDataArg
             feature_size=model_args.hidden_size,
             num_attention_heads=model_args.attention_heads,
         )
-    try:
+    with backbone_errors(model_args.backbone):
         return build(
             source, names, **common, **{key: value for key, value in optional.items() if value is not None}
         )
-    except (OSError, ValueError, TypeError) as error:
-        raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
 
 
 def find_backbone(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 
-from selfpatch_hf.cli.errors import UsageError, run_command
+from selfpatch_hf.cli.errors import CommandFailure, UsageError, run_command
 from selfpatch_hf.training.arguments.segmentation import (
     SegmentationDataArguments,
     SegmentationModelArguments,
@@ -54,6 +54,7 @@ if __name__ == "__main__":
 
 # ruff: noqa: E402 -- the heavy imports come after that early answer
 import copy
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,14 +68,20 @@ from accelerate.utils import set_seed
 from selfpatch_hf.data.segmentation.augmentation import SegmentationTrainTransform, prepare_mask
 from selfpatch_hf.data.segmentation.loading import (
     OFFLINE_SCENES,
+    ExampleProblem,
+    SegmentationDataError,
     SegmentationEvalSet,
     SegmentationTrainSet,
+    SkippedExample,
+    check_evaluation_masks,
+    check_label_range,
     collate_segmentation,
     find_columns,
     label_names,
     load_segmentation_splits,
 )
 from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
+from selfpatch_hf.evaluation.semseg_metrics import MaskValueError
 from selfpatch_hf.hub.cards.segmentation import SegmentationCardInfo, write_segmentation_card
 from selfpatch_hf.models.dense.heads import build_segmentation_image_processor, build_upernet
 from selfpatch_hf.training.finetuning_optimization import (
@@ -82,6 +89,7 @@ from selfpatch_hf.training.finetuning_optimization import (
 )
 from selfpatch_hf.training.finetuning_run import (
     FinetuningResult,
+    backbone_errors,
     backbone_source,
     finetuning_schedule,
     resumable_batches,
@@ -94,6 +102,9 @@ from selfpatch_hf.training.finetuning_run import (
 from selfpatch_hf.training.runtime import (
     enable_activation_checkpointing,
 )
+
+logger = logging.getLogger("finetune_segmentation")
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The run, top to bottom
@@ -174,7 +185,13 @@ class SegmentationTask:
 
     def train_batches(self, start_step: int) -> tuple[Iterator[dict[str, torch.Tensor]], int]:
         return train_batches(
-            self.train_set, *self.columns, self.data_args, self.training_args, self.accelerator, start_step
+            self.train_set,
+            *self.columns,
+            self.data_args,
+            self.training_args,
+            self.accelerator,
+            start_step,
+            len(self.names),
         )
 
     def describe(self, global_batch_size: int, batches_per_epoch: int) -> str:
@@ -228,7 +245,7 @@ def build_model(
     model_args: SegmentationModelArguments, data_args: SegmentationDataArguments, names: list[str]
 ):
     source = backbone_source(model_args.backbone, max(data_args.crop_size))
-    try:
+    with backbone_errors(model_args.backbone):
         return build_upernet(
             source,
             names,
@@ -239,8 +256,6 @@ def build_model(
             ignore_index=data_args.ignore_index,
             drop_path_rate=model_args.drop_path_rate,
         )
-    except (OSError, ValueError, TypeError) as error:
-        raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
 
 
 def load_data(
@@ -259,21 +274,70 @@ def load_data(
                 data_args.dataset_revision,
             )
         image_column, mask_column = find_columns(train, data_args.image_column, data_args.mask_column)
-        names = label_names(data_args.label_names, data_args.dataset_name)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
         raise UsageError(f"--dataset_name {data_args.dataset_name}: {error}") from None
+    try:
+        names = label_names(data_args.label_names, data_args.dataset_name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if data_args.max_train_samples:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if evaluation is not None and data_args.max_eval_samples:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
-    labels = prepare_mask(train[0][mask_column], data_args.reduce_labels, data_args.ignore_index)
-    present = np.unique(labels[labels != data_args.ignore_index])
-    if present.size and (present.min() < 0 or present.max() >= len(names)):
+    global_batch = training_args.per_device_train_batch_size * accelerator.num_processes
+    if len(train) < global_batch:
         raise UsageError(
-            f"The first training mask holds label {int(present.max())} but there are {len(names)} classes: pass "
-            "the dataset's class names with --label_names, or --reduce_labels for ADE20K-style masks (0 = other)."
+            f"--dataset_name {data_args.dataset_name}: its {data_args.train_split} split has {len(train)} images, "
+            f"fewer than one global batch of {global_batch} ({accelerator.num_processes} processes x "
+            f"{training_args.per_device_train_batch_size}): lower --per_device_train_batch_size."
         )
+    try:  # the first mask now: a dataset that needs other label settings fails before any work
+        labels = prepare_mask(train[0][mask_column], data_args.reduce_labels, data_args.ignore_index)
+        check_label_range(labels, len(names), data_args.ignore_index)
+    except (SegmentationDataError, MaskValueError) as error:
+        raise UsageError(f"--dataset_name {data_args.dataset_name}: training example 0: {error}.") from None
+    except Exception:  # undecodable: skipped and counted by the training set
+        pass
+    if evaluation is not None:
+        evaluation = checked_evaluation_split(evaluation, image_column, mask_column, data_args, len(names))
     return train, evaluation, image_column, mask_column, names
+
+
+def checked_evaluation_split(evaluation, image_column, mask_column, data_args, num_labels: int):
+    """The evaluation split without its undecodable examples (named in a warning), after every mask was read: a
+    mask that cannot be scored stops the run now, before training, not when the trained model is evaluated."""
+    if image_column not in evaluation.column_names or mask_column not in evaluation.column_names:
+        raise UsageError(
+            f"--dataset_name {data_args.dataset_name}: the {data_args.eval_split} split has no column "
+            f"{image_column!r} / {mask_column!r} (columns: {evaluation.column_names}); pass --image_column / "
+            "--mask_column, or --eval_split none."
+        )
+    try:
+        indices, skipped = check_evaluation_masks(
+            evaluation,
+            image_column,
+            mask_column,
+            num_labels,
+            data_args.ignore_index,
+            lambda mask: prepare_mask(mask, data_args.reduce_labels, data_args.ignore_index),
+        )
+    except SegmentationDataError as error:
+        raise UsageError(
+            f"--dataset_name {data_args.dataset_name} ({data_args.eval_split} split): {error}"
+        ) from None
+    if skipped:
+        logger.warning(
+            "Skipping %d of the %d evaluation examples, which cannot be decoded (%s%s).",
+            len(skipped),
+            len(evaluation),
+            skipped[0].reason,
+            "; ..." if len(skipped) > 1 else "",
+        )
+    if not indices:
+        raise UsageError(
+            f"--dataset_name {data_args.dataset_name}: no example of the {data_args.eval_split} split can be decoded."
+        )
+    return evaluation.select(indices) if skipped else evaluation
 
 
 def evaluation_processor(data_args: SegmentationDataArguments):
@@ -300,8 +364,12 @@ class ProcessorEvalTransform:
         return pixels, prepare_mask(mask, self.reduce_labels, self.ignore_index)
 
 
-def train_batches(train, image_column, mask_column, data_args, training_args, accelerator, start_step):
-    """This process's endless micro-batches, from optimiser step `start_step` on (moved to the device)."""
+def train_batches(
+    train, image_column, mask_column, data_args, training_args, accelerator, start_step, num_labels=None
+):
+    """This process's endless micro-batches, from optimiser step `start_step` on (moved to the device). A mask
+    that cannot be trained on (labels beyond `num_labels`, another size than its image) ends the run in one line;
+    unreadable examples are replaced and counted by the shared run."""
     transform = SegmentationTrainTransform(
         crop_size=tuple(data_args.crop_size),
         scale=tuple(data_args.scale),
@@ -312,7 +380,9 @@ def train_batches(train, image_column, mask_column, data_args, training_args, ac
         reduce_labels=data_args.reduce_labels,
         ignore_index=data_args.ignore_index,
     )
-    dataset = SegmentationTrainSet(train, image_column, mask_column, transform, training_args.seed)
+    dataset = SegmentationTrainSet(
+        train, image_column, mask_column, transform, training_args.seed, num_labels, data_args.ignore_index
+    )
     return resumable_batches(
         dataset, collate_segmentation, data_args.num_workers, training_args, accelerator, start_step
     )
@@ -339,9 +409,23 @@ def evaluate(model, evaluation, columns, processor, data_args, training_args, ac
         generator=torch.Generator(),  # leaves the global torch RNG (drop-path masks) alone
     )
     whole = training_args.inference_mode == "whole"
+    skipped: list[SkippedExample] = []
+
+    def scored_examples() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for example in started_with_workers(examples):
+            if isinstance(
+                example, ExampleProblem
+            ):  # checked before training: only a changed dataset gets here
+                raise CommandFailure(f"--dataset_name {data_args.dataset_name}: {example.message}")
+            if isinstance(example, SkippedExample):  # truncated image data behind a readable header
+                skipped.append(example)
+                continue
+            pixels, labels = example
+            yield pixels.numpy(), labels.numpy()
+
     confusion = evaluate_segmentation(
         unwrapped,
-        ((pixels.numpy(), labels.numpy()) for pixels, labels in started_with_workers(examples)),
+        scored_examples(),
         len(names),
         data_args.ignore_index,
         training_args.inference_mode,
@@ -353,6 +437,12 @@ def evaluate(model, evaluation, columns, processor, data_args, training_args, ac
         accelerator.device,
         accelerator.autocast,
     )
+    if skipped:
+        logger.warning(
+            "The evaluation skipped %d example(s) that cannot be decoded (%s).",
+            len(skipped),
+            skipped[0].reason,
+        )
     total = accelerator.reduce(torch.as_tensor(confusion.matrix, device=accelerator.device), reduction="sum")
     confusion.matrix = total.cpu().numpy()
     scores = confusion.compute()

@@ -176,6 +176,7 @@ def train(
     dataset, image_column = open_image_stream(data_args, training_args)
     train_loader = build_dataloader(dataset, image_column, crops, data_args, training_args, accelerator)
     plan = plan_steps(accelerator, data_args, training_args)
+    check_moby_queue(config, accelerator, training_args)
     configure_host(accelerator, training_args, data_args.num_workers)
 
     with output_folder(accelerator, training_args, FINAL_ARTEFACTS) as output_dir:
@@ -455,6 +456,18 @@ def plan_steps(accelerator, data_args: DataArguments, training_args: Pretraining
             f"{training_args.gradient_accumulation_steps} accumulation steps)"
         ) from None
     return StepPlan(global_batch_size, steps_per_epoch, total_steps, schedule)
+
+
+def check_moby_queue(config: SelfPatchConfig, accelerator, training_args: PretrainingArguments) -> None:
+    """MoBY writes every forward's keys, gathered from all processes, into its queues: a queue smaller than that
+    batch fails in the first step, so it is an argument mistake said before anything is written."""
+    keys = accelerator.num_processes * training_args.per_device_train_batch_size
+    if config.image_objective == "moby" and config.moby_queue_size < keys:
+        raise UsageError(
+            f"moby_queue_size={config.moby_queue_size} is smaller than the {keys} keys each step writes into it "
+            f"({accelerator.num_processes} processes x {training_args.per_device_train_batch_size} per device): "
+            "raise moby_queue_size (config_overrides) to at least that, or lower --per_device_train_batch_size."
+        )
 
 
 def build_model_and_optimizer(accelerator, config: SelfPatchConfig, training_args: PretrainingArguments):

@@ -89,6 +89,7 @@ class PropagationConfig:
                 "n_last_frames": ("be >= 0", _at_least(0)),
                 "topk": ("be >= 1", _at_least(1)),
                 "temperature": ("be a positive number", _positive),
+                "neighborhood": ("be >= 0 patches (0: the whole frame)", _at_least(0)),
                 "feature_batch_size": ("be >= 1", _at_least(1)),
                 "query_chunk": ("be >= 1", _at_least(1)),
             },

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from selfpatch_hf.cli.errors import CommandFailure, HelpFormatter, UsageError, run_command
+from selfpatch_hf.cli.errors import CommandFailure, HelpFormatter, UsageError, run_command, write_failure
 
 PROG = "selfpatch export"
 
@@ -80,8 +80,17 @@ def _export(argv: Sequence[str] | None = None) -> int:
     )
     try:
         path = export_backbone(model, args.output_dir, source=args.source, card_info=card)
-    except OSError as error:  # a read-only or full disk: the previous export, if any, is untouched
-        raise CommandFailure(f"cannot write {args.output_dir}: {error}") from error
+    except (
+        Exception
+    ) as error:  # a read-only or full disk: the export is staged, the previous one is untouched
+        reason = write_failure(error, args.output_dir)
+        if reason is None:
+            raise
+        kept = "the previous export is untouched" if Path(args.output_dir).exists() else "nothing was written"
+        raise CommandFailure(
+            f"writing the backbone to {args.output_dir} failed: {reason}; {kept}. Free space or fix the folder's "
+            "permissions, then run the same command again."
+        ) from None
     print(
         f"Exported the {args.source} backbone to {path} (with its model card; publish it with selfpatch-push)"
     )

@@ -12,9 +12,13 @@ upload. A script builds its data and model, and hands them with a `FinetuningTas
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
+import pickle
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -135,6 +139,13 @@ def backbone_source(backbone: str, image_size: int):
     """`--backbone` as the head builders take it: a path / Hub id, or for `random:PRESET` a randomly initialised
     ViT of that preset for `image_size` inputs."""
     if not backbone.startswith(RANDOM_BACKBONE_PREFIX):
+        # a Hub id is `name` or `namespace/name`: anything else can only be a folder, so say it is missing
+        looks_local = backbone.startswith(("/", ".", "~")) or backbone.count("/") > 1
+        if looks_local and not os.path.exists(os.path.expanduser(backbone)):
+            raise UsageError(
+                f"--backbone {backbone}: no such folder; give an exported backbone folder, a Hub id or "
+                f"{RANDOM_BACKBONE_PREFIX}PRESET."
+            )
         return backbone
     from selfpatch_hf.models.dense.backbones import random_vit
 
@@ -142,6 +153,28 @@ def backbone_source(backbone: str, image_size: int):
         return random_vit(backbone[len(RANDOM_BACKBONE_PREFIX) :], image_size)
     except ValueError as error:
         raise UsageError(f"--backbone {backbone}: {error}") from None
+
+
+@contextlib.contextmanager
+def backbone_errors(backbone: str) -> Iterator[None]:
+    """Around building a model on `--backbone`: what loading it can raise, as one usage line naming the option (a
+    folder that is not a backbone, damaged or truncated weights, a pickle torch's weights-only loader refuses)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, TypeError) as error:
+        raise UsageError(f"--backbone {backbone}: {' '.join(str(error).split())}") from None
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        lines = [
+            line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()
+        ]
+        # torch's refusal of a pickle names the offending global on its "WeightsUnpickler error" line
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), " ".join(lines))
+        raise UsageError(
+            f"--backbone {backbone}: its weights cannot be read ({type(error).__name__}: {reason[:300]}); the "
+            "file is damaged, truncated or not a plain tensor file: export or download the backbone again."
+        ) from None
 
 
 def save_model_folder(
@@ -481,9 +514,11 @@ def next_batch(batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
         return next(batches)
     except ValueError as error:
         lines = [line for line in str(error).splitlines() if line.strip()]
+        # from a data worker the message ends its traceback, as `SomeError: message`
+        message = re.sub(r"^\w+Error: ", "", lines[-1].strip()) if lines else str(error)
         raise CommandFailure(
-            f"training data: {lines[-1] if lines else error} (fix or drop that example, then resume with "
-            "--resume_from_checkpoint latest)."
+            f"training data: {message} (fix or drop that example, then resume with --resume_from_checkpoint "
+            "latest)."
         ) from None
 
 
@@ -492,6 +527,7 @@ __all__ = [
     "MODEL_DIRNAME",
     "FinetuningResult",
     "FinetuningTask",
+    "backbone_errors",
     "backbone_source",
     "global_batch_size",
     "finetuning_schedule",

@@ -227,7 +227,22 @@ def load_dense_backbone(source: str | os.PathLike, **kwargs: Any) -> DenseBackbo
             f"dense backbone (Dinov2Backbone, BeitBackbone, SwinBackbone, {SelfPatchSiglipBackbone.__name__}); "
             "convert it with `dense_backbone` / `export_dense_backbone`."
         )
-    return _BACKBONE_CLASSES[model_type].from_pretrained(str(source), **kwargs)
+    return _complete_from_pretrained(_BACKBONE_CLASSES[model_type], source, **kwargs)
+
+
+def _complete_from_pretrained(model_class: type[PreTrainedModel], source: str | os.PathLike, **kwargs: Any):
+    """`model_class.from_pretrained(source)` whose weights file holds every tensor of the model. transformers only
+    reports missing tensors (and initialises them at random), so weights of another model, or a state dict of other
+    keys, would otherwise fine-tune or evaluate a random backbone without a word."""
+    model, info = model_class.from_pretrained(str(source), output_loading_info=True, **kwargs)
+    missing = sorted(key for key in info["missing_keys"] if not key.startswith("pooler."))
+    if missing:
+        raise ValueError(
+            f"{source}: its weights lack {len(missing)} of the {model_class.__name__}'s tensors (e.g. "
+            f"{', '.join(missing[:3])}), so they are not this model's weights: export, convert or download the "
+            "backbone again."
+        )
+    return model
 
 
 def _has_pooler(source: str | os.PathLike) -> bool:
@@ -251,19 +266,19 @@ def load_source_model(source: str | os.PathLike) -> PreTrainedModel:
     if model_type == "vit":
         # The pooler is not part of a dense backbone, but building the ViT as saved (with or without one) keeps the
         # load free of "unexpected / newly initialised weights" reports.
-        return ViTModel.from_pretrained(str(source), add_pooling_layer=_has_pooler(source))
+        return _complete_from_pretrained(ViTModel, source, add_pooling_layer=_has_pooler(source))
     if model_type == "swin":
-        return SwinModel.from_pretrained(str(source), add_pooling_layer=False)
+        return _complete_from_pretrained(SwinModel, source, add_pooling_layer=False)
     if model_type == "siglip_vision_model":
-        return SiglipVisionModel.from_pretrained(str(source))
+        return _complete_from_pretrained(SiglipVisionModel, source)
     from selfpatch_hf.models.selfpatch.configuration import SelfPatchConfig
 
     if (
         model_type == SelfPatchConfig.model_type
     ):  # a pretraining folder: its teacher, what the paper evaluates
-        from selfpatch_hf.models.selfpatch.modeling import SelfPatchViTForPretraining
+        from selfpatch_hf.models.selfpatch.modeling import SelfPatchForPretraining
 
-        return SelfPatchViTForPretraining.from_pretrained(str(source))
+        return SelfPatchForPretraining.from_pretrained(str(source))
     raise ValueError(
         f"{source} holds a {model_type!r} model. Dense backbones come from a ViTModel or SwinModel folder "
         "(`selfpatch export`, `selfpatch-convert` of a DINO or MoBY checkpoint), a converted SelfPatch "
@@ -284,7 +299,7 @@ def dense_backbone(
     """
     if not isinstance(source, PreTrainedModel):
         source = load_source_model(source)
-    if hasattr(source, "teacher") and hasattr(source.teacher, "backbone"):  # SelfPatchViTForPretraining
+    if hasattr(source, "teacher") and hasattr(source.teacher, "backbone"):  # SelfPatchForPretraining
         from selfpatch_hf.export.backbone import extract_backbone
 
         source = extract_backbone(source, "teacher")

@@ -47,6 +47,18 @@ def validate_finetuning_arguments(args: FinetuningArguments, *, hub_model_exampl
         raise UsageError(f"--warmup_steps {args.warmup_steps} must be below --max_steps {args.max_steps}.")
     if not 0 < args.layer_decay <= 1:  # also NaN
         raise UsageError(f"--layer_decay must be in (0, 1], got {args.layer_decay}.")
+    if not args.learning_rate > 0:
+        raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}.")
+    if not 0 <= args.min_learning_rate <= args.learning_rate:
+        raise UsageError(
+            f"--min_learning_rate must lie between 0 and --learning_rate {args.learning_rate}, got "
+            f"{args.min_learning_rate}."
+        )
+    for name in ("weight_decay", "max_grad_norm"):
+        if not getattr(args, name) >= 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}.")
+    if not 0 <= args.warmup_ratio <= 1:
+        raise UsageError(f"--warmup_ratio must lie in [0, 1], got {args.warmup_ratio}.")
     validate_runtime_arguments(args, hub_model_example=hub_model_example)
 
 

@@ -163,6 +163,18 @@ def validate_arguments(
     low, high = data_args.ratio_range if len(data_args.ratio_range) == 2 else (0, -1)
     if not 0 < low <= high:
         raise UsageError(f"--ratio_range takes two numbers 0 < low <= high, got {data_args.ratio_range}.")
+    if not training_args.poly_power >= 0:
+        raise UsageError(f"--poly_power must be >= 0, got {training_args.poly_power}.")
+    if not model_args.auxiliary_loss_weight >= 0:
+        raise UsageError(f"--auxiliary_loss_weight must be >= 0, got {model_args.auxiliary_loss_weight}.")
+    if not 0 < data_args.cat_max_ratio <= 1:
+        raise UsageError(f"--cat_max_ratio must lie in (0, 1], got {data_args.cat_max_ratio}.")
+    if not 0 <= data_args.flip_prob <= 1:
+        raise UsageError(f"--flip_prob must lie in [0, 1], got {data_args.flip_prob}.")
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be >= 1 (or unset: all), got {value}.")
     check_drop_path_rate(model_args.drop_path_rate)
     validate_finetuning_arguments(
         training_args, hub_model_example="your-name/upernet-selfpatch-vits16-ade20k"
