@@ -227,6 +227,9 @@ class LinearClassificationConfig:
                 "seed": ("be >= 0", _at_least(0)),
             },
         )
+        if self.avgpool == "on" and (self.n_last_blocks or 1) > 1:
+            # DINO pools the patch tokens beside one block's CLS token only (its code cannot concatenate more)
+            raise SettingError("avgpool", "be 'off' or 'auto' with more than one block", self.avgpool)
 
     @property
     def scaled_learning_rate(self) -> float:

@@ -344,6 +344,48 @@ def new_heads(spec: FeatureSpec, num_labels: int, seed: int) -> torch.nn.ModuleD
     return heads
 
 
+def dino_optimizer(heads: torch.nn.Module, config: LinearClassificationConfig):
+    """SGD (momentum 0.9, the learning rate scaled by batch / 256) and the cosine schedule to 0 over the epochs,
+    stepped once per epoch."""
+    optimizer = torch.optim.SGD(
+        heads.parameters(), lr=config.scaled_learning_rate, momentum=0.9, weight_decay=config.weight_decay
+    )
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs, eta_min=0)
+
+
+def sgd_step(
+    heads: torch.nn.ModuleDict,
+    optimizer: torch.optim.Optimizer,
+    features: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+) -> float:
+    """One cross-entropy step of every head on its feature of the batch; returns the protocol head's loss."""
+    device = next(heads.parameters()).device
+    labels = labels.to(device)
+    losses = {key: F.cross_entropy(heads[key](value.to(device)), labels) for key, value in features.items()}
+    optimizer.zero_grad(set_to_none=True)
+    # the heads share no parameter: their summed loss steps each as if it were trained alone
+    sum(losses.values()).backward()
+    optimizer.step()
+    return float(losses[PROTOCOL].detach())
+
+
+def fit_linear_classifier(
+    features: torch.Tensor, labels: torch.Tensor, num_labels: int, config: LinearClassificationConfig
+) -> torch.nn.Linear:
+    """The protocol's training on fixed (N, D) features (what the cached path runs): returns the linear layer."""
+    spec = FeatureSpec(1, False, True, features.shape[1])
+    heads = new_heads(spec, num_labels, config.seed)
+    optimizer, scheduler = dino_optimizer(heads, config)
+    for epoch in range(config.epochs):
+        order = np.random.default_rng((config.seed, epoch)).permutation(len(features))
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            sgd_step(heads, optimizer, {PROTOCOL: features[batch]}, labels[batch])
+        scheduler.step()
+    return heads[PROTOCOL]
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Percentage of rows whose label is among the `k` highest logits (k capped at the number of classes)."""
     k = min(k, logits.shape[1])
@@ -496,10 +538,7 @@ def run_linear_classification(
         config.max_eval_samples,
     )
     heads = new_heads(spec, len(names), config.seed).to(backbone.device)
-    optimizer = torch.optim.SGD(
-        heads.parameters(), lr=config.scaled_learning_rate, momentum=0.9, weight_decay=config.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs, eta_min=0)
+    optimizer, scheduler = dino_optimizer(heads, config)
     path = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(config, spec, backbone, (len(train), len(evaluation), len(names)))
     start_epoch, loss_value = 0, math.nan
@@ -556,16 +595,7 @@ def run_linear_classification(
                 bar.update(len(batch))
             if not len(labels):
                 continue
-            labels = labels.to(backbone.device)
-            losses = {
-                key: F.cross_entropy(heads[key](value.to(backbone.device)), labels)
-                for key, value in features.items()
-            }
-            optimizer.zero_grad(set_to_none=True)
-            # the heads share no parameter: their summed loss steps each as if it were trained alone
-            sum(losses.values()).backward()
-            optimizer.step()
-            total += float(losses[PROTOCOL].detach()) * len(labels)
+            total += sgd_step(heads, optimizer, features, labels) * len(labels)
             count += len(labels)
         bar.close()
         scheduler.step()
@@ -736,7 +766,9 @@ __all__ = [
     "classifier_image_processor",
     "classifier_model",
     "exportable_head",
+    "dino_optimizer",
     "extract_split_features",
+    "fit_linear_classifier",
     "load_state",
     "new_heads",
     "prepare_splits",
@@ -745,6 +777,7 @@ __all__ = [
     "run_linear_classification",
     "save_classifier",
     "score_classifier_folder",
+    "sgd_step",
     "topk_accuracy",
     "training_view",
 ]
