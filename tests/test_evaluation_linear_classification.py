@@ -70,7 +70,8 @@ def workspace(tmp_path_factory):
     # a third of the validation labels are wrong, so that no classifier scores 100 and equal scores mean equal
     # predictions image by image
     validation = coloured_images(3, 1).map(
-        lambda row, index: {"label": (row["label"] + 1) % 3 if index % 3 == 0 else row["label"]}, with_indices=True
+        lambda row, index: {"label": (row["label"] + 1) % 3 if index % 3 == 0 else row["label"]},
+        with_indices=True,
     )
     datasets.DatasetDict({"train": coloured_images(6, 0), "validation": validation}).save_to_disk(
         str(root / "colours")
@@ -199,7 +200,7 @@ def test_swin_uses_the_last_stage_average_pool_and_saves_as_swin(tmp_path):
     assert isinstance(loaded, SwinForImageClassification)
     with torch.no_grad():
         torch.testing.assert_close(
-            loaded(pixel_values=normalised).logits, trained.heads[PROTOCOL](pooled), rtol=1e-4, atol=1e-5
+            loaded(pixel_values=normalised).logits, trained.head(PROTOCOL)(pooled), rtol=1e-4, atol=1e-5
         )
 
 
@@ -285,6 +286,29 @@ def test_saved_classifier_loads_without_selfpatch_hf_and_its_card_holds_the_pipe
     weights = load_file(folder / "model.safetensors")
     expected = cls @ weights["classifier.weight"].T + weights["classifier.bias"]
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_learning_rate_sweep_trains_each_rate_as_its_own_run_and_reports_the_best():
+    backbone = FrozenBackbone(tiny_vit(layers=2), MEAN, STD)
+    data = coloured_images(3, 0, size=32)
+    settings = {"epochs": 2, "batch_size": 4, "resize": 32, "crop": 32, "augmentation": False}
+    sweep = run_linear_classification(
+        backbone, data, data, LinearClassificationConfig(lr_sweep="0.01,5", **settings)
+    )
+    rows = sweep.result.protocol.sweep
+    assert [row["learning_rate"] for row in rows] == [0.01, 5.0]
+    for index, rate in enumerate((0.01, 5.0)):
+        alone = run_linear_classification(
+            backbone, data, data, LinearClassificationConfig(learning_rate=rate, **settings)
+        )
+        assert (rows[index]["top1"], rows[index]["top5"]) == (alone.result.top1, alone.result.top5)
+        for name in ("protocol", "exportable"):
+            ours, theirs = sweep.heads[f"{name}_{index}"], alone.heads[f"{name}_0"]
+            torch.testing.assert_close(ours.weight, theirs.weight, rtol=0, atol=1e-7)
+    best = max(rows, key=lambda row: row["top1"])
+    assert sweep.result.top1 == best["top1"] and sweep.result.protocol.learning_rate == best["learning_rate"]
+    with pytest.raises(SettingError, match="lr_sweep"):
+        LinearClassificationConfig(lr_sweep="0.1,-1")
 
 
 # ------------------------------------------------------------------------------------------------------ resume

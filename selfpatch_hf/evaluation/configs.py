@@ -195,6 +195,12 @@ class LinearClassificationConfig:
     learning_rate: float = setting(
         0.001, "learning rate per 256 images: the optimiser's is LEARNING_RATE x BATCH_SIZE / 256"
     )
+    lr_sweep: str | None = setting(
+        None,
+        "comma-separated learning rates per 256 images (e.g. 0.001,0.01,0.1), one head each, trained side by side "
+        "on the same batches; the best on the evaluation split is reported, as DINOv2's linear evaluation chooses "
+        "(an optimistic estimate: say so); replaces --learning-rate",
+    )
     weight_decay: float = setting(0.0, "SGD weight decay")
     augmentation: bool = setting(
         True,
@@ -227,14 +233,29 @@ class LinearClassificationConfig:
                 "seed": ("be >= 0", _at_least(0)),
             },
         )
+        if self.lr_sweep is not None:
+            try:
+                rates = [float(part) for part in self.lr_sweep.split(",")]
+            except ValueError:
+                rates = []
+            if not rates or not all(_positive(rate) for rate in rates) or len(set(rates)) < len(rates):
+                raise SettingError(
+                    "lr_sweep", "be distinct positive numbers separated by commas", self.lr_sweep
+                )
         if self.avgpool == "on" and (self.n_last_blocks or 1) > 1:
             # DINO pools the patch tokens beside one block's CLS token only (its code cannot concatenate more)
             raise SettingError("avgpool", "be 'off' or 'auto' with more than one block", self.avgpool)
 
     @property
-    def scaled_learning_rate(self) -> float:
-        """The optimiser's learning rate: DINO's linear scaling rule."""
-        return self.learning_rate * self.batch_size / 256
+    def learning_rates(self) -> tuple[float, ...]:
+        """The learning rates per 256 images, one head each: the sweep's, else `learning_rate`."""
+        if self.lr_sweep is None:
+            return (self.learning_rate,)
+        return tuple(float(part) for part in self.lr_sweep.split(","))
+
+    def scaled(self, learning_rate: float) -> float:
+        """The optimiser's learning rate of a rate per 256 images: DINO's linear scaling rule."""
+        return learning_rate * self.batch_size / 256
 
 
 @dataclass

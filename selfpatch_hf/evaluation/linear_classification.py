@@ -328,27 +328,45 @@ def extract_split_features(
     return {key: torch.cat(values) for key, values in chunks.items()}, np.concatenate(labels)
 
 
-def new_heads(spec: FeatureSpec, num_labels: int, seed: int) -> torch.nn.ModuleDict:
-    """DINO's `LinearClassifier`: weights N(0, 0.01), zero bias; the exportable head beside it where needed."""
+def head_name(kind: str, index: int) -> str:
+    """The key of the head of `kind` (PROTOCOL / EXPORTABLE) with the sweep's `index`-th learning rate."""
+    return f"{kind}_{index}"
+
+
+def head_kind(name: str) -> tuple[str, int]:
+    kind, index = name.rsplit("_", 1)
+    return kind, int(index)
+
+
+def new_heads(spec: FeatureSpec, num_labels: int, seed: int, num_rates: int = 1) -> torch.nn.ModuleDict:
+    """DINO's `LinearClassifier` (weights N(0, 0.01), zero bias), one per learning rate of the sweep, and as many
+    exportable heads beside them where the protocol's feature is not the exportable one."""
     dims = {PROTOCOL: spec.dim}
     if spec.needs_exportable_head:
         dims[EXPORTABLE] = spec.hidden_size
-    generator = torch.Generator().manual_seed(seed)
     heads = torch.nn.ModuleDict()
-    for name, dim in dims.items():
-        head = torch.nn.Linear(dim, num_labels)
-        with torch.no_grad():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
-            head.bias.zero_()
-        heads[name] = head
+    for kind, dim in dims.items():
+        # every rate starts from the same weights: a sweep's head is the run of its rate alone
+        weight = torch.randn(num_labels, dim, generator=torch.Generator().manual_seed(seed)) * 0.01
+        for index in range(num_rates):
+            head = torch.nn.Linear(dim, num_labels)
+            with torch.no_grad():
+                head.weight.copy_(weight)
+                head.bias.zero_()
+            heads[head_name(kind, index)] = head
     return heads
 
 
-def dino_optimizer(heads: torch.nn.Module, config: LinearClassificationConfig):
-    """SGD (momentum 0.9, the learning rate scaled by batch / 256) and the cosine schedule to 0 over the epochs,
-    stepped once per epoch."""
+def dino_optimizer(heads: torch.nn.ModuleDict, config: LinearClassificationConfig):
+    """SGD (momentum 0.9, each head's learning rate scaled by batch / 256) and the cosine schedule to 0 over the
+    epochs, stepped once per epoch."""
+    rates = config.learning_rates
+    groups = [
+        {"params": head.parameters(), "lr": config.scaled(rates[head_kind(name)[1]])}
+        for name, head in heads.items()
+    ]
     optimizer = torch.optim.SGD(
-        heads.parameters(), lr=config.scaled_learning_rate, momentum=0.9, weight_decay=config.weight_decay
+        groups, lr=config.scaled(rates[0]), momentum=0.9, weight_decay=config.weight_decay
     )
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs, eta_min=0)
 
@@ -358,22 +376,24 @@ def sgd_step(
     optimizer: torch.optim.Optimizer,
     features: dict[str, torch.Tensor],
     labels: torch.Tensor,
-) -> float:
-    """One cross-entropy step of every head on its feature of the batch; returns the protocol head's loss."""
+) -> dict[str, float]:
+    """One cross-entropy step of every head on its kind's feature of the batch; returns each head's loss."""
     device = next(heads.parameters()).device
     labels = labels.to(device)
-    losses = {key: F.cross_entropy(heads[key](value.to(device)), labels) for key, value in features.items()}
+    inputs = {kind: value.to(device) for kind, value in features.items()}
+    losses = {name: F.cross_entropy(head(inputs[head_kind(name)[0]]), labels) for name, head in heads.items()}
     optimizer.zero_grad(set_to_none=True)
     # the heads share no parameter: their summed loss steps each as if it were trained alone
     sum(losses.values()).backward()
     optimizer.step()
-    return float(losses[PROTOCOL].detach())
+    return {name: float(loss.detach()) for name, loss in losses.items()}
 
 
 def fit_linear_classifier(
     features: torch.Tensor, labels: torch.Tensor, num_labels: int, config: LinearClassificationConfig
 ) -> torch.nn.Linear:
-    """The protocol's training on fixed (N, D) features (what the cached path runs): returns the linear layer."""
+    """The protocol's training on fixed (N, D) features (what the cached path runs; the first rate of a sweep):
+    returns the linear layer."""
     spec = FeatureSpec(1, False, True, features.shape[1])
     heads = new_heads(spec, num_labels, config.seed)
     optimizer, scheduler = dino_optimizer(heads, config)
@@ -383,7 +403,7 @@ def fit_linear_classifier(
             batch = order[start : start + config.batch_size]
             sgd_step(heads, optimizer, {PROTOCOL: features[batch]}, labels[batch])
         scheduler.step()
-    return heads[PROTOCOL]
+    return heads[head_name(PROTOCOL, 0)]
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
@@ -450,9 +470,19 @@ class HeadScores:
     top1: float  # percent
     top5: float  # percent
     feature: str
+    learning_rate: float | None = None  # per 256 images
+    sweep: list[dict[str, float]] | None = None  # every rate's scores, where several were trained
 
     def to_dict(self) -> dict:
-        return {"top1": self.top1, "top5": self.top5, "feature": self.feature}
+        scores = {
+            "top1": self.top1,
+            "top5": self.top5,
+            "feature": self.feature,
+            "learning_rate": self.learning_rate,
+        }
+        if self.sweep:
+            scores["sweep"] = self.sweep
+        return scores
 
 
 @dataclass
@@ -466,8 +496,8 @@ class LinearClassificationResult:
     skipped_eval: int
     cached_features: bool
     epochs: int
-    learning_rate: float  # the optimiser's (scaled by batch / 256)
-    final_train_loss: float
+    batch_size: int
+    final_train_loss: float  # of the reported protocol head, last epoch
     resumed_from_epoch: int
 
     @property
@@ -490,8 +520,10 @@ class LinearClassificationResult:
             "skipped_train": self.skipped_train,
             "skipped_eval": self.skipped_eval,
             "cached_features": self.cached_features,
+            "learning_rate": self.protocol.learning_rate,
+            "sweep": self.protocol.sweep,
             "epochs": self.epochs,
-            "learning_rate": self.learning_rate,
+            "batch_size": self.batch_size,
             "final_train_loss": self.final_train_loss,
         }
 
@@ -505,6 +537,11 @@ class TrainedClassifier:
     label_names: list[str]
     result: LinearClassificationResult
     evaluation: LabelledSplit  # the scored split (for scoring a saved folder on the same images)
+    best: dict[str, int]  # kind -> index of the reported learning rate
+
+    def head(self, kind: str) -> torch.nn.Linear:
+        """The reported head of `kind` (PROTOCOL / EXPORTABLE): the sweep's best on the evaluation split."""
+        return self.heads[head_name(kind, self.best[kind])]
 
 
 # ------------------------------------------------------------------------------------------------------ train
@@ -537,17 +574,18 @@ def run_linear_classification(
         config.max_train_samples,
         config.max_eval_samples,
     )
-    heads = new_heads(spec, len(names), config.seed).to(backbone.device)
+    rates = config.learning_rates
+    heads = new_heads(spec, len(names), config.seed, len(rates)).to(backbone.device)
     optimizer, scheduler = dino_optimizer(heads, config)
     path = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(config, spec, backbone, (len(train), len(evaluation), len(names)))
-    start_epoch, loss_value = 0, math.nan
+    start_epoch, epoch_losses = 0, {name: math.nan for name in heads}
     state = load_state(path, fingerprint) if path is not None else None
     if state is not None:
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, loss_value = int(state["epoch"]), float(state["loss"])
+        start_epoch, epoch_losses = int(state["epoch"]), dict(state["losses"])
         train.unreadable.update(state["unreadable"])
         if log and start_epoch < config.epochs:
             log(f"resuming from {path} after epoch {start_epoch} of {config.epochs}")
@@ -573,7 +611,7 @@ def run_linear_classification(
         order = rng.permutation(len(train))
         if cached is not None:
             order = np.asarray([cached[2][i] for i in order if i in cached[2]])
-        total, count = 0.0, 0
+        totals, count = dict.fromkeys(heads, 0.0), 0
         bar = progress_bar(
             len(order), f"epoch {epoch + 1}", show_progress and processes.is_main and cached is None
         )
@@ -595,11 +633,12 @@ def run_linear_classification(
                 bar.update(len(batch))
             if not len(labels):
                 continue
-            total += sgd_step(heads, optimizer, features, labels) * len(labels)
+            for name, loss in sgd_step(heads, optimizer, features, labels).items():
+                totals[name] += loss * len(labels)
             count += len(labels)
         bar.close()
         scheduler.step()
-        loss_value = total / max(count, 1)
+        epoch_losses = {name: total / max(count, 1) for name, total in totals.items()}
         if path is not None and processes.is_main:
             _save_state(
                 path,
@@ -607,7 +646,7 @@ def run_linear_classification(
                     "version": STATE_VERSION,
                     "fingerprint": fingerprint,
                     "epoch": epoch + 1,
-                    "loss": loss_value,
+                    "losses": epoch_losses,
                     "heads": heads.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -617,8 +656,12 @@ def run_linear_classification(
         processes.wait()
         epochs_bar.update(1)
         if log:
+            losses = ", ".join(
+                f"{epoch_losses[head_name(PROTOCOL, i)]:.4f}" + (f" (lr {rate:g})" if len(rates) > 1 else "")
+                for i, rate in enumerate(rates)
+            )
             log(
-                f"epoch {epoch + 1}/{config.epochs}: loss {loss_value:.4f}, lr {optimizer.param_groups[0]['lr']:.3g}"
+                f"epoch {epoch + 1}/{config.epochs}: loss {losses}; schedule at {scheduler.get_last_lr()[0] / optimizer.param_groups[0]['initial_lr']:.3f} of the peak"
             )
     epochs_bar.close()
 
@@ -626,13 +669,28 @@ def run_linear_classification(
         backbone, spec, evaluation, config, processes, show_progress, "evaluation features"
     )
     labels = torch.as_tensor(eval_labels)
-    scores = {}
+    scores, best = {}, {}
     with torch.no_grad():
-        for key, features in eval_features.items():
-            logits = heads[key](features.to(backbone.device)).cpu()
-            feature = spec.describe() if key == PROTOCOL else EXPORTABLE_FEATURE
-            scores[key] = HeadScores(
-                topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5), feature
+        for kind, features in eval_features.items():
+            sweep = []
+            for index, rate in enumerate(rates):
+                logits = heads[head_name(kind, index)](features.to(backbone.device)).cpu()
+                sweep.append(
+                    {
+                        "learning_rate": rate,
+                        "top1": topk_accuracy(logits, labels, 1),
+                        "top5": topk_accuracy(logits, labels, 5),
+                    }
+                )
+            # the first of equal top-1s: the smallest rate where the sweep is given in increasing order
+            best[kind] = max(range(len(rates)), key=lambda i, sweep=sweep: (sweep[i]["top1"], -i))
+            chosen = sweep[best[kind]]
+            scores[kind] = HeadScores(
+                chosen["top1"],
+                chosen["top5"],
+                spec.describe() if kind == PROTOCOL else EXPORTABLE_FEATURE,
+                learning_rate=chosen["learning_rate"],
+                sweep=sweep if len(rates) > 1 else None,
             )
     result = LinearClassificationResult(
         protocol=scores[PROTOCOL],
@@ -644,17 +702,17 @@ def run_linear_classification(
         skipped_eval=len(evaluation.unreadable),
         cached_features=not config.augmentation,
         epochs=config.epochs,
-        learning_rate=config.scaled_learning_rate,
-        final_train_loss=loss_value,
+        batch_size=config.batch_size,
+        final_train_loss=epoch_losses[head_name(PROTOCOL, best[PROTOCOL])],
         resumed_from_epoch=start_epoch,
     )
-    return TrainedClassifier(heads.cpu(), spec, names, result, evaluation)
+    return TrainedClassifier(heads.cpu(), spec, names, result, evaluation, best)
 
 
 # ------------------------------------------------------------------------------------------------------ export
 def exportable_head(trained: TrainedClassifier) -> torch.nn.Linear:
     """The head that `ViTForImageClassification` / `SwinForImageClassification` computes."""
-    return trained.heads[EXPORTABLE if trained.spec.needs_exportable_head else PROTOCOL]
+    return trained.head(EXPORTABLE if trained.spec.needs_exportable_head else PROTOCOL)
 
 
 def classifier_model(backbone: FrozenBackbone, trained: TrainedClassifier):
@@ -769,6 +827,7 @@ __all__ = [
     "dino_optimizer",
     "extract_split_features",
     "fit_linear_classifier",
+    "head_name",
     "load_state",
     "new_heads",
     "prepare_splits",

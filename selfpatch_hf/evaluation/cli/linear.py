@@ -112,6 +112,7 @@ def _save(args, config, backbone, trained):
     from selfpatch_hf.hub.cards.classification import ClassificationCardInfo, write_classification_card
 
     result = trained.result
+    held = result.exportable if trained.spec.needs_exportable_head else result.protocol
     feature = EXPORTABLE_FEATURE if trained.spec.needs_exportable_head else trained.spec.describe()
     target = Path(args.save_classifier).expanduser()
     try:
@@ -135,7 +136,8 @@ def _save(args, config, backbone, trained):
                 top5=scores.top5,
                 epochs=config.epochs,
                 batch_size=config.batch_size,
-                learning_rate=config.scaled_learning_rate,
+                learning_rate=config.scaled(held.learning_rate),
+                lr_sweep=list(config.learning_rates) if config.lr_sweep else None,
                 augmentation=config.augmentation,
                 resize=config.resize,
                 crop=config.crop,

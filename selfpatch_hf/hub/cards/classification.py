@@ -31,6 +31,7 @@ class ClassificationCardInfo:
     epochs: int
     batch_size: int
     learning_rate: float  # the optimiser's
+    lr_sweep: list[float] | None  # the rates per 256 images the saved head's was chosen from, on eval_split
     augmentation: bool
     resize: int
     crop: int
