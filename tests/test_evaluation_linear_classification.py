@@ -311,6 +311,33 @@ def test_a_learning_rate_sweep_trains_each_rate_as_its_own_run_and_reports_the_b
         LinearClassificationConfig(lr_sweep="0.1,-1")
 
 
+@pytest.mark.slow
+def test_two_processes_share_the_backbone_passes_and_give_one_processs_result(workspace, tmp_path):
+    args = ["linear", "--model", str(workspace / "vit"), "--dataset", str(workspace / "colours"), "--quiet"]
+    args += ["--resize", "36", "--crop", "32", "--epochs", "2", "--batch-size", "4", "--learning-rate", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    launches = {
+        "one": [sys.executable, "-m", "selfpatch_hf.evaluation"],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+        + ["selfpatch_hf.evaluation"],
+    }
+    outputs = {}
+    for name, launch in launches.items():
+        done = subprocess.run(
+            [*launch, *args, "--output-json", str(tmp_path / f"{name}.json")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs[name] = done
+    assert "2 processes shared the backbone passes (cpu)." in outputs["two"].stderr
+    assert outputs["two"].stdout.count("| Model |") == 1  # one table, from the main process
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in launches)
+    assert two == one  # augmented views drawn per image, not per process: the same training
+
+
 # ------------------------------------------------------------------------------------------------------ resume
 class _Stop(Exception):
     pass

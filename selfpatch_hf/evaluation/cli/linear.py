@@ -234,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.output_json, payload)
     sys.stdout.flush()
     first = results[args.model]
+    if accelerator is not None:
+        note(f"{accelerator.num_processes} processes shared the backbone passes ({accelerator.device.type}).")
     if first.cached_features:
         note(
             "no training augmentation (--no-augmentation): each image's features were computed once and reused."
