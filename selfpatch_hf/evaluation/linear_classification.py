@@ -109,7 +109,7 @@ def resolve_feature_spec(backbone: FrozenBackbone, config: LinearClassificationC
 def protocol_features(
     backbone: FrozenBackbone, pixel_values: torch.Tensor, spec: FeatureSpec
 ) -> dict[str, torch.Tensor]:
-    """{"protocol": (B, spec.dim)} and, where it differs, {"exportable": (B, C)}: the last block's CLS after the
+    """{"protocol": (B, D)} and, where it differs, {"exportable": (B, C)}: the last block's CLS after the
     final norm."""
     blocks = backbone.last_blocks(pixel_values, spec.n_last_blocks)
     last = blocks[-1]
@@ -426,7 +426,7 @@ def _fingerprint(
         digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
     payload = {
         "config": asdict(config),
-        "spec": asdict(spec),
+        "feature": asdict(spec),
         "sizes": list(sizes),
         "weights": digest.hexdigest(),
     }
