@@ -6,8 +6,11 @@ token, interleaved channel by channel as DINO's `torch.cat((cls[..., None], avg[
 does. CLS-free backbones (Swin) use the average pool of the last stage, which is what `SwinForImageClassification`
 classifies. A linear layer (weights N(0, 0.01), zero bias; no batch norm) is trained with SGD, momentum 0.9, the
 learning rate `lr x batch / 256`, a cosine schedule over the epochs (stepped once per epoch) and cross-entropy.
-Training views: random resized crop (area 0.08-1) + horizontal flip; evaluation views: shorter side 256 (bicubic),
-centre crop 224. Scores: top-1 and top-5 on the evaluation split, in percent.
+Training views: random resized crop (area 0.08-1, bilinear) + horizontal flip; evaluation views: shorter side 256
+(bicubic), centre crop 224, made by the image processor that `save_classifier` saves (before its normalisation),
+so that the saved folder scores what the exportable head scored here. Scores: top-1 and top-5 on the evaluation
+split, in percent. `lr_sweep` trains one head per learning rate side by side (all from the same initial weights,
+so each is the run of its rate alone) and reports the best on the evaluation split.
 
 Without training augmentation (`augmentation=False`) every training image has one view (the evaluation view), so
 its feature is computed once and kept ("cached") for all epochs.
