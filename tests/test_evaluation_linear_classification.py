@@ -398,6 +398,9 @@ def test_bad_input_is_one_line(workspace, tmp_path, capsys):
     code, lines = run_cli(capsys, *base, *colours, "--n-last-blocks", "2", "--avgpool", "on")
     assert code == 2
     one_line_error(lines, "--avgpool must be 'off' or 'auto' with more than one block")
+    code, lines = run_cli(capsys, *base, *colours, "--hub-request-timeout", "0")
+    assert code == 2
+    one_line_error(lines, "--hub-request-timeout must be a positive number of seconds, got 0.0")
     code, lines = run_cli(capsys, *base, *colours, "--label-column", "species")
     assert code == 1
     one_line_error(lines, "not 'species'")

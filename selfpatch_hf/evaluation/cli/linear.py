@@ -179,10 +179,15 @@ def run(args: argparse.Namespace) -> int:
     accelerator = _accelerator(args)
     main_process = accelerator is None or accelerator.is_main_process
     backbones = backbones_to_evaluate(args, [(args.model, args.model)])
-    model_type = backbones[0][1].model.config.model_type
+    main_backbone = backbones[0][1]
+    model_type = main_backbone.model.config.model_type
     if args.save_classifier and model_type not in EXPORTABLE_MODEL_TYPES:
         raise UsageError(
             f"--save-classifier writes ViT and Swin classifiers; this backbone is {model_type!r}: leave it out."
+        )
+    if args.save_classifier and main_backbone.stage != main_backbone.num_stages:
+        raise UsageError(
+            "--save-classifier: SwinForImageClassification classifies the last stage; leave --stage unset."
         )
     train, evaluation = load_split_option(args, args.train_split), load_split_option(args, args.eval_split)
     results, trained_main, saved = {}, None, None
