@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from selfpatch_hf.data.augmentation import DEFAULT_RATIO, sample_crop_box
-from selfpatch_hf.data.decoding import ImageDecodeError, decode_image
+from selfpatch_hf.data.decoding import decode_image
+from selfpatch_hf.data.unreadable_examples import UNREADABLE_ERRORS
 from selfpatch_hf.evaluation.configs import LinearClassificationConfig
 from selfpatch_hf.evaluation.features import FrozenBackbone, image_to_tensor, progress_bar
 from selfpatch_hf.image_conventions import IMAGENET_MEAN, IMAGENET_STD
@@ -152,7 +153,7 @@ class LabelledSplit:
                     images.append(decode_image(value, min_size=1))
                 else:
                     images.append(Image.fromarray(np.asarray(value)).convert("RGB"))
-            except (ImageDecodeError, TypeError, ValueError) as error:
+            except (*UNREADABLE_ERRORS, TypeError, ValueError) as error:  # also arrays that are no image
                 if int(index) not in self.unreadable:
                     logger.warning("skipping image %d: %s", int(index), str(error).splitlines()[0])
                 self.unreadable.add(int(index))

@@ -14,7 +14,7 @@ from selfpatch_hf.evaluation.cli.common_options import (
     add_random_baseline_option,
     add_runtime_options,
     apply_runtime_options,
-    backbones_to_evaluate,
+    evaluate_backbones,
     load_split_option,
     note,
     percent,
@@ -84,6 +84,20 @@ def _check_output_folder(path: str) -> None:
                 f"--save-classifier {target} holds other files ({', '.join(sorted(contents)[:3])}): give a new folder "
                 "or one this command wrote (it is replaced)."
             )
+
+
+def _check_exportable(backbone) -> None:
+    from selfpatch_hf.evaluation.linear_classification import EXPORTABLE_MODEL_TYPES
+
+    model_type = backbone.model.config.model_type
+    if model_type not in EXPORTABLE_MODEL_TYPES:
+        raise UsageError(
+            f"--save-classifier writes ViT and Swin classifiers; this backbone is {model_type!r}: leave it out."
+        )
+    if backbone.stage != backbone.num_stages:
+        raise UsageError(
+            "--save-classifier: SwinForImageClassification classifies the last stage; leave --stage unset."
+        )
 
 
 def _accelerator(args: argparse.Namespace):
@@ -159,10 +173,7 @@ def _save(args, config, backbone, trained):
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfpatch_hf.evaluation.linear_classification import (
-        EXPORTABLE_MODEL_TYPES,
-        run_linear_classification,
-    )
+    from selfpatch_hf.evaluation.linear_classification import run_linear_classification
     from selfpatch_hf.hub.request_limits import DEFAULT_CONNECT_TIMEOUT, bound_hub_requests
 
     config = config_from_args(LinearClassificationConfig, args)
@@ -178,42 +189,31 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--checkpoint {args.checkpoint} is a folder: give a file path (it is created).")
     accelerator = _accelerator(args)
     main_process = accelerator is None or accelerator.is_main_process
-    backbones = backbones_to_evaluate(args, [(args.model, args.model)])
-    main_backbone = backbones[0][1]
-    model_type = main_backbone.model.config.model_type
-    if args.save_classifier and model_type not in EXPORTABLE_MODEL_TYPES:
-        raise UsageError(
-            f"--save-classifier writes ViT and Swin classifiers; this backbone is {model_type!r}: leave it out."
-        )
-    if args.save_classifier and main_backbone.stage != main_backbone.num_stages:
-        raise UsageError(
-            "--save-classifier: SwinForImageClassification classifies the last stage; leave --stage unset."
-        )
     train, evaluation = load_split_option(args, args.train_split), load_split_option(args, args.eval_split)
-    results, trained_main, saved = {}, None, None
-    for name, backbone in backbones:
-        try:
-            trained = run_linear_classification(
-                backbone,
-                train,
-                evaluation,
-                config,
-                image_column=args.image_column,
-                label_column=args.label_column,
-                checkpoint=args.checkpoint if name == args.model else None,
-                accelerator=accelerator,
-                show_progress=show_progress(args),
-                log=None
-                if args.quiet or not main_process
-                else lambda message, n=name: note(f"[{n}] {message}"),
-            )
-        except (
-            ValueError
-        ) as error:  # columns, labels, a single class, a feature DINO cannot form, a bad state
-            raise CommandFailure(f"linear classification on {args.dataset}: {error}") from error
-        results[name] = trained.result
+    trained_main, saved = None, None
+
+    def evaluate(name: str, backbone):
+        nonlocal trained_main
+        if name == args.model and args.save_classifier:
+            _check_exportable(backbone)
+        trained = run_linear_classification(
+            backbone,
+            train,
+            evaluation,
+            config,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            checkpoint=args.checkpoint if name == args.model else None,
+            accelerator=accelerator,
+            show_progress=show_progress(args),
+            log=None if args.quiet or not main_process else lambda message: note(f"[{name}] {message}"),
+        )
         if name == args.model:
             trained_main = (backbone, trained)
+        return trained.result
+
+    # a ValueError (columns, labels, a single class, a feature DINO cannot form, a foreign state) is one line
+    _, results = evaluate_backbones(args, "linear classification", evaluate)
     if args.save_classifier and main_process:
         saved = _save(args, config, *trained_main)
     if accelerator is not None:
