@@ -14,19 +14,19 @@ import torch
 from PIL import Image
 from transformers import SwinConfig, SwinModel, ViTConfig, ViTImageProcessor, ViTModel
 
+from selfpatch_hf.evaluation.classifier_export import save_classifier
 from selfpatch_hf.evaluation.cli import main
 from selfpatch_hf.evaluation.configs import LinearClassificationConfig, SettingError
 from selfpatch_hf.evaluation.features import FrozenBackbone
+from selfpatch_hf.evaluation.labelled_images import prepare_splits
 from selfpatch_hf.evaluation.linear_classification import (
     EXPORTABLE,
     PROTOCOL,
     classifier_image_processor,
     fit_linear_classifier,
-    prepare_splits,
     protocol_features,
     resolve_feature_spec,
     run_linear_classification,
-    save_classifier,
     topk_accuracy,
 )
 

@@ -17,8 +17,7 @@ from PIL import Image
 
 from selfpatch_hf.evaluation.configs import KnnConfig
 from selfpatch_hf.evaluation.features import FrozenBackbone, image_to_tensor, progress_bar
-
-LABEL_COLUMNS = ("label", "labels", "class", "category", "fine_label")
+from selfpatch_hf.evaluation.labelled_images import LABEL_COLUMNS
 
 
 @dataclass

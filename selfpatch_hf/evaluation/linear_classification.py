@@ -44,15 +44,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from selfpatch_hf.data.augmentation import DEFAULT_RATIO, sample_crop_box
-from selfpatch_hf.data.decoding import decode_image
-from selfpatch_hf.data.unreadable_examples import UNREADABLE_ERRORS
 from selfpatch_hf.evaluation.configs import LinearClassificationConfig
 from selfpatch_hf.evaluation.features import FrozenBackbone, image_to_tensor, progress_bar
+from selfpatch_hf.evaluation.labelled_images import LabelledSplit, prepare_splits
 from selfpatch_hf.image_conventions import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
-LABEL_COLUMNS = ("label", "labels", "class", "category", "fine_label")
 PROTOCOL, EXPORTABLE = "protocol", "exportable"  # the heads' names
 EXPORTABLE_FEATURE = "CLS of the last block"
 EXPORTABLE_MODEL_TYPES = {"vit": "ViTForImageClassification", "swin": "SwinForImageClassification"}
@@ -127,100 +125,6 @@ def protocol_features(
     if spec.needs_exportable_head:
         features[EXPORTABLE] = last.prefix_tokens[:, 0].float()
     return features
-
-
-# ------------------------------------------------------------------------------------------------------- data
-@dataclass
-class LabelledSplit:
-    """One split's images (decoded when read; unreadable ones are skipped and counted) and integer labels."""
-
-    dataset: Any
-    image_column: str
-    labels: np.ndarray
-    raw_images: bool  # the image column is a `datasets.Image` read undecoded (we decode and skip)
-    unreadable: set[int]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def images(self, indices: Sequence[int]) -> list[Image.Image | None]:
-        """The images at `indices`, None for an unreadable one (also recorded in `unreadable`)."""
-        values = self.dataset[[int(i) for i in indices]][self.image_column] if len(indices) else []
-        images: list[Image.Image | None] = []
-        for index, value in zip(indices, values, strict=True):
-            try:
-                if self.raw_images or isinstance(value, Image.Image):
-                    images.append(decode_image(value, min_size=1))
-                else:
-                    images.append(Image.fromarray(np.asarray(value)).convert("RGB"))
-            except (*UNREADABLE_ERRORS, TypeError, ValueError) as error:  # also arrays that are no image
-                if int(index) not in self.unreadable:
-                    logger.warning("skipping image %d: %s", int(index), str(error).splitlines()[0])
-                self.unreadable.add(int(index))
-                images.append(None)
-        return images
-
-
-def _label_names(dataset, label_column: str) -> list[str] | None:
-    import datasets
-
-    feature = (dataset.features or {}).get(label_column)
-    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-
-
-def prepare_splits(
-    train_dataset,
-    eval_dataset,
-    image_column: str = "image",
-    label_column: str | None = None,
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-) -> tuple[LabelledSplit, LabelledSplit, list[str]]:
-    """The two splits and the class names; ValueError (one line, naming the fix) for missing columns, labels out of
-    range or a training split with a single class."""
-    import datasets
-
-    if label_column is None:
-        label_column = next((c for c in LABEL_COLUMNS if c in train_dataset.column_names), None)
-    for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
-        missing = [c for c in (image_column, label_column) if c is None or c not in dataset.column_names]
-        if missing:
-            raise ValueError(
-                f"The {name} split has columns {dataset.column_names}, not {missing[0] or 'a label column'!r}; "
-                "pass the image and label column names (--image-column / --label-column)."
-            )
-    splits = []
-    for dataset, limit in ((train_dataset, max_train_samples), (eval_dataset, max_eval_samples)):
-        if limit is not None and limit < len(dataset):
-            dataset = dataset.select(range(limit))
-        labels = np.asarray(dataset.select_columns([label_column]).with_format("numpy")[label_column])
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(
-                f"Column {label_column!r} holds {labels.dtype} values of shape {labels.shape[1:]}, not one integer "
-                "class per image; pass the label column (--label-column)."
-            )
-        raw = isinstance((dataset.features or {}).get(image_column), datasets.Image)
-        if raw:
-            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-        splits.append(LabelledSplit(dataset.select_columns([image_column]), image_column, labels, raw, set()))
-    train, evaluation = splits
-    if len(train) == 0 or len(evaluation) == 0:
-        raise ValueError("A split has no images; give splits with labelled images.")
-    names = _label_names(train_dataset, label_column)
-    num_labels = len(names) if names else int(max(train.labels.max(), evaluation.labels.max())) + 1
-    for name, split in (("train", train), ("eval", evaluation)):
-        low, high = int(split.labels.min()), int(split.labels.max())
-        if low < 0 or high >= num_labels:
-            raise ValueError(
-                f"The {name} split has labels {low}..{high}, outside 0..{num_labels - 1} (-1 marks an unlabelled "
-                "image, e.g. ImageNet's test split): evaluate a labelled split (--eval-split / --train-split)."
-            )
-    if len(np.unique(train.labels)) < 2:
-        raise ValueError(
-            f"The training split has a single class ({int(train.labels[0])}): a classifier needs at least two; "
-            "check --label-column and --train-split."
-        )
-    return train, evaluation, names or [str(i) for i in range(num_labels)]
 
 
 def training_view(image: Image.Image, rng: np.random.Generator, crop: int, min_scale: float) -> torch.Tensor:
@@ -713,44 +617,7 @@ def run_linear_classification(
     return TrainedClassifier(heads.cpu(), spec, names, result, evaluation, best)
 
 
-# ------------------------------------------------------------------------------------------------------ export
-def exportable_head(trained: TrainedClassifier) -> torch.nn.Linear:
-    """The head that `ViTForImageClassification` / `SwinForImageClassification` computes."""
-    return trained.head(EXPORTABLE if trained.spec.needs_exportable_head else PROTOCOL)
-
-
-def classifier_model(backbone: FrozenBackbone, trained: TrainedClassifier):
-    """The backbone and the exportable head as a transformers classification model (on the CPU, fp32)."""
-    import copy
-
-    from transformers import SwinForImageClassification, ViTForImageClassification
-
-    model_type = backbone.model.config.model_type
-    if model_type not in EXPORTABLE_MODEL_TYPES or backbone.stage != backbone.num_stages:
-        raise ValueError(
-            f"--save-classifier writes ViT and Swin backbones (Swin: the last stage), not this {model_type!r} "
-            f"backbone{f' at stage {backbone.stage}' if backbone.hierarchical else ''}."
-        )
-    config = copy.deepcopy(backbone.model.config)
-    config.id2label = dict(enumerate(trained.label_names))
-    config.label2id = {name: index for index, name in enumerate(trained.label_names)}
-    model_class = ViTForImageClassification if model_type == "vit" else SwinForImageClassification
-    model = model_class(config).eval()
-    base = getattr(model, model.base_model_prefix)
-    incompatible = base.load_state_dict(backbone.model.state_dict(), strict=False)
-    unexpected = [key for key in incompatible.unexpected_keys if not key.startswith("pooler.")]
-    if incompatible.missing_keys or unexpected:
-        raise ValueError(
-            f"The backbone's weights do not fit {model_class.__name__} (missing {incompatible.missing_keys[:3]}, "
-            f"unexpected {unexpected[:3]})."
-        )
-    head = exportable_head(trained)
-    with torch.no_grad():
-        model.classifier.weight.copy_(head.weight)
-        model.classifier.bias.copy_(head.bias)
-    return model.float().cpu()
-
-
+# ------------------------------------------------------------------------------------------ evaluation view
 def classifier_image_processor(backbone: FrozenBackbone | None, config: LinearClassificationConfig):
     """The evaluation view as an image processor: shorter side `resize` (bicubic), centre crop `crop`, the
     backbone's normalisation (without a backbone: ImageNet's), any image mode converted to RGB."""
@@ -770,76 +637,23 @@ def classifier_image_processor(backbone: FrozenBackbone | None, config: LinearCl
     )
 
 
-def save_classifier(
-    folder: str | Path,
-    backbone: FrozenBackbone,
-    trained: TrainedClassifier,
-    config: LinearClassificationConfig,
-) -> str:
-    """Writes the exportable head with its backbone and the evaluation view's image processor to `folder`;
-    returns the model's class name."""
-    model = classifier_model(backbone, trained)
-    model.save_pretrained(folder)
-    classifier_image_processor(backbone, config).save_pretrained(folder)
-    return type(model).__name__
-
-
-@torch.no_grad()
-def score_classifier_folder(
-    folder: str | Path,
-    split: LabelledSplit,
-    feature: str = EXPORTABLE_FEATURE,
-    batch_size: int = 32,
-    show_progress: bool = False,
-) -> HeadScores:
-    """Top-1 / top-5 of a saved classification folder on the readable images of `split`, through its own image
-    processor and `AutoModelForImageClassification`: what `pipeline("image-classification")` predicts."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    processor = AutoImageProcessor.from_pretrained(folder)
-    model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32).eval()
-    logits, labels = [], []
-    bar = progress_bar(len(split), "scoring the saved classifier", show_progress)
-    for start in range(0, len(split), batch_size):
-        indices = np.arange(start, min(start + batch_size, len(split)))
-        kept = [
-            (i, image) for i, image in zip(indices, split.images(indices), strict=True) if image is not None
-        ]
-        if kept:
-            inputs = processor(images=[image for _, image in kept], return_tensors="pt")
-            logits.append(model(pixel_values=inputs["pixel_values"]).logits.float())
-            labels.append(torch.as_tensor(split.labels[[i for i, _ in kept]]))
-        bar.update(len(indices))
-    bar.close()
-    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
-    return HeadScores(
-        topk_accuracy(all_logits, all_labels, 1), topk_accuracy(all_logits, all_labels, 5), feature
-    )
-
-
 __all__ = [
     "EXPORTABLE",
     "PROTOCOL",
     "FeatureSpec",
     "HeadScores",
-    "LabelledSplit",
     "LinearClassificationResult",
     "TrainedClassifier",
     "classifier_image_processor",
-    "classifier_model",
-    "exportable_head",
     "dino_optimizer",
     "extract_split_features",
     "fit_linear_classifier",
     "head_name",
     "load_state",
     "new_heads",
-    "prepare_splits",
     "protocol_features",
     "resolve_feature_spec",
     "run_linear_classification",
-    "save_classifier",
-    "score_classifier_folder",
     "sgd_step",
     "topk_accuracy",
     "training_view",

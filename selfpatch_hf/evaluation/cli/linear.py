@@ -118,11 +118,8 @@ def _save(args, config, backbone, trained):
     """Writes --save-classifier (staged, moved into place when whole) and returns its measured scores."""
     from selfpatch_hf.atomic_folders import staged_folder
     from selfpatch_hf.data.sources import hub_dataset_id
-    from selfpatch_hf.evaluation.linear_classification import (
-        EXPORTABLE_FEATURE,
-        save_classifier,
-        score_classifier_folder,
-    )
+    from selfpatch_hf.evaluation.classifier_export import save_classifier, score_classifier_folder
+    from selfpatch_hf.evaluation.linear_classification import EXPORTABLE_FEATURE
     from selfpatch_hf.hub.cards.classification import ClassificationCardInfo, write_classification_card
 
     result = trained.result
