@@ -58,6 +58,21 @@ def _label_names(dataset, label_column: str) -> list[str] | None:
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
 
+def find_label_column(train_dataset, eval_dataset, image_column: str, label_column: str | None) -> str:
+    """`label_column`, or the first of `LABEL_COLUMNS` the training split has; ValueError (naming the options) when
+    a split lacks it or the image column."""
+    if label_column is None:
+        label_column = next((c for c in LABEL_COLUMNS if c in train_dataset.column_names), None)
+    for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
+        missing = [c for c in (image_column, label_column) if c is None or c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"The {name} split has columns {dataset.column_names}, not {missing[0] or 'a label column'!r}; "
+                "pass the image and label column names (--image-column / --label-column)."
+            )
+    return label_column
+
+
 def prepare_splits(
     train_dataset,
     eval_dataset,
@@ -70,15 +85,7 @@ def prepare_splits(
     range or a training split with a single class."""
     import datasets
 
-    if label_column is None:
-        label_column = next((c for c in LABEL_COLUMNS if c in train_dataset.column_names), None)
-    for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
-        missing = [c for c in (image_column, label_column) if c is None or c not in dataset.column_names]
-        if missing:
-            raise ValueError(
-                f"The {name} split has columns {dataset.column_names}, not {missing[0] or 'a label column'!r}; "
-                "pass the image and label column names (--image-column / --label-column)."
-            )
+    label_column = find_label_column(train_dataset, eval_dataset, image_column, label_column)
     splits = []
     for dataset, limit in ((train_dataset, max_train_samples), (eval_dataset, max_eval_samples)):
         if limit is not None and limit < len(dataset):
@@ -113,4 +120,4 @@ def prepare_splits(
     return train, evaluation, names or [str(i) for i in range(num_labels)]
 
 
-__all__ = ["LABEL_COLUMNS", "LabelledSplit", "prepare_splits"]
+__all__ = ["LABEL_COLUMNS", "LabelledSplit", "find_label_column", "prepare_splits"]
