@@ -394,8 +394,8 @@ def test_masks_that_cannot_be_trained_on_are_one_line_and_undecodable_examples_a
         return image, _beyond_the_classes(mask) if index == 5 else mask
 
     code, error = run(_altered_scenes(inputs["data"], tmp_path / "late", "train", late_label), "late")
-    assert code == 1 and error.startswith("finetune_segmentation.py: error: "), error
-    assert "(train split): training example 5: its mask holds label" in error
+    assert code == 1 and error.startswith("finetune_segmentation.py: error: training data: "), error
+    assert "training example 5: its mask holds label" in error
     assert "but there are 12 classes (0..11, 255 = ignore): pass the dataset's class names" in error
 
     def eval_label(index, image, mask):
@@ -422,15 +422,21 @@ def test_masks_that_cannot_be_trained_on_are_one_line_and_undecodable_examples_a
     def corrupt(index, image, mask):
         return (image[:40] if index == 2 else image), (b"\x89PNG broken" if index == 7 else mask)
 
+    # a truncated image and a corrupt mask: replaced by the next readable example, warned with the row and the
+    # reason, counted in metrics.jsonl; the run trains to the end and saves its model
     with caplog.at_level("WARNING"):
         code, error = run(_altered_scenes(inputs["data"], tmp_path / "corrupt", "train", corrupt), "corrupt")
     assert code == 0, error
     warnings = [
-        record.getMessage() for record in caplog.records if "Skipped training example" in record.message
+        record.getMessage() for record in caplog.records if "skipped unreadable" in record.getMessage()
     ]
-    assert sorted(message.split(" (")[0] for message in warnings) == [
-        "Skipped training example 2",
-        "Skipped training example 7",
+    assert sorted(message.split(":")[1].strip() for message in warnings) == [
+        "skipped unreadable training example 2",
+        "skipped unreadable training example 7",
     ], warnings
-    assert "2 skipped so far" in warnings[-1]
+    records = [
+        json.loads(line) for line in (tmp_path / "corrupt-run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    # 12 rows, 3 steps of 4: one epoch, each unreadable row drawn once
+    assert sum(record.get("skipped_examples", 0) for record in records) == 2
     assert (tmp_path / "corrupt-run" / "model" / "config.json").is_file()

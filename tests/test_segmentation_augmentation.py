@@ -140,11 +140,8 @@ def test_float_masks_must_hold_whole_class_ids_not_be_truncated():
 
 
 def test_training_examples_that_cannot_be_decoded_are_replaced_and_bad_labels_are_named():
-    from selfpatch_hf.data.segmentation.loading import (
-        ExampleProblem,
-        SegmentationTrainSet,
-        collate_segmentation,
-    )
+    from selfpatch_hf.data.segmentation.loading import SegmentationTrainSet, collate_segmentation
+    from selfpatch_hf.data.unreadable_examples import SKIPPED_KEY, SkipUnreadable, collate_with_skipped
 
     good = _png(np.array([[0, 1] * 4] * 8, np.uint8))
     masks = [good, good[:20], good, good, _png(np.full((8, 8), 9, np.uint8))]
@@ -152,18 +149,21 @@ def test_training_examples_that_cannot_be_decoded_are_replaced_and_bad_labels_ar
     images[2] = images[2][:30]  # truncated image bytes
     transform = SegmentationTrainTransform(crop_size=8, scale=8, ratio_range=(1, 1), photometric=False)
     examples = SegmentationTrainSet(_dataset(masks, images), "image", "mask", transform, 0, num_labels=3)
-    pixels, labels, skipped = examples[(0, 1)]  # 1 and 2 cannot be decoded: 3 takes their place
-    assert [item.index for item in skipped] == [1, 2]
-    assert "cannot decode example 1" in skipped[0].reason
+    with pytest.raises(OSError, match="cannot decode example 1"):
+        examples[(0, 1)]  # a truncated mask
+    with pytest.raises(
+        ValueError, match="training example 4: its mask holds label 9 but there are 3 classes"
+    ):
+        examples[(0, 4)]
+    readable = SkipUnreadable(examples)
+    (pixels, _), reasons = readable[(0, 1)]  # 1 and 2 cannot be decoded: 3 takes their place
+    assert [reason.split(":")[0] for reason in reasons] == ["training example 1", "training example 2"]
+    assert "cannot decode example 1" in reasons[0]
     assert pixels.mean() == pytest.approx(examples[(0, 3)][0].mean())
-    problem = examples[(0, 4)]
-    assert isinstance(problem, ExampleProblem)
-    assert problem.message.startswith("training example 4: its mask holds label 9 but there are 3 classes")
-    pixels, labels, skipped = examples[(0, 0)]
-    assert skipped == [] and set(np.unique(labels)) <= {0, 1}
-    batch = collate_segmentation([examples[(0, 0)], examples[(0, 1)]])
-    assert batch["pixel_values"].shape == (2, 3, 8, 8) and len(batch["skipped"]) == 2
-    assert collate_segmentation([examples[(0, 0)], problem]) == {"problem": problem.message}
+    (_, labels), reasons = readable[(0, 0)]
+    assert reasons == [] and set(np.unique(labels)) <= {0, 1}
+    batch = collate_with_skipped(collate_segmentation)([readable[(0, 0)], readable[(0, 1)]])
+    assert batch["pixel_values"].shape == (2, 3, 8, 8) and len(batch[SKIPPED_KEY]) == 2
 
 
 def test_evaluation_masks_are_all_checked_before_training():

@@ -6,10 +6,10 @@ the offline synthetic set, and a resumable per-process batch order.
   set of `selfpatch_hf.data.samples.synthetic_scenes`, built on first use; what `selfpatch eval make-offline-data` writes
   under `segmentation/`).
 - `SegmentationTrainSet` / `SegmentationEvalSet`: examples whose image or mask bytes cannot be decoded are skipped
-  and reported (the training set takes the next readable example in their place, so every batch stays full and the
-  order stays a function of the step); a mask that no setting can train on (labels outside the classes, another
-  size than its image, non-integer values) is an `ExampleProblem` naming the example, which the script turns into
-  one line. `check_evaluation_masks` reads every mask of the evaluation split before training, so that such a mask
+  and reported (the fine-tuning run takes the next readable example in their place, so every batch stays full and
+  the order stays a function of the step; the evaluation set returns a `SkippedExample`); a mask that no setting can
+  train on (labels outside the classes, another size than its image, non-integer values) is an error naming the
+  example (`ExampleProblem` in the evaluation), which the script turns into one line. `check_evaluation_masks` reads every mask of the evaluation split before training, so that such a mask
   stops the run before any work, not after it.
 - `SegmentationBatchSampler`: epoch `e` visits the images in the order `default_rng([seed, e]).permutation`; each
   process takes its own slice of every global batch, and every image is augmented by `default_rng([seed, e, index])`.
@@ -214,9 +214,9 @@ def read_example(dataset, index: int, image_column: str, mask_column: str) -> tu
 
 
 class SegmentationTrainSet(torch.utils.data.Dataset):
-    """Indexed by `(epoch, index)`: example `index` augmented with `default_rng([seed, epoch, index])`, as
-    `(pixels, labels, skipped)`; an unreadable example is replaced by the next readable one (listed in `skipped`),
-    a mask that cannot be trained on gives an `ExampleProblem`."""
+    """Indexed by `(epoch, index)`: example `index` augmented with `default_rng([seed, epoch, index])`. Bytes that
+    cannot be decoded raise an `OSError` (the fine-tuning run replaces the example by the next readable one,
+    `selfpatch_hf.data.unreadable_examples`); a mask that cannot be trained on a `ValueError` naming the example."""
 
     def __init__(
         self,
@@ -239,27 +239,17 @@ class SegmentationTrainSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         epoch, index = key
+        image, mask = read_example(self.dataset, index, self.image_column, self.mask_column)
         rng = np.random.default_rng([self.seed, int(epoch), int(index)])
-        skipped: list[SkippedExample] = []
-        for offset in range(len(self.dataset)):
-            candidate = (int(index) + offset) % len(self.dataset)
-            try:
-                image, mask = read_example(self.dataset, candidate, self.image_column, self.mask_column)
-            except OSError as error:
-                skipped.append(SkippedExample(candidate, str(error)))
-                continue
-            try:
-                pixels, labels = self.transform(image, mask, rng)
-                if self.num_labels is not None:
-                    check_label_range(labels, self.num_labels, self.ignore_index)
-            except ValueError as error:  # the mask: labels, size, non-integer values
-                return ExampleProblem(f"training example {candidate}: {error}.")
-            return pixels, labels, skipped
-        return ExampleProblem(
-            f"none of the {len(self.dataset)} training examples can be decoded: {skipped[0].reason}."
-        )
+        try:
+            pixels, labels = self.transform(image, mask, rng)
+            if self.num_labels is not None:
+                check_label_range(labels, self.num_labels, self.ignore_index)
+        except ValueError as error:  # the mask: labels, size, non-integer values
+            raise ValueError(f"training example {index}: {error}.") from None
+        return pixels, labels
 
 
 class SegmentationEvalSet(torch.utils.data.Dataset):
@@ -364,16 +354,10 @@ class SegmentationBatchSampler(torch.utils.data.Sampler):
         return 2**62
 
 
-def collate_segmentation(examples: Sequence[Any]) -> dict[str, Any]:
-    """`SegmentationTrainSet` examples -> `{"pixel_values", "labels", "skipped"}`, or `{"problem": message}` when a
-    mask of the batch stops the run (said by the training process, not as a worker's traceback)."""
-    for example in examples:
-        if isinstance(example, ExampleProblem):
-            return {"problem": example.message}
-    pixel_values = torch.from_numpy(np.stack([pixels for pixels, _, _ in examples]))
-    labels = torch.from_numpy(np.stack([labels for _, labels, _ in examples]))
-    skipped = [item for _, _, items in examples for item in items]
-    return {"pixel_values": pixel_values, "labels": labels, "skipped": skipped}
+def collate_segmentation(examples: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    pixel_values = torch.from_numpy(np.stack([pixels for pixels, _ in examples]))
+    labels = torch.from_numpy(np.stack([labels for _, labels in examples]))
+    return {"pixel_values": pixel_values, "labels": labels}
 
 
 __all__ = [

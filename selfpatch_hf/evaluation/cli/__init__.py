@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "davis": ("selfpatch_hf.evaluation.cli.davis", "DAVIS 2017 label propagation and J&F"),
     "linear-probe": ("selfpatch_hf.evaluation.cli.linear_probe", "linear semantic segmentation probe"),
     "knn": ("selfpatch_hf.evaluation.cli.knn", "weighted k-NN classification"),
+    "linear": ("selfpatch_hf.evaluation.cli.linear", "DINO's linear classification protocol (top-1 / top-5)"),
     "visualize": ("selfpatch_hf.evaluation.cli.visualize", "attention / positive-neighbour pictures (PNG)"),
     "make-offline-data": (
         "selfpatch_hf.evaluation.cli.offline_data",

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,41 @@ def results_payload(results: dict[str, Any], main_name: str) -> dict[str, Any]:
     if RANDOM_BASELINE in results:
         payload[RANDOM_BASELINE] = results[RANDOM_BASELINE].to_dict()
     return payload
+
+
+def evaluate_backbones(
+    args: argparse.Namespace, task: str, evaluate: Callable[[str, Any], Any]
+) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """(backbones, {name: evaluate(name, backbone)}) for `--model` (and `--random-baseline`); a `ValueError` of
+    the evaluation (columns not found, labels out of range, a crop off the patch grid) becomes one line naming
+    `task` and the dataset."""
+    backbones = backbones_to_evaluate(args, [(args.model, args.model)])
+    results = {}
+    for name, backbone in backbones:
+        try:
+            results[name] = evaluate(name, backbone)
+        except ValueError as error:
+            raise CommandFailure(f"{task} on {args.dataset}: {error}") from error
+    return backbones, results
+
+
+def finish_report(
+    args: argparse.Namespace,
+    command: str,
+    results: dict[str, Any],
+    config: Any,
+    backbones: list[tuple[str, Any]],
+) -> int:
+    """After a command's table: `--output-json`, then what the numbers mean on this data where it is known
+    (`selfpatch_hf.evaluation.offline_reference`)."""
+    from selfpatch_hf.evaluation.offline_reference import reference_note
+
+    write_json(args.output_json, results_payload(results, args.model))
+    reference = reference_note(command, args.dataset, config, backbones[0][1].model.config)
+    if reference:
+        sys.stdout.flush()
+        note(reference)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
