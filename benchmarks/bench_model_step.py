@@ -30,17 +30,17 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
+from selfpatch_hf import SelfPatchConfig, SelfPatchForPretraining
 from selfpatch_hf.training.host_memory import keep_freed_host_memory
 
 
-def build(args, variant: str, attn: str) -> SelfPatchViTForPretraining:
+def build(args, variant: str, attn: str) -> SelfPatchForPretraining:
     overrides = {"image_representation": "cls", "patch_loss_weight": 0.0} if variant == "dino" else {}
     config = SelfPatchConfig.from_preset(args.preset, **overrides)
     config._attn_implementation = attn
     config.backbone_config._attn_implementation = attn
     torch.manual_seed(0)
-    return SelfPatchViTForPretraining(config).train()
+    return SelfPatchForPretraining(config).train()
 
 
 def inputs(args):
@@ -74,7 +74,7 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def component_fns(args, model: SelfPatchViTForPretraining):
+def component_fns(args, model: SelfPatchForPretraining):
     """Closures that run one piece of a SelfPatch step with the shapes of a real step."""
     global_crops, local_crops = inputs(args)
     globals_flat = global_crops.transpose(0, 1).flatten(0, 1)

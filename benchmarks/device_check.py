@@ -53,13 +53,21 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHMARKS))  # its sibling modules, also when a test loads this file by path
+from device_goals import (  # noqa: E402
+    Report,
+    format_value,
+    vendor_peak_tflops,
+    verdicts,
+)
+
 SECTIONS = ("correctness", "model", "data", "pretrain")
 SECTION_PACKAGES = {
     "correctness": ("transformers", "huggingface_hub", "safetensors"),
@@ -73,86 +81,9 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 # a slow model section cannot silently starve the data and pretraining sections.
 MODEL_BUDGET_SHARE = 0.5
 DATA_BUDGET_SHARE = 0.75
-# Vendors' dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by a part of the name torch reports; the first match
-# wins, so the longer names come first ("H100 NVL" before "H100", "L40S" before "L4", "A100" before "A10").
-DENSE_BF16_PEAK_TFLOPS = (
-    ("GH200", 989.0),
-    ("H200 NVL", 835.0),
-    ("H200", 989.0),
-    ("H100 NVL", 835.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM
-    ("H800", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L40", 181.0),
-    ("L4", 121.0),
-    ("A10G", 70.0),
-    ("A10", 125.0),
-    ("RTX 6000 Ada", 364.0),
-    ("RTX A6000", 155.0),
-    ("4090", 165.0),
-)
-# The goals of BENCHMARKS.md's GPU section, each judged from this run's figures.
-GOAL_FRACTION_OF_PEAK = 0.40  # bf16 SelfPatch step, of the dense bf16 peak
-GOAL_SELFPATCH_OVER_DINO = 1.2  # bf16 step-time ratio
-GOAL_LOADER_CORES = 8.0  # data-loader cores per GPU for the bf16 step's images/s
-GOAL_AUGMENTATION_SHARE = 0.10  # device time of the device-side augmentation, of a bf16 step
 # Tolerances of the correctness checks (relative, on the loss):
 DEVICE_VS_CPU_RTOL = 1e-4  # fp32 on both (TF32 off): summation order only
 AUTOCAST_RTOL = 0.02  # bf16 / fp16 autocast vs fp32 on the same weights and crops (bf16: 8-bit mantissa)
-
-
-@dataclass
-class Row:
-    section: str
-    check: str
-    value: float | str | None = None
-    unit: str = ""
-    status: str = "info"  # ok | FAIL | skipped | info
-    note: str = ""
-
-
-@dataclass
-class Report:
-    mode: str
-    device: str
-    environment: dict
-    rows: list[Row] = field(default_factory=list)
-
-    def add(self, *args, **kwargs) -> Row:
-        row = Row(*args, **kwargs)
-        self.rows.append(row)
-        value = _fmt(row.value)
-        print(
-            f"  [{row.status:>7}] {row.section:<11} {row.check:<48} {value:>12} {row.unit:<8} {row.note}",
-            flush=True,
-        )
-        return row
-
-    def check(
-        self, section: str, check: str, value: float, limit: float, unit: str = "", note: str = ""
-    ) -> bool:
-        ok = math.isfinite(value) and value <= limit
-        self.add(
-            section,
-            check,
-            value,
-            unit,
-            "ok" if ok else "FAIL",
-            f"limit {limit:g}" + (f"; {note}" if note else ""),
-        )
-        return ok
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
-    return str(value)
 
 
 # ------------------------------------------------------------------------------------------------ environment
@@ -185,14 +116,6 @@ def environment(device: torch.device) -> dict:
         except Exception:
             info[package] = None
     return info
-
-
-def vendor_peak_tflops(device_name: str) -> tuple[float | None, str]:
-    """(dense bf16 peak in TFLOP/s, the table entry it came from) for a device name, or (None, why)."""
-    for part, tflops in DENSE_BF16_PEAK_TFLOPS:
-        if part.lower() in device_name.lower():
-            return tflops, part
-    return None, f"{device_name!r} is not in the table of known devices"
 
 
 def missing_packages(section: str) -> list[str]:
@@ -246,19 +169,19 @@ def tf32(enabled: bool):
 
 
 def section_correctness(report: Report, device: torch.device, args) -> None:
-    from selfpatch_hf import SelfPatchViTForPretraining
+    from selfpatch_hf import SelfPatchForPretraining
     from selfpatch_hf.training.cuda_setup import adamw_kwargs, sdpa_backends
     from selfpatch_hf.training.optimization import build_param_groups
 
     torch.manual_seed(0)
-    reference = SelfPatchViTForPretraining(tiny_config()).train()
+    reference = SelfPatchForPretraining(tiny_config()).train()
     generator = torch.Generator().manual_seed(1)
     global_crops = torch.randn(4, 2, 3, 32, 32, generator=generator)
     local_crops = torch.randn(4, 4, 3, 16, 16, generator=generator)
     with torch.no_grad():
         cpu_loss = reference(global_crops, local_crops, update_state=False).loss.item()
 
-    model = SelfPatchViTForPretraining(tiny_config()).train()
+    model = SelfPatchForPretraining(tiny_config()).train()
     model.load_state_dict(reference.state_dict())
     model.to(device)
     crops = (global_crops.to(device), local_crops.to(device))
@@ -285,7 +208,7 @@ def section_correctness(report: Report, device: torch.device, args) -> None:
             f"{losses[precision]:.6f}",
         )
     for precision in ("fp32", "bf16", "fp16"):
-        model = SelfPatchViTForPretraining(tiny_config()).train()
+        model = SelfPatchForPretraining(tiny_config()).train()
         model.load_state_dict(reference.state_dict())
         model.to(device)
         optimizer = torch.optim.AdamW(build_param_groups(model.student), lr=1e-3, **adamw_kwargs(device))
@@ -373,7 +296,7 @@ def model_shapes(args) -> dict:
 
 
 def build_model(shapes: dict, variant: str, attn: str = "sdpa"):
-    from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
+    from selfpatch_hf import SelfPatchConfig, SelfPatchForPretraining
 
     overrides = {"image_representation": "cls", "patch_loss_weight": 0.0} if variant == "dino" else {}
     if shapes["preset"] is None:
@@ -383,7 +306,7 @@ def build_model(shapes: dict, variant: str, attn: str = "sdpa"):
     config._attn_implementation = attn
     config.backbone_config._attn_implementation = attn
     torch.manual_seed(0)
-    return SelfPatchViTForPretraining(config).train()
+    return SelfPatchForPretraining(config).train()
 
 
 def make_step(model, shapes: dict, device: torch.device, precision: str, crops=None):
@@ -738,64 +661,6 @@ def section_data(report: Report, device: torch.device, args, results: dict) -> N
             report.add("data", label, rate, "images/s", note=note)
 
 
-# ------------------------------------------------------------------------------------------------ verdicts
-
-
-def verdicts(report: Report, results: dict, args) -> list[dict]:
-    """Pass / fail / not measured for each GPU goal of BENCHMARKS.md, from this run's figures."""
-    skipped = {row.section: row.note for row in report.rows if row.status == "skipped"}
-    out = []
-
-    def verdict(goal: str, value: float | None, passed: bool | None, detail: str, missing: str) -> None:
-        if args.cpu_mode:
-            status, value, detail = "not measured", None, "CPU mode: the goals are for a GPU"
-        elif value is None:
-            status, detail = "not measured", missing
-        else:
-            status = "PASS" if passed else "FAIL"
-        # one row per goal of BENCHMARKS.md
-        out.append({"goal": goal, "status": status, "value": value, "detail": detail})
-
-    best = next((label for label in ("selfpatch bf16+compile", "selfpatch bf16") if label in results), None)
-    vendor = results.get("vendor_bf16_peak_tflops")
-    measured = results.get("measured_bf16_matmul_tflops")
-    if best is not None and (vendor or measured):
-        peak, source = (vendor, "vendor dense bf16 peak") if vendor else (measured, "measured bf16 matmul")
-        fraction = results[best]["tflops"] / peak
-        detail = f"{best}: {results[best]['tflops']:.0f} TFLOP/s of the {source} {peak:.0f}"
-        if vendor and measured:
-            detail += f" ({results[best]['tflops'] / measured:.0%} of the measured matmul {measured:.0f})"
-        verdict(f"bf16 SelfPatch step >= {GOAL_FRACTION_OF_PEAK:.0%} of the dense peak", fraction,
-                fraction >= GOAL_FRACTION_OF_PEAK, detail, "")  # fmt: skip
-    else:
-        verdict(f"bf16 SelfPatch step >= {GOAL_FRACTION_OF_PEAK:.0%} of the dense peak", None, None, "",
-                "no bf16 SelfPatch step was timed" + (f" ({skipped['model']})" if "model" in skipped else ""))  # fmt: skip
-    ratio_label = next((f"ratio {p}" for p in ("bf16+compile", "bf16") if f"ratio {p}" in results), None)
-    ratio = results.get(ratio_label) if ratio_label else None
-    verdict(f"SelfPatch / DINO step time <= {GOAL_SELFPATCH_OVER_DINO}", ratio,
-            ratio is not None and ratio <= GOAL_SELFPATCH_OVER_DINO, ratio_label or "",
-            "both bf16 steps are needed" + (f" ({skipped['model']})" if "model" in skipped else ""))  # fmt: skip
-    loaders = {
-        k: v["cores_per_device"]
-        for k, v in results.items()
-        if k.startswith("data ") and "cores_per_device" in v
-    }
-    if loaders and best is not None:
-        mode, cores = min(loaders.items(), key=lambda item: item[1])
-        detail = ", ".join(f"{k.removeprefix('data ')} {v:.1f}" for k, v in loaders.items())
-        verdict(f"loader cores per GPU <= {GOAL_LOADER_CORES:g}", cores, cores <= GOAL_LOADER_CORES,
-                f"best {mode.removeprefix('data ')}; cores per mode: {detail}", "")  # fmt: skip
-    else:
-        why = "needs a loader rate and a bf16 step rate"
-        why += "".join(f" ({skipped[s]})" for s in ("model", "data") if s in skipped)
-        verdict(f"loader cores per GPU <= {GOAL_LOADER_CORES:g}", None, None, "", why)
-    share = results.get("device augmentation", {}).get("share_of_step")
-    verdict(f"device augmentation < {GOAL_AUGMENTATION_SHARE:.0%} of a bf16 step", share,
-            share is not None and share < GOAL_AUGMENTATION_SHARE, "device_crops, one batch",
-            "needs the device augmentation and the bare bf16 step")  # fmt: skip
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ 4. pretraining run
 
 
@@ -915,10 +780,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("warmup", "budget", "pretrain_timeout", "data_seconds"):
+    for name in ("warmup", "data_seconds"):
         value = getattr(args, name)
         if value is not None and not 0 <= value < math.inf:  # also NaN
             parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for name in ("budget", "pretrain_timeout"):  # 0 s would skip or fail every timed section
+        value = getattr(args, name)
+        if not 0 < value < math.inf:
+            parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds > 0, got {value}")
+    import torch._dynamo
+
+    if args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        parser.error(
+            f"--compile-backend {args.compile_backend!r} is not a torch.compile backend "
+            "(torch._dynamo.list_backends() lists them)"
+        )
+    # the report is written at the end: a folder that cannot take it must fail now, not after the whole run
+    output = Path(args.output)
+    if output.is_dir():
+        parser.error(f"--output {output} is a folder; give a file name, e.g. {output / 'device_check.json'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(
+            f"--output {output}: cannot create its folder {output.parent} ({error.strerror or error})"
+        )
+    if not os.access(output.parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        parser.error(f"--output {output}: {output.parent} is not writable; give another --output")
     args.cpu_mode = args.cpu or not torch.cuda.is_available()
     args.steps = args.steps or (2 if args.cpu_mode else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu_mode else 3)
@@ -980,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     goals = verdicts(report, results, args)
     print("\ngoals (BENCHMARKS.md, GPU path):", flush=True)
     for goal in goals:
-        value = "" if goal["value"] is None else f" {_fmt(goal['value'])}"
+        value = "" if goal["value"] is None else f" {format_value(goal['value'])}"
         print(f"  [{goal['status']:>12}] {goal['goal']}:{value} {goal['detail']}", flush=True)
     elapsed = time.perf_counter() - started
     payload = {
@@ -990,8 +878,16 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": elapsed,
         "passed": not failed,
     }
-    Path(args.output).write_text(json.dumps(payload, indent=2, default=str))
-    print(f"\n{'FAILED' if failed else 'passed'} in {elapsed:.0f} s; report in {args.output}", flush=True)
+    text = json.dumps(payload, indent=2, default=str)
+    try:
+        Path(args.output).write_text(text)
+        where = args.output
+    except OSError as error:  # e.g. the disk filled during the run: keep the results somewhere
+        with tempfile.NamedTemporaryFile("w", prefix="device_check-", suffix=".json", delete=False) as file:
+            file.write(text)
+        where = file.name
+        print(f"cannot write --output {args.output} ({error.strerror or error}); the report went to {where}")
+    print(f"\n{'FAILED' if failed else 'passed'} in {elapsed:.0f} s; report in {where}", flush=True)
     if skipped:
         print(f"skipped: {'; '.join(sorted(skipped))}", flush=True)
     return 1 if failed else 0

@@ -154,6 +154,15 @@ def clean_leftovers(target: str | os.PathLike) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def private_folder_beside(target: str | os.PathLike) -> Path:
+    """A new hidden folder beside `target` named as a staging folder of this process (`.NAME.tmp-HOST-PID-XXXX`),
+    after removing those of writers that died: whatever a killed process left there is cleaned by the next
+    writer or reader of `target` (`clean_leftovers`)."""
+    target = Path(target)
+    clean_leftovers(target)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner_tag()}-", dir=target.parent))
+
+
 @contextlib.contextmanager
 def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
     """Yields a private staging folder beside `target` (whose parent must exist) to write into; when the block ends
@@ -161,8 +170,7 @@ def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
     crash mid-write leaves the previous `target` intact); on an error, removes the staging folder. Leftovers of
     earlier writers that died are cleaned first (`clean_leftovers`)."""
     target = Path(target)
-    clean_leftovers(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner_tag()}-", dir=target.parent))
+    staging = private_folder_beside(target)
     try:
         yield staging
         apply_default_permissions(staging)  # mkdtemp's 0700 and save_pretrained's 0600 -> the user's umask
@@ -177,6 +185,7 @@ __all__ = [
     "clean_leftovers",
     "current_umask",
     "exchange_paths",
+    "private_folder_beside",
     "replace_directory",
     "staged_folder",
 ]

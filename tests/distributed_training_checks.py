@@ -41,7 +41,7 @@ spec.loader.exec_module(pretrain)
 from accelerate import Accelerator  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-from selfpatch_hf import SelfPatchViTForPretraining  # noqa: E402
+from selfpatch_hf import SelfPatchForPretraining  # noqa: E402
 from selfpatch_hf.training.compilation import is_compiled  # noqa: E402
 from selfpatch_hf.training.loop import train_step  # noqa: E402
 from selfpatch_hf.training.optimization import apply_schedule, build_optimizer  # noqa: E402
@@ -72,7 +72,7 @@ def max_difference_between_ranks(state: dict[str, torch.Tensor]) -> float:
 def fixed_step_check(accelerator: Accelerator, out: Path) -> None:
     """Two optimiser steps (the first with the last layer frozen) on fixed batches, drop-path off."""
     torch.manual_seed(0)
-    model = SelfPatchViTForPretraining(tiny_config(drop_path_rate=0.0))
+    model = SelfPatchForPretraining(tiny_config(drop_path_rate=0.0))
     optimizer = build_optimizer(model.student)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -209,7 +209,7 @@ def compile_check(data_dir: Path, out: Path) -> None:
     )
 
 
-def final_state(model: SelfPatchViTForPretraining) -> dict[str, torch.Tensor]:
+def final_state(model: SelfPatchForPretraining) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

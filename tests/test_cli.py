@@ -6,13 +6,13 @@ import torch
 from tiny_models import tiny_config
 from transformers import AutoModel
 
-from selfpatch_hf import SelfPatchViTForPretraining
+from selfpatch_hf import SelfPatchForPretraining
 from selfpatch_hf.cli.main import main
 
 
 def test_export_subcommand_writes_a_loadable_backbone(tmp_path, capsys):
     torch.manual_seed(0)
-    model = SelfPatchViTForPretraining(tiny_config()).eval()
+    model = SelfPatchForPretraining(tiny_config()).eval()
     model.save_pretrained(tmp_path / "pretraining")
     assert (
         main(["export", str(tmp_path / "pretraining"), str(tmp_path / "backbone"), "--source", "student"])

@@ -38,6 +38,7 @@ print("LOADED", " ".join(name for name in {heavy!r} if name in sys.modules))
         ("selfpatch_hf.evaluation.cli", ["visualize", "--help"]),
         ("selfpatch_hf.evaluation.cli", ["linear-probe", "--help"]),
         ("selfpatch_hf.evaluation.cli", ["knn", "--help"]),
+        ("selfpatch_hf.evaluation.cli", ["linear", "--help"]),
         ("selfpatch_hf.evaluation.cli", ["make-offline-data", "--help"]),
     ],
 )

@@ -103,7 +103,7 @@ def test_dino_training_checkpoint_teacher_by_default_student_on_request(tmp_path
 
 
 def test_dino_pretraining_checkpoint_holds_both_networks_heads_and_centre(tmp_path):
-    from selfpatch_hf import SelfPatchViTForPretraining
+    from selfpatch_hf import SelfPatchForPretraining
     from selfpatch_hf.conversion.dino_selfpatch import dino_to_pretraining_model, infer_architecture
 
     checkpoint = dino_training_checkpoint()
@@ -112,7 +112,7 @@ def test_dino_pretraining_checkpoint_holds_both_networks_heads_and_centre(tmp_pa
     result = convert_checkpoint(path, tmp_path / "out", num_heads=2)
     assert result.pretraining_dir is not None
 
-    model = SelfPatchViTForPretraining.from_pretrained(result.pretraining_dir).eval()
+    model = SelfPatchForPretraining.from_pretrained(result.pretraining_dir).eval()
     config = model.config
     assert config.image_representation == "aggregation" and config.patch_loss_weight == pytest.approx(0.1)
     assert (config.image_out_dim, config.head_hidden_dim, config.head_bottleneck_dim) == (16, 24, 12)
@@ -151,13 +151,13 @@ def test_dino_pretraining_checkpoint_holds_both_networks_heads_and_centre(tmp_pa
 
 
 def test_dino_backbone_file_gives_a_pretraining_checkpoint_with_fresh_heads(tmp_path):
-    from selfpatch_hf import SelfPatchViTForPretraining
+    from selfpatch_hf import SelfPatchForPretraining
 
     state = backbone_state(cls=True)
     path = tmp_path / "backbone.pth"
     torch.save(state, path)
     result = convert_checkpoint(path, tmp_path / "out", num_heads=2)
-    model = SelfPatchViTForPretraining.from_pretrained(result.pretraining_dir).eval()
+    model = SelfPatchForPretraining.from_pretrained(result.pretraining_dir).eval()
     x = pixels(1, 3, 32, 32)
     with torch.no_grad():
         expected = layer_norm(reference_vit(state, cls=True, **ARCH)(x), state, "norm.")

@@ -184,6 +184,46 @@ def test_a_swin_too_small_for_its_window_is_refused(tmp_path):
         convert_checkpoint(tmp_path / "small.pth", tmp_path / "out")
 
 
+@pytest.mark.parametrize("make", [moby_swin_checkpoint, moby_deit_checkpoint], ids=["swin", "deit"])
+def test_a_moby_checkpoint_without_its_momentum_encoder_is_told_so(tmp_path, make):
+    checkpoint, _, _ = make()
+    cut = {
+        **checkpoint,
+        "model": {k: v for k, v in checkpoint["model"].items() if not k.startswith("encoder_k.")},
+    }
+    save_with_yacs_config(cut, tmp_path / "online_only.pth")
+    with pytest.raises(
+        ConversionError, match=r"online_only.pth lacks its momentum encoder \(encoder_k\.\*\)"
+    ):
+        convert_checkpoint(tmp_path / "online_only.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_swin_missing_a_whole_block_is_refused_naming_its_keys(tmp_path):
+    from reference_moby import FakeYacsConfig
+
+    checkpoint, _, _ = moby_swin_checkpoint()
+    depths = list(TINY_SWIN["depths"])
+    checkpoint["config"]["MODEL"]["SWIN"] = FakeYacsConfig(DEPTHS=depths)
+    save_with_yacs_config(checkpoint, tmp_path / "whole.pth")
+    assert convert_checkpoint(tmp_path / "whole.pth", tmp_path / "whole").max_abs_difference <= TOLERANCE
+    last = f"layers.{len(depths) - 1}.blocks.{depths[-1] - 1}."
+    shallower = [*depths[:-1], depths[-1] - 1]
+    cut = _damage(
+        checkpoint,
+        lambda m: [m.pop(k) for k in list(m) if k.startswith((f"encoder.{last}", f"encoder_k.{last}"))],
+    )
+    save_with_yacs_config(cut, tmp_path / "cut.pth")
+    with pytest.raises(ConversionError) as raised:
+        convert_checkpoint(tmp_path / "cut.pth", tmp_path / "out")
+    message = str(raised.value)
+    assert (
+        f"config records Swin depths {depths}, but its weights hold {shallower} blocks per stage" in message
+    )
+    assert f"missing keys (14): {last}attn.proj.bias" in message and f"{last}norm2.weight" in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_command_line(tmp_path, capsys):
     checkpoint, _, _ = moby_swin_checkpoint()
     save_with_yacs_config(checkpoint, tmp_path / "moby.pth")
@@ -265,3 +305,37 @@ def test_moby_pretraining_checkpoint_restarts_moby_exactly(tmp_path, backbone):
     torch.testing.assert_close(model.objective.queue2, state["queue2"])
     with pytest.raises(ConversionError, match="--pretraining-recipe dino is for DINO checkpoints"):
         convert_checkpoint(tmp_path / "moby.pth", tmp_path / "bad", pretraining_recipe="dino", **kwargs)
+
+
+def test_a_conversion_that_cannot_write_its_folders_is_one_line_and_changes_nothing(tmp_path):
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit_file_size():  # writes beyond 100 kB fail with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    checkpoint, _, _ = moby_swin_checkpoint()
+    save_with_yacs_config(checkpoint, tmp_path / "moby.pth")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    failed = subprocess.run(
+        [sys.executable, "-m", "selfpatch_hf.conversion", str(tmp_path / "moby.pth"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        preexec_fn=limit_file_size,
+    )
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"selfpatch-convert: error: converting {tmp_path / 'moby.pth'} into {tmp_path / 'out'} failed:"
+    )
+    assert "nothing was changed in" in last
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["notes.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["moby.pth", "out"]  # no staging left

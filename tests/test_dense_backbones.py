@@ -17,7 +17,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
+from selfpatch_hf import SelfPatchForPretraining, export_backbone
 from selfpatch_hf.models.dense.backbones import dense_out_indices, export_dense_backbone, load_dense_backbone
 from selfpatch_hf.models.dense.heads import build_dpt, build_upernet
 from selfpatch_hf.models.dense.siglip_backbone import SelfPatchSiglipBackbone
@@ -61,7 +61,7 @@ def test_dense_out_indices_follow_the_depth():
 
 def test_dinov2_export_equals_the_vit_export(tmp_path, transformers_warnings):
     torch.manual_seed(0)
-    model = SelfPatchViTForPretraining(tiny_config(num_hidden_layers=4))
+    model = SelfPatchForPretraining(tiny_config(num_hidden_layers=4))
     vit_dir = export_backbone(model, tmp_path / "vit")
     dense_dir = export_dense_backbone(vit_dir, tmp_path / "dense", out_indices=[1, 3, 4])
 
@@ -132,7 +132,7 @@ def test_siglip_backbone_equals_the_converted_tower(tmp_path, transformers_warni
 
 def test_upernet_carries_the_pretrained_backbone_and_round_trips(tmp_path):
     torch.manual_seed(0)
-    vit_dir = export_backbone(SelfPatchViTForPretraining(tiny_config(num_hidden_layers=4)), tmp_path / "vit")
+    vit_dir = export_backbone(SelfPatchForPretraining(tiny_config(num_hidden_layers=4)), tmp_path / "vit")
     model = build_upernet(vit_dir, ["sky", "grass", "cow"], hidden_size=16).eval()
     reference = load_dense_backbone(export_dense_backbone(vit_dir, tmp_path / "dense"))
     for name, tensor in reference.state_dict().items():
@@ -169,7 +169,7 @@ def test_upernet_on_a_siglip_backbone_loads_once_registered(tmp_path):
 
 def test_dpt_depth_model_on_the_vit_backbone(tmp_path):
     torch.manual_seed(0)
-    vit_dir = export_backbone(SelfPatchViTForPretraining(tiny_config(num_hidden_layers=4)), tmp_path / "vit")
+    vit_dir = export_backbone(SelfPatchForPretraining(tiny_config(num_hidden_layers=4)), tmp_path / "vit")
     model = build_dpt(vit_dir, fusion_hidden_size=16).eval()
     with torch.no_grad():
         depth = model(torch.randn(2, 3, 32, 48)).predicted_depth
@@ -185,7 +185,7 @@ def test_dpt_depth_model_on_the_vit_backbone(tmp_path):
 
 def test_a_pretraining_folder_gives_its_teachers_backbone(tmp_path):
     torch.manual_seed(0)
-    model = SelfPatchViTForPretraining(tiny_config(num_hidden_layers=4))
+    model = SelfPatchForPretraining(tiny_config(num_hidden_layers=4))
     model.save_pretrained(tmp_path / "pretraining")
     from_folder = load_dense_backbone(
         export_dense_backbone(tmp_path / "pretraining", tmp_path / "dense-a")

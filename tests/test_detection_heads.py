@@ -27,7 +27,7 @@ from transformers import (
     SwinModel,
 )
 
-from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
+from selfpatch_hf import SelfPatchForPretraining, export_backbone
 from selfpatch_hf.data.detection.augmentation import DetectionAugmentation, DetectionTrainTransform
 from selfpatch_hf.data.detection.batching import collate_detection
 from selfpatch_hf.data.detection.instances import mask_box
@@ -76,7 +76,7 @@ def instances(tmp_path_factory):
 def vit_backbone(tmp_path_factory):
     torch.manual_seed(0)
     config = tiny_config(num_hidden_layers=4, patch_size=16, image_size=64)
-    return export_backbone(SelfPatchViTForPretraining(config), tmp_path_factory.mktemp("vit") / "backbone")
+    return export_backbone(SelfPatchForPretraining(config), tmp_path_factory.mktemp("vit") / "backbone")
 
 
 @pytest.fixture(scope="module")

@@ -88,3 +88,23 @@ def test_bad_numbers_are_refused_with_one_line(device_check, capsys):
             device_check.parse_args(["--cpu", *argv])
         assert exit_info.value.code == 2
         assert "must be" in capsys.readouterr().err
+
+
+def test_zero_sizes_and_unusable_outputs_are_refused_before_the_run(device_check, capsys, tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a folder should be")
+    for argv, message in (
+        (["--budget", "0"], "--budget must be a finite number of seconds > 0, got 0.0"),
+        (["--pretrain-timeout", "-5"], "--pretrain-timeout must be a finite number of seconds > 0, got -5.0"),
+        (["--batch", "-1"], "--batch must be >= 1, got -1"),
+        (["--compile-backend", "nope"], "--compile-backend 'nope' is not a torch.compile backend"),
+        (["--output", str(tmp_path)], f"--output {tmp_path} is a folder"),
+        (["--output", str(blocked / "report.json")], f"cannot create its folder {blocked}"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            device_check.parse_args(["--cpu", *argv])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    # a missing folder is created up front, so that the report written at the end has a place
+    args = device_check.parse_args(["--cpu", "--output", str(tmp_path / "new" / "deeper" / "report.json")])
+    assert (tmp_path / "new" / "deeper").is_dir() and args.output.endswith("report.json")

@@ -458,3 +458,31 @@ def test_the_standard_scenes_are_built_once_for_evaluation_and_fine_tuning(tmp_p
     assert main(["make-offline-data"]) == 0
     assert "already built" in capsys.readouterr().out
     assert sorted(p.name for p in target.parent.iterdir()) == ["offline-eval"]  # no staging folder left
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_any_work(tmp_path, run_cli):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    model, data = str(tmp_path / "no-model"), str(tmp_path / "no-data")  # never read: the outputs fail first
+    for argv, message in (
+        (
+            ["knn", "--model", model, "--dataset", data, "--output-json", str(a_file / "knn.json")],
+            f"--output-json {a_file / 'knn.json'}: {a_file} is a file, not a folder",
+        ),
+        (
+            ["linear-probe", "--model", model, "--dataset", data, "--output-json", str(tmp_path)],
+            f"--output-json {tmp_path} is a folder; give a file name inside it.",
+        ),
+        (
+            ["davis", "--model", model, "--davis-root", data, "--output-dir", str(a_file)],
+            f"--output-dir {a_file} is a file; give a folder",
+        ),
+        (
+            ["visualize", "--model", model, "--image", data, "--query", "0", "--output", str(tmp_path)],
+            f"--output {tmp_path} is a folder",
+        ),
+    ):
+        code, lines = run_cli(*argv)
+        assert code == 2
+        assert_one_line_error(lines, message)
+    assert a_file.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

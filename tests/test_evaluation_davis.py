@@ -120,3 +120,20 @@ def test_run_davis_with_a_tiny_vit(davis_root, tmp_path):
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert scores["J&F-Mean"] == pytest.approx(100 * result.jf_mean)  # the file says percent, as papers do
     assert 0.0 <= result.j_mean <= 1.0 and list(result.per_object)[0].startswith(names[0])
+
+
+@pytest.mark.parametrize(
+    "setting, value, requirement",
+    [
+        ("neighborhood", -1, "be >= 0 patches (0: the whole frame)"),
+        ("topk", 0, "be >= 1"),
+        ("temperature", 0.0, "be a positive number"),
+        ("n_last_frames", -2, "be >= 0"),
+    ],
+)
+def test_propagation_settings_that_mean_nothing_are_refused(setting, value, requirement):
+    from selfpatch_hf.evaluation.configs import SettingError
+
+    with pytest.raises(SettingError) as raised:
+        PropagationConfig(**{setting: value})
+    assert (raised.value.field, raised.value.requirement, raised.value.value) == (setting, requirement, value)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tiny_models import tiny_config
 
-from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
+from selfpatch_hf import SelfPatchForPretraining, export_backbone
 
 CHILD = textwrap.dedent(
     """
@@ -49,9 +49,9 @@ CHILD = textwrap.dedent(
 )
 
 
-def trained_tiny_model() -> SelfPatchViTForPretraining:
+def trained_tiny_model() -> SelfPatchForPretraining:
     torch.manual_seed(0)
-    model = SelfPatchViTForPretraining(tiny_config())
+    model = SelfPatchForPretraining(tiny_config())
     with torch.no_grad():  # make student and teacher differ, as after training
         for p in model.student.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -136,6 +136,21 @@ def test_export_rejects_unknown_source(tmp_path):
         export_backbone(trained_tiny_model(), tmp_path / "x", source="ema")
 
 
+def test_export_of_a_folder_that_is_no_pretraining_model_is_one_line(tmp_path, capsys):
+    from selfpatch_hf.export.cli import main
+
+    backbone = export_backbone(trained_tiny_model(), tmp_path / "backbone")
+    capsys.readouterr()
+    assert main([str(backbone), str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"selfpatch export: error: {backbone} holds a 'vit' model, not a SelfPatchForPretraining (model_type "
+        "'selfpatch'): give the pretraining folder (e.g. runs/x/pretraining_model); an exported backbone is already "
+        "what this command writes."
+    )
+    assert not (tmp_path / "again").exists()
+
+
 def _modes(root) -> dict[str, int]:
     """`{relative path: permission bits}` of a folder and everything in it."""
     modes = {".": os.stat(root).st_mode & 0o777}
@@ -215,3 +230,76 @@ def test_the_readme_snippet_runs_on_any_photograph(tmp_path, mode):
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0 and "ran" in result.stdout, result.stderr[-3000:]
+
+
+def _limit_file_size():
+    """In the child: files cannot grow beyond 100 kB (writes fail with EFBIG, as on a full disk; not a signal)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+def test_a_failed_write_of_an_export_is_one_line_and_keeps_the_previous_export(tmp_path):
+    model = trained_tiny_model()
+    model.save_pretrained(tmp_path / "pretraining")
+    target = tmp_path / "backbone"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [
+        sys.executable,
+        "-m",
+        "selfpatch_hf.cli.main",
+        "export",
+        str(tmp_path / "pretraining"),
+        str(target),
+    ]
+    assert subprocess.run(command, capture_output=True, text=True, env=env, timeout=300).returncode == 0
+    before = {path.name: path.read_bytes() for path in target.iterdir()}
+    model.update_teacher(0.0)
+    model.save_pretrained(tmp_path / "pretraining")
+    failed = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=300, preexec_fn=_limit_file_size
+    )
+    assert failed.returncode == 1, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in failed.stderr, failed.stderr
+    assert last.startswith(f"selfpatch export: error: writing the backbone to {target} failed: "), last
+    assert last.endswith(
+        "the previous export is untouched. Free space or fix the folder's permissions, then run the same command again."
+    )
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["backbone", "pretraining"]  # no staging left
+
+
+def test_weights_with_nan_are_never_exported_nor_pushed(tmp_path, capsys):
+    from selfpatch_hf.export.cli import main
+    from selfpatch_hf.hub.publishing import PublishError, check_backbone_folder
+
+    model = trained_tiny_model()
+    target = export_backbone(model, tmp_path / "backbone")
+    good = (target / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.teacher.backbone.embeddings.position_embeddings.view(-1)[0] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"the teacher's backbone holds NaN or infinite values in 1 tensor\(s\)"
+    ):
+        export_backbone(model, target)
+    assert (target / "model.safetensors").read_bytes() == good  # the good export stays
+    model.save_pretrained(tmp_path / "pretraining")
+    capsys.readouterr()
+    assert main([str(tmp_path / "pretraining"), str(target)]) == 1
+    assert "embeddings.position_embeddings); nothing was written" in capsys.readouterr().err
+    assert (target / "model.safetensors").read_bytes() == good
+    # a folder written by other means is not published either
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(target / "model.safetensors")
+    weights["embeddings.position_embeddings"] = weights["embeddings.position_embeddings"].clone()
+    weights["embeddings.position_embeddings"].view(-1)[0] = float("inf")
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    (target / "README.md").write_text("# card\n")
+    with pytest.raises(
+        PublishError, match=r"hold NaN or infinite values in 1 tensor\(s\) \(embeddings.position"
+    ):
+        check_backbone_folder(target)

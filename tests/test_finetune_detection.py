@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from test_detection_heads import _pipeline_predictions, _references, _run_pipelines_elsewhere
 from tiny_models import tiny_config
 
-from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
+from selfpatch_hf import SelfPatchForPretraining, export_backbone
 from selfpatch_hf.cli.errors import UsageError
 from selfpatch_hf.data.detection.sources import HubDetectionSource
 from selfpatch_hf.data.samples.instance_scenes import make_instance_dataset
@@ -47,7 +47,7 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("detection_inputs")
     torch.manual_seed(0)
     backbone = export_backbone(
-        SelfPatchViTForPretraining(tiny_config(num_hidden_layers=4, patch_size=16, image_size=64)),
+        SelfPatchForPretraining(tiny_config(num_hidden_layers=4, patch_size=16, image_size=64)),
         root / "backbone",
     )
     make_instance_dataset(

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from segmentation_inputs import SCRIPT, load_finetune_script, segmentation_inputs
 from segmentation_inputs import finetune_arguments as _arguments
 
@@ -167,6 +167,21 @@ def test_saved_model_loads_with_plain_transformers(uninterrupted, tmp_path):
     np.testing.assert_allclose(report["logits"], expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_the_saved_image_processor_takes_any_image_mode_as_rgb(uninterrupted, mode):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    _, output_dir = uninterrupted
+    processor = AutoImageProcessor.from_pretrained(output_dir / "model")
+    colours = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    image = Image.fromarray(colours).convert(mode)
+    pixels = processor(images=image, return_tensors="np")["pixel_values"]
+    expected = processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"]
+    assert pixels.shape == expected.shape and pixels.shape[1] == 3
+    np.testing.assert_array_equal(pixels, expected)
+
+
 PIPELINE_SCORE = """
 import json, sys
 import datasets
@@ -233,10 +248,55 @@ def test_argument_mistakes_are_one_line_errors(inputs, tmp_path, capsys):
     assert "unknown option(s) ['learning_rat']" in capsys.readouterr().err
     assert run_command("finetune_segmentation.py", script.main, ["--dataset_name", "x"]) == 2
     assert "--backbone is required" in capsys.readouterr().err
-    missing = _arguments(inputs, tmp_path / "out")
-    missing[missing.index("--backbone") + 1] = str(tmp_path / "nowhere")
-    assert run_command("finetune_segmentation.py", script.main, missing) == 2
-    assert "--backbone" in capsys.readouterr().err
+
+    def refused(message: str, *extra: str, backbone: Path | None = None) -> None:
+        arguments = _arguments(inputs, tmp_path / "out", *extra)
+        if backbone is not None:
+            arguments[arguments.index("--backbone") + 1] = str(backbone)
+        assert run_command("finetune_segmentation.py", script.main, arguments) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        assert message in err.strip().splitlines()[-1], err
+        assert not (tmp_path / "out").exists()
+
+    refused(f"--backbone {tmp_path / 'nowhere'}: no such folder", backbone=tmp_path / "nowhere")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(inputs["backbone"], damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    refused("its weights cannot be read (SafetensorError", backbone=damaged)
+    weights.unlink()
+    torch.save({"unrelated": torch.zeros(2)}, damaged / "pytorch_model.bin")
+    refused("its weights lack 70 of the ViTModel's tensors", backbone=damaged)
+    (damaged / "pytorch_model.bin").unlink()
+    weights = {
+        name: tensor.clone() for name, tensor in load_file(inputs["backbone"] / "model.safetensors").items()
+    }
+    weights["embeddings.position_embeddings"].view(-1)[0] = float("nan")
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    refused(
+        "its weights hold NaN or infinite values in 1 tensor(s) (embeddings.position_embeddings)",
+        backbone=damaged,
+    )
+    (damaged / "model.safetensors").unlink()
+    torch.save({"payload": print}, damaged / "pytorch_model.bin")  # a pickle that would call a function
+    refused(
+        "its weights cannot be read (UnpicklingError: WeightsUnpickler error: Unsupported global",
+        backbone=damaged,
+    )
+    labels = tmp_path / "labels.json"
+    labels.write_text('{"sky": 0, "sea": 1}')
+    index = _arguments(inputs, tmp_path).index("--label_names") + 1
+    arguments = _arguments(inputs, tmp_path / "out")
+    arguments[index] = str(labels)
+    assert run_command("finetune_segmentation.py", script.main, arguments) == 2
+    assert f"--label_names {labels} must hold a list" in capsys.readouterr().err
+    refused("--mask_column 'masks' is not a column of the dataset", "--mask_column", "masks")
+    refused("--image_column 'label' holds ClassLabel", "--image_column", "label")
+    refused("has 12 images, fewer than one global batch of 16", "--per_device_train_batch_size", "16")
+    refused("--per_device_train_batch_size 1 cannot train UperNet", "--per_device_train_batch_size", "1")
+    refused("--learning_rate must be a finite number, got nan.", "--learning_rate", "nan")
+    refused("--max_grad_norm must be >= 0, got -1.0.", "--max_grad_norm", "-1")
 
 
 @pytest.mark.parametrize("recipe", ["segmentation_ade20k_vit_small.yaml", "segmentation_offline.yaml"])
@@ -315,3 +375,108 @@ def test_push_to_hub_uploads_the_model_folder(inputs, tmp_path, hub_server):
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         assert files[name] == (local / name).read_bytes(), name
     assert b"pipeline_tag: image-segmentation" in files["README.md"]
+
+
+def _altered_scenes(source: Path, target: Path, split: str, alter) -> Path:
+    """A copy of the scenes whose `split` has `alter(index, image_bytes, mask) -> (image_bytes, mask_bytes)`."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from selfpatch_hf.data.samples.synthetic_scenes import segmentation_features
+
+    (target / "data").mkdir(parents=True)
+    for name in ("train", "validation"):
+        parquet = f"{name}-00000-of-00001.parquet"
+        if name != split:
+            shutil.copy(source / "data" / parquet, target / "data" / parquet)
+            continue
+        rows = datasets.Dataset.from_parquet(str(source / "data" / parquet))
+        rows = rows.cast_column("image", datasets.Image(decode=False))
+        rows = rows.cast_column("mask", datasets.Image(decode=False))
+        images, masks = [], []
+        for index, row in enumerate(rows):
+            mask = np.asarray(Image.open(io.BytesIO(row["mask"]["bytes"])))
+            image, mask = alter(index, row["image"]["bytes"], mask)
+            if isinstance(mask, np.ndarray):
+                buffer = io.BytesIO()
+                Image.fromarray(mask).save(buffer, format="TIFF" if mask.dtype == np.float32 else "PNG")
+                mask = buffer.getvalue()
+            images.append({"bytes": image, "path": None})
+            masks.append({"bytes": mask, "path": None})
+        altered = datasets.Dataset.from_dict(
+            {"image": images, "mask": masks, "label": rows["label"]}, features=segmentation_features()
+        )
+        altered.to_parquet(str(target / "data" / parquet))
+    return target
+
+
+def _beyond_the_classes(mask: np.ndarray) -> np.ndarray:
+    return np.where(mask == 255, mask, mask + 20).astype(np.uint8)
+
+
+def test_masks_that_cannot_be_trained_on_are_one_line_and_undecodable_examples_are_skipped(
+    inputs, tmp_path, capsys, caplog
+):
+    from selfpatch_hf.cli.errors import run_command
+
+    script = _script()
+
+    def run(data: Path, name: str) -> tuple[int, str]:
+        arguments = _arguments({**inputs, "data": data}, tmp_path / f"{name}-run", "--max_steps", "3")
+        code = run_command("finetune_segmentation.py", script.main, arguments)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        return code, err.strip().splitlines()[-1]
+
+    def late_label(index, image, mask):
+        return image, _beyond_the_classes(mask) if index == 5 else mask
+
+    code, error = run(_altered_scenes(inputs["data"], tmp_path / "late", "train", late_label), "late")
+    assert code == 1 and error.startswith("finetune_segmentation.py: error: training data: "), error
+    assert "training example 5: its mask holds label" in error
+    assert "but there are 12 classes (0..11, 255 = ignore): pass the dataset's class names" in error
+
+    def eval_label(index, image, mask):
+        return image, _beyond_the_classes(mask) if index == 2 else mask
+
+    code, error = run(_altered_scenes(inputs["data"], tmp_path / "eval", "validation", eval_label), "eval")
+    assert code == 2 and "(validation split): evaluation example 2: its mask holds label" in error, error
+    assert not (tmp_path / "eval-run").exists()
+
+    def fractional(index, image, mask):
+        return image, mask.astype(np.float32) + 0.5
+
+    code, error = run(_altered_scenes(inputs["data"], tmp_path / "float", "train", fractional), "float")
+    assert code == 2 and "training example 0: its mask holds values that are no class ids" in error, error
+
+    def unlabelled(index, image, mask):
+        return image, np.full_like(mask, 255)
+
+    code, error = run(
+        _altered_scenes(inputs["data"], tmp_path / "unlabelled", "train", unlabelled), "unlabelled"
+    )
+    assert code == 1 and "a batch of 4 training crops holds no labelled pixel" in error, error
+
+    def corrupt(index, image, mask):
+        return (image[:40] if index == 2 else image), (b"\x89PNG broken" if index == 7 else mask)
+
+    # a truncated image and a corrupt mask: replaced by the next readable example, warned with the row and the
+    # reason, counted in metrics.jsonl; the run trains to the end and saves its model
+    with caplog.at_level("WARNING"):
+        code, error = run(_altered_scenes(inputs["data"], tmp_path / "corrupt", "train", corrupt), "corrupt")
+    assert code == 0, error
+    warnings = [
+        record.getMessage() for record in caplog.records if "skipped unreadable" in record.getMessage()
+    ]
+    assert sorted(message.split(":")[1].strip() for message in warnings) == [
+        "skipped unreadable training example 2",
+        "skipped unreadable training example 7",
+    ], warnings
+    records = [
+        json.loads(line) for line in (tmp_path / "corrupt-run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    # 12 rows, 3 steps of 4: one epoch, each unreadable row drawn once
+    assert sum(record.get("skipped_examples", 0) for record in records) == 2
+    assert (tmp_path / "corrupt-run" / "model" / "config.json").is_file()

@@ -99,3 +99,37 @@ def test_whole_image_inference_pads_to_whole_patches():
     padded = torch.nn.functional.pad(pixels, (0, 4, 0, 4))
     with torch.no_grad():
         torch.testing.assert_close(logits, model(pixel_values=padded).logits[..., :36, :44])
+
+
+def test_unreadable_examples_are_replaced_by_the_next_readable_one_and_broken_data_is_named():
+    from PIL import UnidentifiedImageError
+
+    from selfpatch_hf.data.unreadable_examples import SKIPPED_KEY, SkipUnreadable, collate_with_skipped
+
+    class Examples(torch.utils.data.Dataset):
+        def __init__(self, unreadable):
+            self.unreadable = unreadable
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, key):
+            epoch, index = key
+            if index in self.unreadable:
+                raise UnidentifiedImageError(f"cannot identify image {index}")
+            return torch.tensor([epoch, index])
+
+    data = SkipUnreadable(Examples({1, 2, 5}))
+    assert data[(0, 0)][0].tolist() == [0, 0] and data[(0, 0)][1] == []
+    example, reasons = data[(3, 1)]  # 1 and 2 unreadable: the next readable is 3, same epoch
+    assert example.tolist() == [3, 3] and [reason.split(":")[0] for reason in reasons] == [
+        "training example 1",
+        "training example 2",
+    ]
+    assert data[(0, 5)][0].tolist() == [0, 0]  # wraps around the split
+    batch = collate_with_skipped(lambda items: {"x": torch.stack(items)})([data[(0, 0)], data[(0, 1)]])
+    assert batch["x"].tolist() == [[0, 0], [0, 3]] and len(batch[SKIPPED_KEY]) == 2
+    with pytest.raises(
+        ValueError, match="3 consecutive training examples cannot be read, the first training example 0"
+    ):
+        SkipUnreadable(Examples({0, 1, 2}), max_consecutive=3)[(0, 0)]

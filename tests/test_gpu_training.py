@@ -11,16 +11,16 @@ import pytest
 import torch
 from tiny_models import TINY_BACKBONE, tiny_config, tiny_dino_config
 
-from selfpatch_hf import SelfPatchConfig, SelfPatchViTForPretraining
+from selfpatch_hf import SelfPatchConfig, SelfPatchForPretraining
 from selfpatch_hf.training.compilation import compile_for_training, compiled_modules, is_compiled
 from selfpatch_hf.training.mixed_precision import ScalerSkipGuard
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_model(config=None, seed: int = 0) -> SelfPatchViTForPretraining:
+def tiny_model(config=None, seed: int = 0) -> SelfPatchForPretraining:
     torch.manual_seed(seed)
-    return SelfPatchViTForPretraining(config or tiny_config(drop_path_rate=0.0)).train()
+    return SelfPatchForPretraining(config or tiny_config(drop_path_rate=0.0)).train()
 
 
 def crops(seed: int = 1, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,7 +332,7 @@ def test_a_compiled_model_exports_and_saves_like_an_eager_one(tmp_path):
     for name, tensor in model.teacher.backbone.state_dict().items():
         torch.testing.assert_close(backbone.state_dict()[name], tensor, rtol=0, atol=0)
     model.save_pretrained(tmp_path / "model")
-    reloaded = SelfPatchViTForPretraining.from_pretrained(tmp_path / "model")
+    reloaded = SelfPatchForPretraining.from_pretrained(tmp_path / "model")
     assert set(reloaded.state_dict()) == set(model.state_dict())
 
 

@@ -18,7 +18,7 @@ from reference_checkpoints import backbone_state, reference_vit, selfpatch_train
 from tiny_models import tiny_config
 from transformers import AutoImageProcessor
 
-from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
+from selfpatch_hf import SelfPatchForPretraining, export_backbone
 from selfpatch_hf.conversion.convert import convert_checkpoint
 from selfpatch_hf.hub.cards.backbone import (
     BASE_TAGS,
@@ -72,7 +72,7 @@ def card_info(**overrides) -> BackboneCardInfo:
 def trained(tmp_path):
     """A tiny SelfPatch model, its exported teacher backbone (with card) and its pretraining checkpoint."""
     torch.manual_seed(0)
-    model = SelfPatchViTForPretraining(tiny_config()).eval()
+    model = SelfPatchForPretraining(tiny_config()).eval()
     backbone = export_backbone(model, tmp_path / "backbone", card_info=card_info())
     model.save_pretrained(tmp_path / "pretraining")
     return model, backbone, tmp_path / "pretraining"
@@ -327,7 +327,7 @@ def test_push_then_load_in_a_fresh_process(trained, hub_server, tmp_path):
             cache_dir=tmp_path / "cache",
         )
     )
-    restored = SelfPatchViTForPretraining.from_pretrained(snapshot / "pretraining")
+    restored = SelfPatchForPretraining.from_pretrained(snapshot / "pretraining")
     original_state = model.state_dict()
     for key, value in restored.state_dict().items():
         assert torch.equal(value, original_state[key]), key

@@ -111,6 +111,43 @@ def test_push_as_a_program_hangs_never(tmp_path, stalled_hub_endpoint):
     assert done.returncode == 1 and "stopped answering" in _one_error_line(done.stderr)
 
 
+KILLED_WHILE_UPLOADING = """
+import os, signal, sys
+from pathlib import Path
+from selfpatch_hf.hub.publishing import _upload_snapshot
+
+with _upload_snapshot(Path(sys.argv[1]), "card being uploaded"):
+    os.kill(os.getpid(), signal.SIGKILL)  # as a scheduler's kill -9 in the middle of the upload
+"""
+
+
+def test_the_snapshot_of_a_killed_push_is_removed_by_the_next_push(tmp_path, capsys):
+    folder = _backbone_folder(tmp_path / "backbone")
+    before = _files(folder)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_UPLOADING, str(folder)], timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    left = [path.name for path in tmp_path.glob(".backbone.tmp-*")]
+    assert len(left) == 1, sorted(p.name for p in tmp_path.iterdir())
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    assert push_main([str(folder), "me/model", "--endpoint", endpoint, "--token", "hf_x"]) == 1
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone"]
+    assert _files(folder) == before
+
+
+def test_a_killed_build_of_the_offline_scenes_is_cleaned_by_the_next_build(tmp_path):
+    from selfpatch_hf.data.segmentation.loading import offline_scenes_path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = __import__("socket").gethostname().replace("-", "_") or "localhost"
+    leftover = tmp_path / f".segmentation.tmp-{host}-{dead.pid}-abcd"
+    (leftover / "data").mkdir(parents=True)
+    target = offline_scenes_path(tmp_path, num_train=2, num_eval=1, image_size=32)
+    assert (target / "data").is_dir() and not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["segmentation"]
+
+
 # ---------------------------------------------------------------------------------------------- background uploads
 def test_permanent_errors_are_not_retried(tmp_path, hub_server):
     uploader = AsyncHubUploader(

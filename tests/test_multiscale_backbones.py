@@ -21,7 +21,7 @@ from transformers import (
     ViTModel,
 )
 
-from selfpatch_hf import SelfPatchViTForPretraining, export_backbone
+from selfpatch_hf import SelfPatchForPretraining, export_backbone
 from selfpatch_hf.models.dense.backbones import dense_backbone, export_dense_backbone, load_dense_backbone
 from selfpatch_hf.models.dense.block_selection import checked_out_indices, multiscale_out_indices
 from selfpatch_hf.models.dense.heads import build_upernet
@@ -41,7 +41,7 @@ def _vit_export(tmp_path, **overrides):
         image_size=64,
         **overrides,
     )
-    return export_backbone(SelfPatchViTForPretraining(config), tmp_path / "vit")
+    return export_backbone(SelfPatchForPretraining(config), tmp_path / "vit")
 
 
 class _WarningRecords(logging.Handler):

@@ -17,9 +17,9 @@ import pytest
 import torch
 from hub_server import closed_port, stalled_endpoint
 from tiny_models import tiny_config, tiny_dino_config
-from training_runs import prepared_model, tiny_arguments, train_a_bit
+from training_runs import TINY_PRESET, prepared_model, tiny_arguments, train_a_bit
 
-from selfpatch_hf import SelfPatchViTForPretraining
+from selfpatch_hf import SelfPatchForPretraining
 from selfpatch_hf.hub.uploads import AsyncHubUploader
 from selfpatch_hf.training.checkpointing import (
     COMPLETE_MARKER,
@@ -52,7 +52,7 @@ def load_pretrain_script():
 
 # ------------------------------------------------------------------------------------------------------ optimiser
 def test_param_groups_follow_dino():
-    model = SelfPatchViTForPretraining(tiny_config())
+    model = SelfPatchForPretraining(tiny_config())
     decayed, not_decayed = build_param_groups(model.student)
     names = {id(p): n for n, p in model.student.named_parameters()}
     decayed_names = {names[id(p)] for p in decayed["params"]}
@@ -80,7 +80,7 @@ def test_param_groups_follow_dino():
 
 
 def test_apply_schedule_sets_lr_everywhere_and_weight_decay_on_the_decayed_group_only():
-    model = SelfPatchViTForPretraining(tiny_dino_config())
+    model = SelfPatchForPretraining(tiny_dino_config())
     optimizer = build_optimizer(model.student)
     schedule = PretrainingSchedule.from_epochs(
         steps_per_epoch=10, total_steps=100, base_learning_rate=5e-4, global_batch_size=256, warmup_epochs=2
@@ -145,7 +145,7 @@ def test_clip_gradients_returns_the_norm_before_clipping(mode):
 
 
 def test_cancelled_last_layer_gets_no_update():
-    model = SelfPatchViTForPretraining(tiny_config())
+    model = SelfPatchForPretraining(tiny_config())
     optimizer = build_optimizer(model.student, weight_decay=0.1)
     apply_schedule(
         optimizer,
@@ -416,7 +416,16 @@ TINY_ARGS = tiny_arguments()  # `--config_overrides` last: more key=value pairs 
         ),
         (["--warmup_epochs", "-1"], "warmup_epochs must be >= 0, got -1.0."),
         (["--learning_rate", "-1"], "learning_rate must be > 0, got -1.0."),
-        (["--learning_rate", "nan"], "learning_rate must be > 0, got nan."),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan."),
+        (["--epochs", "inf"], "--epochs must be a finite number, got inf."),
+        (["--clip_grad", "nan"], "--clip_grad must be a finite number, got nan."),
+        (["--clip_grad", "-1"], "--clip_grad must be >= 0 (0: no clipping), got -1.0."),
+        (["--min_image_size", "-3"], "--min_image_size must be >= 1 pixel, got -3."),
+        (["--torch_compile", "--torch_compile_backend", "nope"], "'nope' is not a torch.compile backend"),
+        (
+            [*TINY_ARGS, "neighborhood_size=all", "num_positives=4"],
+            "num_positives=4 exceeds the 3 other patches of a local_crop_size 16 crop (patch stride 8)",
+        ),
         (
             ["--learning_rate", "fast"],
             "argument --learning_rate/--learning-rate: invalid float value: 'fast'",
@@ -589,6 +598,34 @@ def test_config_overrides_as_a_list_in_a_recipe(tmp_path):
     recipe.write_text("config_overrides:\n  - num_hidden_layers=3\n  - image_size=[224, 160]\n")
     *_, overrides = pretrain.parse_arguments([str(recipe), "--config_overrides", "num_positives=2"])
     assert overrides == {"num_hidden_layers": 3, "image_size": [224, 160], "num_positives": 2}
+
+
+def test_exponent_floats_without_a_dot_are_numbers_in_recipes_and_overrides(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-30 as a string; YAML 1.2 and JSON read it as a number
+    pretrain = load_pretrain_script()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("learning_rate: 1e-3\nconfig_overrides:\n  drop_path_rate: 1e-30\n")
+    _, _, training_args, overrides = pretrain.parse_arguments(
+        [str(recipe), "--config_overrides", "patch_loss_weight=1e38", "center_momentum=-9E-1"]
+    )
+    assert training_args.learning_rate == 1e-3
+    assert overrides == {"drop_path_rate": 1e-30, "patch_loss_weight": 1e38, "center_momentum": -0.9}
+    assert pretrain.parse_arguments(["--config_overrides", "run=1e3x"])[-1] == {"run": "1e3x"}
+
+
+def test_a_moby_queue_smaller_than_a_step_s_keys_is_an_argument_mistake():
+    from types import SimpleNamespace
+
+    from selfpatch_hf import SelfPatchConfig
+    from selfpatch_hf.cli.errors import UsageError
+
+    pretrain = load_pretrain_script()
+    config = SelfPatchConfig.from_preset(TINY_PRESET, image_objective="moby", moby_queue_size=16)
+    accelerator = SimpleNamespace(num_processes=2)
+    fits = SimpleNamespace(per_device_train_batch_size=8)  # 2 x 8 = 16 keys
+    pretrain.check_moby_queue(config, accelerator, fits)
+    with pytest.raises(UsageError, match="moby_queue_size=16 is smaller than the 18 keys each step writes"):
+        pretrain.check_moby_queue(config, accelerator, SimpleNamespace(per_device_train_batch_size=9))
 
 
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path, capsys):

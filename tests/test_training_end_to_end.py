@@ -127,9 +127,9 @@ def test_uninterrupted_run_publishes_a_loadable_backbone(uninterrupted):
         tokens = model(pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state
     assert tokens.shape == (1, 1 + 16, 32)
     # it is the trained teacher's backbone: compare with the whole pretraining model saved at the end
-    from selfpatch_hf import SelfPatchViTForPretraining
+    from selfpatch_hf import SelfPatchForPretraining
 
-    pretraining = SelfPatchViTForPretraining.from_pretrained(output / "pretraining_model")
+    pretraining = SelfPatchForPretraining.from_pretrained(output / "pretraining_model")
     teacher = pretraining.teacher.backbone.state_dict()
     dense = AutoModel.from_pretrained(backbone, add_pooling_layer=False)
     assert dense.state_dict().keys() == teacher.keys()

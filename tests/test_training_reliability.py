@@ -247,13 +247,13 @@ def test_a_complete_last_record_without_its_newline_is_kept(tmp_path):
 def test_an_exploding_learning_rate_is_stopped_before_damaged_weights_are_saved(tmp_path, accelerator):
     from tiny_models import tiny_config
 
-    from selfpatch_hf import SelfPatchViTForPretraining
+    from selfpatch_hf import SelfPatchForPretraining
     from selfpatch_hf.training.checkpointing import is_healthy_checkpoint, last_healthy_checkpoint
     from selfpatch_hf.training.divergence import DivergenceMonitor, gradient_norm, weight_norm
     from selfpatch_hf.training.optimization import build_optimizer
 
     torch.manual_seed(0)
-    model = SelfPatchViTForPretraining(tiny_config())
+    model = SelfPatchForPretraining(tiny_config())
     optimizer = build_optimizer(model.student)
     model, optimizer = accelerator.prepare(model, optimizer)
     manager = CheckpointManager(accelerator, tmp_path, total_limit=None)

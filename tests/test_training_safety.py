@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -146,6 +147,42 @@ def test_a_fine_tuning_run_on_a_held_folder_is_refused_before_writing_anything(t
     again = OutputFolderLock(output)
     assert again.acquire() is None  # released: the next run may take it
     again.release()
+
+
+def test_a_dead_runs_forked_children_do_not_keep_its_folder_locked(tmp_path):
+    """A run killed with kill -9 leaves its data workers behind for a moment (they notice their parent is gone only
+    later); they were forked while the lock was held, so without care their copy of the lock's file descriptor
+    would keep the folder locked, and the resume would be refused as "in use by another run"."""
+    output = tmp_path / "run"
+    output.mkdir()
+    holder = textwrap.dedent(
+        f"""
+        import os, sys, time
+        from selfpatch_hf.training.output_folder import OutputFolderLock
+        assert OutputFolderLock({str(output)!r}).acquire() is None
+        child = os.fork()
+        if child == 0:  # a data worker outliving its parent (off the test's pipes, which it would hold open)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            time.sleep(60)
+            os._exit(0)
+        print(child, flush=True)
+        os._exit(0)  # the run dies without releasing anything
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", holder], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    orphan = int(done.stdout.split()[0])
+    try:
+        os.kill(orphan, 0)  # still alive: the lock's file is still open in it, had it kept its descriptor
+        from selfpatch_hf.training.output_folder import OutputFolderLock
+
+        lock = OutputFolderLock(output)
+        assert lock.acquire() is None
+        lock.release()
+    finally:
+        os.kill(orphan, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------ SIGTERM to the process group

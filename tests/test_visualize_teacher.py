@@ -7,14 +7,14 @@ import torch
 from PIL import Image
 from tiny_models import tiny_config
 
-from selfpatch_hf import SelfPatchViTForPretraining, select_positive_neighbors
+from selfpatch_hf import SelfPatchForPretraining, select_positive_neighbors
 from selfpatch_hf.evaluation.cli import main
 from selfpatch_hf.evaluation.visualize import teacher_positives
 
 
 def test_teacher_positives_match_the_model_and_draw(tmp_path):
     torch.manual_seed(0)
-    model = SelfPatchViTForPretraining(tiny_config(num_positives=3)).eval()
+    model = SelfPatchForPretraining(tiny_config(num_positives=3)).eval()
     image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     picture, grid, positives = teacher_positives(model, image, image_size=(32, 48))
     assert picture.size == (48, 32) and grid == (4, 6) and positives.shape == (24, 3)

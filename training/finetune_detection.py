@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import sys
 
-from selfpatch_hf.cli.errors import CommandFailure, UsageError, run_command
+from selfpatch_hf.cli.errors import UsageError, run_command
 from selfpatch_hf.training.arguments.detection import (
     DetectionDataArguments,
     DetectionModelArguments,
     DetectionTrainingArguments,
     parse_detection_arguments,
 )
-from selfpatch_hf.training.arguments.segmentation import RANDOM_BACKBONE_PREFIX
 
 PROG = "finetune_detection.py"
 
@@ -60,21 +59,16 @@ if __name__ == "__main__":
 
 # ruff: noqa: E402 -- the heavy imports come after that early answer
 import functools
-import logging
-import math
 import os
-import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
-from selfpatch_hf.atomic_folders import staged_folder
 from selfpatch_hf.data.detection.augmentation import DetectionAugmentation, DetectionTrainTransform
 from selfpatch_hf.data.detection.batching import collate_detection
 from selfpatch_hf.data.detection.sources import (
@@ -83,57 +77,33 @@ from selfpatch_hf.data.detection.sources import (
     HubDetectionSource,
     load_detection_source,
 )
-from selfpatch_hf.data.segmentation.loading import SegmentationBatchSampler
 from selfpatch_hf.evaluation.configs import CocoEvalConfig
 from selfpatch_hf.evaluation.detection import evaluate_coco
 from selfpatch_hf.hub.cards.detection import DetectionCardInfo, write_detection_card
-from selfpatch_hf.models.dense.backbones import random_vit
 from selfpatch_hf.models.dense.detection import (
     build_deformable_detr,
     build_detection_image_processor,
     build_instance_segmentation_image_processor,
     build_mask2former,
 )
-from selfpatch_hf.training.checkpointing import CheckpointManager
 from selfpatch_hf.training.finetuning_optimization import (
-    FinetuningSchedule,
-    apply_learning_rate,
     build_finetuning_optimizer,
 )
-from selfpatch_hf.training.finetuning_run import resume_step, single_thread_worker, started_with_workers
-from selfpatch_hf.training.metrics_log import MetricsLog
-from selfpatch_hf.training.output_folder import completed_step, record_complete, write_final_folder
-from selfpatch_hf.training.preemption import StopRequest
+from selfpatch_hf.training.finetuning_run import (
+    FinetuningResult,
+    backbone_errors,
+    backbone_source,
+    finetuning_schedule,
+    resumable_batches,
+    run_finetuning,
+    save_model_folder,
+    start_accelerator,
+)
 from selfpatch_hf.training.runtime import (
-    configure_host,
-    create_accelerator,
     enable_activation_checkpointing,
-    exit_status,
-    init_trackers,
-    limit_hub_requests,
-    output_folder,
-    record_uploads,
-    save_checkpoint,
-    start_uploader,
-    wait_for_uploads,
 )
 
-MODEL_DIRNAME = "model"
-FINAL_ARTEFACTS = (MODEL_DIRNAME,)  # recorded in run_complete.json, written last
 LABEL_FORMATS = {"deformable-detr": "detr", "mask2former": "mask2former"}
-logger = logging.getLogger("finetune_detection")
-
-
-@dataclass
-class FinetuningResult:
-    accelerator: Any
-    model: Any
-    global_step: int
-    scores: dict[str, dict[str, float]] | None  # per IoU type, coco_scores' fractions
-    model_dir: Path | None
-    stopped_by: str | None
-    upload_report: list[str]
-    uploads_complete: bool = True  # False: --push_to_hub, but the model is not on the Hub
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,257 +117,44 @@ def train(
     training_args: DetectionTrainingArguments,
 ) -> FinetuningResult:
     """One fine-tuning run: accelerator, data and model (every mistake in them is found before anything is
-    written), the output folder (held by this run), the resume, the loop, the evaluation, the final model and its
-    upload."""
-    limit_hub_requests(training_args)
+    written), then the shared run (selfpatch_hf.training.finetuning_run): output folder, resume, loop, evaluation,
+    final model and its upload."""
     # blocks after the last selected one and some of the heads' parameters get no gradient in a step
-    accelerator = create_accelerator(training_args, {"find_unused_parameters": True})
-    configure_host(accelerator, training_args, data_args.num_workers)
+    accelerator = start_accelerator(training_args, data_args.num_workers, find_unused_parameters=True)
 
     # ---- data, model, optimiser, schedule (the same seed on every process gives the same initial heads)
     train_source, eval_source = load_data(model_args, data_args, training_args, accelerator)
-    processor = evaluation_processor(model_args, data_args)
     set_seed(training_args.seed)
     model = build_model(model_args, data_args, train_source.label_names)
     prefix, backbone = find_backbone(model)
-    backbone_class = type(backbone).__name__
     num_layers = backbone_depth(backbone)
     if training_args.gradient_checkpointing:
         enable_activation_checkpointing(backbone)
     optimizer = build_finetuning_optimizer(
         model, training_args.weight_decay, training_args.layer_decay, num_layers, backbone_prefix=prefix
     )
-    schedule = FinetuningSchedule(
-        learning_rate=training_args.learning_rate,
-        total_steps=training_args.max_steps,
-        warmup_steps=training_args.warmup_steps,
-        warmup_ratio=training_args.warmup_ratio,
-        kind=training_args.lr_scheduler,
-        min_learning_rate=training_args.min_learning_rate,
+    task = DetectionTask(
+        model_args,
+        data_args,
+        training_args,
+        accelerator,
+        train_source,
+        eval_source,
+        evaluation_processor(model_args, data_args),
+        backbone_class=type(backbone).__name__,
+        num_layers=num_layers,
+    )
+    schedule = finetuning_schedule(
+        training_args,
         decay_steps=tuple(training_args.lr_decay_steps),
         decay_factor=training_args.lr_decay_factor,
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    unwrapped = accelerator.unwrap_model(model)
-    set_seed(training_args.seed, device_specific=True)  # drop-path masks differ between processes
-    global_batch_size = (
-        accelerator.num_processes
-        * training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-    )
-    hyperparameters = {**asdict(model_args), **asdict(data_args), **training_args.public_dict()}
-
-    with output_folder(accelerator, training_args, FINAL_ARTEFACTS) as output_dir:
-        metrics_log = MetricsLog(accelerator, output_dir)
-        checkpoints = CheckpointManager(accelerator, output_dir, training_args.checkpoints_total_limit)
-        global_step, resumed_from = resume_step(checkpoints, training_args, global_batch_size)
-        if global_step >= training_args.max_steps and completed_step(output_dir, FINAL_ARTEFACTS) is not None:
-            logger.info(
-                "The run in %s is already complete (step %d of %d); its model is in %s. Nothing to do: pass a "
-                "larger --max_steps to train on, or --overwrite_output_dir to start again.",
-                output_dir,
-                global_step,
-                training_args.max_steps,
-                output_dir / MODEL_DIRNAME,
-            )
-            return FinetuningResult(
-                accelerator, unwrapped, global_step, None, output_dir / MODEL_DIRNAME, None, []
-            )
-        if resumed_from is not None:
-            metrics_log.event("resumed", global_step, checkpoint=str(resumed_from))
-            logger.info("Resumed from %s at step %d.", resumed_from, global_step)
-        uploader = start_uploader(training_args, accelerator)
-        init_trackers(accelerator, training_args, hyperparameters)
-
-        def checkpoint(step: int) -> Path:
-            trainer_state = {
-                "step": step,
-                "global_batch_size": global_batch_size,
-                "num_processes": accelerator.num_processes,
-                "arguments": hyperparameters,
-            }
-            return save_checkpoint(
-                checkpoints, metrics_log, step, trainer_state, {"rank": accelerator.process_index}
-            )
-
-        def run_evaluation(step: int) -> dict[str, dict[str, float]] | None:
-            if eval_source is None:
-                return None
-            started = time.perf_counter()
-            scores = evaluate(model, eval_source, processor, data_args, training_args, accelerator)
-            metrics_log.metrics(
-                step,
-                {
-                    f"eval_{'box' if iou_type == 'bbox' else 'mask'}_{name}": value
-                    for iou_type, values in scores.items()
-                    for name, value in values.items()
-                },
-            )
-            logger.info(
-                "Step %d: %s (%.0f s)",
-                step,
-                ", ".join(
-                    f"{'box' if iou_type == 'bbox' else 'mask'} AP {100 * values['AP']:.2f}"
-                    for iou_type, values in scores.items()
-                ),
-                time.perf_counter() - started,
-            )
-            return scores
-
-        batches, batches_per_epoch = train_batches(
-            train_source, model_args, data_args, training_args, accelerator, global_step
-        )
-        logger.info(
-            "Fine-tuning %s on %s (%s, %d blocks) on %s: %d steps of %d images (%.1f epochs of %d), peak lr %g.",
-            model_args.head,
-            model_args.backbone,
-            backbone_class,
-            num_layers,
-            data_args.dataset_name,
-            training_args.max_steps,
-            global_batch_size,
-            training_args.max_steps * training_args.gradient_accumulation_steps / batches_per_epoch,
-            len(train_source),
-            training_args.learning_rate,
-        )
-        metrics_log.event(
-            "start", global_step, total_steps=training_args.max_steps, global_batch_size=global_batch_size
-        )
-
-        # ---- the loop
-        progress = tqdm(
-            total=training_args.max_steps,
-            initial=global_step,
-            disable=not accelerator.is_main_process,
-            desc=f"fine-tuning {model_args.head}",
-        )
-        scores = model_dir = stopped_by = None
-        window_loss, window_steps, window_started = 0.0, 0, time.perf_counter()
-        try:
-            with StopRequest() as stop:
-                while global_step < training_args.max_steps:
-                    learning_rate = schedule.at(global_step)
-                    apply_learning_rate(optimizer, learning_rate)
-                    step_loss = torch.zeros((), device=accelerator.device)
-                    for _ in range(training_args.gradient_accumulation_steps):
-                        batch = next_batch(batches)
-                        with accelerator.accumulate(model), accelerator.autocast():
-                            loss = model(**batch).loss
-                            accelerator.backward(loss)
-                            if accelerator.sync_gradients and training_args.max_grad_norm > 0:
-                                accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
-                            optimizer.step()
-                            optimizer.zero_grad(set_to_none=True)
-                        step_loss += loss.detach() / training_args.gradient_accumulation_steps
-                    step_loss = accelerator.reduce(step_loss, reduction="mean").item()
-                    if not math.isfinite(step_loss):
-                        raise CommandFailure(
-                            f"non-finite loss at step {global_step}: lower --learning_rate, lengthen --warmup_steps "
-                            "or train in fp32, then continue with --resume_from_checkpoint."
-                        )
-                    global_step += 1
-                    window_loss, window_steps = window_loss + step_loss, window_steps + 1
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
-
-                    if (
-                        global_step % training_args.logging_steps == 0
-                        or global_step == training_args.max_steps
-                    ):
-                        elapsed = time.perf_counter() - window_started
-                        metrics_log.metrics(
-                            global_step,
-                            {
-                                "loss": window_loss / window_steps,
-                                "learning_rate": learning_rate,
-                                "epoch": round(
-                                    global_step
-                                    * training_args.gradient_accumulation_steps
-                                    / batches_per_epoch,
-                                    4,
-                                ),
-                                "images_per_second": window_steps * global_batch_size / elapsed
-                                if elapsed
-                                else None,
-                            },
-                        )
-                        window_loss, window_steps, window_started = 0.0, 0, time.perf_counter()
-                    record_uploads(uploader, metrics_log)
-                    stop_now = accelerator.reduce(
-                        torch.tensor(float(stop.requested), device=accelerator.device), reduction="sum"
-                    ).item()
-                    if stop_now or global_step == training_args.max_steps:
-                        progress.close()  # the bar's last state once, before the final lines are logged
-                    if stop_now:
-                        stopped_by = stop.signal_name or "another process's signal"
-                        path = checkpoint(global_step)
-                        metrics_log.event("stopped", global_step, signal=stopped_by, checkpoint=str(path))
-                        logger.warning(
-                            "Stopped by %s at step %d; continue with --resume_from_checkpoint latest.",
-                            stopped_by,
-                            global_step,
-                        )
-                        break
-                    every = training_args.checkpointing_steps
-                    if every and global_step % every == 0:
-                        checkpoint(global_step)
-                    every = training_args.eval_steps
-                    if every and global_step % every == 0 and global_step < training_args.max_steps:
-                        run_evaluation(global_step)
-
-                # ---- the end: a checkpoint, the evaluation, the model folder (whole) and its upload
-                if stopped_by is None:
-                    every = training_args.checkpointing_steps
-                    if not (every and global_step % every == 0):
-                        checkpoint(global_step)
-                    scores = run_evaluation(global_step)
-                    if accelerator.is_main_process:
-                        card = detection_card(
-                            model_args,
-                            data_args,
-                            training_args,
-                            backbone_class,
-                            train_source.label_names,
-                            global_step,
-                            global_batch_size,
-                            scores,
-                            eval_source,
-                        )
-                        model_dir = save_model(unwrapped, processor, card, output_dir / MODEL_DIRNAME)
-                        record_complete(output_dir, global_step, FINAL_ARTEFACTS)
-                        metrics_log.event("saved", global_step, path=str(model_dir))
-                        logger.info("Model saved to %s", model_dir)
-                        if uploader is not None:
-                            uploader.submit(
-                                model_dir,
-                                global_step,
-                                commit_message=f"{model_args.head} fine-tuned for {global_step} steps",
-                            )
-                    accelerator.wait_for_everyone()
-        finally:
-            progress.close()
-            batches.close()  # the data workers end now, not at the interpreter's exit
-            upload_report = wait_for_uploads(uploader, training_args, stopped_by, metrics_log)
-        metrics_log.event("end", global_step, stopped_by=stopped_by, scores=scores)
-        return FinetuningResult(
-            accelerator,
-            unwrapped,
-            global_step,
-            scores,
-            model_dir,
-            stopped_by,
-            upload_report,
-            uploads_complete=uploader is None or uploader.complete,
-        )
+    return run_finetuning(accelerator, model, optimizer, schedule, task, model_args, data_args, training_args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The script's exit status: 0 done, 2 wrong arguments, 1 failed, 3 trained but the model is not on the Hub
-    (docs/reliability.md), 128 + signal when pre-empted."""
-    result = train(*parse_arguments(argv))
-    result.accelerator.end_training()
-    return exit_status(PROG, result.stopped_by, result.uploads_complete, "the fine-tuned model")
+    """The script's exit status (`FinetuningResult.finish`; docs/reliability.md)."""
+    return train(*parse_arguments(argv)).finish(PROG)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -405,19 +162,87 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def backbone_source(model_args: DetectionModelArguments, data_args: DetectionDataArguments):
-    """The backbone argument as the builders take it: a path / Hub id, or a random ViT for `random:PRESET`."""
-    if not model_args.backbone.startswith(RANDOM_BACKBONE_PREFIX):
-        return model_args.backbone
-    try:
-        return random_vit(model_args.backbone[len(RANDOM_BACKBONE_PREFIX) :], data_args.short_side)
-    except ValueError as error:
-        raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
+@dataclass
+class DetectionTask:
+    """Detection / instance segmentation for `run_finetuning`: the augmented training split, COCO AP on the
+    evaluation split, the detector + image processor + card as the model folder."""
+
+    model_args: DetectionModelArguments
+    data_args: DetectionDataArguments
+    training_args: DetectionTrainingArguments
+    accelerator: Any
+    train_source: DetectionSource
+    eval_source: DetectionSource | None
+    processor: Any
+    backbone_class: str
+    num_layers: int
+
+    @property
+    def name(self) -> str:
+        return self.model_args.head
+
+    def train_batches(self, start_step: int) -> tuple[Iterator[dict[str, Any]], int]:
+        return train_batches(
+            self.train_source,
+            self.model_args,
+            self.data_args,
+            self.training_args,
+            self.accelerator,
+            start_step,
+        )
+
+    def describe(self, global_batch_size: int, batches_per_epoch: int) -> str:
+        args = self.training_args
+        epochs = args.max_steps * args.gradient_accumulation_steps / batches_per_epoch
+        return (
+            f"Fine-tuning {self.model_args.head} on {self.model_args.backbone} ({self.backbone_class}, "
+            f"{self.num_layers} blocks) on {self.data_args.dataset_name}: {args.max_steps} steps of "
+            f"{global_batch_size} images ({epochs:.1f} epochs of {len(self.train_source)}), peak lr "
+            f"{args.learning_rate:g}."
+        )
+
+    def evaluate(self, model) -> dict[str, dict[str, float]] | None:
+        if self.eval_source is None:
+            return None
+        return evaluate(
+            model, self.eval_source, self.processor, self.data_args, self.training_args, self.accelerator
+        )
+
+    def score_metrics(self, scores: dict[str, dict[str, float]]) -> dict[str, float]:
+        return {
+            f"eval_{_IOU_NAMES[iou_type]}_{name}": value
+            for iou_type, values in scores.items()
+            for name, value in values.items()
+        }
+
+    def score_summary(self, scores: dict[str, dict[str, float]]) -> str:
+        return ", ".join(
+            f"{_IOU_NAMES[iou_type]} AP {100 * values['AP']:.2f}" for iou_type, values in scores.items()
+        )
+
+    def save_model(self, model, target: Path, step: int, global_batch_size: int, scores) -> Path:
+        card = detection_card(
+            self.model_args,
+            self.data_args,
+            self.training_args,
+            self.backbone_class,
+            self.train_source.label_names,
+            step,
+            global_batch_size,
+            scores,
+            self.eval_source,
+        )
+        return save_model_folder(
+            target, model, self.processor, lambda folder: write_detection_card(folder, card)
+        )
+
+
+_IOU_NAMES = {"bbox": "box", "segm": "mask"}  # pycocotools' IoU types, as the metrics and the log name them
 
 
 def build_model(model_args: DetectionModelArguments, data_args: DetectionDataArguments, names: list[str]):
     """The detector of --head on the backbone, its heads sized by the options (None: the model's default)."""
-    source = backbone_source(model_args, data_args)
+    source = backbone_source(model_args.backbone, data_args.short_side)
     common = {"out_indices": model_args.out_indices, "multi_scale": model_args.multi_scale}
     common["drop_path_rate"] = model_args.drop_path_rate
     common["encoder_layers"] = model_args.encoder_layers
@@ -445,12 +270,10 @@ def build_model(model_args: DetectionModelArguments, data_args: DetectionDataArg
             feature_size=model_args.hidden_size,
             num_attention_heads=model_args.attention_heads,
         )
-    try:
+    with backbone_errors(model_args.backbone):
         return build(
             source, names, **common, **{key: value for key, value in optional.items() if value is not None}
         )
-    except (OSError, ValueError, TypeError) as error:
-        raise UsageError(f"--backbone {model_args.backbone}: {error}") from None
 
 
 def find_backbone(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
@@ -577,58 +400,14 @@ class DetectionTrainSet(torch.utils.data.Dataset):
         return self.transform(self.source[int(index)], rng)
 
 
-def _to_device(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, list):
-        return [_to_device(item, device) for item in value]
-    if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    return value
-
-
 def train_batches(source, model_args, data_args, training_args, accelerator, start_step):
     """This process's endless micro-batches, from optimiser step `start_step` on (moved to the device)."""
     recipe = DetectionAugmentation.for_short_side(
         data_args.short_side, crop_prob=data_args.crop_prob, flip_prob=data_args.flip_prob
     )
-    sampler = SegmentationBatchSampler(  # (epoch, index) keys of a seeded permutation per epoch: resumable
-        len(source),
-        training_args.per_device_train_batch_size,
-        training_args.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        start_batch=start_step * training_args.gradient_accumulation_steps,
-    )
-    loader = torch.utils.data.DataLoader(
-        DetectionTrainSet(source, DetectionTrainTransform(recipe), training_args.seed),
-        batch_sampler=sampler,
-        num_workers=data_args.num_workers,
-        collate_fn=functools.partial(collate_detection, label_format=LABEL_FORMATS[model_args.head]),
-        worker_init_fn=single_thread_worker,
-        # its own generator: creating the iterator draws a seed, which would otherwise shift the global torch RNG
-        # (drop-path masks) between an uninterrupted and a resumed run
-        generator=torch.Generator().manual_seed(training_args.seed),
-    )
-
-    def batches() -> Iterator[dict[str, Any]]:
-        for batch in started_with_workers(loader):
-            yield _to_device(batch, accelerator.device)
-
-    return batches(), sampler.batches_per_epoch
-
-
-def next_batch(batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
-    """The next micro-batch; an annotation the data checks refuse (an unreadable mask, a malformed box) stops the
-    run with its own line (a data worker's error arrives with the worker's traceback around it)."""
-    try:
-        return next(batches)
-    except ValueError as error:
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        raise CommandFailure(
-            f"training data: {lines[-1] if lines else error} (fix or drop that annotation, then resume with "
-            "--resume_from_checkpoint latest)."
-        ) from None
+    dataset = DetectionTrainSet(source, DetectionTrainTransform(recipe), training_args.seed)
+    collate = functools.partial(collate_detection, label_format=LABEL_FORMATS[model_args.head])
+    return resumable_batches(dataset, collate, data_args.num_workers, training_args, accelerator, start_step)
 
 
 def evaluation_config(
@@ -720,20 +499,6 @@ def detection_card(
             else None
         ),
     )
-
-
-def save_model(model, processor, card_info: DetectionCardInfo, target: Path) -> Path:
-    """`target`: config, safetensors, image processor, card; written staged and swapped in whole (a failure is one
-    line naming the folder)."""
-
-    def write() -> None:
-        with staged_folder(target) as staging:
-            model.save_pretrained(staging)
-            processor.save_pretrained(staging)
-            write_detection_card(staging, card_info)
-
-    write_final_folder(target, "the fine-tuned model", write)
-    return target
 
 
 if __name__ == "__main__":

@@ -81,7 +81,12 @@ from selfpatch_hf.models.selfpatch.recipes import CropRecipe
 from selfpatch_hf.training.checkpointing import CheckpointManager, DamagedCheckpointError
 from selfpatch_hf.training.compilation import compile_for_training
 from selfpatch_hf.training.cuda_setup import adamw_kwargs, ddp_kwargs
-from selfpatch_hf.training.divergence import DivergenceMonitor, weight_norm
+from selfpatch_hf.training.divergence import (
+    DivergenceMonitor,
+    check_divergence,
+    non_finite_loss_message,
+    weight_norm,
+)
 from selfpatch_hf.training.loop import (
     NonFiniteLossError,
     StepResult,
@@ -90,7 +95,7 @@ from selfpatch_hf.training.loop import (
     train_step,
 )
 from selfpatch_hf.training.metrics_log import MetricsLog, WindowMeans
-from selfpatch_hf.training.mixed_precision import MAX_CONSECUTIVE_SKIPPED_STEPS
+from selfpatch_hf.training.mixed_precision import record_scaler_skip
 from selfpatch_hf.training.optimization import apply_schedule, build_optimizer
 from selfpatch_hf.training.output_folder import completed_step, record_complete, write_final_folder
 from selfpatch_hf.training.preemption import StopRequest
@@ -171,6 +176,7 @@ def train(
     dataset, image_column = open_image_stream(data_args, training_args)
     train_loader = build_dataloader(dataset, image_column, crops, data_args, training_args, accelerator)
     plan = plan_steps(accelerator, data_args, training_args)
+    check_moby_queue(config, accelerator, training_args)
     configure_host(accelerator, training_args, data_args.num_workers)
 
     with output_folder(accelerator, training_args, FINAL_ARTEFACTS) as output_dir:
@@ -269,14 +275,26 @@ def train(
                         )
                     except NonFiniteLossError as error:
                         metrics_log.event("non_finite_loss", error.step, **error.losses)
-                        raise CommandFailure(non_finite_loss_message(error, plan, checkpoints)) from None
+                        raise CommandFailure(
+                            non_finite_loss_message(
+                                error.step, error.losses, plan.steps_per_epoch, checkpoints
+                            )
+                        ) from None
                     if result.skipped:  # fp16 overflow: nothing moved; the same schedule step runs again
                         skipped_steps, skips_in_a_row = skipped_steps + 1, skips_in_a_row + 1
-                        record_skipped_step(accelerator, metrics_log, global_step, skips_in_a_row)
+                        record_scaler_skip(accelerator, metrics_log, global_step, skips_in_a_row)
                         continue
                     skips_in_a_row = 0
                     global_step += 1
-                    check_divergence(monitor, unwrapped, metrics_log, checkpoints, global_step, result)
+                    check_divergence(
+                        monitor,
+                        unwrapped.student,
+                        metrics_log,
+                        checkpoints,
+                        global_step,
+                        result.loss,
+                        result.grad_norm,
+                    )
                     window.add(
                         {
                             "loss": result.loss,
@@ -440,6 +458,18 @@ def plan_steps(accelerator, data_args: DataArguments, training_args: Pretraining
     return StepPlan(global_batch_size, steps_per_epoch, total_steps, schedule)
 
 
+def check_moby_queue(config: SelfPatchConfig, accelerator, training_args: PretrainingArguments) -> None:
+    """MoBY writes every forward's keys, gathered from all processes, into its queues: a queue smaller than that
+    batch fails in the first step, so it is an argument mistake said before anything is written."""
+    keys = accelerator.num_processes * training_args.per_device_train_batch_size
+    if config.image_objective == "moby" and config.moby_queue_size < keys:
+        raise UsageError(
+            f"moby_queue_size={config.moby_queue_size} is smaller than the {keys} keys each step writes into it "
+            f"({accelerator.num_processes} processes x {training_args.per_device_train_batch_size} per device): "
+            "raise moby_queue_size (config_overrides) to at least that, or lower --per_device_train_batch_size."
+        )
+
+
 def build_model_and_optimizer(accelerator, config: SelfPatchConfig, training_args: PretrainingArguments):
     """The model and its AdamW, prepared by the accelerator. The same seed on every process gives the same initial
     weights; afterwards each process gets its own seed, so that drop-path masks differ between processes."""
@@ -551,62 +581,6 @@ def announce_start(
         sum(p.numel() for p in unwrapped.student.parameters() if p.requires_grad),
     )
     metrics_log.event("start", step, total_steps=plan.total_steps, global_batch_size=plan.global_batch_size)
-
-
-def _last_healthy(checkpoints: CheckpointManager) -> str:
-    """Where to continue from after a failure: the newest checkpoint written while training was healthy."""
-    healthy = checkpoints.last_healthy()
-    return f"the last healthy checkpoint is {healthy}" if healthy else "there is no healthy checkpoint yet"
-
-
-def non_finite_loss_message(error: NonFiniteLossError, plan: StepPlan, checkpoints: CheckpointManager) -> str:
-    return (
-        f"non-finite loss at optimiser step {error.step} (epoch {error.step / plan.steps_per_epoch:.2f}; "
-        f"{error.losses}); {_last_healthy(checkpoints)}. Lower --learning_rate, lengthen --warmup_epochs, lower "
-        "--clip_grad or train in fp32, then continue with --resume_from_checkpoint."
-    )
-
-
-def record_skipped_step(accelerator, metrics_log: MetricsLog, step: int, in_a_row: int) -> None:
-    """fp16 overflow: the scaler halved its scale and nothing moved (selfpatch_hf.training.mixed_precision). Too
-    many in a row end the run."""
-    metrics_log.event("skipped_step", step, loss_scale=accelerator.scaler.get_scale())
-    if in_a_row >= MAX_CONSECUTIVE_SKIPPED_STEPS:
-        raise CommandFailure(
-            f"the fp16 loss scaler skipped {in_a_row} optimiser steps in a row at step {step}: the gradients "
-            "are not finite at any scale. Train with --mixed_precision bf16 or no, or lower --learning_rate, then "
-            "continue with --resume_from_checkpoint."
-        )
-
-
-def check_divergence(
-    monitor: DivergenceMonitor | None,
-    unwrapped: SelfPatchForPretraining,
-    metrics_log: MetricsLog,
-    checkpoints: CheckpointManager,
-    step: int,
-    result: StepResult,
-) -> None:
-    """Judges the step before anything is saved, so that a diverging state never becomes a checkpoint: a diverged
-    run ends naming the last healthy checkpoint; a suspect step is said once and marks checkpoints unhealthy."""
-    if monitor is None:
-        return
-    previous = monitor.last.status if monitor.last is not None else "ok"
-    verdict = monitor.update(step, result.loss, result.grad_norm, weight_norm(unwrapped.student.parameters()))
-    if verdict.status == "diverged":
-        metrics_log.event("diverged", step, reasons=verdict.reasons)
-        raise CommandFailure(
-            f"training diverged at optimiser step {step} ({'; '.join(verdict.reasons)}); "
-            f"nothing was saved from this state; {_last_healthy(checkpoints)}. Lower "
-            "--learning_rate, lengthen --warmup_epochs or lower --clip_grad, then continue with "
-            "--resume_from_checkpoint PATH."
-        )
-    if verdict.status == "suspect" and previous != "suspect":
-        logger.warning(
-            "Step %d looks unhealthy (%s): checkpoints are marked unhealthy until it passes.",
-            step,
-            "; ".join(verdict.reasons),
-        )
 
 
 def show_progress(progress: tqdm, result: StepResult, learning_rate: float, window: WindowMeans) -> None:

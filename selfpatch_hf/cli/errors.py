@@ -13,6 +13,7 @@ command needs a try/except per option. `HelpFormatter` is the help layout they s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -38,6 +39,28 @@ def run_command(
     except (UsageError, CommandFailure) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return error.exit_status
+
+
+def write_failure(error: BaseException, folder: str | os.PathLike) -> str | None:
+    """What went wrong, in a few words, when `error` is a failed write into `folder` (an `OSError`: full disk, quota,
+    read-only, no permission, file too large; or a serializer's report of one: safetensors' `SafetensorError`,
+    torch's "unexpected pos"), else None. Writers stage their folders, so the caller can add that nothing was
+    damaged."""
+    from selfpatch_hf.training.checkpointing import looks_like_full_disk  # torch: only when a write failed
+
+    serializer = type(error).__name__ == "SafetensorError" or (
+        isinstance(error, RuntimeError)
+        and ("unexpected pos" in str(error) or "PytorchStreamWriter" in str(error))
+    )
+    if not isinstance(error, OSError) and not serializer:
+        return None
+    parent = os.path.dirname(os.path.abspath(folder)) or "."
+    if looks_like_full_disk(error, parent):
+        return f"no space left on {parent}"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}{f' ({error.filename})' if error.filename else ''}"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from selfpatch_hf.cli.errors import CommandFailure, HelpFormatter, UsageError, run_command
+from selfpatch_hf.cli.errors import CommandFailure, HelpFormatter, UsageError, run_command, write_failure
 from selfpatch_hf.conversion.checkpoints import ConversionError
 from selfpatch_hf.conversion.vit import REFERENCE_ARCHS
 
@@ -104,8 +104,14 @@ def _convert(argv: Sequence[str] | None = None) -> int:
         )
     except ConversionError as error:
         raise CommandFailure(str(error)) from error
-    except OSError as error:  # unreadable input, full disk, no permission on the output folder
-        raise CommandFailure(f"{error}; nothing was changed in {args.output_dir}.") from error
+    except Exception as error:  # unreadable input, full disk, no permission on the output folder
+        reason = write_failure(error, args.output_dir)
+        if reason is None:
+            raise
+        raise CommandFailure(
+            f"converting {args.checkpoint} into {args.output_dir} failed: {reason}; nothing was changed in "
+            f"{args.output_dir} (the folders are written beside it and moved in only when complete)."
+        ) from None
     print(f"Detected {result.format}: {result.architecture.describe()}.")
     print(f"Backbone ({result.model_type}): {result.backbone_dir}")
     if result.max_abs_difference is not None:

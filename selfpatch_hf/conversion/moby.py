@@ -28,6 +28,7 @@ predictor and queues.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,6 +47,7 @@ from selfpatch_hf.conversion.checkpoints import (
 )
 from selfpatch_hf.conversion.swin import (
     SwinArchitecture,
+    expected_swin_keys,
     infer_swin_architecture,
     reference_swin_forward,
     swin_backbone_to_hf,
@@ -87,8 +89,11 @@ def is_moby_checkpoint(obj: Any) -> bool:
     state = _model_state(obj)
     if state is None:
         return False
-    return any(key.startswith("encoder.") for key in state) and any(
-        key.startswith("encoder_k.") for key in state
+    # MoBY's own parts besides the online encoder, or the online encoder's reference layout (Swin / timm patch
+    # embedding): a cut-down file (e.g. without the momentum encoder) is still recognised, and told what it lacks
+    moby_only = ("encoder_k.", "projector.", "projector_k.", "predictor.", "encoder.patch_embed.")
+    return any(key.startswith("encoder.") for key in state) and (
+        any(key.startswith(moby_only) for key in state) or any(key in MOBY_BUFFERS for key in state)
     )
 
 
@@ -138,7 +143,19 @@ def read_moby_checkpoint(obj: Any, path: Path) -> MoBYCheckpoint:
         name for name in MOBY_BUFFERS if name not in buffers
     ]
     if missing:
-        raise ConversionError(f"The MoBY checkpoint {path.name} lacks {', '.join(missing)}.")
+        what = {
+            "encoder.*": "the online encoder (encoder.*)",
+            "encoder_k.*": "its momentum encoder (encoder_k.*)",
+            "projector.*": "the online projector (projector.*)",
+            "projector_k.*": "the momentum projector (projector_k.*)",
+            "predictor.*": "the predictor (predictor.*)",
+        }
+        raise ConversionError(
+            f"The MoBY checkpoint {path.name} lacks {', '.join(what.get(name, name) for name in missing)}: a "
+            "Transformer-SSL training checkpoint (ckpt_epoch_N.pth) holds the online and momentum encoders, both "
+            "projectors, the predictor and the two queues, and the conversion checks and converts them all. Convert "
+            "the complete training checkpoint, not a cut-down copy."
+        )
     config = obj.get("config") if isinstance(obj, Mapping) else None
     epoch = obj.get("epoch") if isinstance(obj, Mapping) else None
     return MoBYCheckpoint(
@@ -216,6 +233,27 @@ class MoBYBackbone:
         return reference_backbone_forward(self.state, self.architecture, pixel_values, norm)
 
 
+def check_recorded_depths(checkpoint: MoBYCheckpoint, architecture: SwinArchitecture, side: str) -> None:
+    """The weights hold as many blocks per stage as the checkpoint's config records (`MODEL.SWIN.DEPTHS`): a file
+    missing a whole block would otherwise read as a shallower Swin and convert without a word."""
+    recorded = checkpoint.config_value("MODEL", "SWIN", "DEPTHS")
+    if not isinstance(recorded, (list, tuple)) or tuple(recorded) == architecture.depths:
+        return
+    where = f"{checkpoint.path.name} {side}.*"
+    if len(recorded) != len(architecture.depths) or not all(isinstance(depth, int) for depth in recorded):
+        raise ConversionError(
+            f"{where}: the checkpoint's config records Swin depths {list(recorded)}, but its weights hold "
+            f"{len(architecture.depths)} stages {list(architecture.depths)}; the file is incomplete or altered."
+        )
+    complete = dataclasses.replace(architecture, depths=tuple(recorded))
+    missing = [key for key in expected_swin_keys(complete) if key not in checkpoint.parts[side]]
+    raise ConversionError(
+        f"{where}: the checkpoint's config records Swin depths {list(recorded)}, but its weights hold "
+        f"{list(architecture.depths)} blocks per stage; missing keys ({len(missing)}): {listing(missing)}. The file "
+        "is incomplete: convert the complete checkpoint."
+    )
+
+
 def moby_backbone(
     checkpoint: MoBYCheckpoint,
     network: Literal["online", "target"] = "online",
@@ -235,6 +273,7 @@ def moby_backbone(
         architecture = infer_swin_architecture(
             state, f"{name} {side}.*", image_size if isinstance(image_size, int) else None
         )
+        check_recorded_depths(checkpoint, architecture, side)
         for part in ("encoder", "encoder_k"):
             validate_swin(checkpoint.parts[part], architecture, f"{name} {part}.* keys")
         validate_moby_heads(checkpoint, architecture.num_features)

@@ -89,6 +89,7 @@ class PropagationConfig:
                 "n_last_frames": ("be >= 0", _at_least(0)),
                 "topk": ("be >= 1", _at_least(1)),
                 "temperature": ("be a positive number", _positive),
+                "neighborhood": ("be >= 0 patches (0: the whole frame)", _at_least(0)),
                 "feature_batch_size": ("be >= 1", _at_least(1)),
                 "query_chunk": ("be >= 1", _at_least(1)),
             },
@@ -176,6 +177,89 @@ class KnnConfig:
 
 
 @dataclass
+class LinearClassificationConfig:
+    """A linear classifier on frozen image features (DINO's `eval_linear.py`): SGD with momentum 0.9, the learning
+    rate scaled by batch / 256, a cosine schedule over the epochs, no batch norm."""
+
+    n_last_blocks: int | None = setting(
+        None,
+        "concatenate the CLS tokens (after the final norm) of this many last blocks (default: 4 for models narrower "
+        "than 768, e.g. ViT-S, or all blocks of shallower ones; 1 otherwise, e.g. ViT-B; CLS-free models: 1)",
+    )
+    avgpool: Literal["auto", "on", "off"] = setting(
+        "auto",
+        "also concatenate the average-pooled last-block patch tokens (DINO: off for ViT-S, on for ViT-B; auto "
+        "follows --n-last-blocks: on where it is 1); CLS-free models (Swin) always use the average pool alone",
+    )
+    epochs: int = setting(100, "training epochs of the linear layer")
+    batch_size: int = setting(128, "images per optimiser step (and per backbone forward)")
+    learning_rate: float = setting(
+        0.001, "learning rate per 256 images: the optimiser's is LEARNING_RATE x BATCH_SIZE / 256"
+    )
+    lr_sweep: str | None = setting(
+        None,
+        "comma-separated learning rates per 256 images (e.g. 0.001,0.01,0.1), one head each, trained side by side "
+        "on the same batches; the best on the evaluation split is reported, as DINOv2's linear evaluation chooses "
+        "(an optimistic estimate: say so); replaces --learning-rate",
+    )
+    weight_decay: float = setting(0.0, "SGD weight decay")
+    augmentation: bool = setting(
+        True,
+        "train on centre crops of fixed features (cached once) instead of DINO's random resized crop + flip "
+        "(much faster; not DINO's protocol)",
+        option="--no-augmentation",
+    )
+    resize: int = setting(256, "evaluation: shorter side before the centre crop")
+    crop: int = setting(224, "crop size of training and evaluation (a multiple of the patch size)")
+    min_crop_scale: float = setting(0.08, "training: smallest area fraction of the random resized crop")
+    max_train_samples: int | None = setting(None, "use only the first N training examples")
+    max_eval_samples: int | None = setting(None, "score only the first N evaluation examples")
+    seed: int = setting(0, "seed of the initialisation, the shuffling and the augmentation")
+
+    def __post_init__(self) -> None:
+        _check(
+            self,
+            {
+                "n_last_blocks": ("be >= 1", _optional(_at_least(1))),
+                "avgpool": ("be 'auto', 'on' or 'off'", lambda v: v in ("auto", "on", "off")),
+                "epochs": ("be >= 1", _at_least(1)),
+                "batch_size": ("be >= 1", _at_least(1)),
+                "learning_rate": ("be a positive number", _positive),
+                "weight_decay": ("be >= 0", lambda v: v == 0 or _positive(v)),
+                "resize": ("be a positive number of pixels", _at_least(1)),
+                "crop": ("be a positive number of pixels", _at_least(1)),
+                "min_crop_scale": ("lie in (0, 1]", lambda v: _positive(v) and v <= 1),
+                "max_train_samples": ("be >= 1", _optional(_at_least(1))),
+                "max_eval_samples": ("be >= 1", _optional(_at_least(1))),
+                "seed": ("be >= 0", _at_least(0)),
+            },
+        )
+        if self.lr_sweep is not None:
+            try:
+                rates = [float(part) for part in self.lr_sweep.split(",")]
+            except ValueError:
+                rates = []
+            if not rates or not all(_positive(rate) for rate in rates) or len(set(rates)) < len(rates):
+                raise SettingError(
+                    "lr_sweep", "be distinct positive numbers separated by commas", self.lr_sweep
+                )
+        if self.avgpool == "on" and (self.n_last_blocks or 1) > 1:
+            # DINO pools the patch tokens beside one block's CLS token only (its code cannot concatenate more)
+            raise SettingError("avgpool", "be 'off' or 'auto' with more than one block", self.avgpool)
+
+    @property
+    def learning_rates(self) -> tuple[float, ...]:
+        """The learning rates per 256 images, one head each: the sweep's, else `learning_rate`."""
+        if self.lr_sweep is None:
+            return (self.learning_rate,)
+        return tuple(float(part) for part in self.lr_sweep.split(","))
+
+    def scaled(self, learning_rate: float) -> float:
+        """The optimiser's learning rate of a rate per 256 images: DINO's linear scaling rule."""
+        return learning_rate * self.batch_size / 256
+
+
+@dataclass
 class AttentionFigureConfig:
     """What an attention figure shows of each query's last-layer attention (the paper's Figure 1)."""
 
@@ -257,6 +341,7 @@ __all__ = [
     "CocoEvalConfig",
     "DavisConfig",
     "KnnConfig",
+    "LinearClassificationConfig",
     "LinearProbeConfig",
     "PropagationConfig",
     "SettingError",

@@ -234,8 +234,8 @@ class FrozenBackbone(torch.nn.Module):
     def device(self) -> torch.device:
         return self.image_mean.device
 
-    def forward_features(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> BackboneOutput:
-        """Run the backbone on (B, 3, H, W) images in [0, 1]; H and W must be multiples of the patch size."""
+    def _normalized_grid(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """(normalised images on the device, patch rows, patch columns) of (B, 3, H, W) images in [0, 1]."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"Expected images of shape (B, 3, H, W), got {tuple(pixel_values.shape)}.")
         height, width = pixel_values.shape[-2:]
@@ -244,17 +244,12 @@ class FrozenBackbone(torch.nn.Module):
             raise ValueError(
                 f"Image size {height}x{width} is not a multiple of the patch size {p}; resize or crop first."
             )
-        h, w = height // p, width // p
         pixel_values = pixel_values.to(self.device, torch.float32)
-        pixel_values = (pixel_values - self.image_mean) / self.image_std
-        if self.hierarchical:
-            return self._hierarchical_features(pixel_values, h, w, output_attentions)
-        kwargs = {"interpolate_pos_encoding": True} if self._accepts_interpolate else {}
-        if output_attentions:
-            kwargs["output_attentions"] = True
-        with torch.inference_mode():
-            outputs = self.model(pixel_values=pixel_values, **kwargs)
-        tokens = outputs.last_hidden_state  # (B, P + h*w, C)
+        return (pixel_values - self.image_mean) / self.image_std, height // p, width // p
+
+    def _split_tokens(
+        self, tokens: torch.Tensor, h: int, w: int, attentions: tuple[torch.Tensor, ...] | None = None
+    ) -> BackboneOutput:
         num_prefix = tokens.shape[1] - h * w
         if num_prefix < 0 or (
             self.expected_prefix_tokens is not None and num_prefix != self.expected_prefix_tokens
@@ -264,16 +259,50 @@ class FrozenBackbone(torch.nn.Module):
                 f"(expected {self.expected_prefix_tokens} prefix tokens for model type "
                 f"{self.model.config.model_type!r}); this model's token layout is not supported."
             )
+        return BackboneOutput(
+            patch_tokens=tokens[:, num_prefix:].reshape(tokens.shape[0], h, w, tokens.shape[-1]),
+            prefix_tokens=tokens[:, :num_prefix],
+            attentions=attentions,
+        )
+
+    def forward_features(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> BackboneOutput:
+        """Run the backbone on (B, 3, H, W) images in [0, 1]; H and W must be multiples of the patch size."""
+        pixel_values, h, w = self._normalized_grid(pixel_values)
+        if self.hierarchical:
+            return self._hierarchical_features(pixel_values, h, w, output_attentions)
+        kwargs = {"interpolate_pos_encoding": True} if self._accepts_interpolate else {}
+        if output_attentions:
+            kwargs["output_attentions"] = True
+        with torch.inference_mode():
+            outputs = self.model(pixel_values=pixel_values, **kwargs)
         attentions = getattr(outputs, "attentions", None) if output_attentions else None
         if output_attentions and not attentions:
             raise ValueError(
                 "The backbone returned no attention maps; load it with attn_implementation='eager'."
             )
-        return BackboneOutput(
-            patch_tokens=tokens[:, num_prefix:].reshape(tokens.shape[0], h, w, tokens.shape[-1]),
-            prefix_tokens=tokens[:, :num_prefix],
-            attentions=tuple(attentions) if attentions else None,
-        )
+        # last_hidden_state: (B, P + h*w, C)
+        return self._split_tokens(outputs.last_hidden_state, h, w, tuple(attentions) if attentions else None)
+
+    def last_blocks(self, pixel_values: torch.Tensor, n: int) -> list[BackboneOutput]:
+        """The tokens of the last `n` blocks, oldest first, each after the backbone's final norm (DINO's
+        `get_intermediate_layers`, which its linear evaluation reads). Hierarchical backbones: `n` = 1 only."""
+        if n == 1:
+            return [self.forward_features(pixel_values)]
+        final_norm = getattr(self.model, "layernorm", None)
+        if self.hierarchical or final_norm is None:
+            raise ValueError(
+                f"Several blocks need a ViT-like backbone with a final `layernorm`; this "
+                f"{self.model.config.model_type!r} backbone gives its last block only: use 1 block."
+            )
+        blocks = int(self.model.config.num_hidden_layers)
+        if n > blocks:
+            raise ValueError(f"The backbone has {blocks} blocks, fewer than the {n} asked for.")
+        pixel_values, h, w = self._normalized_grid(pixel_values)
+        kwargs = {"interpolate_pos_encoding": True} if self._accepts_interpolate else {}
+        with torch.inference_mode():
+            # hidden_states are the blocks' outputs before the final norm; [0] is the embedding
+            outputs = self.model(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
+            return [self._split_tokens(final_norm(tokens), h, w) for tokens in outputs.hidden_states[-n:]]
 
     def _hierarchical_features(
         self, pixel_values: torch.Tensor, h: int, w: int, output_attentions: bool

@@ -17,8 +17,7 @@ from PIL import Image
 
 from selfpatch_hf.evaluation.configs import KnnConfig
 from selfpatch_hf.evaluation.features import FrozenBackbone, image_to_tensor, progress_bar
-
-LABEL_COLUMNS = ("label", "labels", "class", "category", "fine_label")
+from selfpatch_hf.evaluation.labelled_images import find_label_column
 
 
 @dataclass
@@ -112,15 +111,7 @@ def run_knn(
     """k-NN accuracy of `backbone`'s image representation on `datasets` splits with an integer label column
     (`show_progress`: progress bars for the feature passes on a terminal)."""
     config = config or KnnConfig()
-    if label_column is None:
-        label_column = next((c for c in LABEL_COLUMNS if c in train_dataset.column_names), None)
-    for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
-        missing = [c for c in (image_column, label_column) if c is None or c not in dataset.column_names]
-        if missing:
-            raise ValueError(
-                f"The {name} split has columns {dataset.column_names}; pass the image and label column names "
-                "(--image-column / --label-column)."
-            )
+    label_column = find_label_column(train_dataset, eval_dataset, image_column, label_column)
     if config.max_train_samples is not None:
         train_dataset = train_dataset.select(range(min(config.max_train_samples, len(train_dataset))))
     if config.max_eval_samples is not None:

@@ -24,7 +24,12 @@ from PIL import Image
 
 from selfpatch_hf.evaluation.configs import LinearProbeConfig
 from selfpatch_hf.evaluation.features import PatchFeatureExtractor, progress_bar, resize_image
-from selfpatch_hf.evaluation.semseg_metrics import ConfusionMatrix, SegmentationScores, reduce_zero_label
+from selfpatch_hf.evaluation.semseg_metrics import (
+    ConfusionMatrix,
+    SegmentationScores,
+    integer_labels,
+    reduce_zero_label,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +98,11 @@ def _mask_array(mask) -> np.ndarray:
             raise ValueError(
                 "Colour-coded RGB masks are not supported: convert them to class-index masks (mode 'L' or 'P')."
             )
-        return np.asarray(mask).astype(np.int64)
+        return integer_labels(mask)
     array = np.asarray(mask)
     if array.ndim != 2:
         raise ValueError(f"A mask must be a 2-D class-index map, got shape {array.shape}.")
-    return array.astype(np.int64)
+    return integer_labels(array)
 
 
 def _image(value) -> Image.Image:

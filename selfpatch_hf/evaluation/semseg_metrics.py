@@ -17,9 +17,29 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class MaskValueError(ValueError):
+    """A segmentation mask that is no map of class ids (non-integer values, labels outside the classes)."""
+
+
+def integer_labels(mask) -> np.ndarray:
+    """A mask (PIL image or array) as int64 class ids; float masks (PIL mode F) must hold whole numbers, since a
+    cast would silently turn 2.7 into class 2."""
+    array = np.asarray(mask)
+    if np.issubdtype(array.dtype, np.floating):
+        whole = np.isfinite(array) & (array == np.round(array))
+        if not whole.all():
+            value = float(array[~whole].flat[0])
+            kind = f"PIL mode {mask.mode}" if hasattr(mask, "mode") else f"dtype {array.dtype}"
+            raise MaskValueError(
+                f"its mask holds values that are no class ids (e.g. {value:g}; a float mask, {kind}): masks must "
+                "hold whole class ids, e.g. 8- or 16-bit PNGs (mode L, P or I;16)"
+            )
+    return array.astype(np.int64)
+
+
 def reduce_zero_label(labels: np.ndarray, ignore_index: int = 255) -> np.ndarray:
     """ADE20K convention: label 0 becomes `ignore_index`, every other label l becomes l - 1."""
-    labels = np.asarray(labels).astype(np.int64)
+    labels = integer_labels(labels)
     reduced = labels - 1
     reduced[labels == 0] = ignore_index
     reduced[labels == ignore_index] = ignore_index

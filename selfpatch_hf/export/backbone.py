@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -105,6 +105,27 @@ def extract_backbone(
     return backbone.float().eval()
 
 
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+
+
+def check_finite(module: torch.nn.Module, what: str) -> None:
+    """Refuses to publish weights with NaN / inf (a diverged run): written, they would replace a good export
+    without a word, and every user of the folder would get NaN features."""
+    bad = non_finite_tensors(module.state_dict())
+    if bad:
+        raise ValueError(
+            f"{what} holds NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); nothing was written. Export a checkpoint from before the values "
+            "went bad."
+        )
+
+
 def export_backbone(
     model: SelfPatchForPretraining,
     output_dir: str | os.PathLike,
@@ -122,8 +143,9 @@ def export_backbone(
     size); by default to the backbone's `image_size`, the resolution of its position grid.
     """
     target = Path(output_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
     backbone = extract_backbone(model, source)
+    check_finite(backbone, f"the {source}'s backbone")
+    target.parent.mkdir(parents=True, exist_ok=True)
     with staged_folder(target) as staging:
         backbone.save_pretrained(staging)
         size = image_size if image_size is not None else backbone.config.image_size
@@ -135,4 +157,10 @@ def export_backbone(
     return target
 
 
-__all__ = ["build_image_processor", "export_backbone", "extract_backbone"]
+__all__ = [
+    "build_image_processor",
+    "check_finite",
+    "export_backbone",
+    "extract_backbone",
+    "non_finite_tensors",
+]

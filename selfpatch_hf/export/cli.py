@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from selfpatch_hf.cli.errors import CommandFailure, HelpFormatter, UsageError, run_command
+from selfpatch_hf.cli.errors import CommandFailure, HelpFormatter, UsageError, run_command, write_failure
 
 PROG = "selfpatch export"
 
@@ -64,6 +64,20 @@ def _export(argv: Sequence[str] | None = None) -> int:
     from selfpatch_hf.export.backbone import export_backbone
     from selfpatch_hf.models.selfpatch.modeling import SelfPatchForPretraining
 
+    config_file = Path(args.pretraining_dir) / "config.json"
+    if config_file.is_file():  # a folder of another model would fail inside transformers with a traceback
+        import json
+
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        if model_type != SelfPatchForPretraining.config_class.model_type:
+            raise UsageError(
+                f"{args.pretraining_dir} holds a {model_type!r} model, not a SelfPatchForPretraining "
+                f"(model_type {SelfPatchForPretraining.config_class.model_type!r}): give the pretraining folder "
+                "(e.g. runs/x/pretraining_model); an exported backbone is already what this command writes."
+            )
     try:
         model = SelfPatchForPretraining.from_pretrained(args.pretraining_dir)
     except OSError as error:  # transformers' "is not a local folder and is not a valid model identifier" etc.
@@ -80,8 +94,18 @@ def _export(argv: Sequence[str] | None = None) -> int:
     )
     try:
         path = export_backbone(model, args.output_dir, source=args.source, card_info=card)
-    except OSError as error:  # a read-only or full disk: the previous export, if any, is untouched
-        raise CommandFailure(f"cannot write {args.output_dir}: {error}") from error
+    except ValueError as error:  # NaN / inf weights: refused before anything is written
+        raise CommandFailure(f"{args.pretraining_dir}: {error}") from None
+    except Exception as error:
+        # a read-only or full disk: the export is staged, the previous one is untouched
+        reason = write_failure(error, args.output_dir)
+        if reason is None:
+            raise
+        kept = "the previous export is untouched" if Path(args.output_dir).exists() else "nothing was written"
+        raise CommandFailure(
+            f"writing the backbone to {args.output_dir} failed: {reason}; {kept}. Free space or fix the folder's "
+            "permissions, then run the same command again."
+        ) from None
     print(
         f"Exported the {args.source} backbone to {path} (with its model card; publish it with selfpatch-push)"
     )

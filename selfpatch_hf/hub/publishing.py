@@ -72,6 +72,23 @@ def _check_weights(folder: Path) -> None:
         and not (folder / "model.safetensors.index.json").is_file()
     ):
         raise PublishError(f"{folder} has no model.safetensors (or model.safetensors.index.json).")
+    from safetensors import SafetensorError, safe_open
+
+    from selfpatch_hf.export.backbone import non_finite_tensors
+
+    bad = []
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                bad += non_finite_tensors({name: handle.get_tensor(name) for name in handle.keys()})
+        except SafetensorError as error:
+            raise PublishError(f"{weights} cannot be read ({error}): export the backbone again.") from None
+    if bad:
+        raise PublishError(
+            f"{folder}'s weights hold NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}): a diverged run's export is not published. Export a checkpoint from "
+            "before the values went bad."
+        )
 
 
 def pretraining_model_types() -> tuple[str, ...]:
@@ -161,8 +178,10 @@ def published_card(text: str, repo_id: str, pretraining: tuple[str, str | None] 
 def _upload_snapshot(folder: Path, card: str) -> Iterator[Path]:
     """A snapshot of `folder` (hard links) whose README.md is `card`; beside `folder` where its parent is writable
     (links need the same file system), else in the system's temporary folder (copies)."""
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.publishing-", dir=folder.parent))
+    from selfpatch_hf.atomic_folders import private_folder_beside
+
+    try:  # named like a staging folder: the next push or export removes it if this process is killed
+        staging = private_folder_beside(folder)
     except OSError:  # a read-only parent
         staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}.publishing-"))
     try:
@@ -207,10 +226,12 @@ def push_backbone(
     """
     from huggingface_hub import HfApi
 
+    from selfpatch_hf.atomic_folders import clean_leftovers
     from selfpatch_hf.hub.uploads import commit_folder, ensure_repository
 
     folder = Path(folder)
     check_backbone_folder(folder)
+    clean_leftovers(folder)  # snapshots of pushes that were killed, before anything can fail
     pretraining = None
     if pretraining_folder is not None:
         check_pretraining_folder(pretraining_folder)

@@ -24,6 +24,7 @@ suspect step); the failure message names the newest checkpoint that was healthy 
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections import deque
@@ -32,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 Status = Literal["ok", "suspect", "diverged"]
 _MAD_TO_SIGMA = 1.4826  # median absolute deviation -> standard deviation of a normal distribution
@@ -177,11 +180,65 @@ def gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
     return total_norm(p.grad for p in parameters if p.grad is not None)
 
 
+# ---------------------------------------------------------------------------------------------- in a training run
+def last_healthy_note(checkpoints: Any) -> str:
+    """Where to continue from after a failure: the newest checkpoint written while training was healthy
+    (`checkpoints`: a `CheckpointManager`)."""
+    healthy = checkpoints.last_healthy()
+    return f"the last healthy checkpoint is {healthy}" if healthy else "there is no healthy checkpoint yet"
+
+
+def non_finite_loss_message(step: int, losses: Any, steps_per_epoch: float, checkpoints: Any) -> str:
+    """The failure line of a non-finite loss: where, which losses, where to resume and what to change."""
+    return (
+        f"non-finite loss at optimiser step {step} (epoch {step / steps_per_epoch:.2f}; {losses}); "
+        f"{last_healthy_note(checkpoints)}. Lower --learning_rate, lengthen --warmup_epochs, lower --clip_grad or "
+        "train in fp32, then continue with --resume_from_checkpoint."
+    )
+
+
+def check_divergence(
+    monitor: DivergenceMonitor | None,
+    model: torch.nn.Module,
+    metrics_log: Any,
+    checkpoints: Any,
+    step: int,
+    loss: float,
+    grad_norm: float,
+) -> None:
+    """Judges an optimiser step of `model` (the trained network) before anything is saved, so that a diverging
+    state never becomes a checkpoint: a diverged run ends (`CommandFailure`, a `diverged` event in `metrics_log`)
+    naming the last healthy checkpoint; a suspect step is said once and marks checkpoints unhealthy."""
+    if monitor is None:
+        return
+    from selfpatch_hf.cli.errors import CommandFailure
+
+    previous = monitor.last.status if monitor.last is not None else "ok"
+    verdict = monitor.update(step, loss, grad_norm, weight_norm(model.parameters()))
+    if verdict.status == "diverged":
+        metrics_log.event("diverged", step, reasons=verdict.reasons)
+        raise CommandFailure(
+            f"training diverged at optimiser step {step} ({'; '.join(verdict.reasons)}); "
+            f"nothing was saved from this state; {last_healthy_note(checkpoints)}. Lower "
+            "--learning_rate, lengthen --warmup_epochs or lower --clip_grad, then continue with "
+            "--resume_from_checkpoint PATH."
+        )
+    if verdict.status == "suspect" and previous != "suspect":
+        logger.warning(
+            "Step %d looks unhealthy (%s): checkpoints are marked unhealthy until it passes.",
+            step,
+            "; ".join(verdict.reasons),
+        )
+
+
 __all__ = [
     "DivergenceMonitor",
     "DivergenceThresholds",
     "StepHealth",
+    "check_divergence",
     "gradient_norm",
+    "last_healthy_note",
+    "non_finite_loss_message",
     "total_norm",
     "weight_norm",
 ]

@@ -24,6 +24,8 @@ for another reason than the scale, and stops training (`MAX_CONSECUTIVE_SKIPPED_
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -66,4 +68,18 @@ def step_was_skipped(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "step_was_skipped", False))
 
 
-__all__ = ["MAX_CONSECUTIVE_SKIPPED_STEPS", "ScalerSkipGuard", "step_was_skipped"]
+def record_scaler_skip(accelerator, metrics_log: Any, step: int, in_a_row: int) -> None:
+    """An fp16 overflow: the scaler halved its scale and nothing moved. Recorded as a `skipped_step` event;
+    `MAX_CONSECUTIVE_SKIPPED_STEPS` in a row end the run (`CommandFailure`)."""
+    from selfpatch_hf.cli.errors import CommandFailure
+
+    metrics_log.event("skipped_step", step, loss_scale=accelerator.scaler.get_scale())
+    if in_a_row >= MAX_CONSECUTIVE_SKIPPED_STEPS:
+        raise CommandFailure(
+            f"the fp16 loss scaler skipped {in_a_row} optimiser steps in a row at step {step}: the gradients "
+            "are not finite at any scale. Train with --mixed_precision bf16 or no, or lower --learning_rate, then "
+            "continue with --resume_from_checkpoint."
+        )
+
+
+__all__ = ["MAX_CONSECUTIVE_SKIPPED_STEPS", "ScalerSkipGuard", "record_scaler_skip", "step_was_skipped"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from selfpatch_hf.evaluation.semseg_metrics import reduce_zero_label
+from selfpatch_hf.evaluation.semseg_metrics import integer_labels, reduce_zero_label
 from selfpatch_hf.image_conventions import IMAGENET_MEAN, IMAGENET_STD, as_height_width
 
 
@@ -47,12 +47,37 @@ def _normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 
 
 def prepare_mask(mask, reduce_labels: bool = False, ignore_index: int = 255) -> np.ndarray:
-    """A mask (PIL image or array; a colour PNG's first channel) as (H, W) int64 class ids."""
-    array = np.asarray(mask)
+    """A mask (PIL image or array; a colour PNG's first channel) as (H, W) int64 class ids; a float mask (PIL mode
+    F) with values that are no whole numbers is refused (`MaskValueError`) rather than truncated."""
+    array = integer_labels(mask)
     if array.ndim == 3:
         array = array[..., 0]
-    array = array.astype(np.int64)
     return reduce_zero_label(array, ignore_index) if reduce_labels else array
+
+
+class SegmentationDataError(ValueError):
+    """A mask that no setting can train on or score: labels outside the classes, another size than its image."""
+
+
+def check_label_range(labels: np.ndarray, num_labels: int, ignore_index: int) -> None:
+    """Every label is a class id (0 .. num_labels - 1) or `ignore_index`; else a `SegmentationDataError` with the
+    fix (the loss would fail with an IndexError, or a label would be scored as a class that does not exist)."""
+    scored = labels[labels != ignore_index]
+    wrong = scored[(scored < 0) | (scored >= num_labels)]
+    if wrong.size:
+        raise SegmentationDataError(
+            f"its mask holds label {int(wrong.flat[0])} but there are {num_labels} classes (0..{num_labels - 1}, "
+            f"{ignore_index} = ignore): pass the dataset's class names with --label_names, --reduce_labels for "
+            "ADE20K-style masks (0 = other), or the dataset's --ignore_index"
+        )
+
+
+def check_mask_size(image: Image.Image, labels: np.ndarray) -> None:
+    if labels.shape != (image.height, image.width):
+        raise SegmentationDataError(
+            f"its mask is {labels.shape[1]}x{labels.shape[0]} pixels but its image {image.width}x{image.height}: "
+            "every mask must have its image's size"
+        )
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -130,10 +155,7 @@ class SegmentationTrainTransform:
         """-> pixel values (3, crop_h, crop_w) float32 and labels (crop_h, crop_w) int64."""
         image = image.convert("RGB")
         labels = prepare_mask(mask, self.reduce_labels, self.ignore_index)
-        if labels.shape != (image.height, image.width):
-            raise ValueError(
-                f"Mask size {labels.shape[::-1]} differs from image size {image.size} (width, height)."
-            )
+        check_mask_size(image, labels)
         ratio = rng.uniform(*self.ratio_range)
         target = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
         height, width = _fit_size(image.height, image.width, target)
@@ -181,8 +203,11 @@ class SegmentationEvalTransform:
 
 
 __all__ = [
+    "SegmentationDataError",
     "SegmentationEvalTransform",
     "SegmentationTrainTransform",
     "photometric_distortion",
+    "check_label_range",
+    "check_mask_size",
     "prepare_mask",
 ]

@@ -5,6 +5,12 @@ the offline synthetic set, and a resumable per-process batch order.
   "other", use `reduce_labels`), a local folder of parquet / imagefolder files, or `offline-scenes` (the synthetic
   set of `selfpatch_hf.data.samples.synthetic_scenes`, built on first use; what `selfpatch eval make-offline-data` writes
   under `segmentation/`).
+- `SegmentationTrainSet` / `SegmentationEvalSet`: examples whose image or mask bytes cannot be decoded are skipped
+  and reported (the fine-tuning run takes the next readable example in their place, so every batch stays full and
+  the order stays a function of the step; the evaluation set returns a `SkippedExample`); a mask that no setting can
+  train on (labels outside the classes, another size than its image, non-integer values) is an error naming the
+  example (`ExampleProblem` in the evaluation), which the script turns into one line. `check_evaluation_masks` reads every mask of the evaluation split before training, so that such a mask
+  stops the run before any work, not after it.
 - `SegmentationBatchSampler`: epoch `e` visits the images in the order `default_rng([seed, e]).permutation`; each
   process takes its own slice of every global batch, and every image is augmented by `default_rng([seed, e, index])`.
   The order and the crops are thus functions of the step, so resuming at step s (`start_batch = s * accumulation`)
@@ -15,14 +21,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+
+from selfpatch_hf.atomic_folders import staged_folder
+from selfpatch_hf.data.segmentation.augmentation import (
+    SegmentationDataError,
+    check_label_range,
+    check_mask_size,
+)
 
 OFFLINE_SCENES = "offline-scenes"
 
@@ -70,14 +83,22 @@ def label_names(spec: str | None, dataset_name: str) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"--label_names {spec!r} is neither `ade20k`, `offline-scenes` nor a JSON file.")
-    names = json.loads(path.read_text())
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--label_names {spec}: cannot read it as JSON ({error}).") from None
+    shape = f"--label_names {spec} must hold a list of at least 2 class names or a mapping id -> name"
     if isinstance(names, Mapping):
-        ids = sorted(int(key) for key in names)
-        if ids != list(range(len(ids))):
-            raise ValueError(f"{path}: label ids must be 0..{len(ids) - 1}, got {ids[:5]}...")
-        return [str(names[str(index)] if str(index) in names else names[index]) for index in ids]
+        try:
+            ids = sorted(int(key) for key in names)
+        except ValueError:
+            raise ValueError(f"{shape}; its keys {list(names)[:5]} are no class ids 0, 1, ...") from None
+        if len(ids) < 2 or ids != list(range(len(ids))):
+            raise ValueError(f"{shape}; its ids must be 0..{len(ids) - 1}, got {ids[:5]}...")
+        by_id = {int(key): name for key, name in names.items()}
+        return [str(by_id[index]) for index in ids]
     if not isinstance(names, list) or len(names) < 2:
-        raise ValueError(f"{path} must hold a list of at least 2 class names or a mapping id -> name.")
+        raise ValueError(f"{shape}.")
     return [str(name) for name in names]
 
 
@@ -96,16 +117,9 @@ def offline_scenes_path(
     if (target / "data").is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".segmentation.tmp-", dir=target.parent))
-    try:
+    # staged as every model folder is: a build killed half-way leaves a staging folder the next build removes
+    with staged_folder(target) as staging:
         make_segmentation_dataset(staging, num_train, num_eval, image_size, seed)
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process built it first
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -150,36 +164,97 @@ def find_columns(dataset, image_column: str | None, mask_column: str | None) -> 
         candidates = [name for name in _MASK_COLUMN_NAMES if name in image_features and name != image_column]
         mask_column = candidates[0] if candidates else None
     for role, column in (("image", image_column), ("mask", mask_column)):
-        if column is None or column not in dataset.column_names:
+        if column is None:
             raise ValueError(
                 f"No {role} column found (columns: {dataset.column_names}); pass --{role}_column with the column "
                 f"holding the {role}s."
             )
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"--{role}_column {column!r} is not a column of the dataset (columns: {dataset.column_names})."
+            )
+        feature = dataset.features[column]
+        # a mask may also be an array column; a scalar (a class or a number per image) is neither
+        scalar = isinstance(feature, (datasets.Value, datasets.ClassLabel))
+        if not isinstance(feature, datasets.Image) and (role == "image" or scalar):
+            raise ValueError(
+                f"--{role}_column {column!r} holds {feature}, not images (image columns: "
+                f"{image_features}); pass the column holding the {role}s."
+            )
     return image_column, mask_column
 
 
-class SegmentationTrainSet(torch.utils.data.Dataset):
-    """Indexed by `(epoch, index)`: example `index` augmented with `default_rng([seed, epoch, index])`."""
+@dataclass(frozen=True)
+class SkippedExample:
+    """An example whose image or mask cannot be decoded (truncated or corrupt bytes): left out and counted."""
 
-    def __init__(self, dataset, image_column: str, mask_column: str, transform, seed: int):
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ExampleProblem:
+    """A mask that stops the run: `message` names the example and the fix."""
+
+    message: str
+
+
+def read_example(dataset, index: int, image_column: str, mask_column: str) -> tuple[Image.Image, Any]:
+    """(image, mask) of row `index`, decoded now; corrupt or truncated bytes raise `SkippedExample`'s reason as an
+    `OSError`."""
+    try:
+        row = dataset[int(index)]
+        image, mask = row[image_column], row[mask_column]
+        for value in (image, mask):
+            if isinstance(value, Image.Image):
+                value.load()  # PIL decodes lazily: truncated data fails here, not inside the transform
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
+        raise OSError(f"cannot decode example {index}: {error}") from error
+    return image, mask
+
+
+class SegmentationTrainSet(torch.utils.data.Dataset):
+    """Indexed by `(epoch, index)`: example `index` augmented with `default_rng([seed, epoch, index])`. Bytes that
+    cannot be decoded raise an `OSError` (the fine-tuning run replaces the example by the next readable one,
+    `selfpatch_hf.data.unreadable_examples`); a mask that cannot be trained on a `ValueError` naming the example."""
+
+    def __init__(
+        self,
+        dataset,
+        image_column: str,
+        mask_column: str,
+        transform,
+        seed: int,
+        num_labels: int | None = None,
+        ignore_index: int = 255,
+    ):
         self.dataset = dataset
         self.image_column = image_column
         self.mask_column = mask_column
         self.transform = transform
         self.seed = seed
+        self.num_labels = num_labels
+        self.ignore_index = ignore_index
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         epoch, index = key
-        row = self.dataset[int(index)]
+        image, mask = read_example(self.dataset, index, self.image_column, self.mask_column)
         rng = np.random.default_rng([self.seed, int(epoch), int(index)])
-        return self.transform(row[self.image_column], row[self.mask_column], rng)
+        try:
+            pixels, labels = self.transform(image, mask, rng)
+            if self.num_labels is not None:
+                check_label_range(labels, self.num_labels, self.ignore_index)
+        except ValueError as error:  # the mask: labels, size, non-integer values
+            raise ValueError(f"training example {index}: {error}.") from None
+        return pixels, labels
 
 
 class SegmentationEvalSet(torch.utils.data.Dataset):
-    """The evaluation images of one process (`indices`), transformed without randomness."""
+    """The evaluation images of one process (`indices`), transformed without randomness; an unreadable example is a
+    `SkippedExample`, a mask that cannot be scored an `ExampleProblem`."""
 
     def __init__(self, dataset, image_column: str, mask_column: str, transform, indices: Sequence[int]):
         self.dataset = dataset
@@ -191,9 +266,49 @@ class SegmentationEvalSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> tuple[np.ndarray, np.ndarray]:
-        row = self.dataset[self.indices[position]]
-        return self.transform(row[self.image_column], row[self.mask_column])
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        try:
+            image, mask = read_example(self.dataset, index, self.image_column, self.mask_column)
+        except OSError as error:
+            return SkippedExample(index, str(error))
+        try:
+            return self.transform(image, mask)
+        except ValueError as error:
+            return ExampleProblem(f"evaluation example {index}: {error}.")
+
+
+def check_evaluation_masks(
+    dataset,
+    image_column: str,
+    mask_column: str,
+    num_labels: int,
+    ignore_index: int,
+    prepare: Callable[[Any], np.ndarray],
+) -> tuple[list[int], list[SkippedExample]]:
+    """Reads every mask of the evaluation split (and its image's size) before training: `(the indices to evaluate,
+    the examples that cannot be decoded)`. A mask that cannot be scored raises `SegmentationDataError` naming the
+    example. `prepare`: the mask -> class ids of the evaluation (`prepare_mask` with the run's settings)."""
+    indices, skipped = [], []
+    for index in range(len(dataset)):
+        try:
+            row = dataset[index]
+            image, mask = row[image_column], row[mask_column]
+            labels = prepare(mask)  # decodes the mask; the image is read up to its header only (its size)
+        except SegmentationDataError:
+            raise
+        except ValueError as error:  # non-integer values
+            raise SegmentationDataError(f"evaluation example {index}: {error}.") from None
+        except Exception as error:  # corrupt bytes
+            skipped.append(SkippedExample(index, f"cannot decode example {index}: {error}"))
+            continue
+        try:
+            check_mask_size(image, labels)
+            check_label_range(labels, num_labels, ignore_index)
+        except SegmentationDataError as error:
+            raise SegmentationDataError(f"evaluation example {index}: {error}.") from None
+        indices.append(index)
+    return indices, skipped
 
 
 class SegmentationBatchSampler(torch.utils.data.Sampler):
@@ -248,12 +363,19 @@ def collate_segmentation(examples: Sequence[tuple[np.ndarray, np.ndarray]]) -> d
 __all__ = [
     "ADE20K_CLASSES",
     "OFFLINE_SCENES",
+    "ExampleProblem",
     "SegmentationBatchSampler",
+    "SegmentationDataError",
     "SegmentationEvalSet",
     "SegmentationTrainSet",
+    "SkippedExample",
+    "check_evaluation_masks",
+    "check_label_range",
+    "check_mask_size",
     "collate_segmentation",
     "find_columns",
     "label_names",
     "load_segmentation_splits",
     "offline_scenes_path",
+    "read_example",
 ]

@@ -26,12 +26,14 @@ import textwrap
 from collections.abc import Sequence
 
 from selfpatch_hf.cli.errors import HelpFormatter, run_command
+from selfpatch_hf.evaluation.cli.common_options import check_output_paths
 
 PROG = "selfpatch eval"
 COMMANDS: dict[str, tuple[str, str]] = {
     "davis": ("selfpatch_hf.evaluation.cli.davis", "DAVIS 2017 label propagation and J&F"),
     "linear-probe": ("selfpatch_hf.evaluation.cli.linear_probe", "linear semantic segmentation probe"),
     "knn": ("selfpatch_hf.evaluation.cli.knn", "weighted k-NN classification"),
+    "linear": ("selfpatch_hf.evaluation.cli.linear", "DINO's linear classification protocol (top-1 / top-5)"),
     "visualize": ("selfpatch_hf.evaluation.cli.visualize", "attention / positive-neighbour pictures (PNG)"),
     "make-offline-data": (
         "selfpatch_hf.evaluation.cli.offline_data",
@@ -88,6 +90,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command).parse_args(argv)
+    check_output_paths(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.run(args)
 

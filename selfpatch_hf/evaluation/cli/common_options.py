@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,41 @@ def results_payload(results: dict[str, Any], main_name: str) -> dict[str, Any]:
     return payload
 
 
+def evaluate_backbones(
+    args: argparse.Namespace, task: str, evaluate: Callable[[str, Any], Any]
+) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """(backbones, {name: evaluate(name, backbone)}) for `--model` (and `--random-baseline`); a `ValueError` of
+    the evaluation (columns not found, labels out of range, a crop off the patch grid) becomes one line naming
+    `task` and the dataset."""
+    backbones = backbones_to_evaluate(args, [(args.model, args.model)])
+    results = {}
+    for name, backbone in backbones:
+        try:
+            results[name] = evaluate(name, backbone)
+        except ValueError as error:
+            raise CommandFailure(f"{task} on {args.dataset}: {error}") from error
+    return backbones, results
+
+
+def finish_report(
+    args: argparse.Namespace,
+    command: str,
+    results: dict[str, Any],
+    config: Any,
+    backbones: list[tuple[str, Any]],
+) -> int:
+    """After a command's table: `--output-json`, then what the numbers mean on this data where it is known
+    (`selfpatch_hf.evaluation.offline_reference`)."""
+    from selfpatch_hf.evaluation.offline_reference import reference_note
+
+    write_json(args.output_json, results_payload(results, args.model))
+    reference = reference_note(command, args.dataset, config, backbones[0][1].model.config)
+    if reference:
+        sys.stdout.flush()
+        note(reference)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,14 +279,44 @@ def note(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+# options that name where a command writes: (attribute, option, a file or a folder)
+OUTPUT_OPTIONS = (
+    ("output_json", "--output-json", "file"),
+    ("output", "--output", "file"),
+    ("output_dir", "--output-dir", "folder"),
+)
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Every output option names a place that can be written, said before the work (a mistake found only when the
+    results are written would lose them): no file where a folder is needed, no folder where a file is, a writable
+    existing ancestor (the folders below it are created)."""
+    for attribute, option, kind in OUTPUT_OPTIONS:
+        value = getattr(args, attribute, None)
+        if not value or not isinstance(value, (str, os.PathLike)):
+            continue
+        path = Path(value).expanduser()
+        if kind == "file" and path.is_dir():
+            raise UsageError(f"{option} {value} is a folder; give a file name inside it.")
+        if kind == "folder" and path.exists() and not path.is_dir():
+            raise UsageError(f"{option} {value} is a file; give a folder (it is created if missing).")
+        ancestor = path.parent if kind == "file" else path
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise UsageError(f"{option} {value}: {ancestor} is a file, not a folder; give another {option}.")
+        if not os.access(ancestor, os.W_OK):
+            raise UsageError(f"{option} {value}: {ancestor} is not writable; give another {option}.")
+
+
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
     """Writes `payload` to `path` (if given) atomically: a full disk or a kill leaves no half-written file."""
     if not path:
         return
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         staging.write_text(json.dumps(payload, indent=2, allow_nan=True))
         os.replace(staging, target)
     except OSError as error:

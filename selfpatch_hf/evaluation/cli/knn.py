@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from selfpatch_hf.cli.errors import CommandFailure
 from selfpatch_hf.evaluation.cli.common_options import (
     add_backbone_options,
     add_dataset_options,
     add_random_baseline_option,
     add_runtime_options,
     apply_runtime_options,
-    backbones_to_evaluate,
+    evaluate_backbones,
+    finish_report,
     load_split_option,
-    note,
     percent,
-    results_payload,
     show_progress,
-    write_json,
 )
 from selfpatch_hf.evaluation.cli.config_options import add_config_options, config_from_args
 from selfpatch_hf.evaluation.configs import KnnConfig
@@ -44,35 +40,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from selfpatch_hf.evaluation.knn import run_knn
-    from selfpatch_hf.evaluation.offline_reference import reference_note
 
     config = config_from_args(KnnConfig, args)
     apply_runtime_options(args)
-    backbones = backbones_to_evaluate(args, [(args.model, args.model)])
     train, evaluation = load_split_option(args, args.train_split), load_split_option(args, args.eval_split)
-    results = {}
-    for name, backbone in backbones:
-        try:
-            results[name] = run_knn(
-                backbone,
-                train,
-                evaluation,
-                config,
-                image_column=args.image_column,
-                label_column=args.label_column,
-                show_progress=show_progress(args),
-            )
-        except ValueError as error:  # columns not found, a crop off the patch grid
-            raise CommandFailure(f"k-NN on {args.dataset}: {error}") from error
+
+    def evaluate(name: str, backbone):
+        return run_knn(
+            backbone,
+            train,
+            evaluation,
+            config,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            show_progress=show_progress(args),
+        )
+
+    backbones, results = evaluate_backbones(args, "k-NN", evaluate)
     print("| Model | k | top-1 | top-5 | train | eval |\n|---|---|---|---|---|---|")
     for name, result in results.items():
         print(
             f"| {name} | {config.k} | {percent(result.top1)} | {percent(result.top5)} | {result.num_train} | "
             f"{result.num_eval} |"
         )
-    write_json(args.output_json, results_payload(results, args.model))
-    reference = reference_note("knn", args.dataset, config, backbones[0][1].model.config)
-    if reference:
-        sys.stdout.flush()
-        note(reference)
-    return 0
+    return finish_report(args, "knn", results, config, backbones)

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from selfpatch_hf.cli.errors import CommandFailure
 from selfpatch_hf.evaluation.cli.common_options import (
     add_backbone_options,
     add_dataset_options,
     add_random_baseline_option,
     add_runtime_options,
     apply_runtime_options,
-    backbones_to_evaluate,
+    evaluate_backbones,
+    finish_report,
     load_split_option,
     note,
     percent,
-    results_payload,
     show_progress,
-    write_json,
 )
 from selfpatch_hf.evaluation.cli.config_options import add_config_options, config_from_args
 from selfpatch_hf.evaluation.configs import LinearProbeConfig
@@ -52,29 +49,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from selfpatch_hf.evaluation.linear_probe import run_linear_probe
-    from selfpatch_hf.evaluation.offline_reference import reference_note
 
     config = config_from_args(LinearProbeConfig, args)
     apply_runtime_options(args)
-    backbones = backbones_to_evaluate(args, [(args.model, args.model)])
     train, evaluation = load_split_option(args, args.train_split), load_split_option(args, args.eval_split)
-    results = {}
-    for name, backbone in backbones:
-        try:
-            results[name] = run_linear_probe(
-                backbone,
-                train,
-                evaluation,
-                config,
-                image_column=args.image_column,
-                mask_column=args.mask_column,
-                log=None if args.quiet else lambda message, n=name: note(f"[{n}] {message}"),
-                show_progress=show_progress(args),
-            )
-        except (
-            ValueError
-        ) as error:  # columns not found, masks that are no class-index maps, labels out of range
-            raise CommandFailure(f"linear probe on {args.dataset}: {error}") from error
+
+    def evaluate(name: str, backbone):  # masks that are no class-index maps, labels out of range: ValueError
+        return run_linear_probe(
+            backbone,
+            train,
+            evaluation,
+            config,
+            image_column=args.image_column,
+            mask_column=args.mask_column,
+            log=None if args.quiet else lambda message: note(f"[{name}] {message}"),
+            show_progress=show_progress(args),
+        )
+
+    backbones, results = evaluate_backbones(args, "linear probe", evaluate)
     print("| Model | mIoU | mAcc | aAcc | classes | train | eval |\n|---|---|---|---|---|---|---|")
     for name, result in results.items():
         scores = result.scores
@@ -82,9 +74,4 @@ def run(args: argparse.Namespace) -> int:
             f"| {name} | {percent(100 * scores.mean_iou)} | {percent(100 * scores.mean_accuracy)} | "
             f"{percent(100 * scores.overall_accuracy)} | {result.num_labels} | {result.num_train} | {result.num_eval} |"
         )
-    write_json(args.output_json, results_payload(results, args.model))
-    reference = reference_note("linear-probe", args.dataset, config, backbones[0][1].model.config)
-    if reference:
-        sys.stdout.flush()
-        note(reference)
-    return 0
+    return finish_report(args, "linear-probe", results, config, backbones)

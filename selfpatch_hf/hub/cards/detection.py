@@ -9,9 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import ModelCard
 
-from selfpatch_hf.hub.cards.shared import LICENSE, REPO_ID_PLACEHOLDER, citations, render_card, save_card
+from selfpatch_hf.hub.cards.shared import (
+    REPO_ID_PLACEHOLDER,
+    citations,
+    fine_tuned_card_data,
+    render_card,
+    save_card,
+)
 
 TEMPLATE_NAME = "detection_template.md"
 # pycocotools' statistics shown on the card (fractions in `scores`, percent on the card)
@@ -59,30 +65,20 @@ def card_percentages(info: DetectionCardInfo) -> dict[str, dict[str, float]] | N
 
 def render_detection_card(info: DetectionCardInfo) -> ModelCard:
     percentages = card_percentages(info)
-    eval_results = []
-    for kind, values in (percentages or {}).items():
-        for name in ("AP", "AP50", "AP75"):
-            eval_results.append(
-                EvalResult(
-                    task_type=info.pipeline_tag,
-                    dataset_type=info.hub_dataset_id or "custom",
-                    dataset_name=info.dataset,
-                    dataset_split=info.eval_split,
-                    metric_type=f"{kind}_{name}",
-                    metric_name=f"{kind} {name}",
-                    metric_value=values[name],
-                )
-            )
     tags = ["selfpatch", "vision-transformer", info.head]
     tags.append("instance-segmentation" if info.head == "mask2former" else "object-detection")
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag=info.pipeline_tag,
-        license=LICENSE,
-        tags=tags,
-        datasets=[info.hub_dataset_id] if info.hub_dataset_id else None,
-        model_name=f"{info.head}-selfpatch" if eval_results else None,
-        eval_results=eval_results or None,
+    card_data = fine_tuned_card_data(
+        info.pipeline_tag,
+        tags,
+        f"{info.head}-selfpatch",
+        info.dataset,
+        info.hub_dataset_id,
+        info.eval_split,
+        [
+            (f"{kind}_{name}", f"{kind} {name}", values[name])
+            for kind, values in (percentages or {}).items()
+            for name in ("AP", "AP50", "AP75")
+        ],
     )
     return render_card(
         TEMPLATE_NAME,

@@ -9,11 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import ModelCard
 
-from selfpatch_hf.hub.cards.shared import LICENSE, REPO_ID_PLACEHOLDER, citations, render_card, save_card
+from selfpatch_hf.hub.cards.shared import (
+    REPO_ID_PLACEHOLDER,
+    citations,
+    fine_tuned_card_data,
+    render_card,
+    save_card,
+)
 
 TEMPLATE_NAME = "segmentation_template.md"
+SCORE_NAMES = {"mean_iou": "mIoU", "mean_accuracy": "mAcc", "overall_accuracy": "aAcc"}  # metric type: name
 
 
 @dataclass
@@ -38,32 +45,17 @@ class SegmentationCardInfo:
 
 
 def render_segmentation_card(info: SegmentationCardInfo) -> ModelCard:
-    eval_results = []
     percentages = None
     if info.scores:
-        percentages = {
-            key: 100 * info.scores[key] for key in ("mean_iou", "mean_accuracy", "overall_accuracy")
-        }
-        for key, name in (("mean_iou", "mIoU"), ("mean_accuracy", "mAcc"), ("overall_accuracy", "aAcc")):
-            eval_results.append(
-                EvalResult(
-                    task_type="image-segmentation",
-                    dataset_type=info.hub_dataset_id or "custom",
-                    dataset_name=info.dataset,
-                    dataset_split=info.eval_split,
-                    metric_type=key,
-                    metric_name=name,
-                    metric_value=round(percentages[key], 2),
-                )
-            )
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-segmentation",
-        license=LICENSE,
-        tags=["selfpatch", "semantic-segmentation", "upernet", "vision-transformer"],
-        datasets=[info.hub_dataset_id] if info.hub_dataset_id else None,
-        model_name="upernet-selfpatch" if eval_results else None,
-        eval_results=eval_results or None,
+        percentages = {key: 100 * info.scores[key] for key in SCORE_NAMES}
+    card_data = fine_tuned_card_data(
+        "image-segmentation",
+        ["selfpatch", "semantic-segmentation", "upernet", "vision-transformer"],
+        "upernet-selfpatch",
+        info.dataset,
+        info.hub_dataset_id,
+        info.eval_split,
+        [(key, name, round(percentages[key], 2)) for key, name in SCORE_NAMES.items()] if percentages else [],
     )
     return render_card(
         TEMPLATE_NAME,

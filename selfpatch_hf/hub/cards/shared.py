@@ -1,19 +1,21 @@
-"""What every model card shares: the citations, the licence, the repo-id placeholder, and rendering a template.
+"""What every model card shares: the citations, the licence, the repo-id placeholder, the metadata of fine-tuned
+models, and rendering a template.
 
 Each kind of published folder has one module here and one Jinja template beside it (`<kind>_template.md`, its
 only copy): `backbone` (exported and converted backbones), `pretraining` (converted pretraining checkpoints),
-`segmentation` (fine-tuned segmentation models). A module builds the card's `huggingface_hub.ModelCardData` (the
-YAML metadata the Hub validates) and the values its template reads, and renders both with `render_card`
-(`ModelCard.from_template`).
+`segmentation` and `detection` (fine-tuned models). A module builds the card's `huggingface_hub.ModelCardData`
+(the YAML metadata the Hub validates; `fine_tuned_card_data` for fine-tuned models) and the values its template
+reads, and renders both with `render_card` (`ModelCard.from_template`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 LICENSE = "apache-2.0"
 # Placeholder of the model id in a card's usage snippet: a card written with the folder cannot know where it will
@@ -69,6 +71,40 @@ def render_card(template: str, card_data: ModelCardData, **values: Any) -> Model
     return ModelCard.from_template(card_data, template_path=str(template_path(template)), **values)
 
 
+def fine_tuned_card_data(
+    pipeline_tag: str,
+    tags: list[str],
+    model_name: str,
+    dataset: str,
+    hub_dataset_id: str | None,
+    eval_split: str | None,
+    metrics: Iterable[tuple[str, str, float]],
+) -> ModelCardData:
+    """The metadata of a fine-tuned model's card: its pipeline, tags, Hub dataset, and a `model-index` with one
+    result per `(metric type, metric name, value)` of `metrics` on `dataset`'s `eval_split` (none: no results)."""
+    eval_results = [
+        EvalResult(
+            task_type=pipeline_tag,
+            dataset_type=hub_dataset_id or "custom",
+            dataset_name=dataset,
+            dataset_split=eval_split,
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=value,
+        )
+        for metric_type, metric_name, value in metrics
+    ]
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        license=LICENSE,
+        tags=tags,
+        datasets=[hub_dataset_id] if hub_dataset_id else None,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+
+
 def save_card(card: ModelCard, folder: str | Path) -> Path:
     """Writes `card` as `folder/README.md` (creating the folder); returns the path."""
     path = Path(folder) / "README.md"
@@ -84,6 +120,7 @@ __all__ = [
     "REPO_ID_PLACEHOLDER",
     "SELFPATCH_CITATION",
     "citations",
+    "fine_tuned_card_data",
     "render_card",
     "save_card",
     "template_path",

@@ -26,11 +26,14 @@ the folder's `model_type` (and `architectures`) instead.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoImageProcessor,
     BeitBackbone,
@@ -194,7 +197,14 @@ def source_model_type(source: str | os.PathLike) -> str:
 
 
 def _source_config(source: str | os.PathLike) -> dict[str, Any]:
-    config_dict, _ = PreTrainedConfig.get_config_dict(str(source))
+    text = os.fspath(source)
+    # a Hub id is `name` or `namespace/name`: anything else can only be a folder, which transformers would report
+    # as an invalid repo id
+    if (text.startswith(("/", ".", "~")) or text.count("/") > 1) and not os.path.exists(
+        os.path.expanduser(text)
+    ):
+        raise ValueError("no such folder; give an exported backbone folder or a Hub id")
+    config_dict, _ = PreTrainedConfig.get_config_dict(text)
     return config_dict
 
 
@@ -227,7 +237,40 @@ def load_dense_backbone(source: str | os.PathLike, **kwargs: Any) -> DenseBackbo
             f"dense backbone (Dinov2Backbone, BeitBackbone, SwinBackbone, {SelfPatchSiglipBackbone.__name__}); "
             "convert it with `dense_backbone` / `export_dense_backbone`."
         )
-    return _BACKBONE_CLASSES[model_type].from_pretrained(str(source), **kwargs)
+    return _complete_from_pretrained(_BACKBONE_CLASSES[model_type], source, **kwargs)
+
+
+def _complete_from_pretrained(model_class: type[PreTrainedModel], source: str | os.PathLike, **kwargs: Any):
+    """`model_class.from_pretrained(source)` whose weights file holds every tensor of the model. transformers only
+    reports missing tensors (and initialises them at random), so weights of another model, or a state dict of other
+    keys, would otherwise fine-tune or evaluate a random backbone without a word."""
+    try:
+        model, info = model_class.from_pretrained(str(source), output_loading_info=True, **kwargs)
+    except (SafetensorError, pickle.UnpicklingError, EOFError) as error:
+        # truncated or damaged weights, or a pickle that torch's weights-only loader refuses to run
+        lines = [
+            line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()
+        ]
+        # torch's refusal of a pickle names the offending global on its "WeightsUnpickler error" line
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), " ".join(lines))
+        raise ValueError(
+            f"its weights cannot be read ({type(error).__name__}: {reason[:300]}); the file is damaged, "
+            "truncated or not a plain tensor file: export or download the backbone again."
+        ) from None
+    missing = sorted(key for key in info["missing_keys"] if not key.startswith("pooler."))
+    non_finite = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+    if non_finite:  # training on them gives a NaN loss in the first step, which would blame the learning rate
+        raise ValueError(
+            f"its weights hold NaN or infinite values in {len(non_finite)} tensor(s) "
+            f"({', '.join(non_finite[:3])}): the backbone is damaged; export or download it again."
+        )
+    if missing:
+        raise ValueError(
+            f"its weights lack {len(missing)} of the {model_class.__name__}'s tensors (e.g. "
+            f"{', '.join(missing[:3])}), so they are not this model's weights: export, convert or download the "
+            "backbone again."
+        )
+    return model
 
 
 def _has_pooler(source: str | os.PathLike) -> bool:
@@ -237,8 +280,11 @@ def _has_pooler(source: str | os.PathLike) -> bool:
         return True
     from safetensors import safe_open
 
-    with safe_open(str(weights), framework="pt") as handle:
-        return any(key.startswith("pooler.") for key in handle.keys())
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return any(key.startswith("pooler.") for key in handle.keys())
+    except SafetensorError:  # damaged: the load that follows says so in one line
+        return True
 
 
 def load_source_model(source: str | os.PathLike) -> PreTrainedModel:
@@ -251,19 +297,19 @@ def load_source_model(source: str | os.PathLike) -> PreTrainedModel:
     if model_type == "vit":
         # The pooler is not part of a dense backbone, but building the ViT as saved (with or without one) keeps the
         # load free of "unexpected / newly initialised weights" reports.
-        return ViTModel.from_pretrained(str(source), add_pooling_layer=_has_pooler(source))
+        return _complete_from_pretrained(ViTModel, source, add_pooling_layer=_has_pooler(source))
     if model_type == "swin":
-        return SwinModel.from_pretrained(str(source), add_pooling_layer=False)
+        return _complete_from_pretrained(SwinModel, source, add_pooling_layer=False)
     if model_type == "siglip_vision_model":
-        return SiglipVisionModel.from_pretrained(str(source))
+        return _complete_from_pretrained(SiglipVisionModel, source)
     from selfpatch_hf.models.selfpatch.configuration import SelfPatchConfig
 
     if (
         model_type == SelfPatchConfig.model_type
     ):  # a pretraining folder: its teacher, what the paper evaluates
-        from selfpatch_hf.models.selfpatch.modeling import SelfPatchViTForPretraining
+        from selfpatch_hf.models.selfpatch.modeling import SelfPatchForPretraining
 
-        return SelfPatchViTForPretraining.from_pretrained(str(source))
+        return SelfPatchForPretraining.from_pretrained(str(source))
     raise ValueError(
         f"{source} holds a {model_type!r} model. Dense backbones come from a ViTModel or SwinModel folder "
         "(`selfpatch export`, `selfpatch-convert` of a DINO or MoBY checkpoint), a converted SelfPatch "
@@ -284,7 +330,7 @@ def dense_backbone(
     """
     if not isinstance(source, PreTrainedModel):
         source = load_source_model(source)
-    if hasattr(source, "teacher") and hasattr(source.teacher, "backbone"):  # SelfPatchViTForPretraining
+    if hasattr(source, "teacher") and hasattr(source.teacher, "backbone"):  # SelfPatchForPretraining
         from selfpatch_hf.export.backbone import extract_backbone
 
         source = extract_backbone(source, "teacher")
@@ -335,8 +381,12 @@ def export_dense_backbone(
     a `SelfPatchSiglipBackbone` folder (import `selfpatch_hf.models.dense.siglip_backbone` to load it).
     """
     from selfpatch_hf.atomic_folders import staged_folder
+    from selfpatch_hf.export.backbone import check_finite
 
     backbone = dense_backbone(source, out_indices, multi_scale=multi_scale)
+    check_finite(
+        backbone, f"the dense backbone of {source if isinstance(source, (str, os.PathLike)) else 'the model'}"
+    )
     processor = image_processor if image_processor is not None else _source_image_processor(source)
     target = Path(output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -168,7 +168,8 @@ def build_segmentation_image_processor(
     rescale, normalise; `post_process_semantic_segmentation` (what `pipeline("image-segmentation")` calls) resizes
     the logits back to the image. `size` is `(height, width)` (or an int), or a transformers size mapping such as
     `{"shortest_edge": 512, "longest_edge": 2048}` (aspect ratio kept: mmseg's evaluation rescale). `reduce_labels`
-    records the ADE20K convention for anyone preparing labels with it.
+    records the ADE20K convention for anyone preparing labels with it. Any image (grayscale, RGBA, palette) is
+    converted to RGB first, as the fine-tuning data were.
     """
     from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
 
@@ -176,6 +177,7 @@ def build_segmentation_image_processor(
         height, width = as_height_width(size, "size")
         size = {"height": height, "width": width}
     return SegformerImageProcessorPil(
+        do_convert_rgb=True,
         do_resize=True,
         size=dict(size),
         resample=PILImageResampling.BILINEAR,

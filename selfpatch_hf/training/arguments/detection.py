@@ -8,14 +8,18 @@ Importing this module loads no torch, datasets or model code, so `--help` and ar
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 from selfpatch_hf.cli.errors import UsageError
-from selfpatch_hf.training.arguments.common import RuntimeArguments, validate_runtime_arguments
-from selfpatch_hf.training.arguments.recipe_files import option, parse_recipe_and_command_line
-from selfpatch_hf.training.arguments.segmentation import RANDOM_BACKBONE_PREFIX
+from selfpatch_hf.training.arguments.finetuning import (
+    RANDOM_BACKBONE_PREFIX,
+    FinetuningArguments,
+    check_drop_path_rate,
+    parse_task_arguments,
+    validate_finetuning_arguments,
+)
+from selfpatch_hf.training.arguments.recipe_files import option
 
 HEADS = ("deformable-detr", "mask2former")
 DEFAULT_EVAL_THRESHOLDS = {"deformable-detr": 0.0, "mask2former": 0.5}
@@ -112,13 +116,10 @@ class DetectionDataArguments:
 
 
 @dataclass
-class DetectionTrainingArguments(RuntimeArguments):
-    output_dir: str | None = option(None, "Where metrics, checkpoints and the model go (required).")
+class DetectionTrainingArguments(FinetuningArguments):
     per_device_train_batch_size: int = option(2, "Images per process per micro-batch.")
     max_steps: int = option(90000, "Training length in optimiser steps.")
     learning_rate: float = option(2e-4, "Peak learning rate (not scaled with the batch).")
-    layer_decay: float = option(1.0, "Layer-wise learning-rate decay of the backbone (1: none).")
-    weight_decay: float = option(0.05, "AdamW weight decay (none on biases, norms, position embeddings).")
     lr_scheduler: Literal["step", "cosine"] = option("step", "Decay after the warm-up.")
     lr_decay_steps: list[int] | None = option(
         None,
@@ -126,17 +127,12 @@ class DetectionTrainingArguments(RuntimeArguments):
     )
     lr_decay_factor: float = option(0.1, "--lr_scheduler step: factor of each drop.")
     min_learning_rate: float = option(0.0, "--lr_scheduler cosine: learning rate at the end.")
-    warmup_steps: int = option(500, "Linear warm-up steps.")
-    warmup_ratio: float = option(1e-3, "Warm-up starts at this fraction of the learning rate.")
     max_grad_norm: float = option(0.1, "Clip the global gradient norm (0: no clipping; DETR's 0.1).")
-    eval_steps: int = option(0, "Evaluate every N steps (0: only at the end).")
     eval_batch_size: int = option(4, "Images per evaluation forward pass.")
-    logging_steps: int = option(50, "Log metrics every N optimiser steps.")
     run_name: str = option("selfpatch-detection", "Tracker project / run name.")
     checkpointing_steps: int = option(
         5000, "Write a checkpoint every N optimiser steps (0: only at the end)."
     )
-    push_to_hub: bool = option(False, "Upload the final model folder to the Hub.")
 
 
 ARGUMENT_CLASSES = (DetectionModelArguments, DetectionDataArguments, DetectionTrainingArguments)
@@ -146,12 +142,13 @@ def parse_detection_arguments(
     argv: list[str], description: str | None = None
 ) -> tuple[DetectionModelArguments, DetectionDataArguments, DetectionTrainingArguments]:
     """`[RECIPE.yaml|json] [--option value ...]` -> the three argument groups (checked by `validate_arguments`)."""
-    groups = parse_recipe_and_command_line(
-        ARGUMENT_CLASSES, argv, script="training/finetune_detection.py", description=description
-    ).groups
-    model_args, data_args, training_args = groups
-    validate_arguments(model_args, data_args, training_args)
-    return model_args, data_args, training_args
+    return parse_task_arguments(
+        ARGUMENT_CLASSES,
+        argv,
+        script="training/finetune_detection.py",
+        description=description,
+        validate=validate_arguments,
+    )
 
 
 def validate_arguments(
@@ -163,8 +160,10 @@ def validate_arguments(
     for name, value in (("backbone", model_args.backbone), ("output_dir", training_args.output_dir)):
         if not value:
             raise UsageError(f"--{name} is required (see --help).")
+    validate_finetuning_arguments(
+        training_args, hub_model_example="your-name/deformable-detr-selfpatch-vits16-coco"
+    )
     positive = {
-        "max_steps": training_args.max_steps,
         "hidden_size": model_args.hidden_size,
         "encoder_layers": model_args.encoder_layers,
         "attention_heads": model_args.attention_heads,
@@ -185,14 +184,8 @@ def validate_arguments(
         raise UsageError(
             "--two_stage needs --with_box_refine (Deformable DETR's two-stage variant refines boxes)."
         )
-    for name in ("warmup_steps", "eval_steps", "num_workers"):
-        owner = data_args if hasattr(data_args, name) else training_args
-        if getattr(owner, name) < 0:
-            raise UsageError(f"--{name} must be >= 0, got {getattr(owner, name)}.")
-    if training_args.warmup_steps >= training_args.max_steps:
-        raise UsageError(
-            f"--warmup_steps {training_args.warmup_steps} must be below --max_steps {training_args.max_steps}."
-        )
+    if data_args.num_workers < 0:
+        raise UsageError(f"--num_workers must be >= 0, got {data_args.num_workers}.")
     if data_args.eval_split in ("", "none", "None"):
         data_args.eval_split = None
     scale = data_args.eval_scale
@@ -214,13 +207,7 @@ def validate_arguments(
         raise UsageError(f"--lr_decay_steps takes increasing positive steps, got {steps}.")
     if not 0 < training_args.lr_decay_factor <= 1:
         raise UsageError(f"--lr_decay_factor must be in (0, 1], got {training_args.lr_decay_factor}.")
-    if not 0 < training_args.layer_decay <= 1:
-        raise UsageError(f"--layer_decay must be in (0, 1], got {training_args.layer_decay}.")
-    if not (0 <= model_args.drop_path_rate < 1 and math.isfinite(model_args.drop_path_rate)):
-        raise UsageError(f"--drop_path_rate must be in [0, 1), got {model_args.drop_path_rate}.")
-    validate_runtime_arguments(
-        training_args, hub_model_example="your-name/deformable-detr-selfpatch-vits16-coco"
-    )
+    check_drop_path_rate(model_args.drop_path_rate)
 
 
 __all__ = [

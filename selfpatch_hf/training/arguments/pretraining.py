@@ -37,7 +37,12 @@ from selfpatch_hf.models.selfpatch.recipes import (
     objective_recipe,
 )
 from selfpatch_hf.training.arguments.common import RuntimeArguments, validate_runtime_arguments
-from selfpatch_hf.training.arguments.recipe_files import option, parse_recipe_and_command_line, yaml_problem
+from selfpatch_hf.training.arguments.recipe_files import (
+    load_yaml,
+    option,
+    parse_recipe_and_command_line,
+    yaml_problem,
+)
 
 if TYPE_CHECKING:
     from selfpatch_hf.models.selfpatch.configuration import SelfPatchConfig
@@ -257,7 +262,7 @@ def parse_config_overrides(overrides: list[str] | dict[str, Any] | None, source:
         if not isinstance(item, str) or not sep or not key.strip():
             raise UsageError(f"{source}: config_overrides entries are key=value pairs, got {item!r}.")
         try:
-            parsed[key.strip()] = yaml.safe_load(value)
+            parsed[key.strip()] = load_yaml(value)
         except yaml.YAMLError as error:
             raise UsageError(
                 f"{source}: config_overrides {item!r}: the value is not valid YAML ({yaml_problem(error)}). Write "
@@ -381,10 +386,29 @@ def build_config(
         crops.check_patch_grid(config.patch_size)
     except ValueError as error:
         raise UsageError(one_line_message(error)) from None
+    check_positives_fit(config, crops)
     side = crops.square_global_side
     if side is not None and "image_size" not in overrides and side != config.backbone_config.image_size:
         config = from_preset(image_size=side)
     return config, crops
+
+
+def check_positives_fit(config: SelfPatchConfig, crops: CropRecipe) -> None:
+    """With `neighborhood_size="all"` the neighbours are the other patches of a crop: k positives need a crop of
+    more than k patches, also the local crops (their teacher features pick positives too). A window's k is checked
+    by the config itself."""
+    if not config.use_patch_objective or config.neighborhood_size != "all":
+        return
+    names = ("global_crop_size", "local_crop_size") if crops.num_local_crops else ("global_crop_size",)
+    for name in names:
+        size = getattr(crops, name)
+        height, width = (size, size) if isinstance(size, int) else size
+        neighbours = (height // config.patch_size) * (width // config.patch_size) - 1
+        if config.num_positives > neighbours:
+            raise UsageError(
+                f"num_positives={config.num_positives} exceeds the {neighbours} other patches of a {name} {size} "
+                f"crop (patch stride {config.patch_size}): lower num_positives or enlarge the crop."
+            )
 
 
 def card_training_data(dataset_name: str) -> dict[str, Any]:
@@ -413,6 +437,24 @@ def validate_arguments(data_args: DataArguments, training_args: PretrainingArgum
     if training_args.export_steps < 0:
         raise UsageError(
             f"--export_steps must be >= 0 (0: only at the end), got {training_args.export_steps}."
+        )
+    if data_args.min_image_size < 1:
+        raise UsageError(f"--min_image_size must be >= 1 pixel, got {data_args.min_image_size}.")
+    if training_args.clip_grad is not None and training_args.clip_grad < 0:
+        raise UsageError(f"--clip_grad must be >= 0 (0: no clipping), got {training_args.clip_grad}.")
+    if training_args.torch_compile:
+        check_compile_backend(training_args.torch_compile_backend)
+
+
+def check_compile_backend(backend: str) -> None:
+    """`--torch_compile_backend` names a backend torch.compile knows (else torch fails only in the first step, with
+    a traceback)."""
+    import torch._dynamo  # only with --torch_compile: the rest of the checks stay free of torch
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UsageError(
+            f"--torch_compile_backend {backend!r} is not a torch.compile backend (torch._dynamo.list_backends() "
+            "lists them): use inductor, or aot_eager for a quick check on a CPU."
         )
 
 

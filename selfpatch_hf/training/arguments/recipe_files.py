@@ -17,7 +17,9 @@ import argparse
 import dataclasses
 import functools
 import importlib.util
+import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,24 @@ def recipe_argument_parser_class() -> type:
     return RecipeArgumentParser
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads exponent floats without a dot (`1e-30`, `1e38`) as numbers, as YAML 1.2
+    and JSON do: PyYAML follows YAML 1.1, where they are strings, so `drop_path_rate: 1e-30` would be refused as
+    "not a number"."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """`text` read as YAML with `RecipeLoader` (a `yaml.YAMLError` on a syntax error)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 -- a SafeLoader subclass: builds plain values only
+
+
 def yaml_problem(error: yaml.YAMLError) -> str:
     """`at line L, column C: PROBLEM` (or the first line of the message) of a YAML / JSON syntax error."""
     mark = getattr(error, "problem_mark", None)
@@ -75,7 +95,7 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     except OSError as error:
         raise UsageError(f"cannot read the recipe file {path}: {error.strerror or error}.") from None
     try:
-        recipe = yaml.safe_load(text)
+        recipe = load_yaml(text)
     except yaml.YAMLError as error:
         raise UsageError(
             f"{path} is not valid YAML/JSON {yaml_problem(error)}. Fix the file (a mapping of option: value)."
@@ -146,7 +166,20 @@ def parse_recipe_and_command_line(
         parsed.groups = parser.parse_args_into_dataclasses(args=tokens + argv, look_for_args_file=False)
     except ValueError as error:  # unknown options
         raise UsageError(f"{error}. See `python {script} --help`.") from None
+    check_finite_numbers(parsed.groups)
     return parsed
+
+
+def check_finite_numbers(groups: Sequence[Any]) -> None:
+    """No option takes NaN or an infinity (`--epochs inf`, `--clip_grad nan`): argparse's `float` accepts them, and
+    they would fail far from the option (a schedule's `int()`, a NaN gradient many steps later) or silently turn a
+    setting off (every comparison with NaN is false)."""
+    for group in groups:
+        for item in dataclasses.fields(group):
+            value = getattr(group, item.name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(number, float) and not math.isfinite(number) for number in values):
+                raise UsageError(f"--{item.name} must be a finite number, got {value}.")
 
 
 def check_trackers_installed(report_to: str) -> None:
@@ -178,10 +211,13 @@ def check_no_unresumed_run(
 __all__ = [
     "RECIPE_SUFFIXES",
     "ParsedCommandLine",
+    "RecipeLoader",
+    "check_finite_numbers",
     "check_no_unresumed_run",
     "check_trackers_installed",
     "option",
     "parse_recipe_and_command_line",
+    "load_yaml",
     "read_recipe",
     "recipe_argument_parser_class",
     "recipe_tokens",

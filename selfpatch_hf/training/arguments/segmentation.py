@@ -15,10 +15,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from selfpatch_hf.cli.errors import UsageError
-from selfpatch_hf.training.arguments.common import RuntimeArguments, validate_runtime_arguments
-from selfpatch_hf.training.arguments.recipe_files import option, parse_recipe_and_command_line
-
-RANDOM_BACKBONE_PREFIX = "random:"
+from selfpatch_hf.training.arguments.finetuning import (
+    RANDOM_BACKBONE_PREFIX,
+    FinetuningArguments,
+    check_drop_path_rate,
+    parse_task_arguments,
+    validate_finetuning_arguments,
+)
+from selfpatch_hf.training.arguments.recipe_files import option
 
 
 @dataclass
@@ -91,20 +95,16 @@ class SegmentationDataArguments:
 
 
 @dataclass
-class SegmentationTrainingArguments(RuntimeArguments):
-    output_dir: str | None = option(None, "Where metrics, checkpoints and the model go (required).")
+class SegmentationTrainingArguments(FinetuningArguments):
     seed: int = option(0, "Seed of the head initialisation, data order and augmentation.")
     per_device_train_batch_size: int = option(4, "Images per process per micro-batch (>= 2: UperNet has BN).")
     max_steps: int = option(40000, "Training length in optimiser steps (iterations).")
     learning_rate: float = option(6e-5, "Peak learning rate (not scaled with the batch).")
-    layer_decay: float = option(1.0, "Layer-wise learning-rate decay of the backbone (1: none; BEiT 0.65).")
     weight_decay: float = option(0.01, "AdamW weight decay (none on biases, norms, position embeddings).")
     lr_scheduler: Literal["poly", "cosine"] = option("poly", "Decay after the warm-up.")
     poly_power: float = option(1.0, "Power of the poly decay.")
-    min_learning_rate: float = option(0.0, "Learning rate at the end.")
     warmup_steps: int = option(1500, "Linear warm-up steps.")
     warmup_ratio: float = option(1e-6, "Warm-up starts at this fraction of the learning rate.")
-    max_grad_norm: float = option(0.0, "Clip the global gradient norm (0: no clipping, as the reference).")
     inference_mode: Literal["whole", "slide"] = option(
         "whole",
         "Evaluation on whole images (what pipeline(image-segmentation) does with the saved model and its image "
@@ -113,17 +113,14 @@ class SegmentationTrainingArguments(RuntimeArguments):
     slide_stride: list[int] | None = option(
         None, "Sliding-window stride (height width; default: two thirds of --crop_size, mmseg's 341 for 512)."
     )
-    eval_steps: int = option(0, "Evaluate every N steps (0: only at the end).")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
         None, "Autocast precision (default: accelerate launch's setting). The CPU stays fp32 by default."
     )
     sync_batch_norm: bool = option(True, "SyncBatchNorm in the heads with several GPUs (mmseg's SyncBN).")
-    logging_steps: int = option(50, "Log metrics every N optimiser steps.")
     run_name: str = option("selfpatch-segmentation", "Tracker project / run name.")
     checkpointing_steps: int = option(
         4000, "Write a checkpoint every N optimiser steps (0: only at the end)."
     )
-    push_to_hub: bool = option(False, "Upload the final model folder to the Hub.")
 
 
 ARGUMENT_CLASSES = (SegmentationModelArguments, SegmentationDataArguments, SegmentationTrainingArguments)
@@ -133,12 +130,13 @@ def parse_finetuning_arguments(
     argv: list[str], description: str | None = None
 ) -> tuple[SegmentationModelArguments, SegmentationDataArguments, SegmentationTrainingArguments]:
     """`[RECIPE.yaml|json] [--option value ...]` -> the three argument groups (checked by `validate_arguments`)."""
-    groups = parse_recipe_and_command_line(
-        ARGUMENT_CLASSES, argv, script="training/finetune_segmentation.py", description=description
-    ).groups
-    model_args, data_args, training_args = groups
-    validate_arguments(model_args, data_args, training_args)
-    return model_args, data_args, training_args
+    return parse_task_arguments(
+        ARGUMENT_CLASSES,
+        argv,
+        script="training/finetune_segmentation.py",
+        description=description,
+        validate=validate_arguments,
+    )
 
 
 def validate_arguments(
@@ -154,17 +152,10 @@ def validate_arguments(
     ):
         if not value:
             raise UsageError(f"--{name} is required (see --help).")
-    for name, owner in (("max_steps", training_args), ("decoder_hidden_size", model_args)):
-        if getattr(owner, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(owner, name)}.")
-    for name in ("warmup_steps", "eval_steps", "num_workers"):
-        owner = data_args if hasattr(data_args, name) else training_args
-        if getattr(owner, name) < 0:
-            raise UsageError(f"--{name} must be >= 0, got {getattr(owner, name)}.")
-    if training_args.warmup_steps >= training_args.max_steps:
-        raise UsageError(
-            f"--warmup_steps {training_args.warmup_steps} must be below --max_steps {training_args.max_steps}."
-        )
+    if model_args.decoder_hidden_size < 1:
+        raise UsageError(f"--decoder_hidden_size must be >= 1, got {model_args.decoder_hidden_size}.")
+    if data_args.num_workers < 0:
+        raise UsageError(f"--num_workers must be >= 0, got {data_args.num_workers}.")
     for name in ("crop_size", "scale"):
         values = getattr(data_args, name)
         if len(values) != 2 or min(values) < 1:
@@ -180,11 +171,22 @@ def validate_arguments(
     low, high = data_args.ratio_range if len(data_args.ratio_range) == 2 else (0, -1)
     if not 0 < low <= high:
         raise UsageError(f"--ratio_range takes two numbers 0 < low <= high, got {data_args.ratio_range}.")
-    if not 0 < training_args.layer_decay <= 1:
-        raise UsageError(f"--layer_decay must be in (0, 1], got {training_args.layer_decay}.")
-    if not 0 <= model_args.drop_path_rate < 1:
-        raise UsageError(f"--drop_path_rate must be in [0, 1), got {model_args.drop_path_rate}.")
-    validate_runtime_arguments(training_args, hub_model_example="your-name/upernet-selfpatch-vits16-ade20k")
+    if not training_args.poly_power >= 0:
+        raise UsageError(f"--poly_power must be >= 0, got {training_args.poly_power}.")
+    if not model_args.auxiliary_loss_weight >= 0:
+        raise UsageError(f"--auxiliary_loss_weight must be >= 0, got {model_args.auxiliary_loss_weight}.")
+    if not 0 < data_args.cat_max_ratio <= 1:
+        raise UsageError(f"--cat_max_ratio must lie in (0, 1], got {data_args.cat_max_ratio}.")
+    if not 0 <= data_args.flip_prob <= 1:
+        raise UsageError(f"--flip_prob must lie in [0, 1], got {data_args.flip_prob}.")
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be >= 1 (or unset: all), got {value}.")
+    check_drop_path_rate(model_args.drop_path_rate)
+    validate_finetuning_arguments(
+        training_args, hub_model_example="your-name/upernet-selfpatch-vits16-ade20k"
+    )
 
 
 __all__ = [
