@@ -1,4 +1,4 @@
-"""The model-step section of `benchmarks/device_check.py` (section 2) and the helpers every section shares: the
+"""The model-step section of `benchmarks/device_check.py` (its second) and the helpers every section shares: the
 tiny SelfPatch configuration of the correctness checks, autocast per precision, device synchronisation and TF32.
 
 ViT-S/16 SelfPatch and plain-DINO optimiser steps timed in bf16, fp32 (TF32) and bf16 + torch.compile: images/s,
