@@ -34,9 +34,11 @@ The CPU mode runs the same code with tiny sizes (a 2-layer model, a batch of 2, 
 compilation (tested in tests/test_gpu_training.py) and fp16/bf16 speed (CPU paths stay fp32); CI runs it
 (tests/test_gpu_training.py::test_device_check_cpu_mode).
 
-The model-step section and the helpers the sections share are in `benchmarks/device_model.py`; the report and the
-verdicts on BENCHMARKS.md's GPU goals in `benchmarks/device_goals.py`. Only what a section needs is imported when it runs. A section whose packages are missing is reported as skipped,
+Only what a section needs is imported when it runs. A section whose packages are missing is reported as skipped,
 with the `pip install` line that fixes it (sections 3 and 4 need `datasets` and `albumentations`).
+
+The model-step section and the helpers the sections share are in `benchmarks/device_model.py`; the report and the
+verdicts on the GPU goals in `benchmarks/device_goals.py`.
 """
 
 from __future__ import annotations
