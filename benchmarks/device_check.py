@@ -38,7 +38,7 @@ Only what a section needs is imported when it runs. A section whose packages are
 with the `pip install` line that fixes it (sections 3 and 4 need `datasets` and `albumentations`).
 
 The model-step section and the helpers the sections share are in `benchmarks/device_model.py`; the report and the
-verdicts on the GPU goals in `benchmarks/device_goals.py`.
+verdicts on the GPU goals of BENCHMARKS.md in `benchmarks/device_goals.py`.
 """
 
 from __future__ import annotations
