@@ -11,8 +11,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hub_server import closed_port
+from safetensors.numpy import save as safetensors_save
 
 from selfpatch_hf.hub.cli import main as push_main
 from selfpatch_hf.hub.request_limits import bound_hub_requests, is_permanent_error, unbound_hub_requests
@@ -27,11 +29,16 @@ def _default_hub_client():
     unbound_hub_requests()  # bound_hub_requests changes the process-wide client
 
 
+# a readable safetensors file of finite weights: what the push checks before the network
+WEIGHTS = safetensors_save({"weight": np.zeros(2, np.float32)})
+
+
 def _backbone_folder(path: Path) -> Path:
-    """The files `check_backbone_folder` asks for (their content does not matter before the network)."""
+    """The files `check_backbone_folder` asks for, with weights the push can read (nothing else is looked at
+    before the network)."""
     path.mkdir(parents=True)
     (path / "config.json").write_text('{"model_type": "vit"}')
-    (path / "model.safetensors").write_bytes(b"weights")
+    (path / "model.safetensors").write_bytes(WEIGHTS)
     (path / "preprocessor_config.json").write_text("{}")
     (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# card\n")
     return path
@@ -164,7 +171,7 @@ def test_permanent_errors_are_not_retried(tmp_path, hub_server):
     assert [r for r in hub_server.requests if r[1] == "/api/repos/create"] == [("POST", "/api/repos/create")]
     (line,) = uploader.report()
     assert "the Hub refused the upload (HTTP 401)" in line and "not retried" in line
-    assert (outcome.folder / "model.safetensors").read_bytes() == b"weights"
+    assert (outcome.folder / "model.safetensors").read_bytes() == WEIGHTS
 
     with pytest.raises(ValueError, match="hub_model_id 'not a/valid/id' is not a valid Hub repository id"):
         AsyncHubUploader("not a/valid/id", tmp_path / "staging")
@@ -245,9 +252,7 @@ def test_the_final_wait_has_a_deadline_and_the_process_exits(tmp_path, stalled_h
         in output
     )
     kept = tmp_path / "staging" / "step-7"
-    assert (
-        f"The export is kept at {kept}" in output and (kept / "model.safetensors").read_bytes() == b"weights"
-    )
+    assert f"The export is kept at {kept}" in output and (kept / "model.safetensors").read_bytes() == WEIGHTS
 
 
 def test_sigterm_during_the_final_wait_still_reports(tmp_path, stalled_hub_endpoint):
