@@ -195,6 +195,9 @@ def test_bad_inputs_are_one_line(inputs, tmp_path):
         script.parse_detection_arguments([*arguments, "--two_stage"])
     with pytest.raises(UsageError, match=re.escape("--eval_threshold must be in [0, 1], got 1.5")):
         script.parse_detection_arguments([*arguments, "--eval_threshold", "1.5"])
+    small = [*arguments, "--max_train_samples", "3", "--per_device_train_batch_size", "4"]
+    with pytest.raises(UsageError, match="split has 3 images, fewer than one global batch of 4"):
+        script.train(*script.parse_detection_arguments(small))
     assert not (tmp_path / "run").exists()  # nothing written before the mistakes were found
 
 

@@ -59,7 +59,6 @@ if __name__ == "__main__":
 
 # ruff: noqa: E402 -- the heavy imports come after that early answer
 import functools
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +76,7 @@ from selfpatch_hf.data.detection.sources import (
     HubDetectionSource,
     load_detection_source,
 )
+from selfpatch_hf.data.sources import hub_dataset_id
 from selfpatch_hf.evaluation.configs import CocoEvalConfig
 from selfpatch_hf.evaluation.detection import evaluate_coco
 from selfpatch_hf.hub.cards.detection import DetectionCardInfo, write_detection_card
@@ -93,6 +93,7 @@ from selfpatch_hf.training.finetuning_run import (
     FinetuningResult,
     backbone_errors,
     backbone_source,
+    check_fills_a_batch,
     finetuning_schedule,
     resumable_batches,
     run_finetuning,
@@ -360,6 +361,9 @@ def load_data(
             check_categories(source, option)
     if data_args.max_train_samples:
         train_source = _limited(train_source, data_args.max_train_samples)
+    check_fills_a_batch(
+        len(train_source), data_args.dataset_name, data_args.train_split, training_args, accelerator
+    )
     return train_source, eval_source
 
 
@@ -463,9 +467,7 @@ def detection_card(
 ) -> DetectionCardInfo:
     """The model card: head, backbone, data, recipe and the evaluation's AP."""
     dataset = data_args.dataset_name
-    hub_dataset = None
-    if dataset != OFFLINE_INSTANCES and not os.path.exists(dataset):
-        hub_dataset = dataset
+    hub_dataset = None if dataset == OFFLINE_INSTANCES else hub_dataset_id(dataset)
     num_images = None
     if eval_source is not None:
         num_images = len(eval_source)

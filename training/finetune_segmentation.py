@@ -57,7 +57,6 @@ if __name__ == "__main__":
 # ruff: noqa: E402 -- the heavy imports come after that early answer
 import copy
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +81,7 @@ from selfpatch_hf.data.segmentation.loading import (
     label_names,
     load_segmentation_splits,
 )
+from selfpatch_hf.data.sources import hub_dataset_id
 from selfpatch_hf.evaluation.segmentation_inference import evaluate_segmentation
 from selfpatch_hf.evaluation.semseg_metrics import MaskValueError
 from selfpatch_hf.hub.cards.segmentation import SegmentationCardInfo, write_segmentation_card
@@ -93,6 +93,7 @@ from selfpatch_hf.training.finetuning_run import (
     FinetuningResult,
     backbone_errors,
     backbone_source,
+    check_fills_a_batch,
     finetuning_schedule,
     resumable_batches,
     run_finetuning,
@@ -297,13 +298,7 @@ def load_data(
             "--per_device_train_batch_size 1 cannot train UperNet: its BatchNorm layers (after the 1x1 pyramid "
             "pooling) need at least 2 images per batch; use 2 or more (or several GPUs with --sync_batch_norm)."
         )
-    global_batch = training_args.per_device_train_batch_size * accelerator.num_processes
-    if len(train) < global_batch:
-        raise UsageError(
-            f"--dataset_name {data_args.dataset_name}: its {data_args.train_split} split has {len(train)} images, "
-            f"fewer than one global batch of {global_batch} ({accelerator.num_processes} processes x "
-            f"{training_args.per_device_train_batch_size}): lower --per_device_train_batch_size."
-        )
+    check_fills_a_batch(len(train), data_args.dataset_name, data_args.train_split, training_args, accelerator)
     try:  # the first mask now: a dataset that needs other label settings fails before any work
         labels = prepare_mask(train[0][mask_column], data_args.reduce_labels, data_args.ignore_index)
         check_label_range(labels, len(names), data_args.ignore_index)
@@ -494,9 +489,7 @@ def segmentation_card(
     scores: dict[str, float] | None,
 ) -> SegmentationCardInfo:
     """The model card: backbone, data, recipe and the evaluation's scores."""
-    hub_dataset = None
-    if data_args.dataset_name != OFFLINE_SCENES and not os.path.exists(data_args.dataset_name):
-        hub_dataset = data_args.dataset_name
+    hub_dataset = None if data_args.dataset_name == OFFLINE_SCENES else hub_dataset_id(data_args.dataset_name)
     return SegmentationCardInfo(
         backbone=model_args.backbone,
         backbone_class=backbone_class,

@@ -81,6 +81,20 @@ def finetuning_schedule(training_args: Any, **task_options: Any) -> FinetuningSc
     )
 
 
+def check_fills_a_batch(
+    num_examples: int, dataset: str, split: str, training_args: RuntimeArguments, accelerator
+):
+    """A training split smaller than one global micro-batch (processes x per-device batch) cannot train: one usage
+    line, found with the data, before the output folder is touched."""
+    global_batch = training_args.per_device_train_batch_size * accelerator.num_processes
+    if num_examples < global_batch:
+        raise UsageError(
+            f"--dataset_name {dataset}: its {split} split has {num_examples} images, fewer than one global batch of "
+            f"{global_batch} ({accelerator.num_processes} processes x {training_args.per_device_train_batch_size}): "
+            "lower --per_device_train_batch_size."
+        )
+
+
 def resumable_batches(
     dataset: torch.utils.data.Dataset,
     collate_fn: Callable[[list[Any]], dict[str, Any]],
@@ -94,8 +108,8 @@ def resumable_batches(
     (`SegmentationBatchSampler`), so a resumed run sees exactly the batches the uninterrupted one would. Examples
     whose image cannot be read are replaced by the next readable one, their reasons under `SKIPPED_KEY`
     (selfpatch_hf.data.unreadable_examples)."""
-    try:
-        sampler = SegmentationBatchSampler(
+    sampler = (
+        SegmentationBatchSampler(  # the split fills a global batch: `check_fills_a_batch`, before any work
             len(dataset),
             training_args.per_device_train_batch_size,
             training_args.seed,
@@ -103,8 +117,7 @@ def resumable_batches(
             world_size=accelerator.num_processes,
             start_batch=start_step * training_args.gradient_accumulation_steps,
         )
-    except ValueError as error:
-        raise UsageError(f"--per_device_train_batch_size: {error}") from None
+    )
     loader = torch.utils.data.DataLoader(
         SkipUnreadable(dataset),
         batch_sampler=sampler,
@@ -509,6 +522,7 @@ __all__ = [
     "FinetuningTask",
     "backbone_errors",
     "backbone_source",
+    "check_fills_a_batch",
     "global_batch_size",
     "finetuning_schedule",
     "next_batch",
